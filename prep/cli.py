@@ -1,0 +1,42 @@
+"""The `prep` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from shared.config import load_config
+from shared.errors import UserError
+
+app = typer.Typer(
+    help="Validate edit-pair datasets and build the cache that `train` reads.", no_args_is_help=True
+)
+
+
+@app.callback()
+def _main() -> None:
+    """Prepare caches for qwen-edit-trainer."""
+
+
+@app.command("build-cache")
+def build_cache_command(
+    config: Path = typer.Option(
+        ..., "--config", help="config.json (its data_backend_config names the datasets)"
+    ),
+    device: str = typer.Option("", help="cuda, cuda:1, cpu, ... (default: cuda if available)"),
+    dtype: str = typer.Option("auto", help="encoder precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp32"),
+) -> None:
+    """Validate the datasets, then encode VAE latents and Qwen2.5-VL embeddings into the cache."""
+    from prep.build import build_cache, default_device
+
+    try:
+        cfg = load_config(config)
+        for line in cfg.ignored_report():
+            typer.echo(line, err=True)
+        caches = build_cache(cfg, device=device or default_device(), dtype=dtype)
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    for cache in caches:
+        typer.echo(f"cache ready: {cache}")

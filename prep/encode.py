@@ -1,0 +1,74 @@
+"""The encoders: VAE latents and Qwen2.5-VL prompt embeddings, computed as the diffusers pipelines do.
+
+`encode_image` = `_encode_vae_image` (posterior mode, normalised by the VAE's latents_mean/std);
+`encode_prompt` = `_get_qwen_prompt_embeds` (last hidden state, first 64 template tokens dropped,
+no padding). Tests check both against `QwenImageEditPipeline` / `QwenImageEditPlusPipeline`.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from shared.flavours import Flavour
+from shared.models import load_processor, load_text_encoder, load_vae, vae_scale_factor
+
+
+class Encoders:
+    """Holds the VAE encoder and the VL encoder of one model on one device."""
+
+    def __init__(self, model_path: str, flavour: Flavour, device: str = "cpu", dtype=torch.bfloat16):
+        self.flavour = flavour
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.vae = load_vae(model_path, dtype=dtype).to(self.device)
+        self.text_encoder = load_text_encoder(model_path, dtype=dtype).to(self.device)
+        self.processor = load_processor(model_path)
+        self.scale = vae_scale_factor(self.vae)  # 8 for the real VAE
+        # The pipelines' own resize/normalise for VAE inputs (Lanczos resize, [-1, 1]).
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.scale * 2)
+        z = self.vae.config.z_dim
+        self.latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1)
+        self.latents_std = torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1)
+
+    @property
+    def text_dim(self) -> int:
+        return self.text_encoder.config.text_config.hidden_size
+
+    def resize(self, image: Image.Image, width: int, height: int) -> Image.Image:
+        """The pipelines' resize (VaeImageProcessor.resize) of a PIL image."""
+        return self.image_processor.resize(image, height, width)
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
+        """RGB image -> normalised latent [C, height/s, width/s] (C = z_dim, s = 8 for the real VAE)."""
+        pixels = self.image_processor.preprocess(image, height, width)  # [1, 3, H, W] in [-1, 1]
+        pixels = pixels.unsqueeze(2).to(self.device, self.dtype)  # [1, 3, 1, H, W]: one video frame
+        latents = self.vae.encode(pixels).latent_dist.mode()  # [1, C, 1, h, w]
+        mean = self.latents_mean.to(latents.device, latents.dtype)
+        std = self.latents_std.to(latents.device, latents.dtype)
+        latents = (latents - mean) / std
+        return latents[0, :, 0]
+
+    @torch.no_grad()
+    def encode_prompt(self, instruction: str, vl_images: list[Image.Image]) -> torch.Tensor:
+        """Instruction + reference images (already at VL size) -> embedding [L, D] (D = 3584 real).
+
+        L counts the tokens after the system prefix: image tokens, instruction and chat tail.
+        """
+        text = self.flavour.vl_text(instruction, len(vl_images))
+        # edit-v1's pipeline hands the processor one image, edit-v2's a list; the output is the same.
+        inputs = self.processor(text=[text], images=vl_images, padding=True, return_tensors="pt").to(
+            self.device
+        )
+        outputs = self.text_encoder(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=inputs.get("pixel_values"),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            output_hidden_states=True,
+        )
+        hidden = outputs.hidden_states[-1][0]  # [T, D]
+        hidden = hidden[inputs["attention_mask"][0].bool()]
+        return hidden[self.flavour.drop_tokens :].to(self.dtype)

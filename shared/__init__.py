@@ -1,0 +1,1 @@
+"""What both stages need: the config schema, the cache contract, model loading and latent packing."""

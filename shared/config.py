@@ -1,0 +1,279 @@
+"""Load a SimpleTuner-style `config.json` + `multidatabackend.json` into typed objects.
+
+Keys we do not use are collected in `Config.ignored` (reported once by the CLI), never an
+error: users bring configs from SimpleTuner unchanged. A key we use with a bad value is a
+`UserError` naming the file, the dataset id (for dataset entries) and the key.
+
+Keys may be written with or without SimpleTuner's leading `--`. Relative paths are taken
+relative to the directory the command runs in, as SimpleTuner does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from shared.errors import UserError
+from shared.flavours import FLAVOURS
+
+BASE_MODEL_PRECISIONS = ("no_change", "int8-quanto", "fp8-quanto", "int4-quanto", "int2-quanto")
+
+
+@dataclass
+class TrainConfig:
+    """Training options from `config.json` (SimpleTuner names and meanings)."""
+
+    model_type: str = "lora"
+    model_family: str = "qwen_image"
+    model_flavour: str = "edit-v1"
+    pretrained_model_name_or_path: str = ""  # empty: the flavour's official checkpoint
+    output_dir: str = "output"
+    data_backend_config: str = ""
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    max_train_steps: int = 0  # 0: use num_train_epochs
+    num_train_epochs: int = 1
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target: str = "attention"
+    mixed_precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    base_model_precision: str = "no_change"
+    quantize_via: str = "accelerator"
+    flow_schedule_shift: float = 1.0
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    seed: int = 0
+    model_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def match_target_res(self) -> bool:
+        return bool(self.model_kwargs.get("match_target_res", False))
+
+
+@dataclass
+class DatasetConfig:
+    """One entry of `multidatabackend.json`."""
+
+    id: str
+    dataset_type: str = "image"  # "image" (main), "conditioning", "conditioning_image_embeds"
+    type: str = "local"
+    instance_data_dir: str = ""
+    caption_strategy: str = "textfile"
+    instance_prompt: str = ""
+    resolution: float = 1024
+    resolution_type: str = "pixel_area"
+    conditioning_data: list = field(default_factory=list)
+    conditioning_type: str = "reference_strict"
+    conditioning_image_embeds: str = ""
+    cache_dir: str = ""
+    cache_dir_vae: str = ""
+    disabled: bool = False
+
+
+@dataclass
+class Config:
+    """Everything one `config.json` describes, with the datasets it points to."""
+
+    train: TrainConfig
+    datasets: list[DatasetConfig]
+    config_path: Path
+    backend_path: Path
+    ignored: list[str]  # "file: key" for every key we read past
+
+    def ignored_report(self) -> list[str]:
+        """Lines telling the user which keys were read past (empty when none were)."""
+        if not self.ignored:
+            return []
+        return [f"ignored {len(self.ignored)} config key(s) this tool does not use:"] + [
+            f"  {line}" for line in self.ignored
+        ]
+
+    def dataset(self, dataset_id: str) -> DatasetConfig:
+        return next(d for d in self.datasets if d.id == dataset_id)
+
+    def main_datasets(self) -> list[DatasetConfig]:
+        return [d for d in self.datasets if d.dataset_type == "image" and not d.disabled]
+
+    def conditioning_for(self, main: DatasetConfig) -> list[DatasetConfig]:
+        """The reference datasets of a main dataset, in the order its `conditioning_data` lists them."""
+        return [self.dataset(i) for i in main.conditioning_data]
+
+    def cache_dir_for(self, main: DatasetConfig) -> Path:
+        """The main entry's `cache_dir`, else its `cache_dir_vae`, else `cache/<id>` (DESIGN.md)."""
+        return Path(main.cache_dir or main.cache_dir_vae or f"cache/{main.id}")
+
+
+# Allowed values for the keys that take one of a few strings.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model_type": ("lora",),
+    "model_family": ("qwen_image",),
+    "model_flavour": tuple(FLAVOURS),
+    "mixed_precision": ("bf16", "no"),
+    "base_model_precision": BASE_MODEL_PRECISIONS,
+    "quantize_via": ("cpu", "accelerator"),
+    "lr_scheduler": ("constant", "constant_with_warmup"),
+    "lora_target": ("attention", "attention_image", "attention_mlp"),
+    "dataset_type": ("image", "conditioning", "conditioning_image_embeds"),
+    "type": ("local",),
+    "caption_strategy": ("textfile", "filename", "instanceprompt"),
+    "resolution_type": ("pixel_area", "area", "pixel"),
+    "conditioning_type": ("reference_strict", "reference_loose"),
+}
+
+
+def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read `config.json` and the `multidatabackend.json` it names.
+
+    `overrides` (from CLI flags) replace config keys of the same name for one run.
+    """
+    config_path = Path(config_path)
+    raw = _read_json(config_path, expect=dict)
+    raw = {k.removeprefix("--"): v for k, v in raw.items()}
+    raw.update(overrides or {})
+    ignored: list[str] = []
+    train = _fill(TrainConfig(), raw, where=str(config_path), ignored=ignored)
+    if train.lr_scheduler == "constant" and train.lr_warmup_steps:
+        train.lr_scheduler = "constant_with_warmup"
+    if not train.data_backend_config:
+        raise UserError(
+            f"{config_path}: key 'data_backend_config' is missing; set it to your multidatabackend.json"
+        )
+    if not train.pretrained_model_name_or_path:
+        train.pretrained_model_name_or_path = FLAVOURS[train.model_flavour].default_model
+    if train.train_batch_size < 1 or train.gradient_accumulation_steps < 1:
+        raise UserError(f"{config_path}: 'train_batch_size' and 'gradient_accumulation_steps' must be >= 1")
+
+    backend_path = Path(train.data_backend_config)
+    entries = _read_json(backend_path, expect=list)
+    datasets = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not entry.get("id"):
+            raise UserError(f"{backend_path}: entry {index} has no 'id'; every dataset needs a unique id")
+        dataset = _fill(
+            DatasetConfig(id=str(entry["id"])),
+            entry,
+            where=f"{backend_path}: dataset '{entry['id']}'",
+            ignored=ignored,
+        )
+        if isinstance(dataset.conditioning_data, str):
+            dataset.conditioning_data = [dataset.conditioning_data]
+        datasets.append(dataset)
+    config = Config(train, datasets, config_path, backend_path, ignored)
+    _check_datasets(config)
+    return config
+
+
+def _check_datasets(config: Config) -> None:
+    path = config.backend_path
+    ids = [d.id for d in config.datasets]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicated:
+        raise UserError(f"{path}: dataset ids must be unique; repeated: {', '.join(duplicated)}")
+    mains = config.main_datasets()
+    if not mains:
+        raise UserError(
+            f"{path}: no main dataset (an entry without 'dataset_type', or 'dataset_type': 'image')"
+        )
+    flavour = FLAVOURS[config.train.model_flavour]
+    for main in mains:
+        where = f"{path}: dataset '{main.id}'"
+        if not main.instance_data_dir:
+            raise UserError(f"{where}: key 'instance_data_dir' is missing")
+        if main.caption_strategy == "instanceprompt" and not main.instance_prompt:
+            raise UserError(
+                f"{where}: key 'instance_prompt' is empty but caption_strategy is 'instanceprompt'"
+            )
+        if main.resolution <= 0:
+            raise UserError(f"{where}: key 'resolution' must be positive, got {main.resolution}")
+        for cond_id in main.conditioning_data:
+            if cond_id not in ids:
+                raise UserError(
+                    f"{where}: key 'conditioning_data' names '{cond_id}', which is not a dataset id"
+                )
+            cond = config.dataset(cond_id)
+            if cond.dataset_type != "conditioning":
+                raise UserError(
+                    f"{path}: dataset '{cond_id}': key 'dataset_type' must be 'conditioning' "
+                    f"(it is listed in the conditioning_data of '{main.id}')"
+                )
+            if not cond.instance_data_dir:
+                raise UserError(f"{path}: dataset '{cond_id}': key 'instance_data_dir' is missing")
+        n = len(main.conditioning_data)
+        if not flavour.min_references <= n <= flavour.max_references:
+            raise UserError(
+                f"{where}: key 'conditioning_data' lists {n} reference dataset(s); "
+                f"{flavour.name} takes {flavour.min_references} to {flavour.max_references}"
+            )
+
+
+def _fill(target: Any, raw: dict, where: str, ignored: list[str]) -> Any:
+    """Copy the known keys of `raw` onto the dataclass `target`, checking each value's type and choices."""
+    known = {f.name: f for f in fields(target)}
+    for key, value in raw.items():
+        key = key.removeprefix("--")
+        if key not in known:
+            ignored.append(f"{where}: {key}")
+            continue
+        default = getattr(target, key)
+        setattr(target, key, _coerce(value, default, key, where))
+        if key in _CHOICES and getattr(target, key) not in _CHOICES[key]:
+            allowed = ", ".join(repr(c) for c in _CHOICES[key])
+            raise UserError(f"{where}: key '{key}' is {value!r}; use one of {allowed}")
+    return target
+
+
+def _coerce(value: Any, default: Any, key: str, where: str) -> Any:
+    """Convert `value` to the type of `default`, accepting the string forms SimpleTuner configs use."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(default, list):
+            if isinstance(value, (str, list)):
+                return value
+            raise ValueError
+        if isinstance(default, dict):
+            if isinstance(value, dict):
+                return value
+            raise ValueError
+        if isinstance(value, (dict, list)):
+            raise ValueError
+        return str(value)
+    except (TypeError, ValueError):
+        kind = type(default).__name__
+        raise UserError(f"{where}: key '{key}' is {value!r}; expected a {kind}") from None
+
+
+def _read_json(path: Path, expect: type) -> Any:
+    if not path.is_file():
+        raise UserError(f"{path}: file not found (paths are relative to the directory you run from)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, expect):
+        raise UserError(f"{path}: expected a JSON {expect.__name__} at the top level")
+    return data
