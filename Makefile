@@ -1,0 +1,38 @@
+# Two commands do everything: `make demo` and `make test` (both install first).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# Everything loads from local folders; never reach for a hub.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: install demo demo-edit-v1 demo-edit-v2 test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The whole pipeline on the tiny offline default: write model + data, build caches, train, print the LoRA.
+demo: install
+	$(BIN)/python -m shared.demo
+	$(MAKE) --no-print-directory demo-edit-v1 demo-edit-v2
+	@echo "LoRAs: .demo/output/edit-v1/pytorch_lora_weights.safetensors .demo/output/edit-v2/pytorch_lora_weights.safetensors"
+
+demo-edit-v1 demo-edit-v2: demo-%: install
+	$(BIN)/prep build-cache --config configs/demo-$*/config.json
+	$(BIN)/train run --config configs/demo-$*/config.json
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf .demo .pytest_cache

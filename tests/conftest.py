@@ -1,0 +1,87 @@
+"""Fixtures: the tiny models (written once per session), demo datasets and configs in tmp dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from shared.demo_data import write_demo_dataset  # noqa: E402
+from shared.tiny_model import write_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {flavour: write_tiny_model(root / flavour, flavour) for flavour in ("edit-v1", "edit-v2")}
+
+
+def write_config(
+    root: Path,
+    model: Path,
+    flavour: str,
+    data: Path,
+    n_refs: int,
+    train: dict | None = None,
+    resolution: int = 256,
+    ref_resolution: int | None = None,
+    ref_type: str = "reference_strict",
+) -> Path:
+    """Write config.json + multidatabackend.json for the dataset at `data` (demo layout); return config.json."""
+    folders = ["reference"] + [f"reference{i + 1}" for i in range(1, n_refs)]
+    backend = [
+        {
+            "id": "edits",
+            "type": "local",
+            "instance_data_dir": str(data / "images"),
+            "caption_strategy": "textfile",
+            "resolution": resolution,
+            "conditioning_data": [f"ref{i}" for i in range(n_refs)],
+            "cache_dir_vae": str(root / "cache"),
+        }
+    ] + [
+        {
+            "id": f"ref{i}",
+            "type": "local",
+            "dataset_type": "conditioning",
+            "instance_data_dir": str(data / folder),
+            "conditioning_type": ref_type if i == 0 else "reference_loose",
+            "resolution": ref_resolution or resolution,
+        }
+        for i, folder in enumerate(folders)
+    ]
+    config = {
+        "model_type": "lora",
+        "model_family": "qwen_image",
+        "model_flavour": flavour,
+        "pretrained_model_name_or_path": str(model),
+        "data_backend_config": str(root / "multidatabackend.json"),
+        "output_dir": str(root / "output"),
+        "learning_rate": 1e-3,
+        "max_train_steps": 3,
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "base_model_precision": "int8-quanto",
+        "seed": 1,
+    }
+    config.update(train or {})
+    (root / "multidatabackend.json").write_text(json.dumps(backend, indent=1))
+    (root / "config.json").write_text(json.dumps(config, indent=1))
+    return root / "config.json"
+
+
+@pytest.fixture
+def demo_project(tmp_path, tiny_models):
+    """A factory: (flavour, **kwargs) -> config.json over a fresh 4-pair demo dataset."""
+
+    def make(flavour: str, n_samples: int = 4, **kwargs) -> Path:
+        n_refs = 1 if flavour == "edit-v1" else 2
+        data = write_demo_dataset(tmp_path / "data", n_samples=n_samples, n_references=n_refs)
+        return write_config(tmp_path, tiny_models[flavour], flavour, data, n_refs, **kwargs)
+
+    return make

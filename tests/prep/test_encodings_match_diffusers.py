@@ -1,0 +1,102 @@
+"""The cache holds what diffusers' pipelines compute at inference for the same image and instruction."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions as v1_dims
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
+    CONDITION_IMAGE_SIZE,
+    VAE_IMAGE_SIZE,
+)
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions as v2_dims
+from PIL import Image
+
+from prep.build import build_cache
+from shared.cache_format import embeds_from_bytes, latents_from_bytes, read_manifest, read_member
+from shared.config import load_config
+from tests.conftest import write_config
+
+
+def _image(width: int, height: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+def _dataset(root, size, n_refs, caption):
+    """One pair whose images already have their bucket's size, so prep neither resizes nor crops."""
+    folders = ["reference"] + [f"reference{i + 1}" for i in range(1, n_refs)]
+    for sub in ["images", *folders]:
+        (root / sub).mkdir(parents=True)
+    _image(*size, seed=0).save(root / "images" / "a.png")
+    (root / "images" / "a.txt").write_text(caption + "\n")
+    for i, folder in enumerate(folders):
+        _image(*size, seed=i + 1).save(root / folder / "a.png")
+    return root
+
+
+def _cached(config_path):
+    config = load_config(config_path)
+    (cache,) = build_cache(config, device="cpu")
+    (row,) = read_manifest(cache)
+    target, refs = latents_from_bytes(read_member(cache, row, "latents.safetensors"))
+    embeds = embeds_from_bytes(read_member(cache, row, "embeds.safetensors"))
+    return target, refs, embeds
+
+
+def _vae(pipe, image: Image.Image, width: int, height: int) -> torch.Tensor:
+    pixels = pipe.image_processor.preprocess(image, height, width).unsqueeze(2)
+    return pipe._encode_vae_image(pixels, generator=None)[0, :, 0]
+
+
+def _assert_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    assert ours.shape == theirs.shape
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), theirs.to(torch.bfloat16).float(), rtol=1.6e-2, atol=1e-2)
+
+
+def test_edit_v1_cache_equals_qwen_image_edit_pipeline(tmp_path, tiny_models):
+    caption = "make the circle red"
+    size = (288, 224)  # the bucket of a 288x224 image at resolution 256
+    data = _dataset(tmp_path / "data", size, n_refs=1, caption=caption)
+    config = write_config(tmp_path, tiny_models["edit-v1"], "edit-v1", data, n_refs=1, resolution=256)
+    target, (ref,), embeds = _cached(config)
+
+    pipe = QwenImageEditPipeline.from_pretrained(tiny_models["edit-v1"])
+    reference = Image.open(data / "reference" / "a.png").convert("RGB")
+    # What QwenImageEditPipeline.__call__ hands encode_prompt: the reference resized to ~1 MP.
+    width, height, _ = v1_dims(1024 * 1024, reference.width / reference.height)
+    with torch.no_grad():
+        prompt_embeds, mask = pipe.encode_prompt(caption, image=pipe.image_processor.resize(reference, height, width))
+        assert mask is None  # one prompt, no padding
+        _assert_close(embeds["prompt.0"], prompt_embeds[0])
+        _assert_close(target, _vae(pipe, Image.open(data / "images" / "a.png").convert("RGB"), *size))
+        _assert_close(ref, _vae(pipe, reference, *size))  # reference_strict: the target's size
+
+
+def test_edit_v2_cache_equals_qwen_image_edit_plus_pipeline(tmp_path, tiny_models):
+    caption = "paint the square of picture 1 in the colour of picture 2"
+    size = (256, 256)
+    data = _dataset(tmp_path / "data", size, n_refs=2, caption=caption)
+    # References at resolution 1024 sized on their own: the pipeline's ~1 MP VAE input.
+    config = write_config(
+        tmp_path, tiny_models["edit-v2"], "edit-v2", data, n_refs=2, resolution=256, ref_resolution=1024
+    )
+    target, refs, embeds = _cached(config)
+
+    pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_models["edit-v2"])
+    references = [Image.open(data / f / "a.png").convert("RGB") for f in ("reference", "reference2")]
+    condition_images, vae_sizes = [], []
+    for image in references:  # as QwenImageEditPlusPipeline.__call__ prepares its images
+        cw, ch = v2_dims(CONDITION_IMAGE_SIZE, image.width / image.height)
+        condition_images.append(pipe.image_processor.resize(image, ch, cw))
+        vae_sizes.append(v2_dims(VAE_IMAGE_SIZE, image.width / image.height))
+    with torch.no_grad():
+        prompt_embeds, _ = pipe.encode_prompt(caption, image=condition_images)
+        _assert_close(embeds["prompt.0"], prompt_embeds[0])
+        _assert_close(target, _vae(pipe, Image.open(data / "images" / "a.png").convert("RGB"), *size))
+        assert len(refs) == 2
+        for ours, image, (w, h) in zip(refs, references, vae_sizes, strict=True):
+            assert (w, h) == (1024, 1024)
+            _assert_close(ours, _vae(pipe, image, w, h))

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from shared.config import load_config
+from shared.errors import UserError
+
+
+def _write(tmp_path, config: dict, backend: list) -> str:
+    (tmp_path / "db.json").write_text(json.dumps(backend))
+    config = {"data_backend_config": str(tmp_path / "db.json"), **config}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path / "config.json"
+
+
+BACKEND = [
+    {"id": "edits", "instance_data_dir": "/data/images", "conditioning_data": ["refs"], "resolution": 512},
+    {"id": "refs", "dataset_type": "conditioning", "instance_data_dir": "/data/refs", "repeats": 2},
+]
+
+
+def test_simpletuner_config_loads_with_unknown_keys_listed(tmp_path):
+    path = _write(
+        tmp_path,
+        {"--model_flavour": "edit-v1", "learning_rate": "1e-4", "use_ema": True, "validation_prompt": "x"},
+        BACKEND,
+    )
+    config = load_config(path)
+    assert config.train.learning_rate == pytest.approx(1e-4)
+    assert config.train.pretrained_model_name_or_path == "Qwen/Qwen-Image-Edit"
+    assert [d.id for d in config.main_datasets()] == ["edits"]
+    assert config.dataset("edits").resolution == 512
+    assert any(line.endswith(": use_ema") for line in config.ignored)
+    assert any("dataset 'refs': repeats" in line for line in config.ignored)
+    assert "ignored 3 config key(s)" in config.ignored_report()[0]
+
+
+def test_bad_value_names_file_dataset_and_key(tmp_path):
+    backend = [dict(BACKEND[0], resolution="big"), BACKEND[1]]
+    path = _write(tmp_path, {"model_flavour": "edit-v1"}, backend)
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "db.json" in message and "dataset 'edits'" in message and "'resolution'" in message
+
+
+def test_bad_choice_lists_the_allowed_values(tmp_path):
+    path = _write(tmp_path, {"model_flavour": "edit-v3"}, BACKEND)
+    with pytest.raises(UserError, match=r"config.json: key 'model_flavour' is 'edit-v3'; use one of 'edit-v1'"):
+        load_config(path)
+
+
+def test_reference_count_is_checked_per_flavour(tmp_path):
+    backend = [
+        dict(BACKEND[0], conditioning_data=["r1", "r2"]),
+        {"id": "r1", "dataset_type": "conditioning", "instance_data_dir": "/a"},
+        {"id": "r2", "dataset_type": "conditioning", "instance_data_dir": "/b"},
+    ]
+    with pytest.raises(UserError, match="edit-v1 takes 1 to 1"):
+        load_config(_write(tmp_path, {"model_flavour": "edit-v1"}, backend))
+    config = load_config(_write(tmp_path, {"model_flavour": "edit-v2"}, backend))
+    assert [d.id for d in config.conditioning_for(config.main_datasets()[0])] == ["r1", "r2"]
+
+
+def test_unknown_conditioning_dataset_is_an_error(tmp_path):
+    backend = [dict(BACKEND[0], conditioning_data=["nope"])]
+    with pytest.raises(UserError, match="names 'nope', which is not a dataset id"):
+        load_config(_write(tmp_path, {}, backend))
+
+
+def test_cache_dir_follows_design_order(tmp_path):
+    backend = [dict(BACKEND[0], cache_dir_vae="cache/vae/edits"), BACKEND[1]]
+    config = load_config(_write(tmp_path, {}, backend))
+    assert str(config.cache_dir_for(config.main_datasets()[0])) == "cache/vae/edits"
