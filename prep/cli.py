@@ -9,9 +9,7 @@ import typer
 from shared.config import load_config
 from shared.errors import UserError
 
-app = typer.Typer(
-    help="Validate edit-pair datasets and build the cache that `train` reads.", no_args_is_help=True
-)
+app = typer.Typer(help="Validate edit-pair datasets and build the cache that `train` reads.", no_args_is_help=True)
 
 
 @app.callback()
@@ -21,9 +19,7 @@ def _main() -> None:
 
 @app.command("build-cache")
 def build_cache_command(
-    config: Path = typer.Option(
-        ..., "--config", help="config.json (its data_backend_config names the datasets)"
-    ),
+    config: Path = typer.Option(..., "--config", help="config.json (its data_backend_config names the datasets)"),
     device: str = typer.Option("", help="cuda, cuda:1, cpu, ... (default: cuda if available)"),
     dtype: str = typer.Option("auto", help="encoder precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp32"),
 ) -> None:

@@ -59,9 +59,7 @@ class Encoders:
         """
         text = self.flavour.vl_text(instruction, len(vl_images))
         # edit-v1's pipeline hands the processor one image, edit-v2's a list; the output is the same.
-        inputs = self.processor(text=[text], images=vl_images, padding=True, return_tensors="pt").to(
-            self.device
-        )
+        inputs = self.processor(text=[text], images=vl_images, padding=True, return_tensors="pt").to(self.device)
         outputs = self.text_encoder(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],

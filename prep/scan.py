@@ -39,9 +39,7 @@ class ScanResult:
 def list_images(root: Path) -> list[str]:
     """Relative POSIX paths of the images under `root`, nested folders included, sorted."""
     return sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
     )
 
 
@@ -66,17 +64,13 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
     roots = [main_root] + [Path(c.instance_data_dir) for c in conds]
     for dataset, root in zip([main, *conds], roots, strict=True):
         if not root.is_dir():
-            result.problems.append(
-                f"{root}: folder of dataset '{dataset.id}' does not exist; fix instance_data_dir"
-            )
+            result.problems.append(f"{root}: folder of dataset '{dataset.id}' does not exist; fix instance_data_dir")
     if result.problems:
         return result
 
     images = list_images(main_root)
     if not images:
-        result.problems.append(
-            f"{main_root}: no images in dataset '{main.id}'; add images or fix instance_data_dir"
-        )
+        result.problems.append(f"{main_root}: no images in dataset '{main.id}'; add images or fix instance_data_dir")
     per_cond = [set(list_images(Path(c.instance_data_dir))) for c in conds]
     for cond, have in zip(conds, per_cond, strict=True):
         for extra in sorted(have - set(images)):
@@ -100,7 +94,5 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
         if missing or not captions:
             continue
         references = [Path(c.instance_data_dir) / relpath for c in conds]
-        result.samples.append(
-            Sample(main.id, relpath, main_root / relpath, references, captions, caption_file)
-        )
+        result.samples.append(Sample(main.id, relpath, main_root / relpath, references, captions, caption_file))
     return result

@@ -145,9 +145,7 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
     if train.lr_scheduler == "constant" and train.lr_warmup_steps:
         train.lr_scheduler = "constant_with_warmup"
     if not train.data_backend_config:
-        raise UserError(
-            f"{config_path}: key 'data_backend_config' is missing; set it to your multidatabackend.json"
-        )
+        raise UserError(f"{config_path}: key 'data_backend_config' is missing; set it to your multidatabackend.json")
     if not train.pretrained_model_name_or_path:
         train.pretrained_model_name_or_path = FLAVOURS[train.model_flavour].default_model
     if train.train_batch_size < 1 or train.gradient_accumulation_steps < 1:
@@ -181,25 +179,19 @@ def _check_datasets(config: Config) -> None:
         raise UserError(f"{path}: dataset ids must be unique; repeated: {', '.join(duplicated)}")
     mains = config.main_datasets()
     if not mains:
-        raise UserError(
-            f"{path}: no main dataset (an entry without 'dataset_type', or 'dataset_type': 'image')"
-        )
+        raise UserError(f"{path}: no main dataset (an entry without 'dataset_type', or 'dataset_type': 'image')")
     flavour = FLAVOURS[config.train.model_flavour]
     for main in mains:
         where = f"{path}: dataset '{main.id}'"
         if not main.instance_data_dir:
             raise UserError(f"{where}: key 'instance_data_dir' is missing")
         if main.caption_strategy == "instanceprompt" and not main.instance_prompt:
-            raise UserError(
-                f"{where}: key 'instance_prompt' is empty but caption_strategy is 'instanceprompt'"
-            )
+            raise UserError(f"{where}: key 'instance_prompt' is empty but caption_strategy is 'instanceprompt'")
         if main.resolution <= 0:
             raise UserError(f"{where}: key 'resolution' must be positive, got {main.resolution}")
         for cond_id in main.conditioning_data:
             if cond_id not in ids:
-                raise UserError(
-                    f"{where}: key 'conditioning_data' names '{cond_id}', which is not a dataset id"
-                )
+                raise UserError(f"{where}: key 'conditioning_data' names '{cond_id}', which is not a dataset id")
             cond = config.dataset(cond_id)
             if cond.dataset_type != "conditioning":
                 raise UserError(

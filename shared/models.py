@@ -30,11 +30,7 @@ def load_vae(path: str, dtype: torch.dtype = torch.float32):
 def load_text_encoder(path: str, dtype: torch.dtype = torch.bfloat16):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    return (
-        _load(Qwen2_5_VLForConditionalGeneration, path, "text_encoder", dtype=dtype)
-        .eval()
-        .requires_grad_(False)
-    )
+    return _load(Qwen2_5_VLForConditionalGeneration, path, "text_encoder", dtype=dtype).eval().requires_grad_(False)
 
 
 def load_processor(path: str):

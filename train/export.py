@@ -21,8 +21,7 @@ def save_lora_diffusers(transformer: torch.nn.Module, out_dir: Path, flavour: Fl
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {
-        k: v.detach().to("cpu", torch.float32).contiguous()
-        for k, v in get_peft_model_state_dict(transformer).items()
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(transformer).items()
     }
     metadata = transformer.peft_config["default"].to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])

@@ -34,9 +34,7 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         mask = None if self.prompt_mask is None else self.prompt_mask.to(device)
-        return Batch(
-            self.target.to(device), [r.to(device) for r in self.references], self.prompt.to(device), mask
-        )
+        return Batch(self.target.to(device), [r.to(device) for r in self.references], self.prompt.to(device), mask)
 
 
 class CacheReader:
@@ -71,9 +69,7 @@ def epoch_batches(
     buckets: dict[tuple, list] = {}
     for item in rows:
         buckets.setdefault(shape_key(item[1]), []).append(item)
-    batches = [
-        b[i : i + batch_size] for b in buckets.values() for i in range(0, len(b) - batch_size + 1, batch_size)
-    ]
+    batches = [b[i : i + batch_size] for b in buckets.values() for i in range(0, len(b) - batch_size + 1, batch_size)]
     rng.shuffle(batches)
     per_rank = len(batches) // world_size  # equal work on every rank; the remainder is dropped
     if per_rank == 0:

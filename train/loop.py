@@ -93,19 +93,17 @@ def train(config: Config) -> Path:
             raise UserError(f"loss became {step_loss} at step {step + 1}; lower learning_rate and retrain")
         losses.append(step_loss)
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        accelerator.print(f"step {step + 1} loss {step_loss:.6f}") if step in (0, max_steps - 1) else None
 
     accelerator.wait_for_everyone()
     out_dir = Path(cfg.output_dir)
     lora_path = out_dir / "pytorch_lora_weights.safetensors"
     if accelerator.is_main_process:
-        lora_path = save_lora_diffusers(
-            accelerator.unwrap_model(transformer), out_dir, FLAVOURS[cfg.model_flavour]
-        )
+        lora_path = save_lora_diffusers(accelerator.unwrap_model(transformer), out_dir, FLAVOURS[cfg.model_flavour])
         seconds = time.perf_counter() - start
+        n = min(5, len(losses))
         accelerator.print(
-            f"done: {max_steps} steps in {seconds:.1f} s ({seconds / max_steps:.3f} s/step); "
-            f"loss first {losses[0]:.4f}, last {losses[-1]:.4f}"
+            f"done: {max_steps} steps in {seconds:.1f} s ({seconds / max_steps:.3f} s/step); loss mean of the "
+            f"first {n} steps {sum(losses[:n]) / n:.4f}, of the last {n} steps {sum(losses[-n:]) / n:.4f}"
         )
     accelerator.wait_for_everyone()
     return lora_path

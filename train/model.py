@@ -26,9 +26,7 @@ def quantize_base(model: torch.nn.Module, precision: str) -> None:
     """Quantise the frozen weights in place with optimum-quanto (`precision` like "int8-quanto")."""
     from optimum.quanto import freeze, qfloat8, qint2, qint4, qint8, quantize
 
-    weights = {"int8-quanto": qint8, "fp8-quanto": qfloat8, "int4-quanto": qint4, "int2-quanto": qint2}[
-        precision
-    ]
+    weights = {"int8-quanto": qint8, "fp8-quanto": qfloat8, "int4-quanto": qint4, "int2-quanto": qint2}[precision]
     quantize(model, weights=weights, exclude=KEEP_HIGH_PRECISION)
     freeze(model)
 
