@@ -36,3 +36,7 @@ def build_cache_command(
         raise typer.Exit(1) from None
     for cache in caches:
         typer.echo(f"cache ready: {cache}")
+
+
+if __name__ == "__main__":
+    app()

@@ -44,4 +44,11 @@ def run_command(
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"LoRA saved: {lora}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        typer.echo(f"LoRA saved: {lora}")
+
+
+if __name__ == "__main__":
+    app()

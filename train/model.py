@@ -18,8 +18,18 @@ LORA_TARGETS = {
 }
 
 # Layers kept in bf16 when the base is quantised: the input/output projections, the timestep
-# embedding and the modulation/norm layers are small and sensitive to rounding.
-KEEP_HIGH_PRECISION = ["img_in", "txt_in", "proj_out", "time_text_embed*", "norm_out*", "*norm*", "*_mod*"]
+# embedding and the norms are small and sensitive to rounding.
+KEEP_HIGH_PRECISION = ["img_in", "txt_in", "proj_out", "time_text_embed*", "norm_out*", "*norm*"]
+
+
+def unused_outputs(transformer: torch.nn.Module) -> list[str]:
+    """Layers whose output never reaches the loss: the last block's text-stream output and MLP.
+
+    The model returns image tokens only, so adapters there would get no gradient (DDP refuses
+    parameters without gradients) and would be exported as dead weights.
+    """
+    last = f"transformer_blocks.{len(transformer.transformer_blocks) - 1}"
+    return [f"{last}.attn.to_add_out", f"{last}.txt_mlp.net.0.proj", f"{last}.txt_mlp.net.2"]
 
 
 def quantize_base(model: torch.nn.Module, precision: str) -> None:
@@ -34,6 +44,11 @@ def quantize_base(model: torch.nn.Module, precision: str) -> None:
 def load_lora_transformer(config: TrainConfig, device: torch.device) -> torch.nn.Module:
     """Load the transformer with `from_pretrained`, freeze and quantise it, add LoRA adapters."""
     transformer = load_transformer(config.pretrained_model_name_or_path, dtype=torch.bfloat16)
+    return prepare_for_lora(transformer, config, device)
+
+
+def prepare_for_lora(transformer: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """Freeze `transformer`, quantise it as `base_model_precision` says, add fp32 LoRA adapters."""
     transformer.requires_grad_(False)
     if config.base_model_precision != "no_change":
         if config.quantize_via == "accelerator":
@@ -48,6 +63,7 @@ def load_lora_transformer(config: TrainConfig, device: torch.device) -> torch.nn
         lora_dropout=config.lora_dropout,
         init_lora_weights="gaussian",
         target_modules=LORA_TARGETS[config.lora_target],
+        exclude_modules=unused_outputs(transformer),
     )
     transformer.add_adapter(lora)
     for param in transformer.parameters():
