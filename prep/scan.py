@@ -52,7 +52,10 @@ def read_captions(main: DatasetConfig, image: Path) -> tuple[list[str], Path | N
     text_file = image.with_suffix(".txt")
     if not text_file.is_file():
         return [], text_file
-    lines = text_file.read_text(encoding="utf-8-sig").splitlines()
+    try:
+        lines = text_file.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        return [], text_file  # reported as a missing caption; the message names the file
     return [line.strip() for line in lines if line.strip()], text_file
 
 
@@ -89,7 +92,8 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
         captions, caption_file = read_captions(main, main_root / relpath)
         if not captions:
             result.problems.append(
-                f"{main_root / relpath}: no caption ({caption_file} is missing or empty); write the instruction there"
+                f"{main_root / relpath}: no caption ({caption_file} is missing, empty or not UTF-8); "
+                "write the instruction there"
             )
         if missing or not captions:
             continue

@@ -37,8 +37,9 @@ def flow_matching_loss(
     # Target tokens first, then each reference's, as the pipelines concatenate them at inference.
     grids = [token_grid(*batch.target.shape[-2:])] + [token_grid(*r.shape[-2:]) for r in batch.references]
     prediction = transformer(
-        hidden_states=torch.cat([noisy, *references], dim=1),
-        encoder_hidden_states=batch.prompt,  # [B, L, D]
+        # bf16 like the frozen base weights; under autocast the first layer casts to bf16 anyway.
+        hidden_states=torch.cat([noisy, *references], dim=1).to(torch.bfloat16),
+        encoder_hidden_states=batch.prompt.to(torch.bfloat16),  # [B, L, D]
         encoder_hidden_states_mask=batch.prompt_mask,
         timestep=sigma,  # the pipelines pass t/1000 = σ
         img_shapes=[grids] * x0.shape[0],
