@@ -25,6 +25,8 @@ def save_lora_diffusers(transformer: torch.nn.Module, out_dir: Path, flavour: Fl
     }
     metadata = transformer.peft_config["default"].to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])
+    # Which layers training skipped is not the loader's business: the weights list the adapted layers.
+    metadata["exclude_modules"] = None
     pipeline_cls = getattr(diffusers, flavour.pipeline_class)
     pipeline_cls.save_lora_weights(
         out_dir,
