@@ -24,8 +24,9 @@ def save_lora_diffusers(transformer: torch.nn.Module, out_dir: Path, flavour: Fl
         k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(transformer).items()
     }
     metadata = transformer.peft_config["default"].to_dict()
-    metadata["target_modules"] = sorted(metadata["target_modules"])
-    # Which layers training skipped is not the loader's business: the weights list the adapted layers.
+    # Exactly the modules that have weights (e.g. "transformer_blocks.0.attn.to_q"), so a loader
+    # creates no adapter the file has no weights for.
+    metadata["target_modules"] = sorted({key.split(".lora_")[0] for key in state})
     metadata["exclude_modules"] = None
     pipeline_cls = getattr(diffusers, flavour.pipeline_class)
     pipeline_cls.save_lora_weights(
