@@ -24,6 +24,7 @@ demo: install
 	@echo "LoRAs: .demo/output/edit-v1/pytorch_lora_weights.safetensors .demo/output/edit-v2/pytorch_lora_weights.safetensors"
 
 demo-edit-v1 demo-edit-v2: demo-%: install
+	$(BIN)/prep validate --config configs/demo-$*/config.json
 	$(BIN)/prep build-cache --config configs/demo-$*/config.json
 	$(BIN)/train run --config configs/demo-$*/config.json
 

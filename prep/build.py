@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from prep.buckets import bucket_size, calculate_dimensions, resize_and_center_crop
+from prep.buckets import bucket_size, calculate_dimensions, plan_placement
 from prep.encode import Encoders
 from prep.images import load_rgb
-from prep.scan import Sample, scan_dataset
+from prep.scan import Sample
+from prep.validate import validate
 from prep.writer import ShardWriter
 from shared.cache_format import (
     CACHE_JSON,
@@ -38,11 +39,7 @@ from shared.flavours import FLAVOURS, Flavour
 
 
 def reference_vae_size(
-    flavour: Flavour,
-    cond: DatasetConfig,
-    ref_size: tuple[int, int],
-    target_size: tuple[int, int],
-    match_target: bool,
+    flavour: Flavour, cond: DatasetConfig, ref_size: tuple[int, int], target_size: tuple[int, int], match_target: bool
 ) -> tuple[int, int]:
     """(width, height) the VAE encodes a reference at.
 
@@ -57,32 +54,37 @@ def reference_vae_size(
 
 
 def encode_sample(
-    sample: Sample, main: DatasetConfig, conds: list[DatasetConfig], encoders: Encoders, match_target: bool
+    sample: Sample, main: DatasetConfig, conds: list[DatasetConfig], encoders: Encoders, match_target: bool, seed: int
 ) -> tuple[dict[str, bytes], dict]:
     """Encode one sample; return its record members and its manifest columns."""
     flavour = encoders.flavour
-    source = load_rgb(sample.image)
-    width, height = bucket_size(source.width, source.height, main.resolution, main.resolution_type)
-    target, target_box = resize_and_center_crop(source, width, height)
-    target_latent = encoders.encode_image(target, width, height)
+    source = load_rgb(sample.image, main.max_image_pixels)
+    placement = plan_placement(*source.size, main, seed, sample.sample_id)
+    width, height = placement.size
+    target_latent = encoders.encode_image(placement.apply(source), width, height)
 
-    ref_latents, ref_sizes, vl_images, ref_meta = [], [], [], []
+    ref_latents, ref_sizes, ref_boxes, vl_images, ref_meta = [], [], [], [], []
     for cond, path in zip(conds, sample.references, strict=True):
-        reference = load_rgb(path)
+        reference = load_rgb(path, cond.max_image_pixels)
         original = reference.size
         box = None
         if cond.conditioning_type == "reference_strict":
             # Exactly the target's resize and crop, so reference pixels line up with target pixels.
-            reference, box = resize_and_center_crop(reference, width, height)
+            reference = placement.apply(reference)
+            box = list(placement.box)
+        # A loose reference is not cropped: like the pipelines, it is resized to its own size below.
         vae_w, vae_h = reference_vae_size(flavour, cond, reference.size, (width, height), match_target)
         vl_w, vl_h = calculate_dimensions(flavour.vl_area, reference.width / reference.height)
         ref_latents.append(encoders.encode_image(reference, vae_w, vae_h))
         vl_images.append(encoders.resize(reference, vl_w, vl_h))
         ref_sizes.append([vae_h, vae_w])
+        ref_boxes.append(box or [])
         ref_meta.append(
             {
                 "dataset_id": cond.id,
+                "conditioning_type": cond.conditioning_type,
                 "original_size": list(original),
+                "scaled_size": list(placement.scaled) if box else None,
                 "crop_box": box,
                 "vae_size": [vae_w, vae_h],
                 "vl_size": [vl_w, vl_h],
@@ -90,35 +92,41 @@ def encode_sample(
             }
         )
     prompts = [encoders.encode_prompt(caption, vl_images) for caption in sample.captions]
+    extra = {"negative": encoders.encode_prompt(" ", vl_images)} if sample.split == "eval" else {}
 
-    sources = [sample.image, *sample.references] + ([sample.caption_file] if sample.caption_file else [])
-    source_sha = hashlib.sha256("".join(_sha256(p) for p in sources).encode()).hexdigest()
+    hashes = [_sha256(p) for p in [sample.image, *sample.references]]
+    source_sha = hashlib.sha256(json.dumps([hashes, sample.captions]).encode()).hexdigest()
     meta = {
         "sample_id": sample.sample_id,
         "dataset_id": sample.dataset_id,
         "relpath": sample.relpath,
+        "split": sample.split,
         "captions": sample.captions,
         "target": {
             "original_size": list(source.size),
-            "crop_box": target_box,
+            "scaled_size": list(placement.scaled),
+            "crop_box": list(placement.box),
             "size": [width, height],
-            "sha256": _sha256(sample.image),
+            "sha256": hashes[0],
         },
         "references": ref_meta,
         "source_sha256": source_sha,
     }
     members = {
         "latents.safetensors": latents_to_bytes(target_latent, ref_latents),
-        "embeds.safetensors": embeds_to_bytes(prompts),
-        "json": json.dumps(meta, sort_keys=True).encode(),
+        "embeds.safetensors": embeds_to_bytes(prompts, extra),
+        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode(),
     }
     row = {
         "dataset_id": sample.dataset_id,
         "relpath": sample.relpath,
-        "split": "train",
+        "split": sample.split,
         "height": height,
         "width": width,
+        "original_size": list(source.size),
+        "crop_box": list(placement.box),
         "ref_sizes": ref_sizes,
+        "ref_crop_boxes": ref_boxes,
         "prompt_lens": [p.shape[0] for p in prompts],
         "captions": sample.captions,
         "source_sha256": source_sha,
@@ -137,8 +145,20 @@ def fingerprint(config: Config, main: DatasetConfig, encoders: Encoders) -> dict
         "prompt_template": encoders.flavour.vl_text("{}", len(main.conditioning_data)),
         "dtype": str(encoders.dtype),
         "match_target_res": config.train.match_target_res,
+        "seed": config.train.seed,
         "datasets": [
-            {k: getattr(d, k) for k in ("id", "resolution", "resolution_type", "conditioning_type")}
+            {
+                k: getattr(d, k)
+                for k in (
+                    "id",
+                    "resolution",
+                    "resolution_type",
+                    "conditioning_type",
+                    "crop",
+                    "crop_style",
+                    "crop_aspect",
+                )
+            }
             for d in [main, *config.conditioning_for(main)]
         ],
     }
@@ -156,19 +176,17 @@ def build_cache(
     """
     flavour = FLAVOURS[config.train.model_flavour]
     mains = config.main_datasets()
-    scans = {main.id: scan_dataset(config, main) for main in mains}
-    problems = [p for scan in scans.values() for p in scan.problems]
-    if problems:
-        shown = "\n".join(f"  - {p}" for p in problems[:50])
-        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise UserError(f"{len(problems)} problem(s) in the datasets; nothing was encoded:\n{shown}{more}")
+    report = validate(config)
+    if not report.trainable:
+        raise UserError(f"{report.render()}\nNothing was encoded.")
+    print(f"validated: {sum(len(v) for v in report.samples.values())} samples, {len(report.warnings)} warning(s)")
 
     torch_dtype = encoder_dtype(dtype, device)
     print(f"loading encoders from {config.train.pretrained_model_name_or_path} on {device} ({torch_dtype})")
     encoders = Encoders(config.train.pretrained_model_name_or_path, flavour, device=device, dtype=torch_dtype)
     cache_dirs = []
     for main in mains:
-        samples = scans[main.id].samples
+        samples = report.samples[main.id]
         conds = config.conditioning_for(main)
         cache_dir = config.cache_dir_for(main)
         staging = cache_dir.with_name(cache_dir.name + ".building")
@@ -177,7 +195,9 @@ def build_cache(
         writer = ShardWriter(staging, max_shard_bytes=max_shard_bytes)
         start = time.perf_counter()
         for sample in tqdm(samples, desc=f"encoding {main.id}", unit="sample"):
-            members, row = encode_sample(sample, main, conds, encoders, config.train.match_target_res)
+            members, row = encode_sample(
+                sample, main, conds, encoders, config.train.match_target_res, config.train.seed
+            )
             writer.write(sample.sample_id, members, row)
         rows = writer.close()
         write_manifest(rows, staging / MANIFEST)
@@ -187,7 +207,12 @@ def build_cache(
             "flavour": flavour.name,
             "dataset_id": main.id,
             "fingerprint": fingerprint(config, main, encoders),
-            "counts": {"samples": len(rows), "train": len(rows), "eval": 0, "shard_bytes": total_bytes},
+            "counts": {
+                "samples": len(rows),
+                "train": sum(r["split"] == "train" for r in rows),
+                "eval": sum(r["split"] == "eval" for r in rows),
+                "shard_bytes": total_bytes,
+            },
             "latent_channels": encoders.vae.config.z_dim,
             "vae_scale_factor": encoders.scale,
             "text_dim": encoders.text_dim,

@@ -17,6 +17,30 @@ def _main() -> None:
     """Prepare caches for qwen-edit-trainer."""
 
 
+@app.command("validate")
+def validate_command(
+    config: Path = typer.Option(..., "--config", help="config.json (its data_backend_config names the datasets)"),
+    json_path: Path = typer.Option(None, "--json", help="also write the full report (every finding) as JSON here"),
+    limit: int = typer.Option(10, help="lines shown per kind of problem; --json lists all"),
+) -> None:
+    """Check pairing, captions and images of every dataset; exit 0 when trainable, 1 when not."""
+    from prep.validate import validate
+
+    try:
+        cfg = load_config(config)
+        for line in cfg.ignored_report():
+            typer.echo(line, err=True)
+        report = validate(cfg)
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(report.render(limit))
+    if json_path:
+        report.write_json(json_path)
+        typer.echo(f"full report: {json_path}")
+    raise typer.Exit(0 if report.trainable else 1)
+
+
 @app.command("build-cache")
 def build_cache_command(
     config: Path = typer.Option(..., "--config", help="config.json (its data_backend_config names the datasets)"),

@@ -1,18 +1,38 @@
 """Discover edit samples: pair each edit image with its references and read its captions.
 
 A sample is the edit image at relative path P under the main dataset's `instance_data_dir`;
-every conditioning dataset must hold a file at the same relative path P.
+each conditioning dataset must hold a file at the same relative path P (nested folders and
+unicode names included, compared byte for byte, so case-sensitive like the filesystem). A
+conditioning dataset with `"match": "stem"` pairs on P without its extension (`a.png` with
+`a.jpg`) and reports stems that name more than one file.
+
+Nothing here decodes an image: problems found are returned as `Finding`s, never raised.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import unicodedata
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+import pyarrow.parquet as pq
 
 from shared.config import Config, DatasetConfig
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass
+class Finding:
+    """One problem, about one file (or folder), with what to do about it."""
+
+    severity: str  # "error": not trainable until fixed; "warning": handled, but worth knowing
+    kind: str  # short heading the report groups by, e.g. "edit image without reference"
+    dataset_id: str
+    path: str
+    message: str  # "<path>: <what>; <what to do>"
 
 
 @dataclass
@@ -22,7 +42,8 @@ class Sample:
     image: Path
     references: list[Path]  # one per conditioning dataset, in conditioning_data order
     captions: list[str]
-    caption_file: Path | None = None
+    caption_source: Path | None = None  # the file the captions came from, if any
+    split: str = "train"
 
     @property
     def sample_id(self) -> str:
@@ -31,9 +52,21 @@ class Sample:
 
 
 @dataclass
+class ConditioningCounts:
+    dataset_id: str
+    root: str
+    missing: int = 0  # edit images with no reference here
+    extra: int = 0  # references here with no edit image
+
+
+@dataclass
 class ScanResult:
-    samples: list[Sample] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # one line each: the file and what to do
+    dataset_id: str
+    root: str
+    n_images: int = 0
+    samples: list[Sample] = field(default_factory=list)  # paired and captioned
+    findings: list[Finding] = field(default_factory=list)
+    conditioning: list[ConditioningCounts] = field(default_factory=list)
 
 
 def list_images(root: Path) -> list[str]:
@@ -43,60 +76,187 @@ def list_images(root: Path) -> list[str]:
     )
 
 
-def read_captions(main: DatasetConfig, image: Path) -> tuple[list[str], Path | None]:
-    """The captions of one image by the dataset's `caption_strategy`, and the file they came from."""
+def _stem(relpath: str) -> str:
+    return str(PurePosixPath(relpath).with_suffix(""))
+
+
+def _fold(relpath: str) -> str:
+    """Case- and unicode-insensitive form, only to hint at near-miss names."""
+    return unicodedata.normalize("NFC", relpath).casefold()
+
+
+class CaptionTable:
+    """Captions from a JSONL or Parquet table: `filename_column` -> `caption_column` (str or list)."""
+
+    def __init__(self, spec: dict, dataset_id: str):
+        self.path = Path(spec.get("path", ""))
+        filename_column = spec.get("filename_column", "filename")
+        caption_column = spec.get("caption_column", "caption")
+        if self.path.suffix.lower() == ".jsonl":
+            lines = self.path.read_text(encoding="utf-8-sig").splitlines()
+            rows = [json.loads(line) for line in lines if line.strip()]
+        else:
+            rows = pq.read_table(self.path).to_pylist()
+        if rows and (filename_column not in rows[0] or caption_column not in rows[0]):
+            raise ValueError(
+                f"needs columns '{filename_column}' and '{caption_column}', has {sorted(rows[0])}; "
+                f"set parquet.filename_column / parquet.caption_column of dataset '{dataset_id}'"
+            )
+        self.captions: dict[str, list[str]] = {}
+        for row in rows:
+            value = row[caption_column]
+            captions = value if isinstance(value, list) else [value]
+            self.captions[str(row[filename_column])] = [str(c).strip() for c in captions if c and str(c).strip()]
+
+    def lookup(self, relpath: str) -> list[str]:
+        """Captions of `relpath`, keyed in the table by the relative path, with or without extension, or name."""
+        name = PurePosixPath(relpath).name
+        for key in (relpath, _stem(relpath), name, PurePosixPath(name).stem):
+            if key in self.captions:
+                return self.captions[key]
+        return []
+
+
+def read_captions(
+    main: DatasetConfig, image: Path, relpath: str, table: CaptionTable | None
+) -> tuple[list[str], Path | None]:
+    """(captions, the file they come from, if any) for one image by the dataset's `caption_strategy`."""
     if main.caption_strategy == "instanceprompt":
-        return [main.instance_prompt], None
+        return [main.instance_prompt.strip()], None
     if main.caption_strategy == "filename":
         return [image.stem.replace("_", " ").strip()], None
+    if main.caption_strategy == "parquet":
+        return (table.lookup(relpath) if table else []), Path(main.parquet.get("path", ""))
     text_file = image.with_suffix(".txt")
     if not text_file.is_file():
         return [], text_file
     try:
-        lines = text_file.read_text(encoding="utf-8-sig").splitlines()
+        lines = text_file.read_text(encoding="utf-8-sig").splitlines()  # BOM and CRLF handled
     except UnicodeDecodeError:
-        return [], text_file  # reported as a missing caption; the message names the file
+        return [], text_file
     return [line.strip() for line in lines if line.strip()], text_file
 
 
 def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
-    """Pair and caption every edit image of `main`; list every problem found, encode nothing."""
-    result = ScanResult()
+    """Pair and caption every edit image of `main`; every problem becomes a Finding."""
     main_root = Path(main.instance_data_dir)
+    result = ScanResult(main.id, str(main_root))
     conds = config.conditioning_for(main)
-    roots = [main_root] + [Path(c.instance_data_dir) for c in conds]
-    for dataset, root in zip([main, *conds], roots, strict=True):
+
+    def error(kind: str, dataset_id: str, path, message: str) -> None:
+        result.findings.append(Finding("error", kind, dataset_id, str(path), f"{path}: {message}"))
+
+    for dataset in [main, *conds]:
+        root = Path(dataset.instance_data_dir)
         if not root.is_dir():
-            result.problems.append(f"{root}: folder of dataset '{dataset.id}' does not exist; fix instance_data_dir")
-    if result.problems:
+            error(
+                "missing folder",
+                dataset.id,
+                root,
+                f"folder of dataset '{dataset.id}' does not exist; fix instance_data_dir",
+            )
+        elif not list_images(root):
+            error(
+                "empty folder",
+                dataset.id,
+                root,
+                f"no images in dataset '{dataset.id}'; add images or fix instance_data_dir",
+            )
+    if result.findings:
         return result
 
+    table = None
+    if main.caption_strategy == "parquet":
+        try:
+            table = CaptionTable(main.parquet, main.id)
+        except (OSError, ValueError, KeyError) as err:
+            error(
+                "caption table problem",
+                main.id,
+                main.parquet.get("path", "<no parquet.path>"),
+                f"cannot read captions ({err})",
+            )
+
     images = list_images(main_root)
-    if not images:
-        result.problems.append(f"{main_root}: no images in dataset '{main.id}'; add images or fix instance_data_dir")
-    per_cond = [set(list_images(Path(c.instance_data_dir))) for c in conds]
-    for cond, have in zip(conds, per_cond, strict=True):
-        for extra in sorted(have - set(images)):
-            result.problems.append(
-                f"{Path(cond.instance_data_dir) / extra}: reference with no edit image at "
-                f"{main_root / extra}; add the edit image or remove the reference"
-            )
+    result.n_images = len(images)
+    main_stems: dict[str, list[str]] = {}
     for relpath in images:
-        missing = [
-            Path(c.instance_data_dir) / relpath for c, have in zip(conds, per_cond, strict=True) if relpath not in have
-        ]
-        for path in missing:
-            result.problems.append(
-                f"{main_root / relpath}: no reference at {path}; add it (same relative path) or remove the edit image"
+        main_stems.setdefault(_stem(relpath), []).append(relpath)
+
+    if any(cond.match == "stem" for cond in conds):
+        for stem, files in main_stems.items():
+            if len(files) > 1:
+                error(
+                    "ambiguous name",
+                    main.id,
+                    main_root / stem,
+                    f"{len(files)} edit images share this name "
+                    f"({', '.join(files)}), so stem matching cannot tell them apart; rename one",
+                )
+
+    references: dict[str, list[Path | None]] = {relpath: [] for relpath in images}
+    for cond in conds:
+        root = Path(cond.instance_data_dir)
+        have = list_images(root)
+        counts = ConditioningCounts(cond.id, str(root))
+        result.conditioning.append(counts)
+        folded = {_fold(p): p for p in have}
+        if cond.match == "stem":
+            by_key: dict[str, list[str]] = {}
+            for relpath in have:
+                by_key.setdefault(_stem(relpath), []).append(relpath)
+            for stem, files in by_key.items():
+                if len(files) > 1:
+                    error(
+                        "ambiguous name",
+                        cond.id,
+                        root / stem,
+                        f"{len(files)} references share this name ({', '.join(files)}); keep one per edit image",
+                    )
+            keys = {relpath: _stem(relpath) for relpath in images}
+            unused = set(by_key) - set(keys.values())
+            extras = sorted(f for stem in unused for f in by_key[stem])
+        else:
+            by_key = {relpath: [relpath] for relpath in have}
+            keys = {relpath: relpath for relpath in images}
+            extras = sorted(set(have) - set(images))
+        for relpath in images:
+            found = by_key.get(keys[relpath], [])
+            if len(found) == 1:
+                references[relpath].append(root / found[0])
+                continue
+            references[relpath].append(None)
+            if not found:
+                counts.missing += 1
+                near = folded.get(_fold(relpath))
+                hint = f" (there is {root / near}: names must match exactly, case included)" if near else ""
+                error(
+                    "edit image without reference",
+                    cond.id,
+                    main_root / relpath,
+                    f"no reference at {root / relpath}{hint}; "
+                    "add it with the same relative path, or remove the edit image",
+                )
+        for extra in extras:
+            counts.extra += 1
+            error(
+                "reference without edit image",
+                cond.id,
+                root / extra,
+                f"no edit image at {main_root / extra}; add the edit image, or remove this reference",
             )
-        captions, caption_file = read_captions(main, main_root / relpath)
+
+    for relpath in images:
+        captions, source = read_captions(main, main_root / relpath, relpath, table)
         if not captions:
-            result.problems.append(
-                f"{main_root / relpath}: no caption ({caption_file} is missing, empty or not UTF-8); "
-                "write the instruction there"
+            where = (
+                f"no caption in {source}"
+                if main.caption_strategy == "parquet"
+                else f"no caption ({source} is missing, empty or not UTF-8)"
             )
-        if missing or not captions:
-            continue
-        references = [Path(c.instance_data_dir) / relpath for c in conds]
-        result.samples.append(Sample(main.id, relpath, main_root / relpath, references, captions, caption_file))
+            error("missing caption", main.id, main_root / relpath, f"{where}; write the instruction there")
+        refs = references[relpath]
+        if captions and all(r is not None for r in refs):
+            split = "eval" if config.train.eval_dataset_id == main.id else "train"
+            result.samples.append(Sample(main.id, relpath, main_root / relpath, refs, captions, source, split))
     return result

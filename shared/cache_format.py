@@ -46,7 +46,10 @@ MANIFEST_SCHEMA = pa.schema(
         ],
         ("height", pa.int32()),  # target pixels
         ("width", pa.int32()),
+        ("original_size", pa.list_(pa.int32())),  # [width, height] of the edit image file, upright
+        ("crop_box", pa.list_(pa.int32())),  # [left, top, right, bottom] of the target in its scaled image
         ("ref_sizes", pa.list_(pa.list_(pa.int32()))),  # [[height, width] per reference], VAE pixels
+        ("ref_crop_boxes", pa.list_(pa.list_(pa.int32()))),  # per reference: the box (strict) or [] (loose)
         ("prompt_lens", pa.list_(pa.int32())),  # tokens per cached caption embedding
         ("captions", pa.list_(pa.string())),
         ("source_sha256", pa.string()),  # over the image, references and caption source

@@ -53,6 +53,7 @@ class TrainConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     seed: int = 0
+    eval_dataset_id: str = ""  # a main dataset held out for evaluation (its samples are cached as "eval")
     model_kwargs: dict = field(default_factory=dict)
 
     @property
@@ -75,6 +76,13 @@ class DatasetConfig:
     conditioning_data: list = field(default_factory=list)
     conditioning_type: str = "reference_strict"
     conditioning_image_embeds: str = ""
+    match: str = "path"  # conditioning datasets: "path" (same relative path) or "stem" (extension may differ)
+    parquet: dict = field(default_factory=dict)  # caption_strategy "parquet": path, filename_column, caption_column
+    minimum_image_size: float = 0  # in resolution_type units; 0: no minimum
+    max_image_pixels: int = 178_956_970  # decompression-bomb guard
+    crop: bool = False
+    crop_style: str = "center"
+    crop_aspect: str = "preserve"
     cache_dir: str = ""
     cache_dir_vae: str = ""
     disabled: bool = False
@@ -125,7 +133,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "lora_target": ("attention", "attention_image", "attention_mlp"),
     "dataset_type": ("image", "conditioning", "conditioning_image_embeds"),
     "type": ("local",),
-    "caption_strategy": ("textfile", "filename", "instanceprompt"),
+    "caption_strategy": ("textfile", "filename", "instanceprompt", "parquet"),
+    "match": ("path", "stem"),
+    "crop_style": ("center", "random"),
+    "crop_aspect": ("preserve", "square"),
     "resolution_type": ("pixel_area", "area", "pixel"),
     "conditioning_type": ("reference_strict", "reference_loose"),
 }
@@ -180,6 +191,11 @@ def _check_datasets(config: Config) -> None:
     mains = config.main_datasets()
     if not mains:
         raise UserError(f"{path}: no main dataset (an entry without 'dataset_type', or 'dataset_type': 'image')")
+    if config.train.eval_dataset_id and config.train.eval_dataset_id not in [m.id for m in mains]:
+        raise UserError(
+            f"{config.config_path}: key 'eval_dataset_id' is '{config.train.eval_dataset_id}', "
+            f"which is not a main dataset ({', '.join(m.id for m in mains)})"
+        )
     flavour = FLAVOURS[config.train.model_flavour]
     for main in mains:
         where = f"{path}: dataset '{main.id}'"
@@ -187,6 +203,8 @@ def _check_datasets(config: Config) -> None:
             raise UserError(f"{where}: key 'instance_data_dir' is missing")
         if main.caption_strategy == "instanceprompt" and not main.instance_prompt:
             raise UserError(f"{where}: key 'instance_prompt' is empty but caption_strategy is 'instanceprompt'")
+        if main.caption_strategy == "parquet" and not main.parquet.get("path"):
+            raise UserError(f"{where}: key 'parquet' needs a 'path' (a .parquet or .jsonl caption table)")
         if main.resolution <= 0:
             raise UserError(f"{where}: key 'resolution' must be positive, got {main.resolution}")
         for cond_id in main.conditioning_data:

@@ -22,8 +22,9 @@ from train.objective import flow_matching_loss
 
 
 def open_caches(config: Config) -> list[CacheReader]:
-    """One reader per main dataset's cache, refusing caches built for another flavour."""
-    readers = [CacheReader(config.cache_dir_for(main)) for main in config.main_datasets()]
+    """One reader per training dataset's cache (not the eval dataset's), refusing other flavours' caches."""
+    mains = [m for m in config.main_datasets() if m.id != config.train.eval_dataset_id]
+    readers = [CacheReader(config.cache_dir_for(main)) for main in mains]
     for reader in readers:
         if reader.info["flavour"] != config.train.model_flavour:
             raise UserError(

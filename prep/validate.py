@@ -1,0 +1,195 @@
+"""`prep validate`: find every problem in the datasets before a single encoder is loaded.
+
+Scans and pairs every dataset (`prep.scan`), then decodes every image once to catch unreadable,
+truncated, oversized and undersized files, and references whose aspect differs from their target
+under `reference_strict`. The result is one `Report`: counts first, then each problem with the
+file it concerns and what to do. `build-cache` runs the same validation and stops if it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from prep.buckets import meets_minimum
+from prep.images import ImageError, decode_image
+from prep.scan import Finding, Sample, ScanResult, list_images, scan_dataset
+from shared.config import Config, DatasetConfig
+
+ASPECT_TOLERANCE = 0.01  # relative difference of width/height allowed between a strict reference and its target
+
+
+@dataclass
+class ImageInfo:
+    size: tuple[int, int] | None  # (width, height) upright; None when unreadable
+    notes: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class Report:
+    config_path: str
+    flavour: str
+    datasets: list[ScanResult]
+    findings: list[Finding]
+    samples: dict[str, list[Sample]]  # trainable samples per main dataset id
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "warning"]
+
+    @property
+    def trainable(self) -> bool:
+        return not self.errors and any(self.samples.values())
+
+    def render(self, limit: int = 10) -> str:
+        """The human report: counts per dataset, then problems grouped by kind (`limit` lines each)."""
+        lines = [f"prep validate: {self.config_path} ({self.flavour})"]
+        for scan in self.datasets:
+            lines.append(
+                f"dataset '{scan.dataset_id}' ({scan.root}): {scan.n_images} edit images, "
+                f"{len(self.samples.get(scan.dataset_id, []))} trainable"
+            )
+            for cond in scan.conditioning:
+                lines.append(
+                    f"  reference '{cond.dataset_id}' ({cond.root}): {cond.missing} edit image(s) without a reference, "
+                    f"{cond.extra} reference(s) without an edit image"
+                )
+        lines.append(f"errors: {len(self.errors)}, warnings: {len(self.warnings)}")
+        for title, group in (("errors", self.errors), ("warnings", self.warnings)):
+            if not group:
+                continue
+            lines.append(f"\n{title}:")
+            kinds: dict[str, list[Finding]] = {}
+            for finding in group:
+                kinds.setdefault(finding.kind, []).append(finding)
+            for kind, items in kinds.items():
+                lines.append(f"  {kind} ({len(items)}):")
+                lines += [f"    {item.message}" for item in items[:limit]]
+                if len(items) > limit:
+                    lines.append(f"    ... and {len(items) - limit} more (--json REPORT lists every one)")
+        total = sum(len(s) for s in self.samples.values())
+        if self.trainable:
+            lines.append(f"\nTRAINABLE: {total} sample(s) in {len(self.samples)} dataset(s).")
+        elif not self.errors:
+            lines.append("\nNOT TRAINABLE: no sample is complete; add edit pairs and run `prep validate` again.")
+        else:
+            lines.append(f"\nNOT TRAINABLE: fix the {len(self.errors)} error(s) above, then run `prep validate` again.")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "config": self.config_path,
+            "flavour": self.flavour,
+            "trainable": self.trainable,
+            "counts": {
+                "errors": len(self.errors),
+                "warnings": len(self.warnings),
+                "samples": {k: len(v) for k, v in self.samples.items()},
+            },
+            "datasets": [
+                {
+                    "id": s.dataset_id,
+                    "root": s.root,
+                    "edit_images": s.n_images,
+                    "trainable": len(self.samples.get(s.dataset_id, [])),
+                    "conditioning": [asdict(c) for c in s.conditioning],
+                }
+                for s in self.datasets
+            ],
+            "findings": [asdict(f) for f in self.findings],
+        }
+
+    def write_json(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def inspect_image(path: Path, max_pixels: int) -> ImageInfo:
+    """Decode `path` completely (so truncation shows), keeping only its size and conversion notes."""
+    try:
+        decoded = decode_image(path, max_pixels)
+    except ImageError as err:
+        return ImageInfo(None, error=str(err))
+    return ImageInfo(decoded.size, decoded.notes)
+
+
+def validate(config: Config, workers: int | None = None) -> Report:
+    """Check every main dataset of `config` and its references; decode every image once."""
+    scans = [scan_dataset(config, main) for main in config.main_datasets()]
+    findings = [f for scan in scans for f in scan.findings]
+
+    # Every image file of every dataset involved, each decoded once (in threads: PIL releases the GIL).
+    owners: dict[Path, DatasetConfig] = {}
+    for main in config.main_datasets():
+        for dataset in [main, *config.conditioning_for(main)]:
+            root = Path(dataset.instance_data_dir)
+            if root.is_dir():
+                for relpath in list_images(root):
+                    owners.setdefault(root / relpath, dataset)
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        infos = dict(zip(owners, pool.map(lambda p: inspect_image(p, owners[p].max_image_pixels), owners), strict=True))
+
+    bad: set[Path] = set()
+    for path, info in infos.items():
+        dataset = owners[path]
+        if info.error:
+            findings.append(Finding("error", "unreadable image", dataset.id, str(path), info.error))
+            bad.add(path)
+            continue
+        if info.notes:
+            findings.append(
+                Finding("warning", "converted on load", dataset.id, str(path), f"{path}: {'; '.join(info.notes)}")
+            )
+        if not meets_minimum(*info.size, dataset.minimum_image_size, dataset.resolution_type):
+            findings.append(
+                Finding(
+                    "error",
+                    "image below minimum size",
+                    dataset.id,
+                    str(path),
+                    f"{path}: {info.size[0]}x{info.size[1]} is below minimum_image_size "
+                    f"{dataset.minimum_image_size:g} ({dataset.resolution_type}) of dataset '{dataset.id}'; "
+                    "replace it with a larger image, remove it, or lower minimum_image_size",
+                )
+            )
+            bad.add(path)
+
+    samples: dict[str, list[Sample]] = {}
+    for scan, main in zip(scans, config.main_datasets(), strict=True):
+        conds = config.conditioning_for(main)
+        kept = []
+        for sample in scan.samples:
+            if sample.image in bad or any(r in bad for r in sample.references):
+                continue
+            target_w, target_h = infos[sample.image].size
+            mismatched = False
+            for cond, ref in zip(conds, sample.references, strict=True):
+                ref_w, ref_h = infos[ref].size
+                if (
+                    cond.conditioning_type == "reference_strict"
+                    and abs((ref_w / ref_h) / (target_w / target_h) - 1) > ASPECT_TOLERANCE
+                ):
+                    mismatched = True
+                    findings.append(
+                        Finding(
+                            "error",
+                            "reference aspect differs from its target (reference_strict)",
+                            cond.id,
+                            str(ref),
+                            f"{ref}: {ref_w}x{ref_h} does not have the aspect of its edit image {sample.image} "
+                            f"({target_w}x{target_h}), so the same crop cannot fit both; crop it to that aspect, "
+                            f"or set conditioning_type 'reference_loose' on dataset '{cond.id}'",
+                        )
+                    )
+            if not mismatched:
+                kept.append(sample)
+        samples[main.id] = kept
+    return Report(str(config.config_path), config.train.model_flavour, scans, findings, samples)
