@@ -48,7 +48,7 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIma
             with Image.open(path) as opened:
                 width, height = opened.size  # from the header; nothing decoded yet
                 if width * height > max_pixels:
-                    raise ImageError(_too_big(path, f"{width}x{height} = {width * height / 1e6:.0f} MP", max_pixels))
+                    raise ImageError(_too_big(path, f"{width}x{height} = {width * height:,} pixels", max_pixels))
                 opened.load()
                 image = opened.copy()
                 orientation = opened.getexif().get(_EXIF_ORIENTATION, 1)
@@ -101,6 +101,6 @@ def _to_rgb8(image: Image.Image, notes: list[str]) -> Image.Image:
 
 def _too_big(path: Path, size: str, max_pixels: int) -> str:
     return (
-        f"{path}: {size} is over the limit of {max_pixels / 1e6:.0f} MP "
+        f"{path}: {size} is over the limit of {max_pixels:,} pixels "
         "(a guard against decompression bombs); downscale it, or raise max_image_pixels if you trust the file"
     )

@@ -1,0 +1,116 @@
+"""Buckets and crops recorded per sample, caption tables, several main datasets and the eval split."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from prep.buckets import bucket_size, place, plan_placement
+from prep.build import build_cache
+from prep.scan import scan_dataset
+from shared.cache_format import embeds_from_bytes, read_manifest, read_member
+from shared.config import DatasetConfig, load_config
+from train.loop import open_caches
+
+ASPECTS = [(1024, 1024), (1280, 720), (720, 1280), (1600, 900), (500, 1500), (333, 777), (4000, 1000)]
+
+
+@pytest.mark.parametrize("crop_style", ["center", "random"])
+@pytest.mark.parametrize("crop_aspect", ["preserve", "square"])
+def test_strict_reference_gets_the_targets_exact_crop_in_every_bucket(crop_style, crop_aspect):
+    dataset = DatasetConfig(id="d", resolution=512, crop=True, crop_style=crop_style, crop_aspect=crop_aspect)
+    for width, height in ASPECTS:
+        placement = plan_placement(width, height, dataset, seed=3, sample_id="abc")
+        bw, bh = placement.size
+        assert bw % 32 == 0 and bh % 32 == 0 and (bw == bh) == (crop_aspect == "square" or bw == bh)
+        assert placement.size == bucket_size(width, height, 512, "pixel_area", crop_aspect == "square")
+        target = Image.new("RGB", (width, height), "red")
+        reference = Image.new("RGB", (width // 2, height // 2), "blue")  # same aspect, other resolution
+        assert placement.apply(target).size == placement.apply(reference).size == placement.size
+        assert plan_placement(width, height, dataset, seed=3, sample_id="abc") == placement  # seeded
+
+
+def test_random_crops_move_and_centre_crops_do_not():
+    boxes = {place(2000, 1000, (512, 512), random_crop=True, seed=str(i)).box for i in range(10)}
+    assert len(boxes) > 1
+    assert place(2000, 1000, (512, 512)).box == (256, 0, 768, 512)
+
+
+def _edit_backend(path, update):
+    backend = json.loads(path.read_text())
+    backend[0].update(update)
+    path.write_text(json.dumps(backend))
+
+
+def test_cache_records_sizes_and_crop_boxes(demo_project, tmp_path):
+    config_path = demo_project("edit-v2", n_samples=3)
+    _edit_backend(tmp_path / "multidatabackend.json", {"crop": True, "crop_style": "random"})
+    (cache,) = build_cache(load_config(config_path), device="cpu")
+    for row in read_manifest(cache):
+        meta = json.loads(read_member(cache, row, "json"))
+        target, (strict, loose) = meta["target"], meta["references"]
+        assert target["size"] == [row["width"], row["height"]]
+        assert target["crop_box"] == row["crop_box"] == strict["crop_box"] == row["ref_crop_boxes"][0]
+        assert strict["scaled_size"] == target["scaled_size"]
+        assert loose["crop_box"] is None and row["ref_crop_boxes"][1] == []
+        assert row["original_size"] == target["original_size"]
+
+
+def _captionless_dataset(root, names):
+    for folder in ("images", "reference"):
+        (root / folder).mkdir(parents=True)
+        for name in names:
+            Image.new("RGB", (64, 64), "white").save(root / folder / name)
+
+
+@pytest.mark.parametrize("table", ["captions.parquet", "captions.jsonl"])
+def test_captions_from_a_table(tmp_path, table):
+    _captionless_dataset(tmp_path, ["a.png", "b.png", "c.png"])
+    # Keyed by relative path or by stem; one caption or several per image.
+    rows = [{"file": "a.png", "text": ["make it red"]}, {"file": "b", "text": ["add a hat", "a hat, please"]}]
+    path = tmp_path / table
+    if table.endswith(".jsonl"):
+        rows[0]["text"] = "make it red"  # JSONL may hold a plain string
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    backend = [
+        {
+            "id": "e",
+            "instance_data_dir": str(tmp_path / "images"),
+            "caption_strategy": "parquet",
+            "parquet": {"path": str(path), "filename_column": "file", "caption_column": "text"},
+            "conditioning_data": ["r"],
+        },
+        {"id": "r", "dataset_type": "conditioning", "instance_data_dir": str(tmp_path / "reference")},
+    ]
+    (tmp_path / "db.json").write_text(json.dumps(backend))
+    (tmp_path / "config.json").write_text(json.dumps({"data_backend_config": str(tmp_path / "db.json")}))
+    config = load_config(tmp_path / "config.json")
+    scan = scan_dataset(config, config.main_datasets()[0])
+    captions = {s.relpath: s.captions for s in scan.samples}
+    assert captions == {"a.png": ["make it red"], "b.png": ["add a hat", "a hat, please"]}
+    (missing,) = scan.findings
+    assert missing.kind == "missing caption" and missing.path.endswith("c.png") and table in missing.message
+
+
+def test_several_main_datasets_and_an_eval_split(demo_project, tmp_path, tiny_models):
+    config_path = demo_project("edit-v1", n_samples=2)
+    backend = json.loads((tmp_path / "multidatabackend.json").read_text())
+    held_out = dict(backend[0], id="held-out", conditioning_data=["ref0"], cache_dir_vae=str(tmp_path / "cache-eval"))
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backend + [held_out]))
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, eval_dataset_id="held-out")))
+
+    cfg = load_config(config_path)
+    train_cache, eval_cache = build_cache(cfg, device="cpu")
+    assert {r["split"] for r in read_manifest(train_cache)} == {"train"}
+    eval_rows = read_manifest(eval_cache)
+    assert {r["split"] for r in eval_rows} == {"eval"}
+    embeds = embeds_from_bytes(read_member(eval_cache, eval_rows[0], "embeds.safetensors"))
+    assert "negative" in embeds and "prompt.0" in embeds
+    assert [r.cache_dir for r in open_caches(cfg)] == [train_cache]

@@ -1,0 +1,108 @@
+"""prep validate finds every bad input in one run and says what to do; good data passes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from prep.cli import app
+from prep.images import decode_image
+from prep.validate import validate
+from shared.config import load_config
+from tests.prep.bad_data import write_bad_project
+
+ERRORS = {
+    "missing reference": "edit image without reference",
+    "extra reference": "reference without edit image",
+    "empty folder": "empty folder",
+    "truncated JPEG": "unreadable image",
+    "zero-byte file": "unreadable image",
+    "missing caption": "missing caption",
+    "stem collision": "ambiguous name",
+    "strict aspect mismatch": "reference aspect differs from its target (reference_strict)",
+    "below minimum size": "image below minimum size",
+    "over the pixel limit": "unreadable image",
+    "case-only name difference": "edit image without reference",
+}
+HANDLED = ["CMYK JPEG", "16-bit PNG", "RGBA PNG", "EXIF-rotated photo"]  # converted: warnings, still trainable
+GOOD = ["BOM+CRLF caption", "multi-line caption", "nested and unicode path"]
+
+
+@pytest.fixture
+def bad_project(tmp_path):
+    return write_bad_project(tmp_path)
+
+
+def test_every_bad_case_is_reported_in_one_run(bad_project, tmp_path):
+    config_path, cases = bad_project
+    report_path = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["validate", "--config", str(config_path), "--json", str(report_path)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert "NOT TRAINABLE" in result.output
+    findings = json.loads(report_path.read_text(encoding="utf-8"))["findings"]
+    by_path = {}
+    for finding in findings:
+        by_path.setdefault(finding["path"], []).append(finding)
+    for case, kind in ERRORS.items():
+        path = str(cases[case]) if case != "stem collision" else str(cases[case].parent.parent / "style" / "collide")
+        if case == "strict aspect mismatch":
+            path = str(cases[case].parent.parent / "reference" / "aspect.png")
+        assert any(f["kind"] == kind and f["severity"] == "error" for f in by_path.get(path, [])), (case, path)
+        assert path in result.output, f"{case}: {path} is not in the printed report"
+    for case in HANDLED:
+        (finding,) = by_path[str(cases[case])]
+        assert finding["severity"] == "warning" and finding["kind"] == "converted on load"
+    for case in GOOD:
+        assert str(cases[case]) not in by_path, case
+    # Every error says what to do after the "<file>: <what>;".
+    assert all(";" in f["message"] for f in findings if f["severity"] == "error")
+
+
+def test_counts_come_first_and_good_samples_survive(bad_project):
+    config_path, cases = bad_project
+    report = validate(load_config(config_path))
+    text = report.render()
+    assert text.index("edit images") < text.index("errors:")
+    assert "reference 'reference'" in text and "2 edit image(s) without a reference, 2 reference(s)" in text
+    kept = {s.relpath: s for s in report.samples["edits"]}
+    assert set(kept) == {
+        "good.png",
+        "bom.png",
+        "multi.png",
+        "sub/dir/ünïcode 猫.png",
+        "cmyk.jpg",
+        "deep.png",
+        "alpha.png",
+        "rotated.jpg",
+    }
+    assert kept["bom.png"].captions == ["make the sky red"]  # no BOM, no CR
+    assert kept["multi.png"].captions == ["first instruction", "second instruction"]
+    assert kept["good.png"].references[1].name == "good.jpg"  # "match": "stem" pairs .png with .jpg
+    assert not report.trainable
+
+
+def test_long_lists_are_summarised(bad_project):
+    config_path, _ = bad_project
+    text = validate(load_config(config_path)).render(limit=1)
+    assert "... and 1 more (--json REPORT lists every one)" in text
+
+
+def test_images_are_decoded_upright_in_8_bit_rgb(bad_project):
+    _, cases = bad_project
+    rotated = decode_image(cases["EXIF-rotated photo"])
+    assert rotated.size == (64, 96) and rotated.image.mode == "RGB"
+    deep = decode_image(cases["16-bit PNG"])
+    values = np.asarray(deep.image)
+    assert deep.image.mode == "RGB" and values.max() > 200 and values.min() < 50, "16-bit values were clipped"
+    alpha = np.asarray(decode_image(cases["RGBA PNG"]).image).astype(int)
+    assert alpha.min() >= 127, "half-transparent pixels must be blended with white"
+
+
+def test_demo_data_is_trainable(demo_project):
+    result = CliRunner().invoke(app, ["validate", "--config", str(demo_project("edit-v2", n_samples=3))])
+    assert result.exit_code == 0, result.output
+    assert "TRAINABLE: 3 sample(s)" in result.output
