@@ -76,13 +76,13 @@ class Placement:
 def plan_placement(width: int, height: int, dataset: DatasetConfig, seed: int, sample_id: str) -> Placement:
     """The placement of a `width` x `height` image of `dataset` (its target, or a loose reference)."""
     bucket = bucket_size(width, height, dataset.resolution, dataset.resolution_type, dataset.crop_aspect == "square")
-    return place(
-        width,
-        height,
-        bucket,
-        random_crop=dataset.crop and dataset.crop_style == "random",
-        seed=f"{seed}:{sample_id}:{dataset.id}",
-    )
+    random_crop = dataset.crop and dataset.crop_style == "random"
+    return place(width, height, bucket, random_crop=random_crop, seed=crop_seed(seed, sample_id, dataset.id))
+
+
+def crop_seed(seed: int, sample_id: str, dataset_id: str) -> str:
+    """The seed of one sample's random crop: the run's `seed` with the sample's identity."""
+    return f"{seed}:{sample_id}:{dataset_id}"
 
 
 def place(width: int, height: int, bucket: tuple[int, int], random_crop: bool = False, seed: str = "") -> Placement:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from prep.buckets import bucket_size, calculate_dimensions, plan_placement
+from prep.buckets import bucket_size, calculate_dimensions, crop_seed, plan_placement
 from prep.encode import Encoders
 from prep.images import load_rgb
 from prep.scan import Sample
@@ -108,6 +108,8 @@ def encode_sample(
             "crop_box": list(placement.box),
             "size": [width, height],
             "sha256": hashes[0],
+            "crop_style": main.crop_style if main.crop else "center",
+            "crop_seed": crop_seed(seed, sample.sample_id, main.id),
         },
         "references": ref_meta,
         "source_sha256": source_sha,

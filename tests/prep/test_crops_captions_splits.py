@@ -58,6 +58,7 @@ def test_cache_records_sizes_and_crop_boxes(demo_project, tmp_path):
         assert strict["scaled_size"] == target["scaled_size"]
         assert loose["crop_box"] is None and row["ref_crop_boxes"][1] == []
         assert row["original_size"] == target["original_size"]
+        assert target["crop_style"] == "random" and target["crop_seed"].endswith(f"{row['sample_id']}:edits")
 
 
 def _captionless_dataset(root, names):
