@@ -1,151 +1,67 @@
-"""`prep build-cache`: validate every dataset, then encode each sample into the cache.
+"""`prep build-cache`: validate every dataset, then bring each main dataset's cache up to date.
 
-Per sample: decode the edit image and its references, size them (bucket, crop), encode the
-target latent, each reference latent and one VL embedding per caption, and write one record.
-A cache is built in `<cache>.building/` and swapped in whole when complete, so the cache a
-user already has stays readable until a new one is ready.
+A cache is updated in place, safely: samples whose sources (image, references, captions) are
+unchanged keep their records; new and changed samples are encoded into new shards; the manifest
+is replaced atomically at the end, then what it no longer references is deleted. A build killed
+at any moment leaves the previous cache readable, and a rerun continues from the last complete
+shard. A cache built with other settings (the fingerprint) is refused unless `--force`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from prep.buckets import bucket_size, calculate_dimensions, crop_seed, plan_placement
 from prep.encode import Encoders
-from prep.images import load_rgb
+from prep.record import encode_sample, source_sha256
 from prep.scan import Sample
 from prep.validate import validate
-from prep.writer import ShardWriter
-from shared.cache_format import (
-    CACHE_JSON,
-    FORMAT_VERSION,
-    MANIFEST,
-    embeds_to_bytes,
-    latents_to_bytes,
-    write_json_atomic,
-    write_manifest,
-)
+from prep.writer import ShardWriter, commit, manifest_fingerprint, read_existing_rows
+from shared.cache_format import CACHE_JSON, FORMAT_VERSION, MANIFEST
 from shared.config import Config, DatasetConfig
 from shared.errors import UserError
-from shared.flavours import FLAVOURS, Flavour
+from shared.flavours import FLAVOURS
 
 
-def reference_vae_size(
-    flavour: Flavour, cond: DatasetConfig, ref_size: tuple[int, int], target_size: tuple[int, int], match_target: bool
-) -> tuple[int, int]:
-    """(width, height) the VAE encodes a reference at.
+def fingerprint(config: Config, main: DatasetConfig, dtype: torch.dtype) -> dict:
+    """Everything that changes the cached bytes, and its hash; computed without loading the encoders."""
+    from diffusers import AutoencoderKLQwenImage
+    from transformers import AutoConfig
 
-    edit-v1 strict: the target's bucket. edit-v2 with match_target_res: the target's size.
-    Otherwise the reference is sized on its own at its dataset's resolution (1024 -> ~1 MP, as the
-    pipelines do at inference).
-    """
-    strict = cond.conditioning_type == "reference_strict"
-    if (flavour.name == "edit-v1" and strict) or (flavour.name == "edit-v2" and match_target):
-        return target_size
-    return bucket_size(ref_size[0], ref_size[1], cond.resolution, cond.resolution_type)
-
-
-def encode_sample(
-    sample: Sample, main: DatasetConfig, conds: list[DatasetConfig], encoders: Encoders, match_target: bool, seed: int
-) -> tuple[dict[str, bytes], dict]:
-    """Encode one sample; return its record members and its manifest columns."""
-    flavour = encoders.flavour
-    source = load_rgb(sample.image, main.max_image_pixels)
-    placement = plan_placement(*source.size, main, seed, sample.sample_id)
-    width, height = placement.size
-    target_latent = encoders.encode_image(placement.apply(source), width, height)
-
-    ref_latents, ref_sizes, ref_boxes, vl_images, ref_meta = [], [], [], [], []
-    for cond, path in zip(conds, sample.references, strict=True):
-        reference = load_rgb(path, cond.max_image_pixels)
-        original = reference.size
-        box = None
-        if cond.conditioning_type == "reference_strict":
-            # Exactly the target's resize and crop, so reference pixels line up with target pixels.
-            reference = placement.apply(reference)
-            box = list(placement.box)
-        # A loose reference is not cropped: like the pipelines, it is resized to its own size below.
-        vae_w, vae_h = reference_vae_size(flavour, cond, reference.size, (width, height), match_target)
-        vl_w, vl_h = calculate_dimensions(flavour.vl_area, reference.width / reference.height)
-        ref_latents.append(encoders.encode_image(reference, vae_w, vae_h))
-        vl_images.append(encoders.resize(reference, vl_w, vl_h))
-        ref_sizes.append([vae_h, vae_w])
-        ref_boxes.append(box or [])
-        ref_meta.append(
-            {
-                "dataset_id": cond.id,
-                "conditioning_type": cond.conditioning_type,
-                "original_size": list(original),
-                "scaled_size": list(placement.scaled) if box else None,
-                "crop_box": box,
-                "vae_size": [vae_w, vae_h],
-                "vl_size": [vl_w, vl_h],
-                "sha256": _sha256(path),
-            }
+    model = config.train.pretrained_model_name_or_path
+    flavour = FLAVOURS[config.train.model_flavour]
+    try:
+        vae_config = dict(AutoencoderKLQwenImage.load_config(model, subfolder="vae"))
+        text_config = AutoConfig.from_pretrained(model, subfolder="text_encoder").to_dict()
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not read the model config of '{model}': {err}") from None
+    weights = (
+        sorted(
+            (str(p.relative_to(model)), p.stat().st_size)
+            for sub in ("vae", "text_encoder", "processor", "tokenizer")
+            for p in (Path(model) / sub).glob("*")
+            if p.is_file()
         )
-    prompts = [encoders.encode_prompt(caption, vl_images) for caption in sample.captions]
-    extra = {"negative": encoders.encode_prompt(" ", vl_images)} if sample.split == "eval" else {}
-
-    hashes = [_sha256(p) for p in [sample.image, *sample.references]]
-    source_sha = hashlib.sha256(json.dumps([hashes, sample.captions]).encode()).hexdigest()
-    meta = {
-        "sample_id": sample.sample_id,
-        "dataset_id": sample.dataset_id,
-        "relpath": sample.relpath,
-        "split": sample.split,
-        "captions": sample.captions,
-        "target": {
-            "original_size": list(source.size),
-            "scaled_size": list(placement.scaled),
-            "crop_box": list(placement.box),
-            "size": [width, height],
-            "sha256": hashes[0],
-            "crop_style": main.crop_style if main.crop else "center",
-            "crop_seed": crop_seed(seed, sample.sample_id, main.id),
-        },
-        "references": ref_meta,
-        "source_sha256": source_sha,
-    }
-    members = {
-        "latents.safetensors": latents_to_bytes(target_latent, ref_latents),
-        "embeds.safetensors": embeds_to_bytes(prompts, extra),
-        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode(),
-    }
-    row = {
-        "dataset_id": sample.dataset_id,
-        "relpath": sample.relpath,
-        "split": sample.split,
-        "height": height,
-        "width": width,
-        "original_size": list(source.size),
-        "crop_box": list(placement.box),
-        "ref_sizes": ref_sizes,
-        "ref_crop_boxes": ref_boxes,
-        "prompt_lens": [p.shape[0] for p in prompts],
-        "captions": sample.captions,
-        "source_sha256": source_sha,
-    }
-    return members, row
-
-
-def fingerprint(config: Config, main: DatasetConfig, encoders: Encoders) -> dict:
-    """Everything that changes the cached bytes, and its hash."""
+        if Path(model).is_dir()
+        else []
+    )
     settings = {
         "format_version": FORMAT_VERSION,
-        "model": config.train.pretrained_model_name_or_path,
-        "vae_config": dict(encoders.vae.config),
-        "text_encoder_config": encoders.text_encoder.config.to_dict(),
-        "flavour": encoders.flavour.name,
-        "prompt_template": encoders.flavour.vl_text("{}", len(main.conditioning_data)),
-        "dtype": str(encoders.dtype),
+        "model": model,
+        "model_files": weights,
+        "vae_config": {k: v for k, v in vae_config.items() if not k.startswith("_")},
+        "text_encoder_config": {k: v for k, v in text_config.items() if not k.startswith("_")},
+        "flavour": flavour.name,
+        "prompt_template": flavour.vl_text("{}", len(main.conditioning_data)),
+        "dtype": str(dtype),
         "match_target_res": config.train.match_target_res,
         "seed": config.train.seed,
         "datasets": [
@@ -168,85 +84,129 @@ def fingerprint(config: Config, main: DatasetConfig, encoders: Encoders) -> dict
     return {"sha256": digest, "settings": settings}
 
 
-def build_cache(
-    config: Config, device: str = "cpu", dtype: str = "auto", max_shard_bytes: int = 1_000_000_000
-) -> list[Path]:
-    """Validate, then encode every main dataset of `config` into its cache dir; return the cache dirs.
+@dataclass
+class Plan:
+    """What one cache needs: rows to keep as they are, samples to encode, and why."""
 
-    `dtype` is the encoders' compute precision: "auto" is bf16 on a GPU (as inference runs) and
-    fp32 on CPU (bf16 convolutions are ~5x slower there); the cache stores bf16 either way.
+    main: DatasetConfig
+    cache_dir: Path
+    fingerprint: dict
+    reuse: list[dict] = field(default_factory=list)
+    encode: list[Sample] = field(default_factory=list)
+    removed: int = 0  # rows of samples no longer in the dataset
+
+
+def plan_cache(config: Config, main: DatasetConfig, samples: list[Sample], dtype: torch.dtype, force: bool) -> Plan:
+    """Compare the dataset with what the cache holds; refuse a cache built with other settings unless `force`."""
+    cache_dir = config.cache_dir_for(main)
+    plan = Plan(main, cache_dir, fingerprint(config, main, dtype))
+    manifest = cache_dir / MANIFEST
+    if manifest.is_file() and not force:
+        built_with = manifest_fingerprint(manifest)
+        if built_with != plan.fingerprint["sha256"]:
+            raise UserError(_fingerprint_message(cache_dir, plan.fingerprint["settings"]))
+    existing = {} if force else read_existing_rows(cache_dir, plan.fingerprint["sha256"])
+    current = set()
+    for sample in samples:
+        current.add(sample.sample_id)
+        row = existing.get(sample.sample_id)
+        if row is not None and row["source_sha256"] == source_sha256(sample):
+            plan.reuse.append(row)
+        else:
+            plan.encode.append(sample)
+    if manifest.is_file():
+        plan.removed = sum(
+            1 for r in pq.read_table(manifest, columns=["sample_id"]).to_pylist() if r["sample_id"] not in current
+        )
+    return plan
+
+
+def _fingerprint_message(cache_dir: Path, settings: dict) -> str:
+    try:
+        old = json.loads((cache_dir / CACHE_JSON).read_text())["fingerprint"]["settings"]
+        changed = sorted(
+            k
+            for k in set(old) | set(settings)
+            if json.dumps(old.get(k), sort_keys=True, default=str)
+            != json.dumps(settings.get(k), sort_keys=True, default=str)
+        )
+    except (OSError, ValueError, KeyError):
+        changed = ["(cache.json unreadable)"]
+    return (
+        f"{cache_dir}: this cache was built with other settings (changed: {', '.join(changed)}); its samples "
+        "cannot be mixed with new ones. Rerun with --force to rebuild it, or point cache_dir elsewhere."
+    )
+
+
+def build_cache(
+    config: Config,
+    device: str = "cpu",
+    dtype: str = "auto",
+    force: bool = False,
+    max_shard_bytes: int = 1_000_000_000,
+) -> list[Path]:
+    """Validate, then bring every main dataset's cache up to date; return the cache dirs.
+
+    Only new or changed samples are encoded (and, after an interrupted build, only those no
+    finished shard holds). `dtype` is the encoders' precision: "auto" is bf16 on a GPU (as
+    inference runs) and fp32 on CPU (bf16 convolutions are ~5x slower there); the cache is bf16.
     """
     flavour = FLAVOURS[config.train.model_flavour]
-    mains = config.main_datasets()
     report = validate(config)
     if not report.trainable:
         raise UserError(f"{report.render()}\nNothing was encoded.")
     print(f"validated: {sum(len(v) for v in report.samples.values())} samples, {len(report.warnings)} warning(s)")
-
     torch_dtype = encoder_dtype(dtype, device)
-    print(f"loading encoders from {config.train.pretrained_model_name_or_path} on {device} ({torch_dtype})")
-    encoders = Encoders(config.train.pretrained_model_name_or_path, flavour, device=device, dtype=torch_dtype)
-    cache_dirs = []
-    for main in mains:
-        samples = report.samples[main.id]
-        conds = config.conditioning_for(main)
-        cache_dir = config.cache_dir_for(main)
-        staging = cache_dir.with_name(cache_dir.name + ".building")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        writer = ShardWriter(staging, max_shard_bytes=max_shard_bytes)
+    plans = [plan_cache(config, m, report.samples[m.id], torch_dtype, force) for m in config.main_datasets()]
+    for plan in plans:
+        print(
+            f"cache {plan.cache_dir}: {len(plan.reuse)} up to date, {len(plan.encode)} to encode, "
+            f"{plan.removed} removed"
+        )
+
+    encoders = None
+    for plan in plans:
         start = time.perf_counter()
-        for sample in tqdm(samples, desc=f"encoding {main.id}", unit="sample"):
+        writer = ShardWriter(plan.cache_dir, plan.fingerprint["sha256"], max_shard_bytes=max_shard_bytes)
+        if plan.encode and encoders is None:
+            print(f"loading encoders from {config.train.pretrained_model_name_or_path} on {device} ({torch_dtype})")
+            encoders = Encoders(config.train.pretrained_model_name_or_path, flavour, device=device, dtype=torch_dtype)
+        conds = config.conditioning_for(plan.main)
+        for sample in tqdm(plan.encode, desc=f"encoding {plan.main.id}", unit="sample", disable=not plan.encode):
             members, row = encode_sample(
-                sample, main, conds, encoders, config.train.match_target_res, config.train.seed
+                sample, plan.main, conds, encoders, config.train.match_target_res, config.train.seed
             )
             writer.write(sample.sample_id, members, row)
-        rows = writer.close()
-        write_manifest(rows, staging / MANIFEST)
-        total_bytes = sum(p.stat().st_size for p in (staging / "shards").glob("*.tar"))
-        info = {
-            "format_version": FORMAT_VERSION,
-            "flavour": flavour.name,
-            "dataset_id": main.id,
-            "fingerprint": fingerprint(config, main, encoders),
-            "counts": {
-                "samples": len(rows),
-                "train": sum(r["split"] == "train" for r in rows),
-                "eval": sum(r["split"] == "eval" for r in rows),
-                "shard_bytes": total_bytes,
-            },
-            "latent_channels": encoders.vae.config.z_dim,
-            "vae_scale_factor": encoders.scale,
-            "text_dim": encoders.text_dim,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        write_json_atomic(staging / CACHE_JSON, info)
-        _swap_in(staging, cache_dir)
+        writer.finish_shard()
+        rows = sorted(plan.reuse + writer.rows, key=lambda r: (r["relpath"], r["sample_id"]))
+        info = cache_info(plan, rows, flavour)
+        commit(plan.cache_dir, rows, info)
         seconds = time.perf_counter() - start
+        n = max(len(rows), 1)
         print(
-            f"cache {cache_dir}: {len(rows)} samples, {total_bytes / max(len(rows), 1) / 1024:.1f} KiB/sample, "
-            f"{seconds:.1f} s"
+            f"cache {plan.cache_dir}: {len(rows)} samples ({len(writer.rows)} encoded, {len(plan.reuse)} reused, "
+            f"{plan.removed} removed), {info['counts']['shard_bytes'] / n / 1024:.1f} KiB/sample, {seconds:.1f} s"
         )
-        cache_dirs.append(cache_dir)
-    return cache_dirs
+    return [plan.cache_dir for plan in plans]
 
 
-def _swap_in(staging: Path, cache_dir: Path) -> None:
-    """Replace `cache_dir` by the finished `staging` dir (the old cache stays whole until then)."""
-    old = cache_dir.with_name(cache_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if cache_dir.exists():
-        cache_dir.rename(old)
-    staging.rename(cache_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def cache_info(plan: Plan, rows: list[dict], flavour) -> dict:
+    """The contents of cache.json for a cache holding `rows`."""
+    shards = {r["shard"] for r in rows}
+    return {
+        "format_version": FORMAT_VERSION,
+        "flavour": flavour.name,
+        "dataset_id": plan.main.id,
+        "fingerprint": plan.fingerprint,
+        "counts": {
+            "samples": len(rows),
+            "train": sum(r["split"] == "train" for r in rows),
+            "eval": sum(r["split"] == "eval" for r in rows),
+            "shards": len(shards),
+            "shard_bytes": sum((plan.cache_dir / s).stat().st_size for s in shards),
+        },
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def encoder_dtype(name: str, device: str) -> torch.dtype:

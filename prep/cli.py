@@ -46,6 +46,7 @@ def build_cache_command(
     config: Path = typer.Option(..., "--config", help="config.json (its data_backend_config names the datasets)"),
     device: str = typer.Option("", help="cuda, cuda:1, cpu, ... (default: cuda if available)"),
     dtype: str = typer.Option("auto", help="encoder precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp32"),
+    force: bool = typer.Option(False, "--force", help="rebuild a cache that was built with other settings"),
 ) -> None:
     """Validate the datasets, then encode VAE latents and Qwen2.5-VL embeddings into the cache."""
     from prep.build import build_cache, default_device
@@ -54,7 +55,7 @@ def build_cache_command(
         cfg = load_config(config)
         for line in cfg.ignored_report():
             typer.echo(line, err=True)
-        caches = build_cache(cfg, device=device or default_device(), dtype=dtype)
+        caches = build_cache(cfg, device=device or default_device(), dtype=dtype, force=force)
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

@@ -101,9 +101,14 @@ def read_member(cache_dir: Path, row: dict, member: str) -> bytes:
     return data
 
 
-def write_manifest(rows: list[dict[str, Any]], path: Path) -> None:
-    """Write the manifest atomically: a reader sees the old file or the new one, never half of one."""
+def write_manifest(rows: list[dict[str, Any]], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write the manifest atomically: a reader sees the old file or the new one, never half of one.
+
+    `metadata` (the build's fingerprint) goes into the Parquet schema metadata.
+    """
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    if metadata:
+        table = table.replace_schema_metadata(metadata)
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp)
     _fsync_replace(tmp, path)

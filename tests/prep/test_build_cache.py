@@ -1,19 +1,48 @@
-"""prep build-cache: the manifest locates every member, and bad pairing stops before any model loads."""
+"""prep build-cache: members located by the manifest, bad pairing stopped early, incremental and crash-safe."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
+import prep.build
 import prep.encode
 from prep.build import build_cache
 from prep.cli import app
 from shared.cache_format import MEMBERS, member_column, read_manifest, read_member
 from shared.config import load_config
+from shared.errors import UserError
+
+LOCATION = {"shard", *(member_column(m, k) for m in MEMBERS for k in ("offset", "size"))}
+
+
+def _content(rows):
+    """Manifest rows without where they sit (shard, offsets): what a rebuild must reproduce exactly."""
+    return {r["sample_id"]: {k: v for k, v in r.items() if k not in LOCATION} for r in rows}
+
+
+def _count_encodes(monkeypatch):
+    encoded = []
+    real = prep.build.encode_sample
+
+    def counting(sample, *args, **kwargs):
+        encoded.append(sample.relpath)
+        return real(sample, *args, **kwargs)
+
+    monkeypatch.setattr(prep.build, "encode_sample", counting)
+    return encoded
 
 
 def test_manifest_offsets_and_hashes_locate_each_member(demo_project):
@@ -31,7 +60,7 @@ def test_manifest_offsets_and_hashes_locate_each_member(demo_project):
         meta = json.loads(read_member(cache, row, "json"))
         assert meta["relpath"] == row["relpath"] and meta["captions"] == row["captions"]
         assert [row["width"], row["height"]] == meta["target"]["size"]
-    assert not list(cache.parent.glob("*.building")), "the staging dir was left behind"
+    assert sorted(p.name for p in (cache / "shards").iterdir()) == ["000000.tar"], "temporaries were left behind"
 
 
 def test_missing_reference_stops_before_encoding(demo_project, tmp_path, monkeypatch):
@@ -52,16 +81,112 @@ def test_missing_reference_stops_before_encoding(demo_project, tmp_path, monkeyp
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("flavour", ["edit-v1"])
-def test_rebuild_keeps_old_cache_until_the_new_one_is_complete(flavour, demo_project, monkeypatch):
-    config = load_config(demo_project(flavour, n_samples=2))
+def test_rebuild_encodes_exactly_the_changed_added_and_removed_samples(demo_project, tmp_path, monkeypatch):
+    config = load_config(demo_project("edit-v1", n_samples=4))
+    (cache,) = build_cache(config, device="cpu")
+    before = _content(read_manifest(cache))
+
+    data = tmp_path / "data"
+    (data / "images" / "pair_0001.txt").write_text("make the circle blue\n")  # changed caption
+    ref = data / "reference" / "pair_0002.png"
+    Image.new("RGB", Image.open(ref).size, "white").save(ref)  # changed reference
+    for folder in ("images", "reference"):  # removed sample
+        (data / folder / "pair_0003.png").unlink()
+    shutil.copy(data / "images" / "pair_0000.png", data / "images" / "new.png")  # added sample
+    shutil.copy(data / "reference" / "pair_0000.png", data / "reference" / "new.png")
+    (data / "images" / "new.txt").write_text("make it green\n")
+
+    encoded = _count_encodes(monkeypatch)
+    build_cache(config, device="cpu")
+    assert sorted(encoded) == ["new.png", "pair_0001.png", "pair_0002.png"]
+    after = _content(read_manifest(cache))
+    assert sorted(r["relpath"] for r in after.values()) == [
+        "new.png",
+        "pair_0000.png",
+        "pair_0001.png",
+        "pair_0002.png",
+    ]
+    unchanged = next(i for i, r in before.items() if r["relpath"] == "pair_0000.png")
+    assert after[unchanged] == before[unchanged]
+
+    encoded.clear()
+    build_cache(config, device="cpu")
+    assert encoded == [], "an unchanged dataset must not be encoded again"
+
+
+def test_crash_mid_build_keeps_the_old_cache_and_a_rerun_finishes(demo_project, tmp_path, monkeypatch):
+    config = load_config(demo_project("edit-v1", n_samples=5))
+    reference_cache = build_cache(config, device="cpu", max_shard_bytes=1)[0]  # one record per shard
+    expected = _content(read_manifest(reference_cache))
+    shutil.move(reference_cache, tmp_path / "uninterrupted")
+
+    calls = []
+    real = prep.build.encode_sample
+
+    def crash_on_fourth(sample, *args, **kwargs):
+        calls.append(sample.relpath)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        return real(sample, *args, **kwargs)
+
+    monkeypatch.setattr(prep.build, "encode_sample", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(config, device="cpu", max_shard_bytes=1)
+    assert not (config.cache_dir_for(config.main_datasets()[0]) / "manifest.parquet").exists()
+
+    encoded = _count_encodes(monkeypatch)
+    (cache,) = build_cache(config, device="cpu", max_shard_bytes=1)
+    assert len(encoded) == 2, "the three finished shards must be reused, not encoded again"
+    assert _content(read_manifest(cache)) == expected
+    assert sorted(p.name for p in (cache / "shards").iterdir()) == [f"{i:06d}.tar" for i in range(5)]
+
+
+def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_build(demo_project, tmp_path):
+    config_path = demo_project("edit-v1", n_samples=6)
+    config = load_config(config_path)
+    (cache,) = build_cache(config, device="cpu", max_shard_bytes=1)
+    expected = _content(read_manifest(cache))
+    shutil.rmtree(cache)
+
+    script = (
+        "import sys; from prep.build import build_cache; from shared.config import load_config;"
+        f"build_cache(load_config({str(config_path)!r}), device='cpu', max_shard_bytes=1)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((cache / "shards").glob("*.tar"))) < 2:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list((cache / "shards").glob("*.tar")), "the build was killed before it wrote a shard"
+
+    (rebuilt,) = build_cache(config, device="cpu", max_shard_bytes=1)
+    assert _content(read_manifest(rebuilt)) == expected
+
+
+def test_other_settings_are_refused_unless_forced(demo_project, tmp_path):
+    config_path = demo_project("edit-v1", n_samples=2)
+    build_cache(load_config(config_path), device="cpu")
+    backend = json.loads((tmp_path / "multidatabackend.json").read_text())
+    backend[0]["resolution"] = 320
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
+    config = load_config(config_path)
+    with pytest.raises(UserError, match=r"built with other settings \(changed: datasets\).*--force"):
+        build_cache(config, device="cpu")
+    (cache,) = build_cache(config, device="cpu", force=True)
+    assert {(r["height"], r["width"]) for r in read_manifest(cache)} <= {(320, 320), (288, 384), (384, 288)}
+
+
+def test_full_disk_is_a_clear_error_and_loses_nothing(demo_project, tmp_path, monkeypatch):
+    config = load_config(demo_project("edit-v1", n_samples=2))
     (cache,) = build_cache(config, device="cpu")
     before = read_manifest(cache)
+    (tmp_path / "data" / "images" / "pair_0000.txt").write_text("make it pink\n")
 
-    def crash(*args, **kwargs):
-        raise RuntimeError("killed mid-build")
+    def disk_full(self, obj):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("prep.build.encode_sample", crash)
-    with pytest.raises(RuntimeError):
+    monkeypatch.setattr("webdataset.TarWriter.write", disk_full)
+    with pytest.raises(UserError, match="the disk is full. Nothing already cached was lost"):
         build_cache(config, device="cpu")
     assert read_manifest(cache) == before
