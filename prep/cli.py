@@ -63,5 +63,34 @@ def build_cache_command(
         typer.echo(f"cache ready: {cache}")
 
 
+@app.command("verify")
+def verify_command(cache: Path = typer.Argument(..., help="a cache dir (holding cache.json)")) -> None:
+    """Check every member against the manifest's sizes and sha256; exit 0 intact, 1 corrupt or missing."""
+    from prep.verify import verify_cache
+
+    try:
+        result = verify_cache(cache)
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    for line in result.problems:
+        typer.echo(line)
+    status = "intact" if result.intact else f"{len(result.problems)} problem(s)"
+    typer.echo(f"{cache}: {result.samples} samples, {result.members} members checked: {status}")
+    raise typer.Exit(0 if result.intact else 1)
+
+
+@app.command("inspect")
+def inspect_command(cache: Path = typer.Argument(..., help="a cache dir (holding cache.json)")) -> None:
+    """Print counts, buckets, token-length histogram, bytes and the fingerprint of a cache."""
+    from prep.inspect_cache import describe_cache
+
+    try:
+        typer.echo(describe_cache(cache))
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
 if __name__ == "__main__":
     app()

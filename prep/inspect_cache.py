@@ -1,0 +1,44 @@
+"""`prep inspect CACHE`: what a cache holds: counts, buckets, token lengths, bytes, fingerprint."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from shared.cache_format import read_cache_info, read_manifest
+
+
+def describe_cache(cache_dir: Path, bins: int = 8) -> str:
+    info = read_cache_info(cache_dir)
+    rows = read_manifest(cache_dir)
+    counts = info["counts"]
+    settings = info["fingerprint"]["settings"]
+    n = max(len(rows), 1)
+    lines = [
+        f"cache {cache_dir} ({info['flavour']}, dataset '{info.get('dataset_id', '?')}', "
+        f"format {info['format_version']})",
+        f"samples: {len(rows)} (train {sum(r['split'] == 'train' for r in rows)}, "
+        f"eval {sum(r['split'] == 'eval' for r in rows)}); captions: {sum(len(r['prompt_lens']) for r in rows)}",
+        f"shards: {counts.get('shards', '?')}, {counts['shard_bytes'] / 2**20:.1f} MiB, "
+        f"{counts['shard_bytes'] / n / 1024:.1f} KiB/sample",
+        f"fingerprint: {info['fingerprint']['sha256'][:16]} (model {settings.get('model')}, "
+        f"dtype {settings.get('dtype')}, built {info.get('created')})",
+        "buckets (target width x height: samples):",
+    ]
+    buckets = Counter((r["width"], r["height"]) for r in rows)
+    lines += [f"  {w}x{h}: {c}" for (w, h), c in sorted(buckets.items(), key=lambda kv: -kv[1])]
+    refs = Counter(tuple(f"{w}x{h}" for h, w in r["ref_sizes"]) for r in rows)
+    lines.append("reference sizes (VAE, width x height: samples):")
+    lines += [f"  {', '.join(k)}: {c}" for k, c in sorted(refs.items(), key=lambda kv: -kv[1])]
+    lengths = sorted(length for r in rows for length in r["prompt_lens"])
+    if lengths:
+        lo, hi = lengths[0], lengths[-1]
+        width = max(1, -(-(hi - lo + 1) // bins))
+        histogram = Counter((length - lo) // width for length in lengths)
+        lines.append(f"VL embedding length (tokens): min {lo}, median {lengths[len(lengths) // 2]}, max {hi}")
+        peak = max(histogram.values())
+        for b in range(-(-(hi - lo + 1) // width)):
+            start = lo + b * width
+            bar = "#" * max(1 if histogram[b] else 0, round(30 * histogram[b] / peak))
+            lines.append(f"  {start:>6}-{start + width - 1:<6} {histogram[b]:>6} {bar}")
+    return "\n".join(lines)
