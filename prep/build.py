@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from prep.distributed import init_ranks
 from prep.encode import Encoders
 from prep.record import encode_sample, source_sha256
 from prep.scan import Sample
@@ -150,44 +151,67 @@ def build_cache(
     Only new or changed samples are encoded (and, after an interrupted build, only those no
     finished shard holds). `dtype` is the encoders' precision: "auto" is bf16 on a GPU (as
     inference runs) and fp32 on CPU (bf16 convolutions are ~5x slower there); the cache is bf16.
+    Launched on several processes (torchrun / accelerate launch), each rank encodes a disjoint
+    share into its own shards and rank 0 writes the manifest: the cache dir must be visible to all.
     """
-    flavour = FLAVOURS[config.train.model_flavour]
-    report = validate(config)
-    if not report.trainable:
-        raise UserError(f"{report.render()}\nNothing was encoded.")
-    print(f"validated: {sum(len(v) for v in report.samples.values())} samples, {len(report.warnings)} warning(s)")
+    ranks, device = init_ranks(device)
     torch_dtype = encoder_dtype(dtype, device)
-    plans = [plan_cache(config, m, report.samples[m.id], torch_dtype, force) for m in config.main_datasets()]
-    for plan in plans:
-        print(
-            f"cache {plan.cache_dir}: {len(plan.reuse)} up to date, {len(plan.encode)} to encode, "
-            f"{plan.removed} removed"
-        )
+    outcome = None
+    if ranks.is_main:
+        try:
+            outcome = ("plans", plan_build(config, torch_dtype, force))
+        except UserError as err:
+            outcome = ("error", str(err))  # sent to every rank, so none waits for work that never comes
+    kind, value = ranks.broadcast(outcome)
+    if kind == "error":
+        raise UserError(value)
+    plans: list[Plan] = value
 
+    flavour = FLAVOURS[config.train.model_flavour]
     encoders = None
     for plan in plans:
         start = time.perf_counter()
-        writer = ShardWriter(plan.cache_dir, plan.fingerprint["sha256"], max_shard_bytes=max_shard_bytes)
-        if plan.encode and encoders is None:
+        mine = ranks.share(plan.encode)
+        writer = ShardWriter(plan.cache_dir, plan.fingerprint["sha256"], max_shard_bytes, prefix=ranks.shard_prefix)
+        if mine and encoders is None:
             print(f"loading encoders from {config.train.pretrained_model_name_or_path} on {device} ({torch_dtype})")
             encoders = Encoders(config.train.pretrained_model_name_or_path, flavour, device=device, dtype=torch_dtype)
         conds = config.conditioning_for(plan.main)
-        for sample in tqdm(plan.encode, desc=f"encoding {plan.main.id}", unit="sample", disable=not plan.encode):
+        progress = tqdm(mine, desc=f"encoding {plan.main.id}", unit="sample", disable=not mine or not ranks.is_main)
+        for sample in progress:
             members, row = encode_sample(
                 sample, plan.main, conds, encoders, config.train.match_target_res, config.train.seed
             )
             writer.write(sample.sample_id, members, row)
         writer.finish_shard()
-        rows = sorted(plan.reuse + writer.rows, key=lambda r: (r["relpath"], r["sample_id"]))
-        info = cache_info(plan, rows, flavour)
-        commit(plan.cache_dir, rows, info)
-        seconds = time.perf_counter() - start
-        n = max(len(rows), 1)
-        print(
-            f"cache {plan.cache_dir}: {len(rows)} samples ({len(writer.rows)} encoded, {len(plan.reuse)} reused, "
-            f"{plan.removed} removed), {info['counts']['shard_bytes'] / n / 1024:.1f} KiB/sample, {seconds:.1f} s"
-        )
+        encoded = [row for rows in ranks.gather(writer.rows) for row in rows]
+        if ranks.is_main:
+            rows = sorted(plan.reuse + encoded, key=lambda r: (r["relpath"], r["sample_id"]))
+            info = cache_info(plan, rows, flavour)
+            commit(plan.cache_dir, rows, info)
+            n = max(len(rows), 1)
+            print(
+                f"cache {plan.cache_dir}: {len(rows)} samples ({len(encoded)} encoded by {ranks.world} process(es), "
+                f"{len(plan.reuse)} reused, {plan.removed} removed), "
+                f"{info['counts']['shard_bytes'] / n / 1024:.1f} KiB/sample, {time.perf_counter() - start:.1f} s"
+            )
+        ranks.barrier()
     return [plan.cache_dir for plan in plans]
+
+
+def plan_build(config: Config, dtype: torch.dtype, force: bool) -> list[Plan]:
+    """Validate every dataset, then plan each cache (what to reuse, what to encode)."""
+    report = validate(config)
+    if not report.trainable:
+        raise UserError(f"{report.render()}\nNothing was encoded.")
+    print(f"validated: {sum(len(v) for v in report.samples.values())} samples, {len(report.warnings)} warning(s)")
+    plans = [plan_cache(config, m, report.samples[m.id], dtype, force) for m in config.main_datasets()]
+    for plan in plans:
+        print(
+            f"cache {plan.cache_dir}: {len(plan.reuse)} up to date, {len(plan.encode)} to encode, "
+            f"{plan.removed} removed"
+        )
+    return plans
 
 
 def cache_info(plan: Plan, rows: list[dict], flavour) -> dict:

@@ -1,0 +1,81 @@
+"""A build over 2 processes (torchrun, gloo) equals a 1-process build."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+from prep.build import build_cache
+from shared.cache_format import (
+    MEMBERS,
+    embeds_from_bytes,
+    latents_from_bytes,
+    member_column,
+    read_manifest,
+    read_member,
+)
+from shared.config import load_config
+from tests.prep.test_build_cache import _content
+
+HASHES = {member_column(m, "sha256") for m in MEMBERS if m != "json"}
+
+
+def _without_hashes(content: dict) -> dict:
+    return {k: {c: v for c, v in row.items() if c not in HASHES} for k, row in content.items()}
+
+
+def _tensors(cache, rows):
+    """sample id -> every cached tensor; fp32 convolutions on CPU round differently with other thread counts."""
+    out = {}
+    for row in rows:
+        target, refs = latents_from_bytes(read_member(cache, row, "latents.safetensors"))
+        out[row["sample_id"]] = [
+            target,
+            *refs,
+            *embeds_from_bytes(read_member(cache, row, "embeds.safetensors")).values(),
+        ]
+    return out
+
+
+def test_two_process_build_equals_one_process_build(demo_project, tmp_path):
+    config_path = demo_project("edit-v2", n_samples=5)
+    config = load_config(config_path)
+    (cache,) = build_cache(config, device="cpu", max_shard_bytes=1)
+    expected_rows = read_manifest(cache)
+    expected, expected_tensors = _content(expected_rows), _tensors(cache, expected_rows)
+    shutil.rmtree(cache)
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "prep.cli",
+        "build-cache",
+        "--config",
+        str(config_path),
+        "--device",
+        "cpu",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "5 encoded by 2 process(es)" in result.stdout
+
+    rows = read_manifest(cache)
+    assert _without_hashes(_content(rows)) == _without_hashes(expected)  # same samples, sizes, crops, captions, json
+    tensors = _tensors(cache, rows)
+    for sample_id, ours in tensors.items():
+        for a, b in zip(ours, expected_tensors[sample_id], strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype == torch.bfloat16
+            torch.testing.assert_close(a.float(), b.float(), rtol=1.6e-2, atol=1e-2)
+    shards = {r["shard"] for r in rows}
+    assert any(s.startswith("shards/rank00-") for s in shards) and any(s.startswith("shards/rank01-") for s in shards)
