@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -18,11 +19,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from prep.distributed import init_ranks
 from prep.encode import Encoders
-from prep.record import encode_sample, source_sha256
+from prep.pipeline import encode_into
+from prep.record import SamplePreparer, source_sha256
 from prep.scan import Sample
 from prep.validate import validate
 from prep.writer import ShardWriter, commit, manifest_fingerprint, read_existing_rows
@@ -145,6 +146,8 @@ def build_cache(
     dtype: str = "auto",
     force: bool = False,
     max_shard_bytes: int = 1_000_000_000,
+    workers: int | None = None,
+    batch_size: int | None = None,
 ) -> list[Path]:
     """Validate, then bring every main dataset's cache up to date; return the cache dirs.
 
@@ -156,6 +159,10 @@ def build_cache(
     """
     ranks, device = init_ranks(device)
     torch_dtype = encoder_dtype(dtype, device)
+    on_gpu = device.startswith("cuda")
+    # On a GPU, workers decode while it encodes; on CPU the encoders want every core themselves.
+    workers = (min(8, os.cpu_count() or 1) if on_gpu else 0) if workers is None else workers
+    batch_size = (4 if on_gpu else 1) if batch_size is None else batch_size
     outcome = None
     if ranks.is_main:
         try:
@@ -176,14 +183,26 @@ def build_cache(
         if mine and encoders is None:
             print(f"loading encoders from {config.train.pretrained_model_name_or_path} on {device} ({torch_dtype})")
             encoders = Encoders(config.train.pretrained_model_name_or_path, flavour, device=device, dtype=torch_dtype)
-        conds = config.conditioning_for(plan.main)
-        progress = tqdm(mine, desc=f"encoding {plan.main.id}", unit="sample", disable=not mine or not ranks.is_main)
-        for sample in progress:
-            members, row = encode_sample(
-                sample, plan.main, conds, encoders, config.train.match_target_res, config.train.seed
+        if mine:
+            preparer = SamplePreparer(
+                flavour, encoders.processor, encoders.scale, config.train.match_target_res, config.train.seed
             )
-            writer.write(sample.sample_id, members, row)
-        writer.finish_shard()
+            stats = encode_into(
+                writer,
+                mine,
+                plan.main,
+                config.conditioning_for(plan.main),
+                encoders,
+                preparer,
+                workers=workers,
+                batch_size=batch_size,
+                show_progress=ranks.is_main,
+            )
+            print(
+                f"rank {ranks.rank}: {stats.samples} samples in {stats.seconds:.1f} s "
+                f"({stats.samples / max(stats.seconds, 1e-9):.2f} samples/s, encoders busy "
+                f"{stats.encoder_seconds / max(stats.seconds, 1e-9):.0%})"
+            )
         encoded = [row for rows in ranks.gather(writer.rows) for row in rows]
         if ranks.is_main:
             rows = sorted(plan.reuse + encoded, key=lambda r: (r["relpath"], r["sample_id"]))

@@ -47,6 +47,8 @@ def build_cache_command(
     device: str = typer.Option("", help="cuda, cuda:1, cpu, ... (default: cuda if available)"),
     dtype: str = typer.Option("auto", help="encoder precision: auto (bf16 on GPU, fp32 on CPU), bf16, fp32"),
     force: bool = typer.Option(False, "--force", help="rebuild a cache that was built with other settings"),
+    workers: int = typer.Option(None, help="image decoding processes (default: 8 on a GPU, 0 on CPU)"),
+    batch_size: int = typer.Option(None, help="encoder batch, same shapes only (default: 4 on a GPU, 1 on CPU)"),
 ) -> None:
     """Validate the datasets, then encode VAE latents and Qwen2.5-VL embeddings into the cache."""
     from prep.build import build_cache, default_device
@@ -55,7 +57,9 @@ def build_cache_command(
         cfg = load_config(config)
         for line in cfg.ignored_report():
             typer.echo(line, err=True)
-        caches = build_cache(cfg, device=device or default_device(), dtype=dtype, force=force)
+        caches = build_cache(
+            cfg, device=device or default_device(), dtype=dtype, force=force, workers=workers, batch_size=batch_size
+        )
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None

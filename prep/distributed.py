@@ -66,4 +66,7 @@ def init_ranks(device: str) -> tuple[Ranks, str]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    if device == "cpu":  # ranks on one host share its cores
+        per_host = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_host))
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank), device

@@ -41,32 +41,43 @@ class Encoders:
         return self.image_processor.resize(image, height, width)
 
     @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, 1, H, W] pixels in [-1, 1] -> normalised latents [B, C, H/s, W/s] (posterior mode)."""
+        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+        latents = self.vae.encode(pixels).latent_dist.mode()  # [B, C, 1, h, w]
+        mean = self.latents_mean.to(latents.device, latents.dtype)
+        std = self.latents_std.to(latents.device, latents.dtype)
+        return ((latents - mean) / std)[:, :, 0]
+
+    @torch.no_grad()
     def encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
         """RGB image -> normalised latent [C, height/s, width/s] (C = z_dim, s = 8 for the real VAE)."""
         pixels = self.image_processor.preprocess(image, height, width)  # [1, 3, H, W] in [-1, 1]
-        pixels = pixels.unsqueeze(2).to(self.device, self.dtype)  # [1, 3, 1, H, W]: one video frame
-        latents = self.vae.encode(pixels).latent_dist.mode()  # [1, C, 1, h, w]
-        mean = self.latents_mean.to(latents.device, latents.dtype)
-        std = self.latents_std.to(latents.device, latents.dtype)
-        latents = (latents - mean) / std
-        return latents[0, :, 0]
+        return self.encode_pixels(pixels.unsqueeze(2))[0]  # one video frame
 
     @torch.no_grad()
-    def encode_prompt(self, instruction: str, vl_images: list[Image.Image]) -> torch.Tensor:
-        """Instruction + reference images (already at VL size) -> embedding [L, D] (D = 3584 real).
+    def encode_vl(self, inputs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Processor outputs of equal sequence layout -> one embedding [L, D] each (D = 3584 real).
 
         L counts the tokens after the system prefix: image tokens, instruction and chat tail.
         """
+        batch = {
+            "input_ids": torch.cat([x["input_ids"] for x in inputs]),
+            "attention_mask": torch.cat([x["attention_mask"] for x in inputs]),
+            "pixel_values": torch.cat([x["pixel_values"] for x in inputs]),  # all images' patches
+            "image_grid_thw": torch.cat([x["image_grid_thw"] for x in inputs]),
+        }
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        outputs = self.text_encoder(**batch, output_hidden_states=True)
+        hidden = outputs.hidden_states[-1]  # [B, T, D]
+        return [
+            h[m.bool()][self.flavour.drop_tokens :].to(self.dtype)
+            for h, m in zip(hidden, batch["attention_mask"], strict=True)
+        ]
+
+    @torch.no_grad()
+    def encode_prompt(self, instruction: str, vl_images: list[Image.Image]) -> torch.Tensor:
+        """Instruction + reference images (already at VL size) -> embedding [L, D], as the pipelines compute it."""
         text = self.flavour.vl_text(instruction, len(vl_images))
-        # edit-v1's pipeline hands the processor one image, edit-v2's a list; the output is the same.
-        inputs = self.processor(text=[text], images=vl_images, padding=True, return_tensors="pt").to(self.device)
-        outputs = self.text_encoder(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            pixel_values=inputs.get("pixel_values"),
-            image_grid_thw=inputs.get("image_grid_thw"),
-            output_hidden_states=True,
-        )
-        hidden = outputs.hidden_states[-1][0]  # [T, D]
-        hidden = hidden[inputs["attention_mask"][0].bool()]
-        return hidden[self.flavour.drop_tokens :].to(self.dtype)
+        inputs = self.processor(text=[text], images=vl_images, padding=True, return_tensors="pt")
+        return self.encode_vl([dict(inputs)])[0]

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 
 from prep.buckets import bucket_size, calculate_dimensions, crop_seed, plan_placement
 from prep.encode import Encoders
@@ -35,87 +40,167 @@ def reference_vae_size(
     return bucket_size(ref_size[0], ref_size[1], cond.resolution, cond.resolution_type)
 
 
+@dataclass
+class Prepared:
+    """One sample made ready for the encoders on the CPU (in a DataLoader worker): pixels, VL inputs, metadata."""
+
+    sample: Sample
+    vae_pixels: list[torch.Tensor]  # target first, then each reference: [1, 3, 1, H, W] in [-1, 1]
+    vl_inputs: list[dict[str, torch.Tensor]]  # processor output per caption (+ " " for eval negatives)
+    meta: dict  # the record's <id>.json, without tensors
+    row: dict  # the manifest columns that do not depend on the tensors
+
+    def pin_memory(self) -> Prepared:
+        """Called by the DataLoader (pin_memory=True) so host-to-GPU copies can run asynchronously."""
+        self.vae_pixels = [p.pin_memory() for p in self.vae_pixels]
+        self.vl_inputs = [{k: v.pin_memory() for k, v in x.items()} for x in self.vl_inputs]
+        return self
+
+
+class SamplePreparer:
+    """Decode, place and preprocess samples exactly as the pipelines do, with no model: runs in workers."""
+
+    def __init__(self, flavour: Flavour, processor, vae_scale_factor: int, match_target: bool, seed: int):
+        self.flavour = flavour
+        self.processor = processor
+        self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
+        self.match_target = match_target
+        self.seed = seed
+
+    def vl_inputs(self, instruction: str, vl_images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        text = self.flavour.vl_text(instruction, len(vl_images))
+        # edit-v1's pipeline hands the processor one image, edit-v2's a list; the output is the same.
+        return dict(self.processor(text=[text], images=vl_images, padding=True, return_tensors="pt"))
+
+    def __call__(self, sample: Sample, main: DatasetConfig, conds: list[DatasetConfig]) -> Prepared:
+        source = load_rgb(sample.image, main.max_image_pixels)
+        placement = plan_placement(*source.size, main, self.seed, sample.sample_id)
+        width, height = placement.size
+        pixels = [self.image_processor.preprocess(placement.apply(source), height, width).unsqueeze(2)]
+
+        ref_sizes, ref_boxes, vl_images, ref_meta = [], [], [], []
+        for cond, path in zip(conds, sample.references, strict=True):
+            reference = load_rgb(path, cond.max_image_pixels)
+            original = reference.size
+            box = None
+            if cond.conditioning_type == "reference_strict":
+                # Exactly the target's resize and crop, so reference pixels line up with target pixels.
+                reference = placement.apply(reference)
+                box = list(placement.box)
+            # A loose reference is not cropped: like the pipelines, it is resized to its own size.
+            vae_w, vae_h = reference_vae_size(self.flavour, cond, reference.size, (width, height), self.match_target)
+            vl_w, vl_h = calculate_dimensions(self.flavour.vl_area, reference.width / reference.height)
+            pixels.append(self.image_processor.preprocess(reference, vae_h, vae_w).unsqueeze(2))
+            vl_images.append(self.image_processor.resize(reference, vl_h, vl_w))
+            ref_sizes.append([vae_h, vae_w])
+            ref_boxes.append(box or [])
+            ref_meta.append(
+                {
+                    "dataset_id": cond.id,
+                    "conditioning_type": cond.conditioning_type,
+                    "original_size": list(original),
+                    "scaled_size": list(placement.scaled) if box else None,
+                    "crop_box": box,
+                    "vae_size": [vae_w, vae_h],
+                    "vl_size": [vl_w, vl_h],
+                    "sha256": file_sha256(path),
+                }
+            )
+        instructions = sample.captions + ([" "] if sample.split == "eval" else [])
+        vl = [self.vl_inputs(instruction, vl_images) for instruction in instructions]
+
+        hashes = [file_sha256(sample.image)] + [m["sha256"] for m in ref_meta]
+        source_sha = source_sha256(sample, hashes)
+        meta = {
+            "sample_id": sample.sample_id,
+            "dataset_id": sample.dataset_id,
+            "relpath": sample.relpath,
+            "split": sample.split,
+            "captions": sample.captions,
+            "target": {
+                "original_size": list(source.size),
+                "scaled_size": list(placement.scaled),
+                "crop_box": list(placement.box),
+                "size": [width, height],
+                "sha256": hashes[0],
+                "crop_style": main.crop_style if main.crop else "center",
+                "crop_seed": crop_seed(self.seed, sample.sample_id, main.id),
+            },
+            "references": ref_meta,
+            "source_sha256": source_sha,
+        }
+        row = {
+            "dataset_id": sample.dataset_id,
+            "relpath": sample.relpath,
+            "split": sample.split,
+            "height": height,
+            "width": width,
+            "original_size": list(source.size),
+            "crop_box": list(placement.box),
+            "ref_sizes": ref_sizes,
+            "ref_crop_boxes": ref_boxes,
+            "captions": sample.captions,
+            "source_sha256": source_sha,
+        }
+        return Prepared(sample, pixels, vl, meta, row)
+
+
+def to_record(prepared: Prepared, latents: list[torch.Tensor], embeds: list[torch.Tensor]) -> tuple[dict, dict]:
+    """The record members and manifest row of a sample, from its encodings (target latent first)."""
+    n_captions = len(prepared.sample.captions)
+    extra = {"negative": embeds[n_captions]} if len(embeds) > n_captions else {}
+    members = {
+        "latents.safetensors": latents_to_bytes(latents[0], latents[1:]),
+        "embeds.safetensors": embeds_to_bytes(embeds[:n_captions], extra),
+        "json": json.dumps(prepared.meta, sort_keys=True, ensure_ascii=False).encode(),
+    }
+    row = dict(prepared.row, prompt_lens=[e.shape[0] for e in embeds[:n_captions]])
+    return members, row
+
+
+def encode_prepared(batch: list[Prepared], encoders: Encoders, max_batch: int = 4) -> list[tuple[list, list]]:
+    """Encode prepared samples: VAE inputs grouped by shape, VL inputs by identical sequence layout.
+
+    Returns, per sample, (latents [target, refs...] each [C, h, w], embeds per instruction each [L, D]).
+    """
+    latents: dict[tuple[int, int], torch.Tensor] = {}
+    by_shape: dict[tuple, list[tuple[int, int]]] = {}
+    for i, prepared in enumerate(batch):
+        for j, pixels in enumerate(prepared.vae_pixels):
+            by_shape.setdefault(tuple(pixels.shape), []).append((i, j))
+    for keys in by_shape.values():
+        for chunk in _chunks(keys, max_batch):
+            out = encoders.encode_pixels(torch.cat([batch[i].vae_pixels[j] for i, j in chunk]))
+            latents.update({key: out[n] for n, key in enumerate(chunk)})
+
+    embeds: dict[tuple[int, int], torch.Tensor] = {}
+    by_layout: dict[tuple, list[tuple[int, int]]] = {}
+    for i, prepared in enumerate(batch):
+        for j, inputs in enumerate(prepared.vl_inputs):
+            layout = (inputs["input_ids"].shape[1], tuple(inputs["image_grid_thw"].flatten().tolist()))
+            by_layout.setdefault(layout, []).append((i, j))
+    for keys in by_layout.values():
+        for chunk in _chunks(keys, max_batch):
+            out = encoders.encode_vl([batch[i].vl_inputs[j] for i, j in chunk])
+            embeds.update({key: out[n] for n, key in enumerate(chunk)})
+    return [
+        ([latents[(i, j)] for j in range(len(p.vae_pixels))], [embeds[(i, j)] for j in range(len(p.vl_inputs))])
+        for i, p in enumerate(batch)
+    ]
+
+
 def encode_sample(
     sample: Sample, main: DatasetConfig, conds: list[DatasetConfig], encoders: Encoders, match_target: bool, seed: int
 ) -> tuple[dict[str, bytes], dict]:
-    """Encode one sample; return its record members and its manifest columns."""
-    flavour = encoders.flavour
-    source = load_rgb(sample.image, main.max_image_pixels)
-    placement = plan_placement(*source.size, main, seed, sample.sample_id)
-    width, height = placement.size
-    target_latent = encoders.encode_image(placement.apply(source), width, height)
+    """Prepare, encode and serialise one sample (the whole path, without batching)."""
+    preparer = SamplePreparer(encoders.flavour, encoders.processor, encoders.scale, match_target, seed)
+    prepared = preparer(sample, main, conds)
+    ((latents, embeds),) = encode_prepared([prepared], encoders)
+    return to_record(prepared, latents, embeds)
 
-    ref_latents, ref_sizes, ref_boxes, vl_images, ref_meta = [], [], [], [], []
-    for cond, path in zip(conds, sample.references, strict=True):
-        reference = load_rgb(path, cond.max_image_pixels)
-        original = reference.size
-        box = None
-        if cond.conditioning_type == "reference_strict":
-            # Exactly the target's resize and crop, so reference pixels line up with target pixels.
-            reference = placement.apply(reference)
-            box = list(placement.box)
-        # A loose reference is not cropped: like the pipelines, it is resized to its own size below.
-        vae_w, vae_h = reference_vae_size(flavour, cond, reference.size, (width, height), match_target)
-        vl_w, vl_h = calculate_dimensions(flavour.vl_area, reference.width / reference.height)
-        ref_latents.append(encoders.encode_image(reference, vae_w, vae_h))
-        vl_images.append(encoders.resize(reference, vl_w, vl_h))
-        ref_sizes.append([vae_h, vae_w])
-        ref_boxes.append(box or [])
-        ref_meta.append(
-            {
-                "dataset_id": cond.id,
-                "conditioning_type": cond.conditioning_type,
-                "original_size": list(original),
-                "scaled_size": list(placement.scaled) if box else None,
-                "crop_box": box,
-                "vae_size": [vae_w, vae_h],
-                "vl_size": [vl_w, vl_h],
-                "sha256": file_sha256(path),
-            }
-        )
-    prompts = [encoders.encode_prompt(caption, vl_images) for caption in sample.captions]
-    extra = {"negative": encoders.encode_prompt(" ", vl_images)} if sample.split == "eval" else {}
 
-    hashes = [file_sha256(p) for p in [sample.image, *sample.references]]
-    source_sha = source_sha256(sample, hashes)
-    meta = {
-        "sample_id": sample.sample_id,
-        "dataset_id": sample.dataset_id,
-        "relpath": sample.relpath,
-        "split": sample.split,
-        "captions": sample.captions,
-        "target": {
-            "original_size": list(source.size),
-            "scaled_size": list(placement.scaled),
-            "crop_box": list(placement.box),
-            "size": [width, height],
-            "sha256": hashes[0],
-            "crop_style": main.crop_style if main.crop else "center",
-            "crop_seed": crop_seed(seed, sample.sample_id, main.id),
-        },
-        "references": ref_meta,
-        "source_sha256": source_sha,
-    }
-    members = {
-        "latents.safetensors": latents_to_bytes(target_latent, ref_latents),
-        "embeds.safetensors": embeds_to_bytes(prompts, extra),
-        "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode(),
-    }
-    row = {
-        "dataset_id": sample.dataset_id,
-        "relpath": sample.relpath,
-        "split": sample.split,
-        "height": height,
-        "width": width,
-        "original_size": list(source.size),
-        "crop_box": list(placement.box),
-        "ref_sizes": ref_sizes,
-        "ref_crop_boxes": ref_boxes,
-        "prompt_lens": [p.shape[0] for p in prompts],
-        "captions": sample.captions,
-        "source_sha256": source_sha,
-    }
-    return members, row
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def source_sha256(sample: Sample, file_hashes: list[str] | None = None) -> str:

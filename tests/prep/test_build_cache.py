@@ -14,14 +14,22 @@ import tarfile
 import time
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import prep.build
 import prep.encode
+import prep.pipeline
 from prep.build import build_cache
 from prep.cli import app
-from shared.cache_format import MEMBERS, member_column, read_manifest, read_member
+from shared.cache_format import (
+    MEMBERS,
+    embeds_from_bytes,
+    latents_from_bytes,
+    member_column,
+    read_manifest,
+    read_member,
+)
 from shared.config import load_config
 from shared.errors import UserError
 
@@ -33,15 +41,35 @@ def _content(rows):
     return {r["sample_id"]: {k: v for k, v in r.items() if k not in LOCATION} for r in rows}
 
 
+HASHES = {member_column(m, "sha256") for m in MEMBERS if m != "json"}
+
+
+def _without_hashes(content: dict) -> dict:
+    return {k: {c: v for c, v in row.items() if c not in HASHES} for k, row in content.items()}
+
+
+def _tensors(cache, rows):
+    """sample id -> every cached tensor; fp32 convolutions on CPU round differently with other thread counts."""
+    out = {}
+    for row in rows:
+        target, refs = latents_from_bytes(read_member(cache, row, "latents.safetensors"))
+        out[row["sample_id"]] = [
+            target,
+            *refs,
+            *embeds_from_bytes(read_member(cache, row, "embeds.safetensors")).values(),
+        ]
+    return out
+
+
 def _count_encodes(monkeypatch):
     encoded = []
-    real = prep.build.encode_sample
+    real = prep.pipeline.encode_prepared
 
-    def counting(sample, *args, **kwargs):
-        encoded.append(sample.relpath)
-        return real(sample, *args, **kwargs)
+    def counting(batch, *args, **kwargs):
+        encoded.extend(p.sample.relpath for p in batch)
+        return real(batch, *args, **kwargs)
 
-    monkeypatch.setattr(prep.build, "encode_sample", counting)
+    monkeypatch.setattr(prep.pipeline, "encode_prepared", counting)
     return encoded
 
 
@@ -121,18 +149,19 @@ def test_crash_mid_build_keeps_the_old_cache_and_a_rerun_finishes(demo_project, 
     shutil.move(reference_cache, tmp_path / "uninterrupted")
 
     calls = []
-    real = prep.build.encode_sample
+    real = prep.pipeline.encode_prepared
 
-    def crash_on_fourth(sample, *args, **kwargs):
-        calls.append(sample.relpath)
-        if len(calls) == 4:
+    def crash_on_fourth(batch, *args, **kwargs):
+        calls.extend(batch)
+        if len(calls) >= 4:
             raise KeyboardInterrupt("killed")
-        return real(sample, *args, **kwargs)
+        return real(batch, *args, **kwargs)
 
-    monkeypatch.setattr(prep.build, "encode_sample", crash_on_fourth)
+    monkeypatch.setattr(prep.pipeline, "encode_prepared", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
         build_cache(config, device="cpu", max_shard_bytes=1)
     assert not (config.cache_dir_for(config.main_datasets()[0]) / "manifest.parquet").exists()
+    monkeypatch.undo()
 
     encoded = _count_encodes(monkeypatch)
     (cache,) = build_cache(config, device="cpu", max_shard_bytes=1)
@@ -190,3 +219,18 @@ def test_full_disk_is_a_clear_error_and_loses_nothing(demo_project, tmp_path, mo
     with pytest.raises(UserError, match="the disk is full. Nothing already cached was lost"):
         build_cache(config, device="cpu")
     assert read_manifest(cache) == before
+
+
+def test_workers_and_shape_batches_give_the_same_cache(demo_project):
+    config = load_config(demo_project("edit-v2", n_samples=6))
+    (cache,) = build_cache(config, device="cpu")
+    rows = read_manifest(cache)
+    expected, expected_tensors = _content(rows), _tensors(cache, rows)
+    shutil.rmtree(cache)
+
+    build_cache(config, device="cpu", workers=2, batch_size=3)
+    rows = read_manifest(cache)
+    assert _without_hashes(_content(rows)) == _without_hashes(expected)
+    for sample_id, tensors in _tensors(cache, rows).items():
+        for a, b in zip(tensors, expected_tensors[sample_id], strict=True):
+            torch.testing.assert_close(a.float(), b.float(), rtol=1.6e-2, atol=1e-2)

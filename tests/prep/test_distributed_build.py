@@ -11,34 +11,10 @@ import torch
 
 from prep.build import build_cache
 from shared.cache_format import (
-    MEMBERS,
-    embeds_from_bytes,
-    latents_from_bytes,
-    member_column,
     read_manifest,
-    read_member,
 )
 from shared.config import load_config
-from tests.prep.test_build_cache import _content
-
-HASHES = {member_column(m, "sha256") for m in MEMBERS if m != "json"}
-
-
-def _without_hashes(content: dict) -> dict:
-    return {k: {c: v for c, v in row.items() if c not in HASHES} for k, row in content.items()}
-
-
-def _tensors(cache, rows):
-    """sample id -> every cached tensor; fp32 convolutions on CPU round differently with other thread counts."""
-    out = {}
-    for row in rows:
-        target, refs = latents_from_bytes(read_member(cache, row, "latents.safetensors"))
-        out[row["sample_id"]] = [
-            target,
-            *refs,
-            *embeds_from_bytes(read_member(cache, row, "embeds.safetensors")).values(),
-        ]
-    return out
+from tests.prep.test_build_cache import _content, _tensors, _without_hashes
 
 
 def test_two_process_build_equals_one_process_build(demo_project, tmp_path):

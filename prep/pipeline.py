@@ -1,0 +1,142 @@
+"""Keep the encoders busy: CPU work in DataLoader workers, GPU work batched, writing in a background thread.
+
+```
+workers (processes)      main thread (GPU)                      writer thread
+decode, place, resize -> batch by shape / sequence layout ->  serialise (safetensors, json),
+VL processor             VAE + Qwen2.5-VL, copy to host        append to shards, finish shards
+```
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from prep.encode import Encoders
+from prep.record import Prepared, SamplePreparer, encode_prepared, to_record
+from prep.scan import Sample
+from prep.writer import ShardWriter
+from shared.config import DatasetConfig
+
+
+class _PreparedSamples(Dataset):
+    def __init__(self, samples: list[Sample], preparer: SamplePreparer, main: DatasetConfig, conds: list):
+        self.samples, self.preparer, self.main, self.conds = samples, preparer, main, conds
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Prepared:
+        return self.preparer(self.samples[index], self.main, self.conds)
+
+
+class BackgroundWriter:
+    """Serialise and write records on a thread, so the GPU never waits for tar or Parquet I/O."""
+
+    def __init__(self, writer: ShardWriter, depth: int = 16):
+        self.writer = writer
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, prepared: Prepared, latents: list[torch.Tensor], embeds: list[torch.Tensor]) -> None:
+        if self.error:
+            raise self.error
+        self._queue.put((prepared, latents, embeds))
+
+    def close(self) -> None:
+        """Write everything queued; re-raise the thread's error, if any."""
+        self._queue.put(None)
+        self._thread.join()
+        if self.error:
+            raise self.error
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.error:
+                continue  # drain after a failure; close() re-raises it
+            try:
+                prepared, latents, embeds = item
+                members, row = to_record(prepared, latents, embeds)
+                self.writer.write(prepared.sample.sample_id, members, row)
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                self.error = err
+
+
+@dataclass
+class EncodeStats:
+    samples: int = 0
+    seconds: float = 0.0  # wall time of the whole loop
+    encoder_seconds: float = 0.0  # time inside the encoders (GPU synchronised)
+
+
+def encode_into(
+    writer: ShardWriter,
+    samples: list[Sample],
+    main: DatasetConfig,
+    conds: list[DatasetConfig],
+    encoders: Encoders,
+    preparer: SamplePreparer,
+    workers: int = 0,
+    batch_size: int = 1,
+    show_progress: bool = True,
+) -> EncodeStats:
+    """Encode `samples` into `writer`'s shards; samples finished before an error or interrupt are kept."""
+    if workers:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked processes
+    loader = DataLoader(
+        _PreparedSamples(samples, preparer, main, conds),
+        batch_size=None,  # one Prepared at a time; batching by shape happens below
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        pin_memory=encoders.device.type == "cuda",
+    )
+    background = BackgroundWriter(writer)
+    stats = EncodeStats()
+    start = time.perf_counter()
+    pending: list[Prepared] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        if encoders.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        encoded = encode_prepared(pending, encoders, max_batch=batch_size)
+        # bf16 on the host, here: a copy from the writer thread would stall behind the next batch's kernels.
+        encoded = [
+            ([x.to("cpu", torch.bfloat16) for x in lat], [x.to("cpu", torch.bfloat16) for x in emb])
+            for lat, emb in encoded
+        ]
+        stats.encoder_seconds += time.perf_counter() - t0
+        for prepared, (latents, embeds) in zip(pending, encoded, strict=True):
+            background.put(prepared, latents, embeds)
+        stats.samples += len(pending)
+        pending.clear()
+
+    try:
+        progress = tqdm(
+            loader,
+            total=len(samples),
+            desc=f"encoding {main.id}",
+            unit="sample",
+            disable=not show_progress or not samples,
+        )
+        for prepared in progress:
+            pending.append(prepared)
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+    finally:
+        background.close()
+    writer.finish_shard()
+    stats.seconds = time.perf_counter() - start
+    return stats
