@@ -57,23 +57,28 @@ class Encoders:
 
     @torch.no_grad()
     def encode_vl(self, inputs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-        """Processor outputs of equal sequence layout -> one embedding [L, D] each (D = 3584 real).
+        """Processor outputs (each batch 1) -> one embedding [L, D] each (D = 3584 real).
 
-        L counts the tokens after the system prefix: image tokens, instruction and chat tail.
+        Texts of different lengths are right-padded: attention is causal, so padding after the
+        last token changes no real token's hidden state. L counts the tokens after the system
+        prefix: image tokens, instruction and chat tail.
         """
+        longest = max(x["input_ids"].shape[1] for x in inputs)
+        pad_id = self.processor.tokenizer.pad_token_id or 0
+
+        def right_pad(t: torch.Tensor, value: int) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, longest - t.shape[1]), value=value)
+
         batch = {
-            "input_ids": torch.cat([x["input_ids"] for x in inputs]),
-            "attention_mask": torch.cat([x["attention_mask"] for x in inputs]),
+            "input_ids": torch.cat([right_pad(x["input_ids"], pad_id) for x in inputs]),
+            "attention_mask": torch.cat([right_pad(x["attention_mask"], 0) for x in inputs]),
             "pixel_values": torch.cat([x["pixel_values"] for x in inputs]),  # all images' patches
             "image_grid_thw": torch.cat([x["image_grid_thw"] for x in inputs]),
         }
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        outputs = self.text_encoder(**batch, output_hidden_states=True)
-        hidden = outputs.hidden_states[-1]  # [B, T, D]
-        return [
-            h[m.bool()][self.flavour.drop_tokens :].to(self.dtype)
-            for h, m in zip(hidden, batch["attention_mask"], strict=True)
-        ]
+        hidden = self.text_encoder(**batch, output_hidden_states=True).hidden_states[-1]  # [B, T, D]
+        masks = batch["attention_mask"].bool()
+        return [h[m][self.flavour.drop_tokens :].to(self.dtype) for h, m in zip(hidden, masks, strict=True)]
 
     @torch.no_grad()
     def encode_prompt(self, instruction: str, vl_images: list[Image.Image]) -> torch.Tensor:

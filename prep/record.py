@@ -159,7 +159,7 @@ def to_record(prepared: Prepared, latents: list[torch.Tensor], embeds: list[torc
 
 
 def encode_prepared(batch: list[Prepared], encoders: Encoders, max_batch: int = 4) -> list[tuple[list, list]]:
-    """Encode prepared samples: VAE inputs grouped by shape, VL inputs by identical sequence layout.
+    """Encode prepared samples: VAE inputs grouped by shape, VL inputs by image layout (texts padded).
 
     Returns, per sample, (latents [target, refs...] each [C, h, w], embeds per instruction each [L, D]).
     """
@@ -177,7 +177,7 @@ def encode_prepared(batch: list[Prepared], encoders: Encoders, max_batch: int = 
     by_layout: dict[tuple, list[tuple[int, int]]] = {}
     for i, prepared in enumerate(batch):
         for j, inputs in enumerate(prepared.vl_inputs):
-            layout = (inputs["input_ids"].shape[1], tuple(inputs["image_grid_thw"].flatten().tolist()))
+            layout = tuple(inputs["image_grid_thw"].flatten().tolist())  # same images; texts are padded
             by_layout.setdefault(layout, []).append((i, j))
     for keys in by_layout.values():
         for chunk in _chunks(keys, max_batch):

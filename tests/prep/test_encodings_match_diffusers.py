@@ -100,3 +100,20 @@ def test_edit_v2_cache_equals_qwen_image_edit_plus_pipeline(tmp_path, tiny_model
         for ours, image, (w, h) in zip(refs, references, vae_sizes, strict=True):
             assert (w, h) == (1024, 1024)
             _assert_close(ours, _vae(pipe, image, w, h))
+
+
+def test_batched_vl_encoding_with_padding_equals_one_at_a_time(tiny_models):
+    from prep.encode import Encoders
+    from shared.flavours import FLAVOURS
+
+    encoders = Encoders(str(tiny_models["edit-v2"]), FLAVOURS["edit-v2"], dtype=torch.float32)
+    images = [_image(96, 64, seed=3), _image(64, 64, seed=4)]
+    texts = ["red", "make the big square in picture 1 look like the colour of picture 2, please"]
+    inputs = [
+        dict(encoders.processor(text=[FLAVOURS["edit-v2"].vl_text(t, 2)], images=images, return_tensors="pt"))
+        for t in texts
+    ]
+    batched = encoders.encode_vl(inputs)
+    assert batched[0].shape[0] < batched[1].shape[0]
+    for one, inp in zip(batched, inputs, strict=True):
+        torch.testing.assert_close(one, encoders.encode_vl([inp])[0], rtol=1e-4, atol=1e-4)
