@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 
 from prep.distributed import init_ranks
 from prep.encode import Encoders
-from prep.pipeline import encode_into
+from prep.pipeline import EncodeStats, encode_into
 from prep.record import SamplePreparer, source_sha256
 from prep.scan import Sample
 from prep.validate import validate
@@ -148,6 +149,8 @@ def build_cache(
     max_shard_bytes: int = 1_000_000_000,
     workers: int | None = None,
     batch_size: int | None = None,
+    encoders: Encoders | None = None,
+    on_stats: Callable[[EncodeStats], None] | None = None,
 ) -> list[Path]:
     """Validate, then bring every main dataset's cache up to date; return the cache dirs.
 
@@ -156,6 +159,7 @@ def build_cache(
     inference runs) and fp32 on CPU (bf16 convolutions are ~5x slower there); the cache is bf16.
     Launched on several processes (torchrun / accelerate launch), each rank encodes a disjoint
     share into its own shards and rank 0 writes the manifest: the cache dir must be visible to all.
+    `encoders` (already loaded) and `on_stats` (called with each cache's timing) serve bench/.
     """
     ranks, device = init_ranks(device)
     torch_dtype = encoder_dtype(dtype, device)
@@ -175,7 +179,6 @@ def build_cache(
     plans: list[Plan] = value
 
     flavour = FLAVOURS[config.train.model_flavour]
-    encoders = None
     for plan in plans:
         start = time.perf_counter()
         mine = ranks.share(plan.encode)
@@ -198,10 +201,11 @@ def build_cache(
                 batch_size=batch_size,
                 show_progress=ranks.is_main,
             )
+            if on_stats:
+                on_stats(stats)
             print(
                 f"rank {ranks.rank}: {stats.samples} samples in {stats.seconds:.1f} s "
-                f"({stats.samples / max(stats.seconds, 1e-9):.2f} samples/s, encoders busy "
-                f"{stats.encoder_seconds / max(stats.seconds, 1e-9):.0%})"
+                f"({stats.samples / max(stats.seconds, 1e-9):.2f} samples/s)"
             )
         encoded = [row for rows in ranks.gather(writer.rows) for row in rows]
         if ranks.is_main:

@@ -18,13 +18,16 @@ from shared.models import load_processor, load_text_encoder, load_vae, vae_scale
 class Encoders:
     """Holds the VAE encoder and the VL encoder of one model on one device."""
 
-    def __init__(self, model_path: str, flavour: Flavour, device: str = "cpu", dtype=torch.bfloat16):
+    def __init__(self, model_path: str, flavour: Flavour, device: str = "cpu", dtype=torch.bfloat16, modules=None):
+        """Load the encoders of `model_path`; `modules` = (vae, text_encoder, processor) gives them instead."""
         self.flavour = flavour
         self.device = torch.device(device)
         self.dtype = dtype
-        self.vae = load_vae(model_path, dtype=dtype).to(self.device)
-        self.text_encoder = load_text_encoder(model_path, dtype=dtype).to(self.device)
-        self.processor = load_processor(model_path)
+        if modules is None:
+            modules = (load_vae(model_path, dtype), load_text_encoder(model_path, dtype), load_processor(model_path))
+        vae, text_encoder, self.processor = modules
+        self.vae = vae.to(self.device).eval().requires_grad_(False)  # already in `dtype`
+        self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
         self.scale = vae_scale_factor(self.vae)  # 8 for the real VAE
         # The pipelines' own resize/normalise for VAE inputs (Lanczos resize, [-1, 1]).
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.scale * 2)
@@ -75,10 +78,11 @@ class Encoders:
             "pixel_values": torch.cat([x["pixel_values"] for x in inputs]),  # all images' patches
             "image_grid_thw": torch.cat([x["image_grid_thw"] for x in inputs]),
         }
+        lengths = batch["attention_mask"].sum(dim=1).tolist()  # on the host: no GPU sync to find them
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         hidden = self.text_encoder(**batch, output_hidden_states=True).hidden_states[-1]  # [B, T, D]
-        masks = batch["attention_mask"].bool()
-        return [h[m][self.flavour.drop_tokens :].to(self.dtype) for h, m in zip(hidden, masks, strict=True)]
+        # Right padding: each text's tokens are its first `length` positions.
+        return [h[self.flavour.drop_tokens : n].to(self.dtype) for h, n in zip(hidden, lengths, strict=True)]
 
     @torch.no_grad()
     def encode_prompt(self, instruction: str, vl_images: list[Image.Image]) -> torch.Tensor:

@@ -50,12 +50,6 @@ class Prepared:
     meta: dict  # the record's <id>.json, without tensors
     row: dict  # the manifest columns that do not depend on the tensors
 
-    def pin_memory(self) -> Prepared:
-        """Called by the DataLoader (pin_memory=True) so host-to-GPU copies can run asynchronously."""
-        self.vae_pixels = [p.pin_memory() for p in self.vae_pixels]
-        self.vl_inputs = [{k: v.pin_memory() for k, v in x.items()} for x in self.vl_inputs]
-        return self
-
 
 class SamplePreparer:
     """Decode, place and preprocess samples exactly as the pipelines do, with no model: runs in workers."""
