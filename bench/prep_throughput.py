@@ -7,7 +7,8 @@ For each flavour: generates edit pairs of ~1 MP photos-sized noise images (three
 times the encoders alone on a few prepared samples (after a warm-up), then runs the whole build
 (validation, DataLoader workers, batched encoders, shard writer) and reports samples/s, the
 encoders' own seconds per sample, their ratio (pipeline efficiency: 1.0 = the encoders never
-wait), GPU peak memory and cache bytes per sample. `--size real` builds the Qwen-Image VAE and
+wait), the same after the first quarter of the samples (steady state: worker start-up and
+warm-up excluded), GPU peak memory and cache bytes per sample. `--size real` builds the Qwen-Image VAE and
 Qwen2.5-VL-7B with random weights directly on the device; tokenizer and processor are the tiny
 default's (real special tokens and image preprocessing).
 """
@@ -183,6 +184,8 @@ def run(args: argparse.Namespace, flavour: str, work: Path, modules) -> dict:
         "samples/s": s.samples / s.seconds,
         "encoders s/sample": encoder_s,
         "efficiency": encoder_s / wall_per_sample,
+        "steady samples/s": s.steady_rate(),
+        "steady efficiency": encoder_s * s.steady_rate(),
         "GPU peak GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
         "KiB/sample": info["counts"]["shard_bytes"] / s.samples / 1024,
         "validate+plan s": total_s - s.seconds,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -63,8 +64,9 @@ def build_cache_command(
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
-    for cache in caches:
-        typer.echo(f"cache ready: {cache}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per cache, also when launched on several ranks
+        for cache in caches:
+            typer.echo(f"cache ready: {cache}")
 
 
 @app.command("verify")

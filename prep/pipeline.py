@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -89,6 +89,14 @@ class EncodeStats:
     samples: int = 0
     seconds: float = 0.0  # wall time of the whole loop
     encoder_seconds: float = 0.0  # time this thread spent launching encoder work (on a GPU, not waiting for it)
+    progress: list[tuple[int, float]] = field(default_factory=list)  # (samples done, seconds since start)
+
+    def steady_rate(self) -> float:
+        """Samples/s after the first quarter (worker start-up, allocator and kernel warm-up excluded)."""
+        quarter = next(((n, t) for n, t in self.progress if n >= self.samples / 4), None)
+        if quarter is None or self.seconds <= quarter[1]:
+            return self.samples / max(self.seconds, 1e-9)
+        return (self.samples - quarter[0]) / (self.seconds - quarter[1])
 
 
 def encode_into(
@@ -135,6 +143,7 @@ def encode_into(
         for prepared, (latents, embeds) in zip(pending, encoded, strict=True):
             background.put(prepared, latents, embeds, ready)
         stats.samples += len(pending)
+        stats.progress.append((stats.samples, time.perf_counter() - start))
         pending.clear()
 
     try:
