@@ -1,15 +1,15 @@
 """The encoders: VAE latents and Qwen2.5-VL prompt embeddings, computed as the diffusers pipelines do.
 
-`encode_image` = `_encode_vae_image` (posterior mode, normalised by the VAE's latents_mean/std);
-`encode_prompt` = `_get_qwen_prompt_embeds` (last hidden state, first 64 template tokens dropped,
-no padding). Tests check both against `QwenImageEditPipeline` / `QwenImageEditPlusPipeline`.
+`encode_pixels` = `_encode_vae_image` (posterior mode, normalised by the VAE's latents_mean/std);
+`encode_vl` = `_get_qwen_prompt_embeds` (last hidden state, first 64 template tokens dropped, no
+padding). The pixels and processor inputs come from `prep.record.SamplePreparer`, which prepares
+them as the pipelines do. Tests check the cache against `QwenImageEditPipeline` /
+`QwenImageEditPlusPipeline`.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers.image_processor import VaeImageProcessor
-from PIL import Image
 
 from shared.flavours import Flavour
 from shared.models import load_processor, load_text_encoder, load_vae, vae_scale_factor
@@ -29,19 +29,9 @@ class Encoders:
         self.vae = vae.to(self.device).eval().requires_grad_(False)  # already in `dtype`
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
         self.scale = vae_scale_factor(self.vae)  # 8 for the real VAE
-        # The pipelines' own resize/normalise for VAE inputs (Lanczos resize, [-1, 1]).
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.scale * 2)
         z = self.vae.config.z_dim
         self.latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1)
         self.latents_std = torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1)
-
-    @property
-    def text_dim(self) -> int:
-        return self.text_encoder.config.text_config.hidden_size
-
-    def resize(self, image: Image.Image, width: int, height: int) -> Image.Image:
-        """The pipelines' resize (VaeImageProcessor.resize) of a PIL image."""
-        return self.image_processor.resize(image, height, width)
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -51,12 +41,6 @@ class Encoders:
         mean = self.latents_mean.to(latents.device, latents.dtype)
         std = self.latents_std.to(latents.device, latents.dtype)
         return ((latents - mean) / std)[:, :, 0]
-
-    @torch.no_grad()
-    def encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
-        """RGB image -> normalised latent [C, height/s, width/s] (C = z_dim, s = 8 for the real VAE)."""
-        pixels = self.image_processor.preprocess(image, height, width)  # [1, 3, H, W] in [-1, 1]
-        return self.encode_pixels(pixels.unsqueeze(2))[0]  # one video frame
 
     @torch.no_grad()
     def encode_vl(self, inputs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
@@ -83,10 +67,3 @@ class Encoders:
         hidden = self.text_encoder(**batch, output_hidden_states=True).hidden_states[-1]  # [B, T, D]
         # Right padding: each text's tokens are its first `length` positions.
         return [h[self.flavour.drop_tokens : n].to(self.dtype) for h, n in zip(hidden, lengths, strict=True)]
-
-    @torch.no_grad()
-    def encode_prompt(self, instruction: str, vl_images: list[Image.Image]) -> torch.Tensor:
-        """Instruction + reference images (already at VL size) -> embedding [L, D], as the pipelines compute it."""
-        text = self.flavour.vl_text(instruction, len(vl_images))
-        inputs = self.processor(text=[text], images=vl_images, padding=True, return_tensors="pt")
-        return self.encode_vl([dict(inputs)])[0]

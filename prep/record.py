@@ -183,16 +183,6 @@ def encode_prepared(batch: list[Prepared], encoders: Encoders, max_batch: int = 
     ]
 
 
-def encode_sample(
-    sample: Sample, main: DatasetConfig, conds: list[DatasetConfig], encoders: Encoders, match_target: bool, seed: int
-) -> tuple[dict[str, bytes], dict]:
-    """Prepare, encode and serialise one sample (the whole path, without batching)."""
-    preparer = SamplePreparer(encoders.flavour, encoders.processor, encoders.scale, match_target, seed)
-    prepared = preparer(sample, main, conds)
-    ((latents, embeds),) = encode_prepared([prepared], encoders)
-    return to_record(prepared, latents, embeds)
-
-
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
