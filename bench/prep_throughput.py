@@ -2,15 +2,18 @@
 
     python bench/prep_throughput.py --size real --flavour edit-v1 edit-v2      # on a GPU
     python bench/prep_throughput.py --size tiny --device cpu --samples 8       # anywhere
+    torchrun --nproc_per_node 2 bench/prep_throughput.py --size real           # one GPU per rank
 
-For each flavour: generates edit pairs of ~1 MP photos-sized noise images (three aspect ratios),
-times the encoders alone on a few prepared samples (after a warm-up), then runs the whole build
-(validation, DataLoader workers, batched encoders, shard writer) and reports samples/s, the
-encoders' own seconds per sample, their ratio (pipeline efficiency: 1.0 = the encoders never
-wait), the same after the first quarter of the samples (steady state: worker start-up and
-warm-up excluded), GPU peak memory and cache bytes per sample. `--size real` builds the Qwen-Image VAE and
-Qwen2.5-VL-7B with random weights directly on the device; tokenizer and processor are the tiny
-default's (real special tokens and image preprocessing).
+For each flavour: generates edit pairs of ~1 MP photo-sized noise images (three aspect ratios,
+interleaved), times the encoders alone on full batches of each shape (after a warm-up), then runs
+the whole build (validation, DataLoader workers, batched encoders, shard writer) and reports
+samples/s, the encoders' own seconds per sample, their ratio (pipeline efficiency: 1.0 = the
+encoders never wait), the same after the first quarter of the samples (steady state: worker
+start-up and warm-up excluded), GPU peak memory and cache bytes per sample. Under torchrun every
+rank encodes its share and rank 0 prints the total rate; efficiency is then per GPU.
+
+`--size real` builds the Qwen-Image VAE and Qwen2.5-VL-7B with random weights directly on the
+device; tokenizer and processor are the tiny default's (real special tokens and image preprocessing).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 from PIL import Image
 
 from prep.build import build_cache
+from prep.distributed import Ranks, init_ranks
 from prep.encode import Encoders
 from prep.record import SamplePreparer, encode_prepared
 from prep.validate import validate
@@ -57,7 +61,7 @@ def write_pairs(root: Path, n: int, n_refs: int, seed: int = 0) -> None:
         (root / "images" / f"{i:05d}.txt").write_text(caption + "\n")
 
 
-def real_modules(model_dir: Path, device: torch.device):
+def real_modules(model_dir: Path, device: torch.device, write_configs: bool = True):
     """Qwen-Image's VAE and Qwen2.5-VL-7B, random weights, bf16, built on `device`; configs saved to `model_dir`."""
     from diffusers import AutoencoderKLQwenImage
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -102,18 +106,20 @@ def real_modules(model_dir: Path, device: torch.device):
             text_encoder = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation="sdpa")
     finally:
         torch.set_default_dtype(default)
-    for sub in ("vae", "text_encoder"):  # configs only: the fingerprint reads them, weights stay in memory
-        shutil.rmtree(model_dir / sub)
-    vae.save_config(model_dir / "vae")
-    config.save_pretrained(model_dir / "text_encoder")
+    if write_configs:  # configs only: the fingerprint reads them, weights stay in memory
+        for sub in ("vae", "text_encoder"):
+            shutil.rmtree(model_dir / sub)
+        vae.save_config(model_dir / "vae")
+        config.save_pretrained(model_dir / "text_encoder")
     return vae, text_encoder, processor
 
 
-def run(args: argparse.Namespace, flavour: str, work: Path, modules) -> dict:
-    device = torch.device(args.device)
+def run(args: argparse.Namespace, flavour: str, work: Path, modules, ranks: Ranks, device: torch.device) -> dict:
     n_refs = 1 if flavour == "edit-v1" else 2
     data = work / f"data-{flavour}"
-    write_pairs(data, args.samples, n_refs)
+    if ranks.is_main:
+        write_pairs(data, args.samples, n_refs)
+    ranks.barrier()
     backend = [
         {
             "id": "edits",
@@ -133,42 +139,47 @@ def run(args: argparse.Namespace, flavour: str, work: Path, modules) -> dict:
         }
         for i in range(n_refs)
     ]
-    (work / "db.json").write_text(json.dumps(backend))
     model_dir = work / f"model-{args.size}"
-    (work / "config.json").write_text(
-        json.dumps(
-            {
-                "model_flavour": flavour,
-                "pretrained_model_name_or_path": str(model_dir),
-                "data_backend_config": str(work / "db.json"),
-            }
-        )
-    )
+    if ranks.is_main:
+        (work / "db.json").write_text(json.dumps(backend))
+        config_json = {
+            "model_flavour": flavour,
+            "pretrained_model_name_or_path": str(model_dir),
+            "data_backend_config": str(work / "db.json"),
+        }
+        (work / "config.json").write_text(json.dumps(config_json))
+    ranks.barrier()
     config = load_config(work / "config.json")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     encoders = Encoders(str(model_dir), FLAVOURS[flavour], device=str(device), dtype=dtype, modules=modules)
 
-    # The encoders alone, on samples prepared beforehand: once to warm up, once timed.
+    # The encoders alone, on full batches of one shape prepared beforehand (the best they do):
+    # once to warm up, then timed.
     main = config.main_datasets()[0]
     preparer = SamplePreparer(FLAVOURS[flavour], encoders.processor, encoders.scale, False, 0)
-    samples = validate(config).samples[main.id][: args.batch_size * 2]
-    prepared = [preparer(s, main, config.conditioning_for(main)) for s in samples]
-    encode_prepared(prepared, encoders, args.batch_size)
+    groups: dict[tuple, list] = {}
+    for sample in validate(config).samples[main.id][: len(SIZES) * args.batch_size]:
+        prepared = preparer(sample, main, config.conditioning_for(main))
+        groups.setdefault(prepared.batch_key, []).append(prepared)
+    batches = [group[: args.batch_size] for group in groups.values()]
+    for batch in batches:
+        encode_prepared(batch, encoders, args.batch_size)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(2):
-        encode_prepared(prepared, encoders, args.batch_size)
+        for batch in batches:
+            encode_prepared(batch, encoders, args.batch_size)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    encoder_s = (time.perf_counter() - t0) / (2 * len(prepared))
+    encoder_s = (time.perf_counter() - t0) / (2 * sum(len(b) for b in batches))
 
     stats = []
     t0 = time.perf_counter()
     (cache,) = build_cache(
         config,
-        device=str(device),
+        device=args.device,
         workers=args.workers,
         batch_size=args.batch_size,
         encoders=encoders,
@@ -177,17 +188,24 @@ def run(args: argparse.Namespace, flavour: str, work: Path, modules) -> dict:
     total_s = time.perf_counter() - t0
     (s,) = stats
     info = json.loads((cache / "cache.json").read_text())
-    wall_per_sample = s.seconds / s.samples
+    # Several ranks: all samples over the slowest rank's time; efficiency per GPU.
+    per_rank = ranks.gather((s.samples, s.seconds, s.steady_rate()))
+    samples = sum(n for n, _, _ in per_rank)
+    rate = samples / max(t for _, t, _ in per_rank)
+    steady = sum(r for _, _, r in per_rank)
     return {
         "flavour": flavour,
-        "samples": s.samples,
-        "samples/s": s.samples / s.seconds,
+        "GPUs" if device.type == "cuda" else "ranks": ranks.world,
+        "samples": samples,
+        "samples/s": rate,
         "encoders s/sample": encoder_s,
-        "efficiency": encoder_s / wall_per_sample,
-        "steady samples/s": s.steady_rate(),
-        "steady efficiency": encoder_s * s.steady_rate(),
+        "efficiency": encoder_s * rate / ranks.world,
+        "in-run encoders s/sample": s.encoder_seconds / s.samples,  # rank 0's
+        "loader wait s/sample": s.wait_seconds / s.samples,
+        "steady samples/s": steady,
+        "steady efficiency": encoder_s * steady / ranks.world,
         "GPU peak GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
-        "KiB/sample": info["counts"]["shard_bytes"] / s.samples / 1024,
+        "KiB/sample": info["counts"]["shard_bytes"] / samples / 1024,
         "validate+plan s": total_s - s.seconds,
     }
 
@@ -203,21 +221,28 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--keep", type=Path, help="work here and keep it (default: a temporary dir)")
     args = parser.parse_args()
-    work = args.keep or Path(tempfile.mkdtemp(prefix="prep-bench-"))
-    device = torch.device(args.device)
+    ranks, device_name = init_ranks(args.device)  # one process: no-op; under torchrun: this rank's GPU
+    device = torch.device(device_name)
+    work = ranks.broadcast(args.keep or Path(tempfile.mkdtemp(prefix="prep-bench-")))  # shared by all ranks
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(
-        f"device: {name}; size {args.size}; {args.samples} samples at ~{args.resolution}²; "
-        f"workers {args.workers}, batch {args.batch_size}"
-    )
-    write_tiny_model(work / f"model-{args.size}", "edit-v1")
-    modules = real_modules(work / f"model-{args.size}", device) if args.size == "real" else None
-    rows = [run(args, flavour, work, modules) for flavour in args.flavour]
+    if ranks.is_main:
+        print(
+            f"device: {ranks.world} x {name}; size {args.size}; {args.samples} samples at ~{args.resolution}²; "
+            f"workers {args.workers}, batch {args.batch_size} per rank"
+        )
+        write_tiny_model(work / f"model-{args.size}", "edit-v1")
+    ranks.barrier()
+    modules = real_modules(work / f"model-{args.size}", device, ranks.is_main) if args.size == "real" else None
+    ranks.barrier()
+    rows = [run(args, flavour, work, modules, ranks, device) for flavour in args.flavour]
     keys = list(rows[0])
-    print(" | ".join(keys))
-    for row in rows:
-        print(" | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in keys))
-    if not args.keep:
+    if ranks.is_main:
+        print(" | ".join(keys))
+        for row in rows:
+            print(" | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in keys))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if not args.keep and ranks.is_main:
         shutil.rmtree(work, ignore_errors=True)
 
 

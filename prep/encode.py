@@ -30,16 +30,30 @@ class Encoders:
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
         self.scale = vae_scale_factor(self.vae)  # 8 for the real VAE
         z = self.vae.config.z_dim
-        self.latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, z, 1, 1, 1)
-        self.latents_std = torch.tensor(self.vae.config.latents_std).view(1, z, 1, 1, 1)
+        # On the device once: a copy per batch from pageable memory would stall the GPU each time.
+        self.latents_mean = torch.tensor(self.vae.config.latents_mean, device=self.device).view(1, z, 1, 1, 1)
+        self.latents_std = torch.tensor(self.vae.config.latents_std, device=self.device).view(1, z, 1, 1, 1)
+
+    def to_device(self, *parts: torch.Tensor) -> torch.Tensor:
+        """`torch.cat(parts)` on the encoders' device, copied without stalling the GPU.
+
+        A copy from pageable memory waits for the GPU to drain its queue first, leaving it idle
+        while the next batch is staged; concatenating straight into pinned memory (cached by
+        torch's host allocator) lets the copy queue behind the work already running.
+        """
+        if self.device.type != "cuda":
+            return torch.cat(parts)
+        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        staged = torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=True))
+        return staged.to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, 1, H, W] pixels in [-1, 1] -> normalised latents [B, C, H/s, W/s] (posterior mode)."""
-        pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+        pixels = pixels.to(self.device, self.dtype)  # callers stage them with `to_device`
         latents = self.vae.encode(pixels).latent_dist.mode()  # [B, C, 1, h, w]
-        mean = self.latents_mean.to(latents.device, latents.dtype)
-        std = self.latents_std.to(latents.device, latents.dtype)
+        mean = self.latents_mean.to(latents.dtype)
+        std = self.latents_std.to(latents.dtype)
         return ((latents - mean) / std)[:, :, 0]
 
     @torch.no_grad()
@@ -57,13 +71,13 @@ class Encoders:
             return torch.nn.functional.pad(t, (0, longest - t.shape[1]), value=value)
 
         batch = {
-            "input_ids": torch.cat([right_pad(x["input_ids"], pad_id) for x in inputs]),
-            "attention_mask": torch.cat([right_pad(x["attention_mask"], 0) for x in inputs]),
-            "pixel_values": torch.cat([x["pixel_values"] for x in inputs]),  # all images' patches
-            "image_grid_thw": torch.cat([x["image_grid_thw"] for x in inputs]),
+            "input_ids": [right_pad(x["input_ids"], pad_id) for x in inputs],
+            "attention_mask": [right_pad(x["attention_mask"], 0) for x in inputs],
+            "pixel_values": [x["pixel_values"] for x in inputs],  # all images' patches
+            "image_grid_thw": [x["image_grid_thw"] for x in inputs],
         }
-        lengths = batch["attention_mask"].sum(dim=1).tolist()  # on the host: no GPU sync to find them
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        lengths = torch.cat(batch["attention_mask"]).sum(dim=1).tolist()  # on the host: no GPU sync
+        batch = {k: self.to_device(*v) for k, v in batch.items()}
         hidden = self.text_encoder(**batch, output_hidden_states=True).hidden_states[-1]  # [B, T, D]
         # Right padding: each text's tokens are its first `length` positions.
         return [h[self.flavour.drop_tokens : n].to(self.dtype) for h, n in zip(hidden, lengths, strict=True)]

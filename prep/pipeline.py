@@ -84,11 +84,44 @@ def to_host(x: torch.Tensor) -> torch.Tensor:
     return host
 
 
+POOL_BATCHES = 8  # samples held back for full batches: 8 batches' worth (~50 MB each at 1024², edit-v1)
+
+
+class ShapePool:
+    """Prepared samples grouped by `batch_key`; hands out a batch when a group is full or the pool is."""
+
+    def __init__(self, batch_size: int, capacity: int):
+        self.batch_size, self.capacity = batch_size, max(capacity, batch_size)
+        self.groups: dict[tuple, list[Prepared]] = {}
+        self.size = 0
+
+    def add(self, prepared: Prepared) -> list[Prepared] | None:
+        """Add one sample; return a batch to encode now, if one is ready."""
+        group = self.groups.setdefault(prepared.batch_key, [])
+        group.append(prepared)
+        self.size += 1
+        if len(group) >= self.batch_size:
+            return self._take(prepared.batch_key)
+        if self.size >= self.capacity:
+            return self._take(max(self.groups, key=lambda k: len(self.groups[k])))
+        return None
+
+    def drain(self) -> list[list[Prepared]]:
+        """Whatever is left, one batch per group (at the end of the samples)."""
+        return [self._take(key) for key in list(self.groups)]
+
+    def _take(self, key: tuple) -> list[Prepared]:
+        batch = self.groups.pop(key)
+        self.size -= len(batch)
+        return batch
+
+
 @dataclass
 class EncodeStats:
     samples: int = 0
     seconds: float = 0.0  # wall time of the whole loop
-    encoder_seconds: float = 0.0  # time this thread spent launching encoder work (on a GPU, not waiting for it)
+    encoder_seconds: float = 0.0  # time this thread spent in the encoders (on a GPU: launching and syncing)
+    wait_seconds: float = 0.0  # time this thread waited for the DataLoader (workers too slow if large)
     progress: list[tuple[int, float]] = field(default_factory=list)  # (samples done, seconds since start)
 
     def steady_rate(self) -> float:
@@ -124,14 +157,14 @@ def encode_into(
     )
     background = BackgroundWriter(writer)
     stats = EncodeStats()
+    progress = tqdm(
+        total=len(samples), desc=f"encoding {main.id}", unit="sample", disable=not show_progress or not samples
+    )
     start = time.perf_counter()
-    pending: list[Prepared] = []
 
-    def flush() -> None:
-        if not pending:
-            return
+    def encode(batch: list[Prepared]) -> None:
         t0 = time.perf_counter()
-        encoded = encode_prepared(pending, encoders, max_batch=batch_size)
+        encoded = encode_prepared(batch, encoders, max_batch=batch_size)
         # Results go to pinned host memory asynchronously: this thread goes straight on to launch the
         # next batch while the writer thread waits for the copies (an event) before serialising.
         encoded = [([to_host(x) for x in lat], [to_host(x) for x in emb]) for lat, emb in encoded]
@@ -140,26 +173,30 @@ def encode_into(
             ready = torch.cuda.Event()
             ready.record()
         stats.encoder_seconds += time.perf_counter() - t0
-        for prepared, (latents, embeds) in zip(pending, encoded, strict=True):
+        for prepared, (latents, embeds) in zip(batch, encoded, strict=True):
             background.put(prepared, latents, embeds, ready)
-        stats.samples += len(pending)
+        stats.samples += len(batch)
         stats.progress.append((stats.samples, time.perf_counter() - start))
-        pending.clear()
+        progress.update(len(batch))
 
+    # Samples wait in a pool, grouped by shape, until a group fills a batch: full batches keep the
+    # encoders at their best rate when buckets are interleaved. The pool is bounded (memory): when
+    # it is full, its largest group goes as it is.
+    pool = ShapePool(batch_size, capacity=POOL_BATCHES * batch_size)
     try:
-        progress = tqdm(
-            loader,
-            total=len(samples),
-            desc=f"encoding {main.id}",
-            unit="sample",
-            disable=not show_progress or not samples,
-        )
-        for prepared in progress:
-            pending.append(prepared)
-            if len(pending) >= batch_size:
-                flush()
-        flush()
+        items = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            prepared = next(items, None)
+            stats.wait_seconds += time.perf_counter() - t0
+            if prepared is None:
+                break
+            if batch := pool.add(prepared):
+                encode(batch)
+        for batch in pool.drain():
+            encode(batch)
     finally:
+        progress.close()
         background.close()
     writer.finish_shard()
     stats.seconds = time.perf_counter() - start

@@ -50,6 +50,13 @@ class Prepared:
     meta: dict  # the record's <id>.json, without tensors
     row: dict  # the manifest columns that do not depend on the tensors
 
+    @property
+    def batch_key(self) -> tuple:
+        """Samples with equal keys encode in one batch: same pixel shapes, same VL image layouts."""
+        shapes = tuple(tuple(p.shape) for p in self.vae_pixels)
+        layouts = tuple(tuple(x["image_grid_thw"].flatten().tolist()) for x in self.vl_inputs)
+        return shapes + layouts
+
 
 class SamplePreparer:
     """Decode, place and preprocess samples exactly as the pipelines do, with no model: runs in workers."""
@@ -164,7 +171,7 @@ def encode_prepared(batch: list[Prepared], encoders: Encoders, max_batch: int = 
             by_shape.setdefault(tuple(pixels.shape), []).append((i, j))
     for keys in by_shape.values():
         for chunk in _chunks(keys, max_batch):
-            out = encoders.encode_pixels(torch.cat([batch[i].vae_pixels[j] for i, j in chunk]))
+            out = encoders.encode_pixels(encoders.to_device(*[batch[i].vae_pixels[j] for i, j in chunk]))
             latents.update({key: out[n] for n, key in enumerate(chunk)})
 
     embeds: dict[tuple[int, int], torch.Tensor] = {}
