@@ -132,10 +132,15 @@ def read_cache_info(cache_dir: Path) -> dict[str, Any]:
     path = Path(cache_dir) / CACHE_JSON
     if not path.is_file():
         raise UserError(f"{path}: not a cache (no cache.json); build it with `prep build-cache --config ...`")
-    info = json.loads(path.read_text(encoding="utf-8"))
+    return parse_cache_info(path.read_text(encoding="utf-8"), str(path))
+
+
+def parse_cache_info(text: str, where: str) -> dict[str, Any]:
+    """The contents of a `cache.json` read from `where` (a path or URL), checked for our format version."""
+    info = json.loads(text)
     if info.get("format_version") != FORMAT_VERSION:
         raise UserError(
-            f"{path}: cache format {info.get('format_version')}, this version reads {FORMAT_VERSION}; "
+            f"{where}: cache format {info.get('format_version')}, this version reads {FORMAT_VERSION}; "
             "rebuild it with `prep build-cache --force`"
         )
     return info

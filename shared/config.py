@@ -53,6 +53,8 @@ class TrainConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     seed: int = 0
+    dataloader_num_workers: int = 2  # processes reading the cache ahead of the GPU (0: in the training process)
+    dataloader_prefetch_factor: int = 2  # batches each worker reads ahead
     eval_dataset_id: str = ""  # a main dataset held out for evaluation (its samples are cached as "eval")
     model_kwargs: dict = field(default_factory=dict)
 
@@ -83,9 +85,11 @@ class DatasetConfig:
     crop: bool = False
     crop_style: str = "center"
     crop_aspect: str = "preserve"
-    cache_dir: str = ""
+    cache_dir: str = ""  # a local dir for prep; train also reads fsspec URLs (s3://, gs://, https://)
     cache_dir_vae: str = ""
     disabled: bool = False
+    repeats: int = 0  # extra passes over this dataset per epoch
+    probability: float = 0.0  # relative weight when mixing datasets; 0 (unset) everywhere: mix by size
 
 
 @dataclass
@@ -116,9 +120,19 @@ class Config:
         """The reference datasets of a main dataset, in the order its `conditioning_data` lists them."""
         return [self.dataset(i) for i in main.conditioning_data]
 
+    def cache_location_for(self, main: DatasetConfig) -> str:
+        """The main entry's `cache_dir`, else its `cache_dir_vae`, else `cache/<id>` (DESIGN.md): a path or URL."""
+        return main.cache_dir or main.cache_dir_vae or f"cache/{main.id}"
+
     def cache_dir_for(self, main: DatasetConfig) -> Path:
-        """The main entry's `cache_dir`, else its `cache_dir_vae`, else `cache/<id>` (DESIGN.md)."""
-        return Path(main.cache_dir or main.cache_dir_vae or f"cache/{main.id}")
+        """The local cache dir that `prep` writes (a URL is refused: build locally, then copy)."""
+        location = self.cache_location_for(main)
+        if "://" in location:
+            raise UserError(
+                f"{self.backend_path}: dataset '{main.id}': cache dir {location} is a URL; prep writes local "
+                "caches: build to a local dir, copy it there, and point training at the URL"
+            )
+        return Path(location)
 
 
 # Allowed values for the keys that take one of a few strings.
@@ -207,6 +221,8 @@ def _check_datasets(config: Config) -> None:
             raise UserError(f"{where}: key 'parquet' needs a 'path' (a .parquet or .jsonl caption table)")
         if main.resolution <= 0:
             raise UserError(f"{where}: key 'resolution' must be positive, got {main.resolution}")
+        if main.repeats < 0 or main.probability < 0:
+            raise UserError(f"{where}: keys 'repeats' and 'probability' must be >= 0")
         for cond_id in main.conditioning_data:
             if cond_id not in ids:
                 raise UserError(f"{where}: key 'conditioning_data' names '{cond_id}', which is not a dataset id")

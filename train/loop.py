@@ -16,7 +16,7 @@ from shared.config import Config
 from shared.errors import UserError
 from shared.flavours import FLAVOURS
 from train.export import save_lora_diffusers
-from train.loader import CacheReader, batch_stream, batches_per_epoch
+from train.loader import CacheReader, TrainLoader
 from train.model import load_lora_transformer
 from train.objective import flow_matching_loss
 
@@ -24,7 +24,7 @@ from train.objective import flow_matching_loss
 def open_caches(config: Config) -> list[CacheReader]:
     """One reader per training dataset's cache (not the eval dataset's), refusing other flavours' caches."""
     mains = [m for m in config.main_datasets() if m.id != config.train.eval_dataset_id]
-    readers = [CacheReader(config.cache_dir_for(main)) for main in mains]
+    readers = [CacheReader(config.cache_location_for(m), m.id, m.repeats, m.probability or None) for m in mains]
     for reader in readers:
         if reader.info["flavour"] != config.train.model_flavour:
             raise UserError(
@@ -42,8 +42,16 @@ def train(config: Config) -> Path:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
     )
     set_seed(cfg.seed)
-    readers = open_caches(config)
-    per_epoch = batches_per_epoch(readers, cfg.train_batch_size, accelerator.num_processes)
+    loader = TrainLoader(
+        open_caches(config),
+        cfg.train_batch_size,
+        cfg.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        workers=cfg.dataloader_num_workers,
+        prefetch=cfg.dataloader_prefetch_factor,
+    )
+    per_epoch = loader.batches_per_epoch
     steps_per_epoch = max(1, per_epoch // cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
 
@@ -64,9 +72,7 @@ def train(config: Config) -> Path:
         num_training_steps=max_steps * accelerator.num_processes,
     )
     transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
-    batches = batch_stream(
-        readers, cfg.train_batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes
-    )
+    batches = iter(loader)
     noise_rng = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
 
     accelerator.print(
@@ -104,7 +110,8 @@ def train(config: Config) -> Path:
         n = min(5, len(losses))
         accelerator.print(
             f"done: {max_steps} steps in {seconds:.1f} s ({seconds / max_steps:.3f} s/step); loss mean of the "
-            f"first {n} steps {sum(losses[:n]) / n:.4f}, of the last {n} steps {sum(losses[-n:]) / n:.4f}"
+            f"first {n} steps {sum(losses[:n]) / n:.4f}, of the last {n} steps {sum(losses[-n:]) / n:.4f}; "
+            f"{loader.skipped} unreadable sample(s) skipped on this process"
         )
     accelerator.wait_for_everyone()
     return lora_path

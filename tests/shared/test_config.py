@@ -15,7 +15,12 @@ def _write(tmp_path, config: dict, backend: list) -> str:
 
 BACKEND = [
     {"id": "edits", "instance_data_dir": "/data/images", "conditioning_data": ["refs"], "resolution": 512},
-    {"id": "refs", "dataset_type": "conditioning", "instance_data_dir": "/data/refs", "repeats": 2},
+    {
+        "id": "refs",
+        "dataset_type": "conditioning",
+        "instance_data_dir": "/data/refs",
+        "vae_cache_clear_each_epoch": True,
+    },
 ]
 
 
@@ -31,7 +36,7 @@ def test_simpletuner_config_loads_with_unknown_keys_listed(tmp_path):
     assert [d.id for d in config.main_datasets()] == ["edits"]
     assert config.dataset("edits").resolution == 512
     assert any(line.endswith(": use_ema") for line in config.ignored)
-    assert any("dataset 'refs': repeats" in line for line in config.ignored)
+    assert any("dataset 'refs': vae_cache_clear_each_epoch" in line for line in config.ignored)
     assert "ignored 3 config key(s)" in config.ignored_report()[0]
 
 

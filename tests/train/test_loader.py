@@ -1,43 +1,133 @@
-from train.loader import epoch_batches, shape_key
+"""The streaming loader on a real cache: worker-independent order, exact resume, URLs, corrupt members, ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+from prep.build import build_cache
+from shared.cache_format import member_column, read_manifest
+from shared.config import load_config
+from shared.demo_data import write_demo_dataset
+from shared.errors import UserError
+from tests.conftest import write_config
+from train.loader import Batch, CacheReader, TrainLoader
 
 
-class FakeReader:
-    """Manifest rows only; epoch planning never opens a shard."""
-
-    def __init__(self, rows):
-        self.rows = rows
-
-
-def _rows(n):
-    sizes = [(256, 256), (224, 288), (288, 224)]
-    return [
-        {
-            "sample_id": f"{i:04x}",
-            "height": sizes[i % 3][0],
-            "width": sizes[i % 3][1],
-            "ref_sizes": [list(sizes[i % 3])],
-        }
-        for i in range(n)
-    ]
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, tiny_models) -> Path:
+    """An edit-v1 cache of 12 samples: 3 shapes x 4, some with several captions."""
+    root = tmp_path_factory.mktemp("loader")
+    data = write_demo_dataset(root / "data", n_samples=12, n_references=1)
+    (cache_dir,) = build_cache(load_config(write_config(root, tiny_models["edit-v1"], "edit-v1", data, 1)), "cpu")
+    return cache_dir
 
 
-def test_batches_hold_one_shape_and_ranks_get_equal_counts():
-    readers = [FakeReader(_rows(20))]
-    per_rank = [epoch_batches(readers, batch_size=2, seed=3, epoch=0, rank=r, world_size=2) for r in range(2)]
-    assert len(per_rank[0]) == len(per_rank[1]) > 0
-    seen = []
-    for batches in per_rank:
-        for batch in batches:
-            assert len(batch) == 2
-            assert len({shape_key(row) for _, row in batch}) == 1
-            seen += [row["sample_id"] for _, row in batch]
-    assert len(seen) == len(set(seen)), "a sample was given to two ranks in one epoch"
+def _take(loader: TrainLoader, n: int) -> list[Batch]:
+    batches = iter(loader)
+    return [next(batches) for _ in range(n)]
 
 
-def test_order_is_seeded_and_changes_per_epoch():
-    readers = [FakeReader(_rows(12))]
-    ids = [
-        [row["sample_id"] for batch in epoch_batches(readers, 1, seed=s, epoch=e) for _, row in batch]
-        for s, e in [(0, 0), (0, 0), (0, 1)]
-    ]
-    assert ids[0] == ids[1] and ids[0] != ids[2] and sorted(ids[0]) == sorted(ids[2])
+def _same(a: list[Batch], b: list[Batch]) -> None:
+    assert [x.sample_ids for x in a] == [y.sample_ids for y in b]
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.target, y.target) and torch.equal(x.prompt, y.prompt)
+        assert all(torch.equal(r, s) for r, s in zip(x.references, y.references, strict=True))
+
+
+def test_order_is_the_same_for_0_1_and_3_workers(cache):
+    runs = [_take(TrainLoader([CacheReader(cache)], 2, seed=7, workers=w), 8) for w in (0, 1, 3)]
+    _same(runs[0], runs[1])
+    _same(runs[0], runs[2])
+
+
+def test_resume_after_k_batches_continues_with_exactly_the_next_batch(cache):
+    straight = _take(TrainLoader([CacheReader(cache)], 2, seed=7, workers=2), 11)  # crosses an epoch (6 batches)
+
+    first = TrainLoader([CacheReader(cache)], 2, seed=7, workers=2)
+    _take(first, 4)
+    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+    assert state["position"] == 4  # batches handed out, not batches the workers read ahead
+
+    resumed = TrainLoader([CacheReader(cache)], 2, seed=7, workers=3)
+    resumed.load_state_dict(state)
+    _same(_take(resumed, 7), straight[4:])
+
+
+def test_batches_hold_one_shape_with_a_mask_over_padded_prompts(cache):
+    loader = TrainLoader([CacheReader(cache)], 4, seed=0)
+    rows = {r["sample_id"]: r for r in read_manifest(cache)}
+    batches = _take(loader, loader.batches_per_epoch)
+    assert sorted(i for b in batches for i in b.sample_ids) == sorted(rows)  # 4 per shape: each sample once
+    for batch in batches:
+        assert len({(rows[i]["height"], rows[i]["width"]) for i in batch.sample_ids}) == 1
+        assert batch.target.shape[0] == batch.prompt.shape[0] == 4
+        if batch.prompt_mask is not None:
+            assert batch.prompt_mask.shape == batch.prompt.shape[:2]
+            assert (batch.prompt[batch.prompt_mask == 0] == 0).all()
+
+
+def test_reads_from_fsspec_urls(cache):
+    local = _take(TrainLoader([CacheReader(cache)], 1, seed=2), 5)
+    _same(local, _take(TrainLoader([CacheReader(f"file://{cache}")], 1, seed=2, workers=2), 5))
+
+    memory = fsspec.filesystem("memory")
+    for path in cache.rglob("*"):
+        if path.is_file():
+            memory.pipe(f"/cache-copy/{path.relative_to(cache)}", path.read_bytes())
+    _same(local, _take(TrainLoader([CacheReader("memory://cache-copy")], 1, seed=2), 5))
+
+
+def test_corrupt_member_is_skipped_reported_and_counted(cache, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(cache, broken)
+    rows = read_manifest(broken)
+    victim = rows[0]
+    with open(broken / victim["shard"], "r+b") as f:  # flip one byte inside its latents
+        f.seek(victim[member_column("latents.safetensors", "offset")] + 200)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+    loader = TrainLoader([CacheReader(broken)], 2, seed=1, workers=2)
+    batches = _take(loader, 2 * loader.batches_per_epoch)  # two epochs, no crash
+    assert all(victim["sample_id"] not in b.sample_ids for b in batches)
+    assert all(len(b.sample_ids) == 2 for b in batches)  # its place went to a sample of the same shape
+    assert loader.skipped == 2  # once per epoch
+    out = capsys.readouterr().out
+    assert out.count("warning: skipped unreadable sample") == 1
+    assert f"{victim['shard']}: sample {victim['sample_id']}: latents.safetensors does not match" in out
+
+
+def test_a_shape_with_no_readable_sample_is_a_clear_error(cache, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(cache, broken)
+    for shard in {r["shard"] for r in read_manifest(broken)}:
+        (broken / shard).unlink()
+    with pytest.raises(UserError, match="prep verify"):
+        _take(TrainLoader([CacheReader(broken)], 1, seed=1), 1)
+
+
+def test_two_gloo_ranks_see_each_sample_once_per_epoch(cache, tmp_path):
+    out = tmp_path / "ranks.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523"]
+    command += ["-m", "tests.train.loader_ranks", str(cache), "2", str(out)]
+    result = subprocess.run(
+        command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    per_rank = json.loads(out.read_text())
+    assert len(per_rank[0]) == len(per_rank[1]) == 3  # 12 samples / global batch 4
+    seen = [i for batches in per_rank for batch in batches for i in batch]
+    assert sorted(seen) == sorted(r["sample_id"] for r in read_manifest(cache))
+    # the global order is that of one process with the same global batch
+    single = _take(TrainLoader([CacheReader(cache)], 4, seed=3), 3)
+    assert [a + b for a, b in zip(*per_rank, strict=True)] == [b.sample_ids for b in single]
