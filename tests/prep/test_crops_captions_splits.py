@@ -114,4 +114,4 @@ def test_several_main_datasets_and_an_eval_split(demo_project, tmp_path, tiny_mo
     assert {r["split"] for r in eval_rows} == {"eval"}
     embeds = embeds_from_bytes(read_member(eval_cache, eval_rows[0], "embeds.safetensors"))
     assert "negative" in embeds and "prompt.0" in embeds
-    assert [r.cache_dir for r in open_caches(cfg)] == [train_cache]
+    assert [r.location for r in open_caches(cfg)] == [str(train_cache)]
