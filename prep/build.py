@@ -66,6 +66,7 @@ def fingerprint(config: Config, main: DatasetConfig, dtype: torch.dtype) -> dict
         "prompt_template": flavour.vl_text("{}", len(main.conditioning_data)),
         "dtype": str(dtype),
         "match_target_res": config.train.match_target_res,
+        "caption_dropout": config.train.caption_dropout_probability > 0,  # caches the empty instruction
         "seed": config.train.seed,
         "datasets": [
             {
@@ -188,7 +189,12 @@ def build_cache(
             encoders = Encoders(config.train.pretrained_model_name_or_path, flavour, device=device, dtype=torch_dtype)
         if mine:
             preparer = SamplePreparer(
-                flavour, encoders.processor, encoders.scale, config.train.match_target_res, config.train.seed
+                flavour,
+                encoders.processor,
+                encoders.scale,
+                config.train.match_target_res,
+                config.train.seed,
+                dropout=config.train.caption_dropout_probability > 0,
             )
             stats = encode_into(
                 writer,

@@ -46,7 +46,7 @@ class Prepared:
 
     sample: Sample
     vae_pixels: list[torch.Tensor]  # target first, then each reference: [1, 3, 1, H, W] in [-1, 1]
-    vl_inputs: list[dict[str, torch.Tensor]]  # processor output per caption (+ " " for eval negatives)
+    vl_inputs: list[dict[str, torch.Tensor]]  # per caption, then " " (eval: negative) or "" (train: dropout)
     meta: dict  # the record's <id>.json, without tensors
     row: dict  # the manifest columns that do not depend on the tensors
 
@@ -61,8 +61,11 @@ class Prepared:
 class SamplePreparer:
     """Decode, place and preprocess samples exactly as the pipelines do, with no model: runs in workers."""
 
-    def __init__(self, flavour: Flavour, processor, vae_scale_factor: int, match_target: bool, seed: int):
+    def __init__(
+        self, flavour: Flavour, processor, vae_scale_factor: int, match_target: bool, seed: int, dropout: bool = False
+    ):
         self.flavour = flavour
+        self.dropout = dropout  # also encode the empty instruction, for caption dropout
         self.processor = processor
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
         self.match_target = match_target
@@ -107,7 +110,10 @@ class SamplePreparer:
                     "sha256": file_sha256(path),
                 }
             )
-        instructions = sample.captions + ([" "] if sample.split == "eval" else [])
+        # Eval samples get a negative (" ", as the pipelines' examples use) for guided previews;
+        # with caption dropout, train samples get the empty instruction (with their references).
+        extra = [" "] if sample.split == "eval" else ([""] if self.dropout else [])
+        instructions = sample.captions + extra
         vl = [self.vl_inputs(instruction, vl_images) for instruction in instructions]
 
         hashes = [file_sha256(sample.image)] + [m["sha256"] for m in ref_meta]
@@ -149,7 +155,8 @@ class SamplePreparer:
 def to_record(prepared: Prepared, latents: list[torch.Tensor], embeds: list[torch.Tensor]) -> tuple[dict, dict]:
     """The record members and manifest row of a sample, from its encodings (target latent first)."""
     n_captions = len(prepared.sample.captions)
-    extra = {"negative": embeds[n_captions]} if len(embeds) > n_captions else {}
+    name = "negative" if prepared.sample.split == "eval" else "dropout"
+    extra = {name: embeds[n_captions]} if len(embeds) > n_captions else {}
     members = {
         "latents.safetensors": latents_to_bytes(latents[0], latents[1:]),
         "embeds.safetensors": embeds_to_bytes(embeds[:n_captions], extra),

@@ -41,12 +41,27 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_target: str = "attention"
+    lora_target: str = "attention"  # a preset, or a list of module names (suffixes) to adapt
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = False
     base_model_precision: str = "no_change"
     quantize_via: str = "accelerator"
     flow_schedule_shift: float = 1.0
+    flow_schedule_auto_shift: bool = False  # resolution-dependent shift, as the model's scheduler does
+    flow_use_uniform_schedule: bool = False  # σ uniform in (0, 1) instead of logit-normal
+    logit_mean: float = 0.0  # logit-normal σ: mean and std of the normal before the sigmoid
+    logit_std: float = 1.0
+    loss_weighting: str = "none"  # "none", "sigma_sqrt" (σ^-2), "cosmap" (as diffusers' SD3 scripts)
+    caption_dropout_probability: float = 0.0  # chance a sample trains on the empty instruction
+    optimizer: str = "adamw"  # "adamw" or "bnb-adamw8bit" (needs bitsandbytes)
+    use_ema: bool = False
+    ema_device: str = "cpu"  # "cpu" or "accelerator"
+    ema_decay: float = 0.995
+    checkpointing_steps: int = 500  # 0: no checkpoints
+    checkpoints_total_limit: int = 0  # keep at most this many checkpoints; 0: keep all
+    resume_from_checkpoint: str = ""  # "latest" or a checkpoint dir
+    max_nonfinite_steps: int = 5  # NaN/inf losses in a row before training stops
+    report_to: str = "none"  # "none" or "tensorboard" (a CSV of every step is always written)
     max_grad_norm: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -143,8 +158,12 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "mixed_precision": ("bf16", "no"),
     "base_model_precision": BASE_MODEL_PRECISIONS,
     "quantize_via": ("cpu", "accelerator"),
-    "lr_scheduler": ("constant", "constant_with_warmup"),
+    "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "polynomial"),
     "lora_target": ("attention", "attention_image", "attention_mlp"),
+    "loss_weighting": ("none", "sigma_sqrt", "cosmap"),
+    "optimizer": ("adamw", "bnb-adamw8bit"),
+    "ema_device": ("cpu", "accelerator"),
+    "report_to": ("none", "tensorboard"),
     "dataset_type": ("image", "conditioning", "conditioning_image_embeds"),
     "type": ("local",),
     "caption_strategy": ("textfile", "filename", "instanceprompt", "parquet"),
@@ -173,6 +192,8 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
         raise UserError(f"{config_path}: key 'data_backend_config' is missing; set it to your multidatabackend.json")
     if not train.pretrained_model_name_or_path:
         train.pretrained_model_name_or_path = FLAVOURS[train.model_flavour].default_model
+    if not 0 <= train.caption_dropout_probability < 1:
+        raise UserError(f"{config_path}: key 'caption_dropout_probability' must be in [0, 1)")
     if train.train_batch_size < 1 or train.gradient_accumulation_steps < 1:
         raise UserError(f"{config_path}: 'train_batch_size' and 'gradient_accumulation_steps' must be >= 1")
 
@@ -251,6 +272,9 @@ def _fill(target: Any, raw: dict, where: str, ignored: list[str]) -> Any:
             ignored.append(f"{where}: {key}")
             continue
         default = getattr(target, key)
+        if key == "lora_target" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            setattr(target, key, value)  # an explicit module list instead of a preset
+            continue
         setattr(target, key, _coerce(value, default, key, where))
         if key in _CHOICES and getattr(target, key) not in _CHOICES[key]:
             allowed = ", ".join(repr(c) for c in _CHOICES[key])

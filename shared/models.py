@@ -48,3 +48,13 @@ def load_transformer(path: str, dtype: torch.dtype = torch.bfloat16):
 def vae_scale_factor(vae) -> int:
     """Pixels per latent cell along each side (8 for the real VAE), as the pipelines compute it."""
     return 2 ** len(vae.temperal_downsample)
+
+
+def load_scheduler_config(path: str) -> dict:
+    """The model's FlowMatchEulerDiscreteScheduler settings (shift rules), read without weights."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    try:
+        return dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not read 'scheduler' config from '{path}': {err}") from None

@@ -23,8 +23,9 @@ def run_command(
     output_dir: str = typer.Option(None, help="overrides output_dir"),
     max_train_steps: int = typer.Option(None, help="overrides max_train_steps"),
     pretrained_model_name_or_path: str = typer.Option(None, help="overrides pretrained_model_name_or_path"),
+    resume_from_checkpoint: str = typer.Option(None, help="'latest' or a checkpoint dir; overrides the config"),
 ) -> None:
-    """Train a LoRA; it is saved as <output_dir>/pytorch_lora_weights.safetensors (diffusers format)."""
+    """Train a LoRA; it is saved in <output_dir> in diffusers and ComfyUI formats (and <output_dir>/ema)."""
     from train.loop import train
 
     overrides = {
@@ -33,6 +34,7 @@ def run_command(
             "output_dir": output_dir,
             "max_train_steps": max_train_steps,
             "pretrained_model_name_or_path": pretrained_model_name_or_path,
+            "resume_from_checkpoint": resume_from_checkpoint,
         }.items()
         if v is not None
     }
@@ -48,6 +50,31 @@ def run_command(
 
     if PartialState().is_main_process:
         typer.echo(f"LoRA saved: {lora}")
+
+
+@app.command("export")
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="a checkpoint dir (<output_dir>/checkpoints/checkpoint-NNNNNN)"),
+    format: str = typer.Option("diffusers", "--format", help="diffusers or comfyui"),
+    out: Path = typer.Option(None, help="where to write (default: the checkpoint dir)"),
+    ema: bool = typer.Option(False, help="export the EMA weights instead"),
+) -> None:
+    """Write a checkpoint's LoRA in diffusers (load_lora_weights) or ComfyUI format."""
+    from shared.flavours import FLAVOURS
+    from train import export
+    from train.checkpoint import read_lora
+
+    try:
+        if format not in export.FORMATS:
+            raise UserError(f"--format {format!r}: use one of {', '.join(export.FORMATS)}")
+        if not (checkpoint / "trainer_state.json").is_file():
+            raise UserError(f"{checkpoint}: not a checkpoint (no trainer_state.json)")
+        state, lora_config, flavour = read_lora(checkpoint, ema=ema)
+        path = export.save(state, lora_config, format, out or checkpoint, FLAVOURS[flavour])
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{format} LoRA written: {path}")
 
 
 if __name__ == "__main__":

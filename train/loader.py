@@ -128,8 +128,9 @@ class CacheReader:
 class _BatchStream(IterableDataset):
     """Batches `start`, `start` + 1, ... of one rank; in a DataLoader, worker w makes every W-th."""
 
-    def __init__(self, readers: list[CacheReader], order: TrainOrder, rank: int, start: int):
+    def __init__(self, readers: list[CacheReader], order: TrainOrder, rank: int, start: int, caption_dropout: float):
         self.readers, self.order, self.rank, self.start = readers, order, rank, start
+        self.caption_dropout = caption_dropout
 
     def __iter__(self) -> Iterator[tuple[int, Batch]]:
         info = get_worker_info()
@@ -164,7 +165,7 @@ class _BatchStream(IterableDataset):
         while len(loaded) < len(wanted):  # fewer good samples of this shape than a batch: repeat them
             loaded.append(loaded[len(loaded) % len(loaded)])
         rng = random.Random(f"{self.order.seed}:caption:{position}:{self.rank}")
-        return collate(loaded, rng, skipped)
+        return collate(loaded, rng, skipped, self.caption_dropout)
 
     def _load(self, slot: Slot, bad: dict[tuple[int, int], str]) -> tuple | None:
         """(row, target, references, embeds), or None for a corrupt sample (remembered in `bad`)."""
@@ -187,9 +188,16 @@ class _BatchStream(IterableDataset):
                 yield Slot(slot.source, row)
 
 
-def collate(loaded: list[tuple], rng: random.Random, skipped: list[str]) -> Batch:
-    """Stack (row, target, references, embeds) samples; each takes one of its captions, picked by `rng`."""
-    prompts = [embeds[f"prompt.{rng.randrange(len(row['prompt_lens']))}"] for row, _, _, embeds in loaded]
+def collate(loaded: list[tuple], rng: random.Random, skipped: list[str], caption_dropout: float = 0.0) -> Batch:
+    """Stack (row, target, references, embeds) samples.
+
+    Each sample takes one of its captions, picked by `rng`, or with probability `caption_dropout`
+    the cached embedding of the empty instruction (which still sees the sample's references).
+    """
+    prompts = []
+    for row, _, _, embeds in loaded:
+        dropped = caption_dropout > 0 and rng.random() < caption_dropout
+        prompts.append(embeds["dropout"] if dropped else embeds[f"prompt.{rng.randrange(len(row['prompt_lens']))}"])
     longest = max(p.shape[0] for p in prompts)
     mask = torch.zeros(len(prompts), longest, dtype=torch.long)
     padded = torch.zeros(len(prompts), longest, prompts[0].shape[1], dtype=prompts[0].dtype)
@@ -223,8 +231,17 @@ class TrainLoader:
         world_size: int = 1,
         workers: int = 0,
         prefetch: int = 2,
+        caption_dropout: float = 0.0,
     ):
         self.readers, self.rank, self.workers, self.prefetch = readers, rank, workers, prefetch
+        self.caption_dropout = caption_dropout
+        if caption_dropout > 0:
+            for reader in readers:
+                if not reader.info["fingerprint"]["settings"].get("caption_dropout"):
+                    raise UserError(
+                        f"{reader.location}: caption_dropout_probability is set, but this cache has no "
+                        "empty-instruction embeddings; rebuild it: `prep build-cache --config ... --force`"
+                    )
         self.order = TrainOrder([r.source for r in readers], batch_size, world_size, seed)
         self.position = 0  # batches handed out so far (the same on every rank)
         self.skipped = 0  # samples replaced because they could not be read
@@ -266,13 +283,16 @@ class TrainLoader:
         )
 
     def __iter__(self) -> Iterator[Batch]:
-        stream = _BatchStream(self.readers, self.order, self.rank, self.position)
+        stream = _BatchStream(self.readers, self.order, self.rank, self.position, self.caption_dropout)
         loader = DataLoader(
             stream,
             batch_size=None,  # the stream makes whole batches
             num_workers=self.workers,
             prefetch_factor=self.prefetch if self.workers else None,
             persistent_workers=False,
+            # Its own generator: a DataLoader draws a base seed from the global RNG otherwise, which
+            # would shift LoRA dropout after a resume (the global RNG state is part of a checkpoint).
+            generator=torch.Generator().manual_seed(self.order.seed),
         )
         reported: set[str] = set()
         for position, batch in loader:

@@ -1,24 +1,32 @@
-"""`train run`: the LoRA training loop, run through accelerate (one GPU, several, or CPU)."""
+"""`train run`: the LoRA training loop, run through accelerate (one GPU, several, several nodes, or CPU).
+
+The loop, in order: read the caches, build the model, the optimizer and its schedule, resume from
+a checkpoint if asked, then repeat the optimizer step (accumulated micro-batches; a non-finite
+loss skips the step on every rank), the EMA update, the logs and the periodic checkpoint; at
+the end export the LoRA (and its EMA) in diffusers and ComfyUI formats.
+"""
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
-from tqdm import tqdm
+from peft.utils import get_peft_model_state_dict
 
-from shared.config import Config
+from shared.config import Config, TrainConfig
 from shared.errors import UserError
 from shared.flavours import FLAVOURS
-from train.export import save_lora_diffusers
+from shared.models import load_scheduler_config
+from train import export
+from train.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from train.ema import LoraEMA
 from train.loader import CacheReader, TrainLoader
+from train.metrics import TrainMetrics
 from train.model import load_lora_transformer
-from train.objective import flow_matching_loss
+from train.objective import SigmaSchedule, flow_matching_loss
+from train.optim import build_optimizer, build_scheduler
 
 
 def open_caches(config: Config) -> list[CacheReader]:
@@ -28,20 +36,24 @@ def open_caches(config: Config) -> list[CacheReader]:
     for reader in readers:
         if reader.info["flavour"] != config.train.model_flavour:
             raise UserError(
-                f"{reader.cache_dir}: built for {reader.info['flavour']}, but model_flavour is "
+                f"{reader.location}: built for {reader.info['flavour']}, but model_flavour is "
                 f"{config.train.model_flavour}; rebuild it with `prep build-cache`"
             )
     return readers
 
 
 def train(config: Config) -> Path:
-    """Train a LoRA as `config` says; return the path of the saved LoRA file."""
+    """Train a LoRA as `config` says; return the path of the diffusers LoRA file."""
     cfg = config.train
     accelerator = Accelerator(
         mixed_precision="bf16" if cfg.mixed_precision == "bf16" else "no",
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
     )
     set_seed(cfg.seed)
+    flavour = FLAVOURS[cfg.model_flavour]
+    output_dir = Path(cfg.output_dir)
+
+    # Data: this rank's share of every batch, in the order fixed by (seed, manifests).
     loader = TrainLoader(
         open_caches(config),
         cfg.train_batch_size,
@@ -50,68 +62,128 @@ def train(config: Config) -> Path:
         accelerator.num_processes,
         workers=cfg.dataloader_num_workers,
         prefetch=cfg.dataloader_prefetch_factor,
+        caption_dropout=cfg.caption_dropout_probability,
     )
-    per_epoch = loader.batches_per_epoch
-    steps_per_epoch = max(1, per_epoch // cfg.gradient_accumulation_steps)
+    steps_per_epoch = max(1, loader.batches_per_epoch // cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
 
+    # Model and optimisation: frozen (quantised) base, fp32 LoRA, AdamW, schedule, EMA.
     transformer = load_lora_transformer(cfg, accelerator.device)
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
-    )
-    # accelerate steps the scheduler once per process per optimizer step: scale the counts to match.
-    scheduler = get_scheduler(
-        cfg.lr_scheduler,
-        optimizer,
-        num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes,
-    )
+    params = {name: p for name, p in transformer.named_parameters() if p.requires_grad}
+    lora_config = export.json_safe(transformer.peft_config["default"].to_dict())
+    optimizer = build_optimizer(list(params.values()), cfg)
+    scheduler = build_scheduler(optimizer, cfg, max_steps, accelerator.num_processes)
     transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
-    batches = iter(loader)
-    noise_rng = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
+    ema = None
+    if cfg.use_ema:
+        ema = LoraEMA(params, cfg.ema_decay, "cpu" if cfg.ema_device == "cpu" else accelerator.device)
+    schedule = SigmaSchedule.from_config(cfg, load_scheduler_config(cfg.pretrained_model_name_or_path))
+    noise = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
 
+    step, nonfinite_total = 0, 0
+    resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    if resume is not None:
+        restored = load_checkpoint(resume, accelerator, params, optimizer, scheduler, ema, loader, noise)
+        step, nonfinite_total = restored["step"], restored["nonfinite_total"]
+        accelerator.print(f"resumed from {resume} at step {step} (epoch {loader.epoch})")
     accelerator.print(
-        f"training {sum(p.numel() for p in params):,} LoRA parameters for {max_steps} steps "
-        f"({per_epoch} batches/epoch/process, {accelerator.num_processes} process(es), {accelerator.device})"
+        f"training {sum(p.numel() for p in params.values()):,} LoRA parameters for {max_steps} steps "
+        f"({loader.batches_per_epoch} batches/epoch/process, {accelerator.num_processes} process(es), "
+        f"{accelerator.device})"
     )
-    transformer.train()
-    progress = tqdm(range(max_steps), desc="train", disable=not accelerator.is_main_process)
-    start = time.perf_counter()
-    losses: list[float] = []
-    for step in progress:
-        step_loss = 0.0
-        for _ in range(cfg.gradient_accumulation_steps):
-            batch = next(batches).to(accelerator.device)
-            with accelerator.accumulate(transformer), accelerator.autocast():
-                loss = flow_matching_loss(transformer, batch, cfg.flow_schedule_shift, noise_rng)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.detach().item() / cfg.gradient_accumulation_steps
-        if not math.isfinite(step_loss):
-            raise UserError(f"loss became {step_loss} at step {step + 1}; lower learning_rate and retrain")
-        losses.append(step_loss)
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
 
-    accelerator.wait_for_everyone()
-    out_dir = Path(cfg.output_dir)
-    lora_path = out_dir / "pytorch_lora_weights.safetensors"
-    if accelerator.is_main_process:
-        lora_path = save_lora_diffusers(accelerator.unwrap_model(transformer), out_dir, FLAVOURS[cfg.model_flavour])
-        seconds = time.perf_counter() - start
-        n = min(5, len(losses))
-        accelerator.print(
-            f"done: {max_steps} steps in {seconds:.1f} s ({seconds / max_steps:.3f} s/step); loss mean of the "
-            f"first {n} steps {sum(losses[:n]) / n:.4f}, of the last {n} steps {sum(losses[-n:]) / n:.4f}; "
-            f"{loader.skipped} unreadable sample(s) skipped on this process"
+    metrics = TrainMetrics(output_dir, step, max_steps, cfg.report_to, accelerator.is_main_process)
+    batches = iter(loader)
+    transformer.train()
+    nonfinite_run = 0
+    samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    while step < max_steps:
+        loss, finite = optimizer_step(
+            accelerator, transformer, optimizer, scheduler, params, batches, schedule, noise, cfg
         )
+        if not finite:  # skipped on every rank; the weights are still the last good ones
+            nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
+            accelerator.print(f"warning: loss was {loss} before step {step + 1}; step skipped")
+            if nonfinite_run >= cfg.max_nonfinite_steps:
+                kept = list_checkpoints(output_dir)
+                raise UserError(
+                    f"loss was NaN/inf for {nonfinite_run} steps in a row after step {step}; stopping. "
+                    f"Last good checkpoint: {kept[-1] if kept else 'none'}. Lower learning_rate (or check the "
+                    "cache with `prep verify`), then resume with resume_from_checkpoint."
+                )
+            continue
+        nonfinite_run = 0
+        step += 1
+        if ema is not None:
+            ema.update(params, step)
+        metrics.step(
+            step, loader.epoch, loss, scheduler.get_last_lr()[0], samples_per_step, nonfinite_total, loader.skipped
+        )
+        if cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0 or step == max_steps):
+            state = {"nonfinite_total": nonfinite_total, "lora_config": lora_config, "flavour": flavour.name}
+            save_checkpoint(
+                output_dir, step, accelerator, params, optimizer, scheduler, ema, loader, noise, state,
+                cfg.checkpoints_total_limit,
+            )  # fmt: skip
+
+    losses = metrics.close()
+    check_ranks_agree(accelerator, params)
+    lora_path = output_dir / export.LORA_FILE
+    if accelerator.is_main_process:
+        lora_path = export_final(accelerator.unwrap_model(transformer), ema, lora_config, output_dir, cfg)
+        n = min(5, len(losses))
+        if n:
+            accelerator.print(
+                f"done: step {step}; loss mean of the first {n} steps {sum(losses[:n]) / n:.4f}, "
+                f"of the last {n} steps {sum(losses[-n:]) / n:.4f}; {nonfinite_total} non-finite step(s) skipped, "
+                f"{loader.skipped} unreadable sample(s) replaced on this process"
+            )
     accelerator.wait_for_everyone()
     return lora_path
+
+
+def optimizer_step(accelerator, transformer, optimizer, scheduler, params, batches, schedule, noise, cfg: TrainConfig):
+    """One optimizer step over `gradient_accumulation_steps` micro-batches; returns (mean loss, finite?).
+
+    Every rank runs backward even on a non-finite loss (DDP's gradient all-reduce must match),
+    then all ranks agree: a non-finite loss on any of them skips the update everywhere.
+    """
+    total = torch.zeros((), device=accelerator.device)
+    for _ in range(cfg.gradient_accumulation_steps):
+        batch = next(batches).to(accelerator.device)
+        with accelerator.accumulate(transformer), accelerator.autocast():
+            loss = flow_matching_loss(transformer, batch, schedule, noise)
+            accelerator.backward(loss)
+        total += loss.detach().float() / cfg.gradient_accumulation_steps
+    finite = bool(accelerator.gather(torch.isfinite(total).reshape(1)).all())
+    if finite:
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(total, "mean").item(), finite
+
+
+def check_ranks_agree(accelerator, params: dict[str, torch.nn.Parameter]) -> None:
+    """Every process must end with the same LoRA (DDP keeps them in step); say so, or stop loudly."""
+    if accelerator.num_processes == 1:
+        return
+    sums = torch.stack([p.detach().double().sum() for p in params.values()]).to(accelerator.device)
+    gathered = accelerator.gather(sums[None]).cpu()  # [processes, n_params]
+    if not (gathered == gathered[0]).all():
+        raise UserError("the LoRA weights differ between processes after training; this is a bug, please report it")
+    accelerator.print(f"LoRA weights identical on {accelerator.num_processes} processes")
+
+
+def export_final(transformer, ema, lora_config: dict, output_dir: Path, cfg: TrainConfig) -> Path:
+    """The LoRA (and the EMA LoRA in `ema/`) in diffusers and ComfyUI formats; returns the diffusers file."""
+    flavour = FLAVOURS[cfg.model_flavour]
+    state = get_peft_model_state_dict(transformer)
+    path = export.save(state, lora_config, "diffusers", output_dir, flavour)
+    export.save(state, lora_config, "comfyui", output_dir, flavour)
+    if ema is not None:
+        ema_state = {name.replace(".default.", "."): t for name, t in ema.state_dict().items()}
+        for fmt in export.FORMATS:
+            export.save(ema_state, lora_config, fmt, output_dir / "ema", flavour)
+    return path

@@ -17,10 +17,6 @@ LORA_TARGETS = {
     "attention_mlp": _ATTENTION_IMAGE + _ATTENTION_TEXT + _MLPS,
 }
 
-# Layers kept in bf16 when the base is quantised: the input/output projections, the timestep
-# embedding and the norms are small and sensitive to rounding.
-KEEP_HIGH_PRECISION = ["img_in", "txt_in", "proj_out", "time_text_embed*", "norm_out*", "*norm*"]
-
 
 def unused_outputs(transformer: torch.nn.Module) -> list[str]:
     """Layers whose output never reaches the loss: the last block's text-stream output and MLP.
@@ -32,13 +28,24 @@ def unused_outputs(transformer: torch.nn.Module) -> list[str]:
     return [f"{last}.attn.to_add_out", f"{last}.txt_mlp.net.0.proj", f"{last}.txt_mlp.net.2"]
 
 
-def quantize_base(model: torch.nn.Module, precision: str) -> None:
-    """Quantise the frozen weights in place with optimum-quanto (`precision` like "int8-quanto")."""
+def quantize_base(model: torch.nn.Module, precision: str, device: torch.device, via: str) -> None:
+    """Quantise the frozen transformer blocks with optimum-quanto, one block at a time, onto `device`.
+
+    `via` "accelerator" moves each bf16 block to `device` and quantises it there (fast); "cpu"
+    quantises each block on the CPU and moves only the quantised block. Either way the GPU never
+    holds more than the quantised model plus one bf16 block, so a 20B model needs no 40 GB GPU.
+    Everything outside the blocks (img_in, txt_in, txt_norm, time_text_embed, norm_out, proj_out)
+    and every norm inside them stays in bf16.
+    """
     from optimum.quanto import freeze, qfloat8, qint2, qint4, qint8, quantize
 
     weights = {"int8-quanto": qint8, "fp8-quanto": qfloat8, "int4-quanto": qint4, "int2-quanto": qint2}[precision]
-    quantize(model, weights=weights, exclude=KEEP_HIGH_PRECISION)
-    freeze(model)
+    for block in model.transformer_blocks:
+        if via == "accelerator":
+            block.to(device)
+        quantize(block, weights=weights, exclude=["*norm*"])
+        freeze(block)
+        block.to(device)
 
 
 def load_lora_transformer(config: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -51,9 +58,7 @@ def prepare_for_lora(transformer: torch.nn.Module, config: TrainConfig, device: 
     """Freeze `transformer`, quantise it as `base_model_precision` says, add fp32 LoRA adapters."""
     transformer.requires_grad_(False)
     if config.base_model_precision != "no_change":
-        if config.quantize_via == "accelerator":
-            transformer.to(device)
-        quantize_base(transformer, config.base_model_precision)
+        quantize_base(transformer, config.base_model_precision, device, config.quantize_via)
     transformer.to(device)
     if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -62,7 +67,7 @@ def prepare_for_lora(transformer: torch.nn.Module, config: TrainConfig, device: 
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         init_lora_weights="gaussian",
-        target_modules=LORA_TARGETS[config.lora_target],
+        target_modules=config.lora_target if isinstance(config.lora_target, list) else LORA_TARGETS[config.lora_target],
         exclude_modules=unused_outputs(transformer),
     )
     transformer.add_adapter(lora)

@@ -2,35 +2,82 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import math
+from dataclasses import dataclass
 
+import torch
+
+from shared.config import TrainConfig
 from shared.packing import pack_latents, token_grid
 from train.loader import Batch
 
 
-def sample_sigmas(
-    batch_size: int,
-    shift: float,
-    generator: torch.Generator,
-    device: torch.device,
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-) -> torch.Tensor:
-    """σ in (0, 1) per sample [B]: logit-normal, then shifted towards noise by `shift` (1 = no shift)."""
-    u = torch.randn(batch_size, generator=generator, device=device) * logit_std + logit_mean
-    sigma = torch.sigmoid(u)
-    return shift * sigma / (1 + (shift - 1) * sigma)
+@dataclass(frozen=True)
+class SigmaSchedule:
+    """How σ is drawn per sample: the density, then a shift towards noise.
+
+    Static shift s: σ' = s·σ / (1 + (s-1)·σ). Auto shift (`flow_schedule_auto_shift`): the
+    model scheduler's resolution-dependent exponential shift, μ interpolated linearly in the
+    number of image tokens from `base_shift` at `base_seq_len` to `max_shift` at `max_seq_len`,
+    σ' = e^μ / (e^μ + 1/σ - 1), as the pipelines shift their inference schedule.
+    """
+
+    uniform: bool = False
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+    auto_shift: bool = False
+    base_seq_len: int = 256
+    max_seq_len: int = 8192
+    base_shift: float = 0.5
+    max_shift: float = 0.9
+    weighting: str = "none"
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, scheduler_config: dict) -> SigmaSchedule:
+        return cls(
+            uniform=config.flow_use_uniform_schedule,
+            logit_mean=config.logit_mean,
+            logit_std=config.logit_std,
+            shift=config.flow_schedule_shift,
+            auto_shift=config.flow_schedule_auto_shift,
+            base_seq_len=scheduler_config.get("base_image_seq_len", 256),
+            max_seq_len=scheduler_config.get("max_image_seq_len", 8192),
+            base_shift=scheduler_config.get("base_shift", 0.5),
+            max_shift=scheduler_config.get("max_shift", 0.9),
+            weighting=config.loss_weighting,
+        )
+
+    def sample(self, batch_size: int, image_tokens: int, generator: torch.Generator, device) -> torch.Tensor:
+        """σ in (0, 1) per sample [B] for targets of `image_tokens` packed tokens."""
+        if self.uniform:
+            sigma = torch.rand(batch_size, generator=generator, device=device)
+        else:
+            u = torch.randn(batch_size, generator=generator, device=device) * self.logit_std + self.logit_mean
+            sigma = torch.sigmoid(u)
+        if self.auto_shift:
+            slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+            mu = self.base_shift + slope * (image_tokens - self.base_seq_len)
+            return math.exp(mu) / (math.exp(mu) + (1 / sigma.clamp_min(1e-6) - 1))
+        return self.shift * sigma / (1 + (self.shift - 1) * sigma)
+
+    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss weight [B] (as diffusers' `compute_loss_weighting_for_sd3`)."""
+        if self.weighting == "sigma_sqrt":
+            return sigma.clamp_min(1e-4) ** -2.0
+        if self.weighting == "cosmap":
+            return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
+        return torch.ones_like(sigma)
 
 
 def flow_matching_loss(
-    transformer: torch.nn.Module, batch: Batch, shift: float, generator: torch.Generator
+    transformer: torch.nn.Module, batch: Batch, schedule: SigmaSchedule, generator: torch.Generator
 ) -> torch.Tensor:
-    """Mean squared error of the velocity prediction, on the target tokens only."""
+    """Weighted mean squared error of the velocity prediction, on the target tokens only."""
     x0 = pack_latents(batch.target.float())  # [B, N, 4C]; N = (H/2)·(W/2) latent 2x2 patches
     references = [pack_latents(r.float()) for r in batch.references]  # each [B, N_r, 4C]
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-    sigma = sample_sigmas(x0.shape[0], shift, generator, x0.device)  # [B]
+    sigma = schedule.sample(x0.shape[0], x0.shape[1], generator, x0.device)  # [B]
     s = sigma.view(-1, 1, 1)
     noisy = (1 - s) * x0 + s * noise
 
@@ -46,4 +93,5 @@ def flow_matching_loss(
         return_dict=False,
     )[0]
     prediction = prediction[:, : x0.shape[1]]  # drop the reference tokens' outputs
-    return F.mse_loss(prediction.float(), noise - x0)
+    per_sample = ((prediction.float() - (noise - x0)) ** 2).mean(dim=(1, 2))  # [B]
+    return (schedule.loss_weight(sigma) * per_sample).mean()

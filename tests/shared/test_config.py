@@ -27,7 +27,7 @@ BACKEND = [
 def test_simpletuner_config_loads_with_unknown_keys_listed(tmp_path):
     path = _write(
         tmp_path,
-        {"--model_flavour": "edit-v1", "learning_rate": "1e-4", "use_ema": True, "validation_prompt": "x"},
+        {"--model_flavour": "edit-v1", "learning_rate": "1e-4", "push_to_hub": True, "validation_prompt": "x"},
         BACKEND,
     )
     config = load_config(path)
@@ -35,7 +35,7 @@ def test_simpletuner_config_loads_with_unknown_keys_listed(tmp_path):
     assert config.train.pretrained_model_name_or_path == "Qwen/Qwen-Image-Edit"
     assert [d.id for d in config.main_datasets()] == ["edits"]
     assert config.dataset("edits").resolution == 512
-    assert any(line.endswith(": use_ema") for line in config.ignored)
+    assert any(line.endswith(": push_to_hub") for line in config.ignored)
     assert any("dataset 'refs': vae_cache_clear_each_epoch" in line for line in config.ignored)
     assert "ignored 3 config key(s)" in config.ignored_report()[0]
 

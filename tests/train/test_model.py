@@ -4,7 +4,7 @@ import torch
 from shared.config import TrainConfig
 from train.loader import Batch
 from train.model import load_lora_transformer
-from train.objective import flow_matching_loss
+from train.objective import SigmaSchedule, flow_matching_loss
 
 
 @pytest.mark.parametrize("target", ["attention", "attention_mlp"])
@@ -25,7 +25,7 @@ def test_every_adapter_gets_a_gradient(tiny_models, target):
         prompt_mask=None,
     )
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = flow_matching_loss(transformer, batch, shift=1.73, generator=torch.Generator().manual_seed(0))
+        loss = flow_matching_loss(transformer, batch, SigmaSchedule(shift=1.73), torch.Generator().manual_seed(0))
     loss.backward()
     # lora_B starts at zero, so lora_A's gradient is zero on the first step; it must still exist.
     missing = [n for n, p in trainable.items() if p.grad is None]

@@ -1,0 +1,240 @@
+"""The full training loop on the tiny model: resume, precisions, EMA, caption dropout, NaN, exports, logs, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import QwenImageEditPipeline
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import train.loop as loop_module
+from prep.build import build_cache
+from shared.cache_format import embeds_from_bytes, read_manifest, read_member
+from shared.config import load_config
+from shared.demo_data import write_demo_dataset
+from shared.errors import UserError
+from tests.conftest import write_config
+from train.checkpoint import list_checkpoints
+from train.export import COMFYUI_FILE, LORA_FILE
+from train.loader import CacheReader, TrainLoader
+from train.loop import train
+
+BASE = {
+    "train_batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "learning_rate": 1e-3,
+    "lr_scheduler": "constant_with_warmup",
+    "lr_warmup_steps": 2,
+    "lora_dropout": 0.1,
+    "use_ema": True,
+    "ema_decay": 0.9,
+    "caption_dropout_probability": 0.3,
+    "dataloader_num_workers": 0,
+    "checkpointing_steps": 2,
+    "base_model_precision": "int8-quanto",
+}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_models):
+    """A built edit-v1 cache of 12 samples (with caption-dropout embeddings) and a factory of configs over it."""
+    root = tmp_path_factory.mktemp("training")
+    data = write_demo_dataset(root / "data", n_samples=12, n_references=1)
+    config_path = write_config(root, tiny_models["edit-v1"], "edit-v1", data, 1, train=BASE)
+    build_cache(load_config(config_path), device="cpu")
+
+    def make(out: Path, **overrides) -> Path:
+        config = json.loads(config_path.read_text())
+        config.update(overrides, output_dir=str(out))
+        path = out.with_suffix(".json")
+        path.write_text(json.dumps(config))
+        return path
+
+    return make
+
+
+def test_stop_and_resume_equals_training_straight_through(project, tmp_path):
+    straight = train(load_config(project(tmp_path / "straight", max_train_steps=6)))
+
+    resumed_dir = tmp_path / "resumed"
+    train(load_config(project(resumed_dir, max_train_steps=3)))  # "stopped" after step 3 (last checkpoint)
+    assert [p.name for p in list_checkpoints(resumed_dir)] == ["checkpoint-000002", "checkpoint-000003"]
+    resumed = train(load_config(project(resumed_dir, max_train_steps=6, resume_from_checkpoint="latest")))
+
+    for a, b in [(straight, resumed), (straight.parent / "ema" / LORA_FILE, resumed.parent / "ema" / LORA_FILE)]:
+        x, y = load_file(a), load_file(b)
+        assert x.keys() == y.keys()
+        for key in x:
+            torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-6)
+    # the log describes the run that made the LoRA: steps 1..6 once each, resumed or not
+    for run in (straight.parent, resumed.parent):
+        lines = (run / "train_log.csv").read_text().splitlines()
+        assert [int(line.split(",")[0]) for line in lines[1:]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoints_are_complete_limited_and_exportable(project, tmp_path):
+    out = tmp_path / "run"
+    lora = train(load_config(project(out, max_train_steps=5, checkpoints_total_limit=2, report_to="tensorboard")))
+    checkpoints = list_checkpoints(out)
+    assert [p.name for p in checkpoints] == ["checkpoint-000004", "checkpoint-000005"]
+    final = checkpoints[-1]
+    assert sorted(p.name for p in final.iterdir()) == [
+        "ema.safetensors",
+        "lora.safetensors",
+        "optimizer.safetensors",
+        "rng-rank00.safetensors",
+        "trainer_state.json",
+    ]
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["step"] == 5 and state["loader"]["position"] == 10  # 2 micro-batches per step
+
+    # logs: a CSV row per step, a loss curve, TensorBoard events
+    assert len((out / "train_log.csv").read_text().splitlines()) == 6
+    assert Image.open(out / "loss.png").size == (800, 400)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+    # `train export` of the last checkpoint equals the exports written at the end of training
+    for fmt, name in [("diffusers", LORA_FILE), ("comfyui", COMFYUI_FILE)]:
+        for ema in (False, True):
+            target = tmp_path / f"export-{fmt}-{ema}"
+            command = [sys.executable, "-m", "train.cli", "export", str(final), "--format", fmt, "--out", str(target)]
+            result = subprocess.run(command + (["--ema"] if ema else []), capture_output=True, text=True)
+            assert result.returncode == 0, result.stderr
+            ours, theirs = load_file(target / name), load_file((out / "ema" if ema else out) / name)
+            assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert lora == out / LORA_FILE
+
+
+def test_comfyui_export_has_comfyui_keys_and_the_same_weights_as_diffusers(project, tmp_path, tiny_models):
+    out = tmp_path / "run"
+    train(load_config(project(out, max_train_steps=2, lora_rank=4, lora_alpha=8)))
+    comfy = load_file(out / COMFYUI_FILE)
+    pipe = QwenImageEditPipeline.from_pretrained(str(tiny_models["edit-v1"]))
+    base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    modules = {k.removeprefix("diffusion_model.").rsplit(".", 1)[0] for k in comfy if k.endswith(".alpha")}
+    assert modules and all(k.startswith("diffusion_model.") for k in comfy)
+    for module in modules:
+        assert f"{module}.weight" in base  # names ComfyUI's Qwen-Image model uses (the diffusers layout)
+        assert comfy[f"diffusion_model.{module}.alpha"].item() == 8.0
+        assert comfy[f"diffusion_model.{module}.lora_down.weight"].shape[0] == 4
+
+    # ComfyUI adds alpha/rank * up @ down to each weight: the same change diffusers makes when fusing
+    pipe.load_lora_weights(out)
+    pipe.fuse_lora()
+    fused = pipe.transformer.state_dict()
+    with safe_open(str(out / COMFYUI_FILE), "pt") as f:
+        assert f.metadata()["format"] == "comfyui-lora"
+    for module in modules:
+        prefix = f"diffusion_model.{module}"
+        delta = (8.0 / 4) * comfy[f"{prefix}.lora_up.weight"] @ comfy[f"{prefix}.lora_down.weight"]
+        merged = fused[f"{module}.base_layer.weight"]  # peft keeps its wrapper around the fused weight
+        torch.testing.assert_close(merged - base[f"{module}.weight"], delta, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "precision,via",
+    [("no_change", "accelerator"), ("int8-quanto", "cpu"), ("fp8-quanto", "accelerator"), ("int4-quanto", "cpu"),
+     ("int2-quanto", "accelerator")],
+)  # fmt: skip
+def test_each_base_precision_trains_a_step(project, tmp_path, precision, via):
+    settings = dict(base_model_precision=precision, quantize_via=via, use_ema=False, lr_warmup_steps=0)
+    config = load_config(project(tmp_path / "run", max_train_steps=1, lr_scheduler="constant", **settings))
+    lora = load_file(train(config))
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"lr_scheduler": "cosine", "lr_warmup_steps": 1, "flow_use_uniform_schedule": True, "loss_weighting": "cosmap"},
+        {
+            "lr_scheduler": "polynomial",
+            "lr_warmup_steps": 0,
+            "flow_schedule_auto_shift": True,
+            "loss_weighting": "sigma_sqrt",
+        },
+        {"lora_target": ["to_q", "to_v"], "logit_mean": -0.5, "logit_std": 1.5},
+    ],
+)
+def test_schedules_objectives_and_explicit_targets_train(project, tmp_path, settings):
+    lora = load_file(train(load_config(project(tmp_path / "run", max_train_steps=2, **settings))))
+    if isinstance(settings.get("lora_target"), list):
+        assert {k.split(".")[-3] for k in lora} == {"to_q", "to_v"}
+    assert all(torch.isfinite(v).all() for v in lora.values())
+
+
+def test_bnb_optimizer_without_bitsandbytes_is_a_clear_error(project, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import bitsandbytes  # noqa: F401
+
+        pytest.skip("bitsandbytes is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(UserError, match="needs bitsandbytes"):
+        train(load_config(project(tmp_path / "run", max_train_steps=1, optimizer="bnb-adamw8bit")))
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_when_persistent(project, tmp_path, monkeypatch, capsys):
+    real = loop_module.flow_matching_loss
+    calls = {"n": 0}
+
+    def loss_with_nans(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in poisoned else loss
+
+    monkeypatch.setattr(loop_module, "flow_matching_loss", loss_with_nans)
+    poisoned = {3}  # one micro-batch of the second optimizer step
+    out = tmp_path / "skip"
+    train(load_config(project(out, max_train_steps=3)))
+    assert "step skipped" in capsys.readouterr().out
+    rows = (out / "train_log.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[-1].split(",")[7] == "1"  # 3 steps done, 1 skipped and counted
+
+    calls["n"], poisoned = 0, set(range(5, 100))  # from the third step on, every loss is NaN
+    out = tmp_path / "stop"
+    with pytest.raises(UserError, match="NaN/inf for 3 steps in a row after step 2.*checkpoint-000002"):
+        train(load_config(project(out, max_train_steps=6, max_nonfinite_steps=3)))
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000002"]
+
+
+def test_caption_dropout_uses_the_cached_empty_instruction(project, tmp_path):
+    config = load_config(project(tmp_path / "run"))
+    cache = config.cache_dir_for(config.main_datasets()[0])
+    rows = {r["sample_id"]: r for r in read_manifest(cache)}
+    embeds = {i: embeds_from_bytes(read_member(cache, r, "embeds.safetensors")) for i, r in rows.items()}
+    assert all("dropout" in e for e in embeds.values())
+
+    loader = TrainLoader([CacheReader(str(cache))], 1, seed=0, caption_dropout=0.5)
+    batches = iter(loader)
+    dropped = 0
+    for _ in range(24):
+        batch = next(batches)
+        sample = embeds[batch.sample_ids[0]]
+        if torch.equal(batch.prompt[0], sample["dropout"]):
+            dropped += 1
+        else:
+            assert any(torch.equal(batch.prompt[0], v) for k, v in sample.items() if k.startswith("prompt."))
+    assert 4 <= dropped <= 20
+
+
+def test_two_process_ddp_run_ends_with_identical_weights(project, tmp_path):
+    config = project(tmp_path / "ddp", max_train_steps=2, checkpointing_steps=1)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    command += ["-m", "train.cli", "run", "--config", str(config)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "LoRA weights identical on 2 processes" in result.stdout
+    final = list_checkpoints(tmp_path / "ddp")[-1]
+    assert {p.name for p in final.glob("rng-rank*")} == {"rng-rank00.safetensors", "rng-rank01.safetensors"}
+    assert (tmp_path / "ddp" / LORA_FILE).is_file() and (tmp_path / "ddp" / COMFYUI_FILE).is_file()

@@ -1,0 +1,220 @@
+"""Training checkpoints: complete or absent, never pickle, resumable exactly.
+
+```
+<output_dir>/checkpoints/checkpoint-000500/
+  lora.safetensors           trainable (LoRA) parameters, fp32, by parameter name
+  ema.safetensors            their EMA (when use_ema)
+  optimizer.safetensors      optimizer state tensors ("state.<param index>.<name>")
+  rng-rank00.safetensors     each rank's RNG states (torch CPU, CUDA, the noise generator)
+  trainer_state.json         step, loader position, scheduler, optimizer hyper-parameters,
+                             NaN counts, the LoRA config (rank, alpha, targets) and flavour
+```
+
+A checkpoint is written under a temporary name and renamed when every file is on disk, so a
+kill at any moment leaves the previous checkpoints intact and no half-written one that looks
+complete. With several processes all write into the same directory (a filesystem every rank
+sees); rank 0 renames it and prunes old ones past `checkpoints_total_limit`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from shared.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+_NAME = re.compile(r"^checkpoint-(\d{6,})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:06d}"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories of interrupted saves are not listed)."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name)[1]))
+
+
+def resolve_resume(output_dir: Path, value: str) -> Path | None:
+    """The checkpoint `resume_from_checkpoint` names: "latest" (None when there is none yet) or a path."""
+    if not value:
+        return None
+    if value == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(value)
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(f"resume_from_checkpoint: {path} is not a complete checkpoint (no trainer_state.json)")
+    return path
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    accelerator,
+    params: dict[str, torch.nn.Parameter],
+    optimizer,
+    scheduler,
+    ema,
+    loader,
+    generator: torch.Generator,
+    state: dict[str, Any],
+    total_limit: int,
+) -> Path:
+    """Write checkpoint `step` (all ranks call this); return its directory."""
+    root = Path(output_dir) / CHECKPOINTS
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+
+    _save(_rng_state(generator), tmp / f"rng-rank{accelerator.process_index:02d}.safetensors")
+    if accelerator.is_main_process:
+        _save({name: p.detach().float().cpu() for name, p in params.items()}, tmp / "lora.safetensors")
+        if ema is not None:
+            _save(ema.state_dict(), tmp / "ema.safetensors")
+        tensors, optimizer_json = _flatten_optimizer(optimizer.state_dict())
+        _save(tensors, tmp / "optimizer.safetensors")
+        trainer_state = dict(
+            state,
+            step=step,
+            loader=loader.state_dict(),
+            scheduler=scheduler.state_dict(),
+            optimizer=optimizer_json,
+            world_size=accelerator.num_processes,
+        )
+        _write_json(tmp / "trainer_state.json", trainer_state)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # the same step saved before a crash and a resume from an earlier one
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if total_limit > 0:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(
+    path: Path,
+    accelerator,
+    params: dict[str, torch.nn.Parameter],
+    optimizer,
+    scheduler,
+    ema,
+    loader,
+    generator: torch.Generator,
+) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` wrote; return the trainer state (step, counts, ...)."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    weights = load_file(str(path / "lora.safetensors"))
+    missing = sorted(set(params) ^ set(weights))
+    if missing:
+        raise UserError(
+            f"{path}: its LoRA does not match this run's ({len(missing)} parameter(s) differ, e.g. {missing[0]}); "
+            "resume with the same lora_rank, lora_target and model, or start a new output_dir"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name].to(p.device, p.dtype))
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None:
+        if (path / "ema.safetensors").is_file():
+            ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+        else:
+            ema.load_state_dict({name: p.detach() for name, p in params.items()})  # EMA turned on now: start here
+    loader.load_state_dict(state["loader"])
+    rng = path / f"rng-rank{accelerator.process_index:02d}.safetensors"
+    if rng.is_file():
+        _restore_rng(load_file(str(rng)), generator)
+    else:
+        accelerator.print(f"note: {path} has no RNG state for rank {accelerator.process_index}; noise will differ")
+    return state
+
+
+def read_lora(path: Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """(peft adapter state dict, LoRA config, flavour) of a checkpoint, for `train export`."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    file = path / ("ema.safetensors" if ema else "lora.safetensors")
+    if not file.is_file():
+        raise UserError(f"{file}: not found" + (" (the run had use_ema off)" if ema else ""))
+    # Parameter names carry peft's adapter name ("...lora_A.default.weight"); exports use none.
+    weights = {name.replace(".default.", "."): t for name, t in load_file(str(file)).items()}
+    return weights, state["lora_config"], state["flavour"]
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    states = {"torch": torch.get_rng_state(), "noise": generator.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _restore_rng(states: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["noise"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state -> (tensors for safetensors, the rest as JSON)."""
+    tensors, scalars = {}, {}
+    for index, values in state_dict["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = tensor
+    for name, value in rest["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    _fsync(path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, default=str))
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,48 @@
+"""The optimizer and the learning-rate schedule a config asks for."""
+
+from __future__ import annotations
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from shared.config import TrainConfig
+from shared.errors import UserError
+
+
+def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (`optimizer: bnb-adamw8bit`) when it is installed."""
+    kwargs = dict(
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    if config.optimizer == "bnb-adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError(
+                "optimizer 'bnb-adamw8bit' needs bitsandbytes (pip install bitsandbytes, CUDA only); "
+                "or set optimizer to 'adamw'"
+            ) from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, max_steps: int, num_processes: int):
+    """constant, constant_with_warmup, cosine or polynomial (to 1e-7), with `lr_warmup_steps` of warm-up.
+
+    accelerate steps a prepared scheduler once per process per optimizer step, so the step
+    counts are scaled by the number of processes to keep the schedule in optimizer steps.
+    """
+    if config.lr_scheduler in ("cosine", "polynomial") and config.lr_warmup_steps >= max_steps:
+        raise UserError(
+            f"lr_warmup_steps ({config.lr_warmup_steps}) must be below the number of training steps ({max_steps}) "
+            f"for the {config.lr_scheduler} schedule to decay"
+        )
+    return get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps * num_processes,
+        num_training_steps=max_steps * num_processes,
+    )
