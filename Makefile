@@ -18,10 +18,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The whole pipeline on the tiny offline default: write model + data, build caches, train, print the LoRA.
+# Each run starts fresh (the model and data are regenerated, so old caches and outputs would not match).
 demo: install
+	rm -rf .demo/cache .demo/output
 	$(BIN)/python -m shared.demo
 	$(MAKE) --no-print-directory demo-edit-v1 demo-edit-v2
-	@echo "LoRAs: .demo/output/edit-v1/pytorch_lora_weights.safetensors .demo/output/edit-v2/pytorch_lora_weights.safetensors"
+	@echo "LoRAs (diffusers + ComfyUI; edit-v1 also its EMA in ema/), logs and loss.png: .demo/output/edit-v1 .demo/output/edit-v2"
 
 demo-edit-v1 demo-edit-v2: demo-%: install
 	$(BIN)/prep validate --config configs/demo-$*/config.json
