@@ -131,3 +131,12 @@ def test_two_gloo_ranks_see_each_sample_once_per_epoch(cache, tmp_path):
     # the global order is that of one process with the same global batch
     single = _take(TrainLoader([CacheReader(cache)], 4, seed=3), 3)
     assert [a + b for a, b in zip(*per_rank, strict=True)] == [b.sample_ids for b in single]
+
+
+def test_resume_with_another_global_batch_continues_at_the_same_point_of_the_epoch(cache, capsys):
+    first = TrainLoader([CacheReader(cache)], 2, seed=7)  # 6 batches per epoch
+    _take(first, 9)  # epoch 1, half way
+    resumed = TrainLoader([CacheReader(cache)], 1, seed=7)  # 12 batches per epoch: another plan
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.position == 12 + 6
+    assert "continuing at epoch 1, batch 6 of the new plan" in capsys.readouterr().out
