@@ -54,8 +54,7 @@ class Prepared:
     def batch_key(self) -> tuple:
         """Samples with equal keys encode in one batch: same pixel shapes, same VL image layouts."""
         shapes = tuple(tuple(p.shape) for p in self.vae_pixels)
-        layouts = tuple(tuple(x["image_grid_thw"].flatten().tolist()) for x in self.vl_inputs)
-        return shapes + layouts
+        return shapes + tuple(vl_layout(x) for x in self.vl_inputs)
 
 
 class SamplePreparer:
@@ -185,8 +184,7 @@ def encode_prepared(batch: list[Prepared], encoders: Encoders, max_batch: int = 
     by_layout: dict[tuple, list[tuple[int, int]]] = {}
     for i, prepared in enumerate(batch):
         for j, inputs in enumerate(prepared.vl_inputs):
-            layout = tuple(inputs["image_grid_thw"].flatten().tolist())  # same images; texts are padded
-            by_layout.setdefault(layout, []).append((i, j))
+            by_layout.setdefault(vl_layout(inputs), []).append((i, j))  # same images; texts are padded
     for keys in by_layout.values():
         for chunk in _chunks(keys, max_batch):
             out = encoders.encode_vl([batch[i].vl_inputs[j] for i, j in chunk])
@@ -195,6 +193,11 @@ def encode_prepared(batch: list[Prepared], encoders: Encoders, max_batch: int = 
         ([latents[(i, j)] for j in range(len(p.vae_pixels))], [embeds[(i, j)] for j in range(len(p.vl_inputs))])
         for i, p in enumerate(batch)
     ]
+
+
+def vl_layout(inputs: dict[str, torch.Tensor]) -> tuple:
+    """The image grids of one VL input: inputs with equal layouts batch together (texts are padded)."""
+    return tuple(inputs["image_grid_thw"].flatten().tolist())
 
 
 def _chunks(items: list, size: int) -> list[list]:

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,18 @@ from shared.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^checkpoint-(\d{6,})$")
+
+
+@dataclass
+class Resumable:
+    """Everything a checkpoint saves and restores besides the step and counters."""
+
+    params: dict[str, torch.nn.Parameter]  # the trainable (LoRA) parameters, by name
+    optimizer: Any
+    scheduler: Any
+    ema: Any  # train.ema.LoraEMA or None
+    loader: Any  # train.loader.TrainLoader
+    generator: torch.Generator  # this rank's noise generator
 
 
 def checkpoint_name(step: int) -> str:
@@ -61,17 +74,7 @@ def resolve_resume(output_dir: Path, value: str) -> Path | None:
 
 
 def save_checkpoint(
-    output_dir: Path,
-    step: int,
-    accelerator,
-    params: dict[str, torch.nn.Parameter],
-    optimizer,
-    scheduler,
-    ema,
-    loader,
-    generator: torch.Generator,
-    state: dict[str, Any],
-    total_limit: int,
+    output_dir: Path, step: int, accelerator, run: Resumable, state: dict[str, Any], total_limit: int
 ) -> Path:
     """Write checkpoint `step` (all ranks call this); return its directory."""
     root = Path(output_dir) / CHECKPOINTS
@@ -82,18 +85,18 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
 
-    _save(_rng_state(generator), tmp / f"rng-rank{accelerator.process_index:02d}.safetensors")
+    _save(_rng_state(run.generator), tmp / f"rng-rank{accelerator.process_index:02d}.safetensors")
     if accelerator.is_main_process:
-        _save({name: p.detach().float().cpu() for name, p in params.items()}, tmp / "lora.safetensors")
-        if ema is not None:
-            _save(ema.state_dict(), tmp / "ema.safetensors")
-        tensors, optimizer_json = _flatten_optimizer(optimizer.state_dict())
+        _save({name: p.detach().float().cpu() for name, p in run.params.items()}, tmp / "lora.safetensors")
+        if run.ema is not None:
+            _save(run.ema.state_dict(), tmp / "ema.safetensors")
+        tensors, optimizer_json = _flatten_optimizer(run.optimizer.state_dict())
         _save(tensors, tmp / "optimizer.safetensors")
         trainer_state = dict(
             state,
             step=step,
-            loader=loader.state_dict(),
-            scheduler=scheduler.state_dict(),
+            loader=run.loader.state_dict(),
+            scheduler=run.scheduler.state_dict(),
             optimizer=optimizer_json,
             world_size=accelerator.num_processes,
         )
@@ -111,17 +114,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    path: Path,
-    accelerator,
-    params: dict[str, torch.nn.Parameter],
-    optimizer,
-    scheduler,
-    ema,
-    loader,
-    generator: torch.Generator,
-) -> dict[str, Any]:
-    """Restore everything `save_checkpoint` wrote; return the trainer state (step, counts, ...)."""
+def load_checkpoint(path: Path, accelerator, run: Resumable) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` wrote into `run`; return the trainer state (step, counts, ...)."""
+    params, ema = run.params, run.ema
     state = json.loads((path / "trainer_state.json").read_text())
     weights = load_file(str(path / "lora.safetensors"))
     missing = sorted(set(params) ^ set(weights))
@@ -133,17 +128,19 @@ def load_checkpoint(
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name].to(p.device, p.dtype))
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
+    run.optimizer.load_state_dict(
+        _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    )
+    run.scheduler.load_state_dict(state["scheduler"])
     if ema is not None:
         if (path / "ema.safetensors").is_file():
             ema.load_state_dict(load_file(str(path / "ema.safetensors")))
         else:
             ema.load_state_dict({name: p.detach() for name, p in params.items()})  # EMA turned on now: start here
-    loader.load_state_dict(state["loader"])
+    run.loader.load_state_dict(state["loader"])
     rng = path / f"rng-rank{accelerator.process_index:02d}.safetensors"
     if rng.is_file():
-        _restore_rng(load_file(str(rng)), generator)
+        _restore_rng(load_file(str(rng)), run.generator)
     else:
         accelerator.print(f"note: {path} has no RNG state for rank {accelerator.process_index}; noise will differ")
     return state

@@ -20,7 +20,7 @@ from shared.errors import UserError
 from shared.flavours import FLAVOURS
 from shared.models import load_scheduler_config
 from train import export
-from train.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from train.checkpoint import Resumable, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from train.ema import LoraEMA
 from train.loader import CacheReader, TrainLoader
 from train.metrics import TrainMetrics
@@ -80,10 +80,11 @@ def train(config: Config) -> Path:
     schedule = SigmaSchedule.from_config(cfg, load_scheduler_config(cfg.pretrained_model_name_or_path))
     noise = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
 
+    run = Resumable(params, optimizer, scheduler, ema, loader, noise)
     step, nonfinite_total = 0, 0
     resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
     if resume is not None:
-        restored = load_checkpoint(resume, accelerator, params, optimizer, scheduler, ema, loader, noise)
+        restored = load_checkpoint(resume, accelerator, run)
         step, nonfinite_total = restored["step"], restored["nonfinite_total"]
         accelerator.print(f"resumed from {resume} at step {step} (epoch {loader.epoch})")
     accelerator.print(
@@ -121,10 +122,7 @@ def train(config: Config) -> Path:
         )
         if cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0 or step == max_steps):
             state = {"nonfinite_total": nonfinite_total, "lora_config": lora_config, "flavour": flavour.name}
-            save_checkpoint(
-                output_dir, step, accelerator, params, optimizer, scheduler, ema, loader, noise, state,
-                cfg.checkpoints_total_limit,
-            )  # fmt: skip
+            save_checkpoint(output_dir, step, accelerator, run, state, cfg.checkpoints_total_limit)
 
     losses = metrics.close()
     check_ranks_agree(accelerator, params)

@@ -63,7 +63,7 @@ class TrainOrder:
             raise UserError("no training dataset: every main dataset is the eval dataset or has no train samples")
         self.sources, self.batch_size, self.world_size, self.seed = sources, batch_size, world_size, seed
         self.global_batch = batch_size * world_size
-        self.own_counts = [len(self._own_pass(s, 0)) for s in range(len(sources))]
+        self.own_counts = [len(_own_pass(self, s, 0)) for s in range(len(sources))]
         self.quotas = self._quotas()
         self.per_epoch = sum(self.quotas)  # global batches per epoch = batches per rank per epoch
 
@@ -98,14 +98,6 @@ class TrainOrder:
         slots = self.global_batch_at(position)
         return slots[rank * self.batch_size : (rank + 1) * self.batch_size]
 
-    def _own_pass(self, source: int, n: int) -> list[list[Slot]]:
-        return _own_pass(self, source, n)
-
-    def _own_batch(self, source: int, k: int) -> list[Slot]:
-        """Global batch `k` of a source's own endless stream (its pass k // count, batch k % count)."""
-        count = self.own_counts[source]
-        return self._own_pass(source, k // count)[k % count]
-
 
 @lru_cache(maxsize=8)
 def _own_pass(order: TrainOrder, source: int, n: int) -> list[list[Slot]]:
@@ -131,6 +123,8 @@ def _own_pass(order: TrainOrder, source: int, n: int) -> list[list[Slot]]:
 def _epoch(order: TrainOrder, epoch: int) -> list[list[Slot]]:
     batches = []
     for source, quota in enumerate(order.quotas):
-        batches += [order._own_batch(source, k) for k in range(epoch * quota, (epoch + 1) * quota)]
+        # Batches k of the source's own endless stream: its pass k // count, batch k % count.
+        count = order.own_counts[source]
+        batches += [_own_pass(order, source, k // count)[k % count] for k in range(epoch * quota, (epoch + 1) * quota)]
     random.Random(f"{order.seed}:epoch:{epoch}").shuffle(batches)
     return batches
