@@ -1,34 +1,39 @@
-"""Time the LoRA training step and its peak GPU memory, at real Qwen-Image-Edit size with random weights.
+"""Time the LoRA training step and its peak GPU memory per memory mode, at real Qwen-Image-Edit size.
 
-    python bench/train_step.py --size real --precision no_change int8-quanto      # one GPU
-    accelerate launch --num_processes 2 bench/train_step.py --size real           # DDP on 2 GPUs
-    python bench/train_step.py --size tiny --device cpu                           # anywhere
+    python bench/train_step.py                                   # every mode, edit-v1 and edit-v2 (3 refs), int8
+    python bench/train_step.py --modes baseline fast --flavours edit-v1 --precision no_change
+    python bench/train_step.py --modes auto --budget-gib 21.5 --cap-gib 23.5   # as a 24 GB card
+    python bench/train_step.py --gpus 2 --modes fast                            # DDP through accelerate
+    python bench/train_step.py --size tiny --device cpu --modes baseline fast   # anywhere
 
-Runs the loop's own optimizer step (`train.loop.optimizer_step`: flow-matching loss under bf16
-autocast, backward, the all-rank finite check, gradient clipping, AdamW, the LR schedule) through
-accelerate, so several processes train with DDP exactly as `train run` does. The transformer has
-the real shapes (60 blocks, 3072 wide, 20B parameters), built in place on each device; only the
-weights are random. Default shapes are an edit-v1 sample at 1024²: 4096 target tokens, 4096
-reference tokens and a ~1.4k-token VL embedding, one sample per GPU per step.
+Each configuration runs in its own process (so peak memory is its own), through accelerate and
+the loop's own `optimizer_step` (loss under bf16 autocast, backward, the all-rank finite check,
+clipping, AdamW, the LR schedule), on the real transformer shapes (60 blocks, 3072 wide, 20B
+parameters) with random weights, built on the host in bf16 and placed block by block as `train run`
+places a loaded checkpoint. `baseline` is the path before memory modes: every block checkpointed,
+eager, nothing offloaded. Modes size themselves to `--budget-gib` (default: the free memory);
+`--cap-gib` makes the allocator refuse more than that, as a smaller card would.
+
+Shapes: edit-v1 is a 1024² target with one 1024² reference (4096 + 4096 image tokens); edit-v2 has
+three 1024² references (16384 image tokens); both with a 1400-token VL embedding, one sample per GPU.
+Useful FLOPs count the linear layers' forward and input gradients and attention's forward and
+backward (no recomputation); MFU divides by the card's dense bf16 peak.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from diffusers import QwenImageTransformer2DModel
 
-from shared.config import TrainConfig
-from train.loader import Batch
-from train.loop import optimizer_step
-from train.model import prepare_for_lora
-from train.objective import SigmaSchedule
-from train.optim import build_optimizer, build_scheduler
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SIZES = {
     "real": dict(
@@ -39,117 +44,276 @@ SIZES = {
         axes_dims_rope=(16, 56, 56),
     ),
     "tiny": dict(
-        num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)
+        num_layers=4, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)
     ),
 }
+REFERENCES = {"edit-v1": 1, "edit-v2": 3}
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense, SXM
 
 
 def build_transformer(size: str, device: torch.device) -> torch.nn.Module:
-    """The transformer at `size`, initialised directly on `device` in bf16 (no host copy of 41 GB)."""
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with device:
-            return QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, **SIZES[size])
-    finally:
-        torch.set_default_dtype(default)
+    """The transformer at `size` in bf16 on the host, as `from_pretrained` leaves a checkpoint; random
+    weights (std 0.02) drawn on `device` block by block, so building 20B parameters takes seconds."""
+    from accelerate import init_empty_weights
+    from diffusers import QwenImageTransformer2DModel
+
+    with init_empty_weights():  # parameters on the meta device; buffers (RoPE tables) real
+        model = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, **SIZES[size])
+    generator = torch.Generator(device=device).manual_seed(0)
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                value = torch.randn(param.shape, generator=generator, device=device, dtype=torch.bfloat16) * 0.02
+                module._parameters[name] = torch.nn.Parameter(value.cpu(), requires_grad=False)
+    return model
 
 
-def bench(args: argparse.Namespace, precision: str, accelerator: Accelerator) -> dict:
+def useful_flops(config: dict, image_tokens: int, text_tokens: int) -> float:
+    """FLOPs a step must do: per block, each stream's linear layers forward and input gradient
+    (2 x 2 x tokens x in x out) and joint attention forward + backward (4 T² d, backward 2.5x)."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    per_token_linear = 4 * d * d + 2 * 4 * d * d  # q, k, v, out; MLP 4x up and down
+    linear = 2 * 2 * (image_tokens + text_tokens) * per_token_linear
+    attention = 4 * (image_tokens + text_tokens) ** 2 * d * 3.5
+    return config["num_layers"] * (linear + attention)
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """One configuration in this process (or these accelerate processes); returns its row."""
+    from accelerate import Accelerator
+
+    from shared.config import TrainConfig
+    from train.loader import Batch
+    from train.loop import optimizer_step
+    from train.memory import GIB, MemoryPlan, choose_plan, step_costs
+    from train.model import prepare_for_lora
+    from train.objective import SigmaSchedule
+    from train.optim import build_optimizer, build_scheduler
+
+    if args.device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "1"
+    accelerator = Accelerator(mixed_precision="bf16")
     device = accelerator.device
+    cuda = device.type == "cuda"
+    if cuda and args.cap_gib:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.cap_gib * GIB / total, torch.cuda.current_device())
+    n_refs = REFERENCES[args.flavour]
+    latent = args.resolution // 8
+    image_tokens = (1 + n_refs) * (latent // 2) ** 2
+    tokens = image_tokens + args.text_tokens
     config = TrainConfig(
-        base_model_precision=precision,
+        base_model_precision=args.precision,
         quantize_via="accelerator",
         lora_rank=args.rank,
         lora_alpha=args.rank,
-        gradient_checkpointing=args.gradient_checkpointing,
         lora_target=args.target,
+        memory_mode="auto" if args.mode in ("auto", "baseline") else args.mode,
+        memory_budget_gib=args.budget_gib,
+        prefer_cudnn_attention=args.cudnn_attention,
     )
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    transformer = prepare_for_lora(build_transformer(args.size, device), config, device)
+    transformer = build_transformer(args.size, device)
+    costs = step_costs(transformer, config, tokens)
+    budget = args.budget_gib * GIB if args.budget_gib else (torch.cuda.mem_get_info(device)[0] if cuda else 0.0)
+    explicit = set()
+    if args.mode == "baseline":
+        n = costs.n_blocks
+        estimate = costs.estimate(n, 0, False, False)
+        plan = MemoryPlan("baseline", n, frozenset(range(n)), (), False, False, estimate, budget)
+    else:
+        if args.compile is not None:
+            config.compile_blocks, explicit = args.compile, {"compile_blocks"}
+        plan = choose_plan(config, costs, budget, explicit)
+    torch.manual_seed(0)  # the same LoRA initialisation in every configuration
+    transformer = prepare_for_lora(transformer, config, device, plan)
     params = {name: p for name, p in transformer.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(list(params.values()), config)
     scheduler = build_scheduler(optimizer, config, args.warmup + args.steps, accelerator.num_processes)
     transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
-    setup = time.perf_counter() - t0
-    if device.type == "cuda":
-        # Peak while training, not while building: the bf16 weights exist briefly before quantisation.
+    if cuda:
+        # Peaks of the steps only: the bf16 blocks pass through the GPU once while being quantised.
         torch.cuda.synchronize()
-        weights = torch.cuda.memory_allocated() / 2**30
+        weights = torch.cuda.memory_allocated() / GIB
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    else:
-        weights = float("nan")
-    latent = args.resolution // 8
+    setup = time.perf_counter() - t0
     text_dim = accelerator.unwrap_model(transformer).config.joint_attention_dim
     g = torch.Generator(device=device).manual_seed(accelerator.process_index)
     batch = Batch(
         target=torch.randn(1, 16, latent, latent, device=device, generator=g).bfloat16(),
-        references=[torch.randn(1, 16, latent, latent, device=device, generator=g).bfloat16()],
+        references=[torch.randn(1, 16, latent, latent, device=device, generator=g).bfloat16() for _ in range(n_refs)],
         prompt=torch.randn(1, args.text_tokens, text_dim, device=device, generator=g).bfloat16(),
         prompt_mask=None,
     )
     batches = itertools.repeat(batch)
     schedule = SigmaSchedule(shift=1.73)
     transformer.train()
-    times = []
+    if args.grads_dir:
+        save_gradients(transformer, params, batch, schedule, accelerator, args.grads_dir / f"{args.one}.safetensors")
+    times, warmup_s = [], 0.0
     for step in range(args.warmup + args.steps):
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
         loss, _ = optimizer_step(accelerator, transformer, optimizer, scheduler, params, batches, schedule, g, config)
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
         if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(elapsed)
+        else:
+            warmup_s += elapsed
     times.sort()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     s_per_step = times[len(times) // 2]
-    result = {
-        "precision": precision,
-        "GPUs" if device.type == "cuda" else "processes": accelerator.num_processes,
-        "s/step (median)": s_per_step,
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
+    tflops = useful_flops(SIZES[args.size], image_tokens, args.text_tokens) / s_per_step / 1e12
+    row = {
+        "flavour": f"{args.flavour} ({n_refs} ref)",
+        "precision": args.precision,
+        "mode": args.mode + ("" if args.cudnn_attention else " (no cuDNN attn)"),
+        "plan": f"ckpt {len(plan.checkpointed)}, swap {len(plan.swapped)}, offload {int(plan.offload_activations)}, "
+        f"compile {int(plan.compile_blocks)}",
+        "GPUs": accelerator.num_processes,
+        "s/step": s_per_step,
         "samples/s": accelerator.num_processes / s_per_step,
-        "model GiB": weights,
-        "peak GiB (steps)": peak,
+        "TFLOP/s": tflops,
+        "MFU": tflops / peak_tflops,
+        "model GiB": weights if cuda else float("nan"),
+        "peak alloc GiB": torch.cuda.max_memory_allocated(device) / GIB if cuda else float("nan"),
+        "peak reserved GiB": torch.cuda.max_memory_reserved(device) / GIB if cuda else float("nan"),
+        "estimate GiB": plan.estimate_bytes / GIB,
+        "warmup s": warmup_s,
         "setup s": setup,
         "loss": loss,
-        "lora params": sum(p.numel() for p in params.values()),
+        "card": name,
     }
-    del transformer, optimizer, params
-    accelerator.free_memory()
-    return result
+    accelerator.end_training()
+    return row
+
+
+def save_gradients(transformer, params: dict, batch, schedule, accelerator, path: Path) -> None:
+    """Loss and LoRA gradients of one fixed batch and σ, saved for `compare_gradients` (lora_B is made
+    non-zero first, so lora_A gets a gradient too). Nothing is stepped."""
+    from safetensors.torch import save_file
+
+    from train.objective import flow_matching_loss
+
+    generator = torch.Generator(device=accelerator.device).manual_seed(1)
+    with torch.no_grad():
+        for name, p in params.items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator, device=p.device) * 1e-3)
+    with accelerator.autocast():
+        loss = flow_matching_loss(transformer, batch, schedule, torch.Generator(accelerator.device).manual_seed(2))
+    accelerator.backward(loss)
+    grads = {name: p.grad.detach().float().cpu() for name, p in params.items()}
+    grads["loss"] = loss.detach().float().cpu().reshape(1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(grads, str(path))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.grad = None
+            if "lora_B" in name:
+                p.zero_()  # back to peft's initialisation for the timed steps
+
+
+def compare_gradients(directory: Path) -> None:
+    """Each configuration's loss and LoRA gradients against the baseline of the same flavour and precision."""
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    for path in files:
+        flavour, precision, mode = path.stem.split(",")
+        reference = directory / f"{flavour},{precision},baseline.safetensors"
+        if mode == "baseline" or not reference.exists():
+            continue
+        ref, got = load_file(str(reference)), load_file(str(path))
+        errors = sorted(((got[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30)).item() for k in ref if k != "loss")
+        print(
+            f"parity {flavour} {precision} {mode} vs baseline: loss {got['loss'].item():.5f} vs "
+            f"{ref['loss'].item():.5f}; LoRA gradient relative error median {errors[len(errors) // 2]:.2e}, "
+            f"max {errors[-1]:.2e} over {len(errors)} tensors"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=list(SIZES), default="real")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    parser.add_argument("--precision", nargs="+", default=["no_change", "int8-quanto"])
+    parser.add_argument("--flavours", nargs="+", default=list(REFERENCES), choices=list(REFERENCES))
+    parser.add_argument("--modes", nargs="+", default=["baseline", "fast", "balanced", "low", "minimal"])
+    parser.add_argument("--precision", nargs="+", default=["int8-quanto"])
+    parser.add_argument("--budget-gib", type=float, default=0.0, help="memory budget the modes size to (0: free)")
+    parser.add_argument("--cap-gib", type=float, default=0.0, help="refuse allocations beyond this (a smaller card)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="override compile")
+    parser.add_argument("--cudnn-attention", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--gpus", type=int, default=1, help="> 1: run each configuration under accelerate launch")
     parser.add_argument("--resolution", type=int, default=1024, help="target and reference side, pixels")
     parser.add_argument("--text-tokens", type=int, default=1400, help="VL embedding length")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--target", default="attention")
-    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
+    parser.add_argument("--grads-dir", type=Path, help="save each configuration's gradients here and compare")
+    parser.add_argument("--json", type=Path, help="append every row to this JSON-lines file")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "flavour,precision,mode" in this process
+    parser.add_argument("--render", type=Path, help="only print the table of a --json file")
     args = parser.parse_args()
-    if args.device == "cpu":
-        os.environ["ACCELERATE_USE_CPU"] = "1"
-    accelerator = Accelerator(mixed_precision="bf16")
-    name = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else "cpu"
-    accelerator.print(
-        f"device: {accelerator.num_processes} x {name}; size {args.size}; {args.resolution}² edit-v1 shapes; "
-        f"{args.text_tokens} text tokens"
-    )
-    rows = [bench(args, precision, accelerator) for precision in args.precision]
-    keys = list(rows[0])
-    accelerator.print(" | ".join(keys))
+    if args.render:
+        print_table([json.loads(line) for line in args.render.read_text().splitlines() if line.strip()])
+        return
+    if args.one:
+        args.flavour, args.precision, args.mode = args.one.split(",")
+        row = run_one(args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("ROW " + json.dumps(row), flush=True)
+        return
+
+    rows = []
+    passthrough = [a for a in sys.argv[1:] if not a.startswith("--one")]
+    for flavour, precision, mode in itertools.product(args.flavours, args.precision, args.modes):
+        launcher = [sys.executable]
+        if args.gpus > 1:
+            launcher += ["-m", "accelerate.commands.launch", "--num_processes", str(args.gpus)]
+        command = launcher + [__file__, *passthrough, "--one", f"{flavour},{precision},{mode}"]
+        env = dict(os.environ)
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `train run` sets it
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+            out = result.stdout + result.stderr
+        except subprocess.TimeoutExpired as err:
+            text = [t.decode() if isinstance(t, bytes) else (t or "") for t in (err.stdout, err.stderr)]
+            out = "".join(text) + f"\ntimed out after {args.timeout} s"
+        found = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
+        if not found:
+            tail = out.strip().splitlines()[-15:]
+            row = {"flavour": flavour, "precision": precision, "mode": mode, "error": " | ".join(tail)[-1500:]}
+        else:
+            row = found[0]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with args.json.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    if args.grads_dir:
+        compare_gradients(args.grads_dir)
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    """The rows as a Markdown table (failed configurations say why)."""
+    keys = ["flavour", "precision", "mode", "plan", "GPUs", "s/step", "samples/s", "TFLOP/s", "MFU"]
+    keys += ["peak alloc GiB", "peak reserved GiB", "estimate GiB", "model GiB", "card"]
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
     for row in rows:
-        accelerator.print(" | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in keys))
-    accelerator.end_training()
+        if "error" in row:
+            print(f"| {row['flavour']} | {row['precision']} | {row['mode']} | FAILED: {row['error'][-300:]} |")
+            continue
+        print("| " + " | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in keys) + " |")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,14 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_target: str = "attention"  # a preset, or a list of module names (suffixes) to adapt
     mixed_precision: str = "bf16"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # set: every block (SimpleTuner's meaning); unset: memory_mode decides
+    gradient_checkpointing_interval: int = 1  # checkpoint every n-th block (SimpleTuner's meaning)
+    memory_mode: str = "auto"  # "auto", "fast", "balanced", "low", "minimal" (train/memory.py)
+    memory_budget_gib: float = 0.0  # GPU memory the step may use; 0: what is free at start
+    blocks_to_swap: int = 0  # blocks whose frozen weights stay in pinned host memory; unset: memory_mode decides
+    offload_activations: bool = False  # checkpointed blocks keep their inputs in host memory; unset: mode decides
+    compile_blocks: bool = False  # torch.compile each block; unset: on with a GPU
+    prefer_cudnn_attention: bool = True  # attention through cuDNN first, then flash (fastest on Hopper)
     base_model_precision: str = "no_change"
     quantize_via: str = "accelerator"
     flow_schedule_shift: float = 1.0
@@ -116,6 +123,7 @@ class Config:
     config_path: Path
     backend_path: Path
     ignored: list[str]  # "file: key" for every key we read past
+    explicit: set[str] = field(default_factory=set)  # config.json keys the user set (or overrode)
 
     def ignored_report(self) -> list[str]:
         """Lines telling the user which keys were read past (empty when none were)."""
@@ -157,6 +165,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model_flavour": tuple(FLAVOURS),
     "mixed_precision": ("bf16", "no"),
     "base_model_precision": BASE_MODEL_PRECISIONS,
+    "memory_mode": ("auto", "fast", "balanced", "low", "minimal"),
     "quantize_via": ("cpu", "accelerator"),
     "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "polynomial"),
     "lora_target": ("attention", "attention_image", "attention_mlp"),
@@ -194,6 +203,11 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
         train.pretrained_model_name_or_path = FLAVOURS[train.model_flavour].default_model
     if not 0 <= train.caption_dropout_probability < 1:
         raise UserError(f"{config_path}: key 'caption_dropout_probability' must be in [0, 1)")
+    if train.gradient_checkpointing_interval < 1 or train.blocks_to_swap < 0 or train.memory_budget_gib < 0:
+        raise UserError(
+            f"{config_path}: 'gradient_checkpointing_interval' must be >= 1, 'blocks_to_swap' and "
+            "'memory_budget_gib' >= 0"
+        )
     if train.train_batch_size < 1 or train.gradient_accumulation_steps < 1:
         raise UserError(f"{config_path}: 'train_batch_size' and 'gradient_accumulation_steps' must be >= 1")
 
@@ -212,7 +226,8 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
         if isinstance(dataset.conditioning_data, str):
             dataset.conditioning_data = [dataset.conditioning_data]
         datasets.append(dataset)
-    config = Config(train, datasets, config_path, backend_path, ignored)
+    explicit = {k for k in raw if k in {f.name for f in fields(TrainConfig)}}
+    config = Config(train, datasets, config_path, backend_path, ignored, explicit)
     _check_datasets(config)
     return config
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -24,8 +25,12 @@ def run_command(
     max_train_steps: int = typer.Option(None, help="overrides max_train_steps"),
     pretrained_model_name_or_path: str = typer.Option(None, help="overrides pretrained_model_name_or_path"),
     resume_from_checkpoint: str = typer.Option(None, help="'latest' or a checkpoint dir; overrides the config"),
+    memory_mode: str = typer.Option(None, help="auto, fast, balanced, low or minimal; overrides memory_mode"),
 ) -> None:
     """Train a LoRA; it is saved in <output_dir> in diffusers and ComfyUI formats (and <output_dir>/ema)."""
+    # Grow memory segments instead of caching fixed blocks: peak reserved stays near peak allocated,
+    # which the memory modes size against. Must be set before CUDA starts; the user's setting wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from train.loop import train
 
     overrides = {
@@ -35,6 +40,7 @@ def run_command(
             "max_train_steps": max_train_steps,
             "pretrained_model_name_or_path": pretrained_model_name_or_path,
             "resume_from_checkpoint": resume_from_checkpoint,
+            "memory_mode": memory_mode,
         }.items()
         if v is not None
     }

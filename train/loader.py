@@ -254,6 +254,16 @@ class TrainLoader:
     def epoch(self) -> int:
         return self.position // self.order.per_epoch
 
+    def largest_batch_tokens(self, batch_size: int) -> int:
+        """Transformer tokens of this rank's largest possible batch: image tokens (target and references,
+        16 pixels a side each: the VAE's 8 times the 2x2 packing) plus the longest caption, times the batch."""
+        largest = 0
+        for reader in self.readers:
+            for row in reader.rows:
+                pixels = row["height"] * row["width"] + sum(h * w for h, w in row["ref_sizes"])
+                largest = max(largest, pixels // 256 + max(row["prompt_lens"]))
+        return largest * batch_size
+
     def state_dict(self) -> dict:
         return {
             "position": self.position,

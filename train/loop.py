@@ -20,9 +20,11 @@ from shared.errors import UserError
 from shared.flavours import FLAVOURS
 from shared.models import load_scheduler_config
 from train import export
+from train.blocks import attention_backends
 from train.checkpoint import Resumable, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from train.ema import LoraEMA
 from train.loader import CacheReader, TrainLoader
+from train.memory import MEMORY_KEYS, MemoryPlan
 from train.metrics import TrainMetrics
 from train.model import load_lora_transformer
 from train.objective import SigmaSchedule, flow_matching_loss
@@ -67,8 +69,11 @@ def train(config: Config) -> Path:
     steps_per_epoch = max(1, loader.batches_per_epoch // cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
 
-    # Model and optimisation: frozen (quantised) base, fp32 LoRA, AdamW, schedule, EMA.
-    transformer = load_lora_transformer(cfg, accelerator.device)
+    # Model and optimisation: frozen (quantised) base placed as the memory plan says, fp32 LoRA,
+    # AdamW, schedule, EMA.
+    tokens = loader.largest_batch_tokens(cfg.train_batch_size)
+    transformer, plan = load_lora_transformer(cfg, accelerator.device, tokens, config.explicit)
+    report_memory_plan(accelerator, plan, cfg, config.explicit, tokens)
     params = {name: p for name, p in transformer.named_parameters() if p.requires_grad}
     lora_config = export.json_safe(transformer.peft_config["default"].to_dict())
     optimizer = build_optimizer(list(params.values()), cfg)
@@ -140,6 +145,19 @@ def train(config: Config) -> Path:
     return lora_path
 
 
+def report_memory_plan(accelerator, plan: MemoryPlan, cfg: TrainConfig, explicit: set[str], tokens: int) -> None:
+    """Say what the memory plan is, why, and which of the user's keys shaped it."""
+    accelerator.print(f"{plan.describe()}; largest batch {tokens} tokens")
+    chosen = sorted(k for k in explicit if k in MEMORY_KEYS)
+    if chosen:
+        accelerator.print(f"  set in your config (these win over memory_mode): {', '.join(chosen)}")
+    if "gradient_checkpointing" in explicit and cfg.gradient_checkpointing and cfg.memory_mode == "auto":
+        accelerator.print(
+            "  note: gradient_checkpointing true checkpoints every block, as in SimpleTuner; remove it to let "
+            "memory_mode auto checkpoint only as many blocks as memory needs (faster)"
+        )
+
+
 def optimizer_step(accelerator, transformer, optimizer, scheduler, params, batches, schedule, noise, cfg: TrainConfig):
     """One optimizer step over `gradient_accumulation_steps` micro-batches; returns (mean loss, finite?).
 
@@ -149,7 +167,8 @@ def optimizer_step(accelerator, transformer, optimizer, scheduler, params, batch
     total = torch.zeros((), device=accelerator.device)
     for _ in range(cfg.gradient_accumulation_steps):
         batch = next(batches).to(accelerator.device)
-        with accelerator.accumulate(transformer), accelerator.autocast():
+        attention = attention_backends(cfg.prefer_cudnn_attention)
+        with accelerator.accumulate(transformer), accelerator.autocast(), attention:
             loss = flow_matching_loss(transformer, batch, schedule, noise)
             accelerator.backward(loss)
         total += loss.detach().float() / cfg.gradient_accumulation_steps

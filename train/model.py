@@ -1,4 +1,5 @@
-"""The trainable model: the frozen (optionally quantised) transformer with LoRA adapters in fp32."""
+"""The trainable model: the frozen (optionally quantised) transformer with LoRA adapters in fp32,
+its blocks placed and run as the memory plan says (`train.memory`, `train.blocks`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from peft import LoraConfig
 
 from shared.config import TrainConfig
 from shared.models import load_transformer
+from train import blocks
+from train.blocks import BlockSwap
+from train.memory import MemoryPlan, choose_plan, free_memory, step_costs
 
 _ATTENTION_IMAGE = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
 _ATTENTION_TEXT = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
@@ -28,40 +32,58 @@ def unused_outputs(transformer: torch.nn.Module) -> list[str]:
     return [f"{last}.attn.to_add_out", f"{last}.txt_mlp.net.0.proj", f"{last}.txt_mlp.net.2"]
 
 
-def quantize_base(model: torch.nn.Module, precision: str, device: torch.device, via: str) -> None:
-    """Quantise the frozen transformer blocks with optimum-quanto, one block at a time, onto `device`.
+def place_blocks(
+    model: torch.nn.Module, precision: str, device: torch.device, via: str, swap: BlockSwap | None
+) -> None:
+    """Quantise the frozen blocks with optimum-quanto (unless `no_change`) one at a time, and place each:
+    on `device`, or, for blocks `swap` names, in pinned host memory behind its GPU slot.
 
     `via` "accelerator" moves each bf16 block to `device` and quantises it there (fast); "cpu"
     quantises each block on the CPU and moves only the quantised block. Either way the GPU never
-    holds more than the quantised model plus one bf16 block, so a 20B model needs no 40 GB GPU.
+    holds more than the resident blocks plus one bf16 block, so a 20B model needs no 40 GB GPU.
     Everything outside the blocks (img_in, txt_in, txt_norm, time_text_embed, norm_out, proj_out)
     and every norm inside them stays in bf16.
     """
     from optimum.quanto import freeze, qfloat8, qint2, qint4, qint8, quantize
 
-    weights = {"int8-quanto": qint8, "fp8-quanto": qfloat8, "int4-quanto": qint4, "int2-quanto": qint2}[precision]
-    for block in model.transformer_blocks:
-        if via == "accelerator":
+    weights = {"int8-quanto": qint8, "fp8-quanto": qfloat8, "int4-quanto": qint4, "int2-quanto": qint2}.get(precision)
+    for index, block in enumerate(model.transformer_blocks):
+        if weights is not None:
+            if via == "accelerator":
+                block.to(device)
+            quantize(block, weights=weights, exclude=["*norm*"])
+            freeze(block)
+            block.requires_grad_(False)  # freeze() makes new Parameters, which default to requires_grad
+        if swap is not None and index in swap.slot_of:
+            swap.adopt(index, block)
+        else:
             block.to(device)
-        quantize(block, weights=weights, exclude=["*norm*"])
-        freeze(block)
-        block.to(device)
 
 
-def load_lora_transformer(config: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """Load the transformer with `from_pretrained`, freeze and quantise it, add LoRA adapters."""
+def load_lora_transformer(
+    config: TrainConfig,
+    device: torch.device,
+    tokens: int,
+    explicit: set[str] = frozenset(),
+    budget: float | None = None,
+) -> tuple[torch.nn.Module, MemoryPlan]:
+    """Load the transformer with `from_pretrained`, choose its memory plan for batches of `tokens`
+    tokens within `budget` bytes (default: the GPU's free memory), quantise, place, add LoRA."""
     transformer = load_transformer(config.pretrained_model_name_or_path, dtype=torch.bfloat16)
-    return prepare_for_lora(transformer, config, device)
+    costs = step_costs(transformer, config, tokens)
+    plan = choose_plan(config, costs, free_memory(device, config) if budget is None else budget, explicit)
+    return prepare_for_lora(transformer, config, device, plan), plan
 
 
-def prepare_for_lora(transformer: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """Freeze `transformer`, quantise it as `base_model_precision` says, add fp32 LoRA adapters."""
+def prepare_for_lora(
+    transformer: torch.nn.Module, config: TrainConfig, device: torch.device, plan: MemoryPlan
+) -> torch.nn.Module:
+    """Freeze `transformer`, quantise it as `base_model_precision` says, place its blocks as `plan`
+    says, add fp32 LoRA adapters, and give every block its checkpointing / compile / swap behaviour."""
     transformer.requires_grad_(False)
-    if config.base_model_precision != "no_change":
-        quantize_base(transformer, config.base_model_precision, device, config.quantize_via)
+    swap = BlockSwap(list(plan.swapped), device) if plan.swapped else None
+    place_blocks(transformer, config.base_model_precision, device, config.quantize_via, swap)
     transformer.to(device)
-    if config.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
@@ -74,4 +96,5 @@ def prepare_for_lora(transformer: torch.nn.Module, config: TrainConfig, device: 
     for param in transformer.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # adapters train in fp32; autocast computes in bf16
+    blocks.install(transformer, set(plan.checkpointed), plan.offload_activations, plan.compile_blocks, swap)
     return transformer

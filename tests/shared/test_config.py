@@ -77,3 +77,15 @@ def test_cache_dir_follows_design_order(tmp_path):
     backend = [dict(BACKEND[0], cache_dir_vae="cache/vae/edits"), BACKEND[1]]
     config = load_config(_write(tmp_path, {}, backend))
     assert str(config.cache_dir_for(config.main_datasets()[0])) == "cache/vae/edits"
+
+
+def test_memory_keys_are_read_and_the_ones_you_set_are_remembered(tmp_path):
+    path = _write(tmp_path, {"--memory_mode": "low", "blocks_to_swap": "12", "gradient_checkpointing": "true"}, BACKEND)
+    config = load_config(path)
+    assert config.train.memory_mode == "low" and config.train.blocks_to_swap == 12
+    assert {"memory_mode", "blocks_to_swap", "gradient_checkpointing", "data_backend_config"} == config.explicit
+    bad = _write(tmp_path, {"memory_mode": "tiny"}, BACKEND)
+    with pytest.raises(UserError, match=r"key 'memory_mode' is 'tiny'; use one of 'auto', 'fast'"):
+        load_config(bad)
+    with pytest.raises(UserError, match="'gradient_checkpointing_interval' must be >= 1"):
+        load_config(_write(tmp_path, {"gradient_checkpointing_interval": 0}, BACKEND))

@@ -61,13 +61,19 @@ def project(tmp_path_factory, tiny_models):
     return make
 
 
-def test_stop_and_resume_equals_training_straight_through(project, tmp_path):
+# Memory levers for the stopped-and-resumed run: the straight run uses none (CPU: nothing checkpointed).
+LEVERS = {"gradient_checkpointing": True, "blocks_to_swap": 1, "offload_activations": True}
+
+
+@pytest.mark.parametrize("levers", [{}, LEVERS], ids=["plain", "swap-checkpoint-offload"])
+def test_stop_and_resume_equals_training_straight_through(project, tmp_path, levers):
     straight = train(load_config(project(tmp_path / "straight", max_train_steps=6)))
 
     resumed_dir = tmp_path / "resumed"
-    train(load_config(project(resumed_dir, max_train_steps=3)))  # "stopped" after step 3 (last checkpoint)
+    train(load_config(project(resumed_dir, max_train_steps=3, **levers)))  # "stopped" after step 3
     assert [p.name for p in list_checkpoints(resumed_dir)] == ["checkpoint-000002", "checkpoint-000003"]
-    resumed = train(load_config(project(resumed_dir, max_train_steps=6, resume_from_checkpoint="latest")))
+    resume = dict(levers, max_train_steps=6, resume_from_checkpoint="latest")
+    resumed = train(load_config(project(resumed_dir, **resume)))
 
     for a, b in [(straight, resumed), (straight.parent / "ema" / LORA_FILE, resumed.parent / "ema" / LORA_FILE)]:
         x, y = load_file(a), load_file(b)

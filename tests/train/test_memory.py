@@ -1,0 +1,158 @@
+"""Memory modes: every lever leaves the loss and LoRA gradients as the plain path; `auto` fits the card."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from diffusers import QwenImageTransformer2DModel
+
+from shared.config import TrainConfig
+from shared.errors import UserError
+from train.blocks import BlockForward, plain_tensors
+from train.loader import Batch
+from train.memory import GIB, MemoryPlan, choose_plan, spread, step_costs
+from train.model import prepare_for_lora
+from train.objective import SigmaSchedule, flow_matching_loss
+
+TINY = dict(
+    num_layers=4, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)
+)
+REAL = dict(num_layers=60, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584)
+
+
+def tiny_lora_transformer(plan: MemoryPlan) -> torch.nn.Module:
+    """A 4-block int8 transformer with LoRA (lora_B non-zero, so every adapter has a gradient), placed per `plan`."""
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, **TINY).bfloat16()
+    config = TrainConfig(base_model_precision="int8-quanto", lora_rank=4, lora_alpha=4)
+    transformer = prepare_for_lora(transformer, config, torch.device("cpu"), plan)
+    for name, param in transformer.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return transformer
+
+
+def loss_and_gradients(transformer: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    batch = Batch(
+        target=torch.randn(1, 16, 8, 12, generator=g).bfloat16(),
+        references=[torch.randn(1, 16, 8, 8, generator=g).bfloat16()],
+        prompt=torch.randn(1, 9, 32, generator=g).bfloat16(),
+        prompt_mask=None,
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = flow_matching_loss(transformer, batch, SigmaSchedule(shift=1.73), torch.Generator().manual_seed(0))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad}
+
+
+def plan(checkpointed=(), swapped=(), offload=False, compiled=False) -> MemoryPlan:
+    return MemoryPlan("test", 4, frozenset(checkpointed) | frozenset(swapped), tuple(swapped), offload, compiled)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    """The plain path: diffusers' own block forward, nothing checkpointed, swapped or compiled."""
+    transformer = tiny_lora_transformer(plan())
+    for block in transformer.transformer_blocks:
+        assert isinstance(block.forward, BlockForward)
+        del block.forward  # back to the class's forward
+    return loss_and_gradients(transformer)
+
+
+@pytest.mark.parametrize(
+    "lever",
+    [
+        plan(checkpointed={1, 3}),
+        plan(checkpointed={0, 1, 2, 3}, offload=True),
+        plan(swapped=(0, 1, 3)),
+        plan(checkpointed={2}, swapped=(0, 1, 3), offload=True),
+    ],
+    ids=["checkpoint-some", "checkpoint-all-offload", "swap-3-of-4", "swap-checkpoint-offload"],
+)
+def test_eager_levers_compute_exactly_the_plain_step(plain, lever):
+    transformer = tiny_lora_transformer(lever)
+    loss, grads = loss_and_gradients(transformer)
+    want_loss, want = plain
+    assert grads.keys() == want.keys()
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+    for name in want:
+        torch.testing.assert_close(grads[name], want[name], rtol=0, atol=0, msg=name)
+
+
+def test_swapped_blocks_share_two_gpu_slots_and_are_copied_in_as_they_run():
+    transformer = tiny_lora_transformer(plan(swapped=(0, 1, 2, 3)))
+    blocks = transformer.transformer_blocks
+    swap = blocks[0].forward.swap
+    data = [b.attn.to_q.base_layer.weight._data.data_ptr() for b in blocks]
+    # swapped block k runs from slot k % 2: blocks 0 and 2 share one set of parameters, 1 and 3 the other
+    assert data[0] == data[2] and data[1] == data[3] and data[0] != data[1]
+    first = [t.clone() for t in plain_tensors(blocks[0].attn.to_q.base_layer.weight)]
+    # each block's own bytes are kept on the host, and differ between blocks
+    assert len(swap.host) == 4 and not torch.equal(swap.host[0][0], swap.host[2][0])
+    loss_and_gradients(transformer)
+    # forward: 0, 1 resident, then 2 and 3 copied in; backward: 3, 2 resident, then 1 and 0 copied in
+    assert swap.copies == 4
+    assert swap.resident == [0, 1]
+    now = plain_tensors(blocks[0].attn.to_q.base_layer.weight)
+    assert all(torch.equal(a, b) for a, b in zip(first, now, strict=True))  # block 0 is back in slot 0
+
+
+def test_compiled_blocks_keep_loss_and_gradients_within_bf16_rounding(plain):
+    torch._dynamo.reset()
+    transformer = tiny_lora_transformer(plan(checkpointed={0, 2}, compiled=True))
+    loss, grads = loss_and_gradients(transformer)
+    want_loss, want = plain
+    torch.testing.assert_close(loss, want_loss, rtol=1e-3, atol=0)
+    errors = sorted(((grads[n] - want[n]).norm() / want[n].norm().clamp_min(1e-12)).item() for n in want)
+    # inductor rounds bf16 intermediates differently; a wrong computation would be off by ~100%
+    assert errors[len(errors) // 2] < 0.02 and errors[-1] < 0.1, errors
+
+
+def real_size_costs(config: TrainConfig, tokens: int):
+    with init_empty_weights():  # parameters on the meta device: counted, never allocated
+        transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, **REAL)
+    return step_costs(transformer, config, tokens)
+
+
+EDIT_V1_TOKENS = 4096 + 4096 + 1400  # 1024² target and reference, a 1400-token instruction
+
+
+def test_auto_picks_smaller_modes_as_the_card_gets_smaller():
+    config = TrainConfig(base_model_precision="int8-quanto")
+    costs = real_size_costs(config, EDIT_V1_TOKENS)
+    assert 0.3 * GIB < costs.block_weights < 0.35 * GIB  # a block of the 20B model in int8
+    plans = {gib: choose_plan(config, costs, gib * GIB, set()) for gib in (78, 28, 26, 21.5, 15, 11)}
+    assert [plans[g].mode for g in plans] == ["fast", "fast", "balanced", "low", "low", "minimal"]
+    assert plans[78].swapped == () and len(plans[78].checkpointed) < len(plans[28].checkpointed)
+    assert plans[26].offload_activations and not plans[28].offload_activations
+    assert 0 < len(plans[21.5].swapped) < len(plans[15].swapped) <= 30 < len(plans[11].swapped)
+    for gib, chosen in plans.items():
+        assert chosen.estimate_bytes <= gib * GIB
+        assert set(chosen.swapped) <= chosen.checkpointed  # a swapped block is always checkpointed
+    with pytest.raises(UserError, match="smallest memory mode needs"):
+        choose_plan(config, costs, 4 * GIB, set())
+
+
+def test_a_chosen_mode_sizes_itself_and_user_knobs_win():
+    config = TrainConfig(base_model_precision="int8-quanto", memory_mode="low")
+    costs = real_size_costs(config, EDIT_V1_TOKENS)
+    low = choose_plan(config, costs, 21.5 * GIB, set())
+    assert low.mode == "low" and low.offload_activations and len(low.checkpointed) == 60
+    # SimpleTuner's keys keep their meaning: every block, or every n-th
+    config.gradient_checkpointing, config.gradient_checkpointing_interval = True, 3
+    knobs = {"gradient_checkpointing", "gradient_checkpointing_interval", "blocks_to_swap", "offload_activations"}
+    config.blocks_to_swap, config.offload_activations, config.memory_mode = 0, False, "fast"
+    chosen = choose_plan(config, costs, 0.0, knobs)
+    assert chosen.checkpointed == frozenset(range(0, 60, 3)) and chosen.swapped == ()
+    assert not chosen.offload_activations
+    config.blocks_to_swap = 30
+    chosen = choose_plan(config, costs, 0.0, knobs)
+    assert chosen.swapped == tuple(spread(30, 60)) and set(chosen.swapped) <= chosen.checkpointed
+
+
+def test_spread_alternates_blocks():
+    assert spread(0, 60) == []
+    assert spread(30, 60) == list(range(0, 60, 2)) or spread(30, 60) == list(range(1, 60, 2))
+    assert len(spread(7, 60)) == 7 and len(spread(60, 60)) == 60

@@ -1,0 +1,188 @@
+"""How each transformer block runs: compiled or not, checkpointed or not, weights resident or swapped.
+
+The diffusers transformer's own forward still runs the model (so training computes exactly what
+inference computes); we only replace each block's `forward` with a `BlockForward`, which keeps the
+module's names (LoRA keys and exports are unchanged) and adds, per block:
+
+- `torch.compile` of the block's own forward (one compiled graph shared by all 60 blocks);
+- gradient checkpointing (non-reentrant): the block keeps only its inputs and recomputes the rest
+  in backward, optionally with those inputs in pinned host memory (`offload_activations`);
+- block swap (`BlockSwap`): the block's frozen weights live in pinned host memory and are copied
+  into one of two GPU slots on a side stream while the block before it computes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold `tensor`'s bytes: itself, or a quanto tensor's inner data and scales."""
+    if not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [t for name in names for t in plain_tensors(getattr(tensor, name))]
+
+
+def frozen_parameters(block: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, str, torch.nn.Parameter]]:
+    """(module, name, parameter) for every frozen parameter of `block`, in a fixed order (LoRA excluded)."""
+    for module in block.modules():
+        for name, param in module._parameters.items():
+            if param is not None and not param.requires_grad:
+                yield module, name, param
+
+
+def block_bytes(block: torch.nn.Module) -> int:
+    """Bytes of `block`'s frozen weights (quantised bytes and scales for quanto weights)."""
+    return sum(t.numel() * t.element_size() for _, _, p in frozen_parameters(block) for t in plain_tensors(p))
+
+
+class BlockSwap:
+    """Frozen weights of some blocks in pinned host memory; two GPU slots hold the ones about to run.
+
+    All blocks have the same shapes, so the swapped blocks share two sets of GPU parameters (the
+    slots): swapped block k (in forward order) always runs from slot k % 2, and "loading" a block
+    is an in-place copy of its host bytes into its slot, on a side stream. Module devices, dtypes
+    and shapes never change, so compiled code and LoRA layers see ordinary GPU parameters.
+
+    While swapped block k runs, the next swapped block in the direction of travel (k + 1 in
+    forward, k - 1 in the backward pass's recomputation) is copied into the other slot. The copy
+    waits for everything already queued on the compute stream, so it never overwrites weights a
+    queued kernel still reads; the block waits for its copy before it runs. Swapped blocks must be
+    checkpointed: otherwise autograd would keep slot weights for backward that a later copy overwrites.
+    """
+
+    def __init__(self, swapped: list[int], device: torch.device):
+        self.order = sorted(swapped)
+        self.slot_of = {index: k % 2 for k, index in enumerate(self.order)}
+        self.device = device
+        self.host: dict[int, list[torch.Tensor]] = {}  # block index -> its plain tensors, pinned
+        self.slots: list[list[torch.nn.Parameter]] = [[], []]  # the shared GPU parameters of each slot
+        self.resident: list[int | None] = [None, None]  # which block's bytes each slot holds
+        self.ready: list[torch.cuda.Event | None] = [None, None]
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.copies = 0  # blocks copied host -> GPU so far (for tests and logs)
+
+    def adopt(self, index: int, block: torch.nn.Module) -> None:
+        """Take block `index` (frozen, quantised or not, on any device): keep its bytes on the host, run it
+        from its slot."""
+        params = list(frozen_parameters(block))
+        pin = self.device.type == "cuda"
+        host = [t.detach().cpu() for _, _, p in params for t in plain_tensors(p)]
+        self.host[index] = [t.pin_memory() if pin else t.clone() for t in host]
+        slot = self.slot_of[index]
+        if not self.slots[slot]:  # the first block of a slot lends it its own parameters
+            block.to(self.device)
+            self.slots[slot] = [p for _, _, p in frozen_parameters(block)]
+            self.resident[slot] = index
+            return
+        if [p.shape for _, _, p in params] != [p.shape for p in self.slots[slot]]:
+            raise ValueError(f"block {index} differs in shape from the other swapped blocks")
+        for (module, name, _), shared in zip(params, self.slots[slot], strict=True):
+            module._parameters[name] = shared  # the block's own copy is freed: the host copy is its weights now
+        block.to(self.device)  # buffers (small) stay resident
+
+    def before(self, index: int, backward: bool) -> None:
+        """Block `index` is about to run: make its weights resident and start fetching the next one."""
+        if index not in self.slot_of:
+            return
+        slot = self.slot_of[index]
+        if self.resident[slot] != index:  # not prefetched (the first block of a pass)
+            self._load(index)
+        if self.ready[slot] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+        k = self.order.index(index) + (-1 if backward else 1)
+        if 0 <= k < len(self.order) and self.resident[self.slot_of[self.order[k]]] != self.order[k]:
+            self._load(self.order[k])
+
+    def _load(self, index: int) -> None:
+        slot = self.slot_of[index]
+        destination = [t for p in self.slots[slot] for t in plain_tensors(p)]
+        if self.stream is None:  # CPU: a plain copy, in order
+            for dst, src in zip(destination, self.host[index], strict=True):
+                dst.copy_(src)
+        else:
+            queued = torch.cuda.current_stream(self.device).record_event()  # last use of this slot is queued
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(queued)
+                for dst, src in zip(destination, self.host[index], strict=True):
+                    dst.copy_(src, non_blocking=True)
+                self.ready[slot] = self.stream.record_event()
+        self.resident[slot] = index
+        self.copies += 1
+
+
+class BlockForward:
+    """Replaces `block.forward`: swap in, then run (compiled or not) under checkpointing or not.
+
+    Installed as an instance attribute, so `block(...)` (the transformer's own loop) calls it.
+    The recomputation in backward calls `run` directly, which is how `run` tells the two apart.
+    """
+
+    def __init__(
+        self,
+        block: torch.nn.Module,
+        index: int,
+        checkpointed: bool,
+        offload: bool,
+        compiled: bool,
+        swap: BlockSwap | None,
+    ):
+        forward: Callable = type(block).forward.__get__(block)  # the class's forward, bound to this block
+        self.signature = inspect.signature(forward)
+        self.forward = torch.compile(forward) if compiled else forward
+        self.index, self.checkpointed, self.offload, self.swap = index, checkpointed, offload, swap
+        self._in_forward = False
+
+    def __call__(self, *args, **kwargs):
+        if not (self.checkpointed and torch.is_grad_enabled()):
+            return self.run(*args, **kwargs)
+        # Positional only: checkpoint saves positional tensors through autograd (so save_on_cpu can
+        # move them to the host) but would keep tensors passed by keyword on the GPU.
+        args = self.signature.bind(*args, **kwargs).args
+        self._in_forward = True
+        try:
+            if self.offload:  # the inputs checkpoint saves go to pinned host memory until backward
+                with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+                    return checkpoint(self.run, *args, use_reentrant=False)
+            return checkpoint(self.run, *args, use_reentrant=False)
+        finally:
+            self._in_forward = False
+
+    def run(self, *args, **kwargs):
+        if self.swap is not None:
+            recomputing = self.checkpointed and torch.is_grad_enabled() and not self._in_forward
+            self.swap.before(self.index, backward=recomputing)
+        return self.forward(*args, **kwargs)
+
+
+def attention_backends(enabled: bool):
+    """Prefer cuDNN's fused attention, then flash attention, for every SDPA call in this context
+    (the fastest on Hopper; measured in bench/train_step.py); a no-op context when not `enabled`."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not enabled:
+        return nullcontext()
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def install(
+    transformer: torch.nn.Module,
+    checkpointed: set[int],
+    offload: bool,
+    compiled: bool,
+    swap: BlockSwap | None,
+) -> None:
+    """Give every block of `transformer` its `BlockForward` (diffusers' own checkpointing stays off)."""
+    transformer.gradient_checkpointing = False
+    for index, block in enumerate(transformer.transformer_blocks):
+        if swap is not None and index in swap.slot_of and index not in checkpointed:
+            raise ValueError(f"block {index} is swapped, so it must be checkpointed")
+        block.forward = BlockForward(block, index, index in checkpointed, offload, compiled, swap)

@@ -1,0 +1,229 @@
+"""Fitting the step to the card: memory modes, the plan they resolve to, and the estimate behind `auto`.
+
+A `MemoryPlan` says, per block, what the step does with memory: how many blocks are gradient-
+checkpointed (the rest keep their activations), whether checkpointed blocks keep their inputs in
+pinned host memory (`offload_activations`), how many blocks keep their frozen weights in pinned host
+memory and are copied in as they run (`blocks_to_swap`), and whether blocks are `torch.compile`d.
+
+Modes are ladders of levers, from fastest to smallest; each sizes its knobs to the memory budget
+(the fewest checkpointed / swapped blocks that fit):
+
+| mode | weights | activations |
+|---|---|---|
+| `fast` | all on the GPU | checkpoint the fewest blocks that fit |
+| `balanced` | all on the GPU | as fast, and checkpointed blocks' inputs in host memory |
+| `low` | up to half the blocks swapped to host (fewest that fit) | every block checkpointed, inputs on the host |
+| `minimal` | up to every block swapped (fewest that fit) | as low |
+
+`auto` takes the first mode that fits. Knobs the user sets in the config (`gradient_checkpointing`,
+`gradient_checkpointing_interval`, `blocks_to_swap`, `offload_activations`, `compile_blocks`) win
+over the mode's choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from shared.config import TrainConfig
+from shared.errors import UserError
+
+GIB = 2**30
+MODES = ("fast", "balanced", "low", "minimal")
+
+# Bytes an un-checkpointed block keeps for backward, per token and per unit of model width (bf16
+# autocast, int8 base, LoRA on attention; the largest part of a block's memory). Compiled: 28, measured
+# with bench/train_step.py (edit-v1 1024², no block checkpointed: 0.77 GiB a block on an H200).
+# Eager: 44 (1.2 GiB a block at 9592 tokens, measured on an H100 before compile was used).
+ACTIVATION_BYTES = {True: 30.0, False: 44.0}
+# What a checkpointed block keeps: its bf16 image and text hidden states.
+CHECKPOINT_BYTES = 2.0
+# Bytes per frozen weight element, and per output row for the per-row scales (quanto keeps bf16 scales).
+WEIGHT_BYTES = {"no_change": 2.0, "int8-quanto": 1.0, "fp8-quanto": 1.0, "int4-quanto": 0.5, "int2-quanto": 0.25}
+GROUP_SCALE_BYTES = {"int4-quanto": 4 / 128, "int2-quanto": 4 / 128}  # scale + shift per group of 128
+# Beyond the estimate: allocator slack, the loss tail, cuBLAS workspaces.
+FIXED_MARGIN = 1.0 * GIB
+RELATIVE_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What the step does with memory; `checkpointed` and `swapped` are block indices."""
+
+    mode: str
+    n_blocks: int
+    checkpointed: frozenset[int]
+    swapped: tuple[int, ...]
+    offload_activations: bool
+    compile_blocks: bool
+    estimate_bytes: float = 0.0
+    budget_bytes: float = 0.0
+
+    def describe(self) -> str:
+        budget = f"{self.budget_bytes / GIB:.1f} GiB budget" if self.budget_bytes else "no budget (CPU)"
+        return (
+            f"memory_mode {self.mode}: {len(self.checkpointed)}/{self.n_blocks} blocks checkpointed"
+            f"{' (inputs offloaded to host)' if self.offload_activations and self.checkpointed else ''}, "
+            f"{len(self.swapped)} swapped to host, compile {'on' if self.compile_blocks else 'off'}; "
+            f"estimated peak {self.estimate_bytes / GIB:.1f} GiB of {budget}"
+        )
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Memory of one training step's parts, in bytes (see `step_costs`)."""
+
+    n_blocks: int
+    block_weights: float  # one block's frozen weights at the base precision
+    other_weights: float  # everything outside the blocks (bf16)
+    trainable: float  # LoRA parameters, their gradients, AdamW's moments (and an EMA on the GPU)
+    token_width: float  # tokens of the largest batch x model width: activations scale with it
+
+    def estimate(self, checkpointed: int, swapped: int, offload: bool, compiled: bool) -> float:
+        """Peak bytes of a step with this many checkpointed and swapped blocks."""
+        resident_blocks = self.n_blocks - swapped + min(swapped, 2)  # swapped blocks share two GPU slots
+        block_activations = ACTIVATION_BYTES[compiled] * self.token_width
+        kept = (self.n_blocks - checkpointed) * block_activations
+        kept += checkpointed * (0.0 if offload else CHECKPOINT_BYTES * self.token_width)
+        # A block recomputed in backward holds its activations and their gradients' working set
+        # (1.3x its activations, measured: bench/train_step.py at 9.6k and 17.8k tokens).
+        working = 1.5 * block_activations if checkpointed else 0.0
+        total = self.other_weights + resident_blocks * self.block_weights + self.trainable + kept + working
+        return total * (1 + RELATIVE_MARGIN) + FIXED_MARGIN
+
+
+def step_costs(transformer: torch.nn.Module, config: TrainConfig, tokens: int) -> StepCosts:
+    """Estimate the step's memory for `transformer` (bf16, not yet quantised) at `tokens` per batch.
+
+    `tokens` counts image tokens (target and references) and text tokens of the largest batch.
+    """
+    blocks = transformer.transformer_blocks
+    precision = config.base_model_precision
+    per_weight = WEIGHT_BYTES[precision] + GROUP_SCALE_BYTES.get(precision, 0.0)
+    block = 0.0
+    for name, module in blocks[0].named_modules():
+        if isinstance(module, torch.nn.Linear):
+            quantised = precision != "no_change" and "norm" not in name
+            block += module.weight.numel() * (per_weight if quantised else 2.0)
+            block += module.out_features * 2.0 * quantised  # per-row scales
+            block += 2.0 * (module.bias.numel() if module.bias is not None else 0)
+        elif not list(module.children()):  # norms
+            block += 2.0 * sum(p.numel() for p in module.parameters(recurse=False))
+    total = sum(p.numel() for p in transformer.parameters())
+    per_block_params = sum(p.numel() for p in blocks[0].parameters())
+    other = 2.0 * (total - len(blocks) * per_block_params)
+    lora = _lora_parameters(transformer, config)
+    trainable = lora * (4 + 4 + 8 + (4 if config.use_ema and config.ema_device == "accelerator" else 0))
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    return StepCosts(
+        n_blocks=len(blocks),
+        block_weights=block,
+        other_weights=other,
+        trainable=trainable,
+        token_width=float(tokens * width),
+    )
+
+
+def _lora_parameters(transformer: torch.nn.Module, config: TrainConfig) -> int:
+    from train.model import LORA_TARGETS  # the presets live with the LoRA setup
+
+    targets = config.lora_target if isinstance(config.lora_target, list) else LORA_TARGETS[config.lora_target]
+    count = 0
+    for name, module in transformer.transformer_blocks.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in targets):
+            count += config.lora_rank * (module.in_features + module.out_features)
+    return count
+
+
+def spread(count: int, n_blocks: int) -> list[int]:
+    """`count` block indices spread evenly over `n_blocks` (so swapped or kept blocks alternate)."""
+    if count <= 0:
+        return []
+    return sorted({round(i * n_blocks / count + (n_blocks / count - 1) / 2) for i in range(count)})
+
+
+def choose_plan(config: TrainConfig, costs: StepCosts, budget: float, explicit: set[str]) -> MemoryPlan:
+    """The plan for `config.memory_mode` within `budget` bytes (0: no limit), the user's knobs applied.
+
+    `explicit` holds the config keys the user set; those win over what the mode would pick.
+    """
+    compiled = config.compile_blocks if "compile_blocks" in explicit else torch.cuda.is_available()
+    modes = MODES if config.memory_mode == "auto" else (config.memory_mode,)
+    for mode in modes:
+        for checkpointed, swapped, offload in _candidates(mode, costs.n_blocks, config, explicit):
+            estimate = costs.estimate(checkpointed, swapped, offload, compiled)
+            if not budget or estimate <= budget:
+                plan = _plan(mode, costs.n_blocks, checkpointed, swapped, offload, compiled, estimate, budget)
+                return _simpletuner_checkpointing(plan, config, explicit)
+    smallest = _candidates(modes[-1], costs.n_blocks, config, explicit)[-1]
+    estimate = costs.estimate(*smallest, compiled)
+    if config.memory_mode != "auto":  # the user asked for this mode: run its smallest setting, and say so
+        plan = _plan(config.memory_mode, costs.n_blocks, *smallest, compiled, estimate, budget)
+        return _simpletuner_checkpointing(plan, config, explicit)
+    raise UserError(
+        f"the smallest memory mode needs about {estimate / GIB:.1f} GiB, but the budget is "
+        f"{budget / GIB:.1f} GiB (free GPU memory, or memory_budget_gib). Lower the dataset's resolution, "
+        "train_batch_size or number of references, or use base_model_precision int4-quanto."
+    )
+
+
+def _candidates(mode: str, n: int, config: TrainConfig, explicit: set[str]) -> list[tuple[int, int, bool]]:
+    """(checkpointed blocks, swapped blocks, offload) settings of `mode`, fastest first."""
+    offload = config.offload_activations if "offload_activations" in explicit else mode != "fast"
+    if mode in ("fast", "balanced"):
+        sizes = [(c, 0) for c in range(n + 1)]  # checkpoint as few blocks as fit
+    else:
+        sizes = [(n, s) for s in range(n // 2 + 1 if mode == "low" else n + 1)]  # swap as few as fit
+    if "blocks_to_swap" in explicit:
+        swap = min(max(config.blocks_to_swap, 0), n)
+        sizes = [(max(c, swap), swap) for c, _ in sizes]  # swapped blocks are always checkpointed
+    if "gradient_checkpointing" in explicit or "gradient_checkpointing_interval" in explicit:
+        on = config.gradient_checkpointing or "gradient_checkpointing" not in explicit
+        every = len(range(0, n, max(1, config.gradient_checkpointing_interval))) if on else 0
+        sizes = [(max(every, s), s) for _, s in sizes]
+    return [(c, s, offload) for c, s in dict.fromkeys(sizes)]
+
+
+# The config keys that shape the memory plan (beside memory_mode itself).
+MEMORY_KEYS = (
+    "gradient_checkpointing",
+    "gradient_checkpointing_interval",
+    "blocks_to_swap",
+    "offload_activations",
+    "compile_blocks",
+    "memory_budget_gib",
+)
+
+
+def _simpletuner_checkpointing(plan: MemoryPlan, config: TrainConfig, explicit: set[str]) -> MemoryPlan:
+    """With SimpleTuner's keys set, checkpoint exactly the blocks they name: every
+    `gradient_checkpointing_interval`-th from block 0 (or none), plus the swapped blocks, which must be."""
+    if "gradient_checkpointing" not in explicit and "gradient_checkpointing_interval" not in explicit:
+        return plan
+    on = config.gradient_checkpointing or "gradient_checkpointing" not in explicit
+    chosen = set(range(0, plan.n_blocks, config.gradient_checkpointing_interval)) if on else set()
+    return dataclasses.replace(plan, checkpointed=frozenset(chosen | set(plan.swapped)))
+
+
+def _plan(
+    mode: str, n: int, checkpointed: int, swapped: int, offload: bool, compiled: bool, estimate: float, budget: float
+) -> MemoryPlan:
+    """Which blocks: swapped ones spread evenly (so copies overlap the resident blocks' compute), all
+    checkpointed; the other checkpointed blocks spread evenly over the rest."""
+    swapped_blocks = spread(swapped, n)
+    others = [i for i in range(n) if i not in swapped_blocks]
+    extra = spread(checkpointed - len(swapped_blocks), len(others))
+    chosen = frozenset(swapped_blocks) | {others[i] for i in extra}
+    return MemoryPlan(mode, n, chosen, tuple(swapped_blocks), offload, compiled, estimate, budget)
+
+
+def free_memory(device: torch.device, config: TrainConfig) -> float:
+    """The budget in bytes: `memory_budget_gib` if set, else the GPU's free memory now (0 on CPU: no limit)."""
+    if config.memory_budget_gib > 0:
+        return config.memory_budget_gib * GIB
+    if device.type != "cuda":
+        return 0.0
+    free, _ = torch.cuda.mem_get_info(device)
+    return float(free)
