@@ -172,7 +172,8 @@ def run_one(args: argparse.Namespace) -> dict:
     row = {
         "flavour": f"{args.flavour} ({n_refs} ref)",
         "precision": args.precision,
-        "mode": args.mode + ("" if args.cudnn_attention else " (no cuDNN attn)"),
+        "mode": (f"auto → {plan.mode}" if args.mode == "auto" else args.mode)
+        + ("" if args.cudnn_attention else " (no cuDNN attn)"),
         "plan": f"ckpt {len(plan.checkpointed)}, swap {len(plan.swapped)}, offload {int(plan.offload_activations)}, "
         f"compile {int(plan.compile_blocks)}",
         "GPUs": accelerator.num_processes,

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import typer
 
-from shared.config import load_config
-from shared.errors import UserError
+from shared.cli import load_config_and_report, user_errors
 
 app = typer.Typer(help="Validate edit-pair datasets and build the cache that `train` reads.", no_args_is_help=True)
 
@@ -27,14 +26,9 @@ def validate_command(
     """Check pairing, captions and images of every dataset; exit 0 when trainable, 1 when not."""
     from prep.validate import validate
 
-    try:
-        cfg = load_config(config)
-        for line in cfg.ignored_report():
-            typer.echo(line, err=True)
+    with user_errors():
+        cfg = load_config_and_report(config)
         report = validate(cfg)
-    except UserError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(report.render(limit))
     if json_path:
         report.write_json(json_path)
@@ -54,16 +48,11 @@ def build_cache_command(
     """Validate the datasets, then encode VAE latents and Qwen2.5-VL embeddings into the cache."""
     from prep.build import build_cache, default_device
 
-    try:
-        cfg = load_config(config)
-        for line in cfg.ignored_report():
-            typer.echo(line, err=True)
+    with user_errors():
+        cfg = load_config_and_report(config)
         caches = build_cache(
             cfg, device=device or default_device(), dtype=dtype, force=force, workers=workers, batch_size=batch_size
         )
-    except UserError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
     if int(os.environ.get("RANK", "0")) == 0:  # one line per cache, also when launched on several ranks
         for cache in caches:
             typer.echo(f"cache ready: {cache}")
@@ -74,11 +63,8 @@ def verify_command(cache: Path = typer.Argument(..., help="a cache dir (holding 
     """Check every member against the manifest's sizes and sha256; exit 0 intact, 1 corrupt or missing."""
     from prep.verify import verify_cache
 
-    try:
+    with user_errors():
         result = verify_cache(cache)
-    except UserError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
     for line in result.problems:
         typer.echo(line)
     status = "intact" if result.intact else f"{len(result.problems)} problem(s)"
@@ -91,11 +77,8 @@ def inspect_command(cache: Path = typer.Argument(..., help="a cache dir (holding
     """Print counts, buckets, token-length histogram, bytes and the fingerprint of a cache."""
     from prep.inspect_cache import describe_cache
 
-    try:
+    with user_errors():
         typer.echo(describe_cache(cache))
-    except UserError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
 
 
 if __name__ == "__main__":

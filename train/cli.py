@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from shared.config import load_config
+from shared.cli import load_config_and_report, user_errors
 from shared.errors import UserError
 
 app = typer.Typer(help="Train Qwen-Image-Edit LoRAs from a prep cache.", no_args_is_help=True)
@@ -44,14 +44,9 @@ def run_command(
         }.items()
         if v is not None
     }
-    try:
-        cfg = load_config(config, overrides)
-        for line in cfg.ignored_report():
-            typer.echo(line, err=True)
+    with user_errors():
+        cfg = load_config_and_report(config, overrides)
         lora = train(cfg)
-    except UserError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -70,16 +65,13 @@ def export_command(
     from train import export
     from train.checkpoint import read_lora
 
-    try:
+    with user_errors():
         if format not in export.FORMATS:
             raise UserError(f"--format {format!r}: use one of {', '.join(export.FORMATS)}")
         if not (checkpoint / "trainer_state.json").is_file():
             raise UserError(f"{checkpoint}: not a checkpoint (no trainer_state.json)")
         state, lora_config, flavour = read_lora(checkpoint, ema=ema)
         path = export.save(state, lora_config, format, out or checkpoint, FLAVOURS[flavour])
-    except UserError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(f"{format} LoRA written: {path}")
 
 
