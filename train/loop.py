@@ -147,7 +147,7 @@ def train(config: Config) -> Path:
 
 def report_memory_plan(accelerator, plan: MemoryPlan, cfg: TrainConfig, explicit: set[str], tokens: int) -> None:
     """Say what the memory plan is, why, and which of the user's keys shaped it."""
-    accelerator.print(f"{plan.describe()}; largest batch {tokens} tokens")
+    accelerator.print(f"largest batch: {tokens} tokens\n{plan.describe()}")
     chosen = sorted(k for k in explicit if k in MEMORY_KEYS)
     if chosen:
         accelerator.print(f"  set in your config (these win over memory_mode): {', '.join(chosen)}")

@@ -60,15 +60,23 @@ class MemoryPlan:
     compile_blocks: bool
     estimate_bytes: float = 0.0
     budget_bytes: float = 0.0
+    host_bytes: float = 0.0  # pinned host memory the swapped blocks' weights take
 
     def describe(self) -> str:
         budget = f"{self.budget_bytes / GIB:.1f} GiB budget" if self.budget_bytes else "no budget (CPU)"
-        return (
+        lines = [
             f"memory_mode {self.mode}: {len(self.checkpointed)}/{self.n_blocks} blocks checkpointed"
             f"{' (inputs offloaded to host)' if self.offload_activations and self.checkpointed else ''}, "
-            f"{len(self.swapped)} swapped to host, compile {'on' if self.compile_blocks else 'off'}; "
-            f"estimated peak {self.estimate_bytes / GIB:.1f} GiB of {budget}"
-        )
+            f"{len(self.swapped)} swapped to host ({self.host_bytes / GIB:.1f} GiB pinned), "
+            f"compile {'on' if self.compile_blocks else 'off'}; estimated peak {self.estimate_bytes / GIB:.1f} GiB "
+            f"of {budget}"
+        ]
+        if self.budget_bytes and self.estimate_bytes > self.budget_bytes:
+            lines.append(
+                f"  warning: memory_mode {self.mode} is estimated to need more than the budget and may run out of "
+                "memory; memory_mode auto picks a mode that fits"
+            )
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -153,15 +161,13 @@ def choose_plan(config: TrainConfig, costs: StepCosts, budget: float, explicit: 
     modes = MODES if config.memory_mode == "auto" else (config.memory_mode,)
     for mode in modes:
         for checkpointed, swapped, offload in _candidates(mode, costs.n_blocks, config, explicit):
-            estimate = costs.estimate(checkpointed, swapped, offload, compiled)
-            if not budget or estimate <= budget:
-                plan = _plan(mode, costs.n_blocks, checkpointed, swapped, offload, compiled, estimate, budget)
+            plan = _plan(mode, costs, checkpointed, swapped, offload, compiled, budget)
+            if not budget or plan.estimate_bytes <= budget:
                 return _simpletuner_checkpointing(plan, config, explicit)
-    smallest = _candidates(modes[-1], costs.n_blocks, config, explicit)[-1]
-    estimate = costs.estimate(*smallest, compiled)
+    smallest = _plan(modes[-1], costs, *_candidates(modes[-1], costs.n_blocks, config, explicit)[-1], compiled, budget)
     if config.memory_mode != "auto":  # the user asked for this mode: run its smallest setting, and say so
-        plan = _plan(config.memory_mode, costs.n_blocks, *smallest, compiled, estimate, budget)
-        return _simpletuner_checkpointing(plan, config, explicit)
+        return _simpletuner_checkpointing(smallest, config, explicit)
+    estimate = smallest.estimate_bytes
     raise UserError(
         f"the smallest memory mode needs about {estimate / GIB:.1f} GiB, but the budget is "
         f"{budget / GIB:.1f} GiB (free GPU memory, or memory_budget_gib). Lower the dataset's resolution, "
@@ -208,15 +214,18 @@ def _simpletuner_checkpointing(plan: MemoryPlan, config: TrainConfig, explicit: 
 
 
 def _plan(
-    mode: str, n: int, checkpointed: int, swapped: int, offload: bool, compiled: bool, estimate: float, budget: float
+    mode: str, costs: StepCosts, checkpointed: int, swapped: int, offload: bool, compiled: bool, budget: float
 ) -> MemoryPlan:
     """Which blocks: swapped ones spread evenly (so copies overlap the resident blocks' compute), all
     checkpointed; the other checkpointed blocks spread evenly over the rest."""
+    n = costs.n_blocks
     swapped_blocks = spread(swapped, n)
     others = [i for i in range(n) if i not in swapped_blocks]
     extra = spread(checkpointed - len(swapped_blocks), len(others))
     chosen = frozenset(swapped_blocks) | {others[i] for i in extra}
-    return MemoryPlan(mode, n, chosen, tuple(swapped_blocks), offload, compiled, estimate, budget)
+    estimate = costs.estimate(checkpointed, swapped, offload, compiled)
+    host = swapped * costs.block_weights
+    return MemoryPlan(mode, n, chosen, tuple(swapped_blocks), offload, compiled, estimate, budget, host)
 
 
 def free_memory(device: torch.device, config: TrainConfig) -> float:

@@ -156,3 +156,17 @@ def test_spread_alternates_blocks():
     assert spread(0, 60) == []
     assert spread(30, 60) == list(range(0, 60, 2)) or spread(30, 60) == list(range(1, 60, 2))
     assert len(spread(7, 60)) == 7 and len(spread(60, 60)) == 60
+
+
+def test_the_plan_says_what_it_costs_and_warns_when_a_forced_mode_will_not_fit():
+    config = TrainConfig(base_model_precision="int8-quanto", memory_mode="fast")
+    costs = real_size_costs(config, EDIT_V1_TOKENS)
+    forced = choose_plan(config, costs, 21.5 * GIB, {"memory_mode"})
+    assert forced.mode == "fast" and len(forced.checkpointed) == 60  # its smallest setting
+    assert "warning: memory_mode fast is estimated to need more than the budget" in forced.describe()
+    config.memory_mode = "auto"
+    fits = choose_plan(config, costs, 21.5 * GIB, set())
+    assert "warning" not in fits.describe()
+    assert f"{len(fits.swapped)} swapped to host ({len(fits.swapped) * costs.block_weights / GIB:.1f} GiB pinned)" in (
+        fits.describe()
+    )
