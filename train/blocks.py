@@ -4,7 +4,7 @@ The diffusers transformer's own forward still runs the model (so training comput
 inference computes); we only replace each block's `forward` with a `BlockForward`, which keeps the
 module's names (LoRA keys and exports are unchanged) and adds, per block:
 
-- `torch.compile` of the block's own forward (one compiled graph shared by all 60 blocks);
+- `torch.compile` of the block's own forward (compiled graphs are shared between blocks);
 - gradient checkpointing (non-reentrant): the block keeps only its inputs and recomputes the rest
   in backward, optionally with those inputs in pinned host memory (`offload_activations`);
 - block swap (`BlockSwap`): the block's frozen weights live in pinned host memory and are copied
