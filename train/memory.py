@@ -34,9 +34,9 @@ GIB = 2**30
 MODES = ("fast", "balanced", "low", "minimal")
 
 # Bytes an un-checkpointed block keeps for backward, per token and per unit of model width (bf16
-# autocast, int8 base, LoRA on attention; the largest part of a block's memory). Compiled: 28, measured
-# with bench/train_step.py (edit-v1 1024², no block checkpointed: 0.77 GiB a block on an H200).
-# Eager: 44 (1.2 GiB a block at 9592 tokens, measured on an H100 before compile was used).
+# autocast, int8 base, LoRA on attention; the largest part of a block's memory). Compiled: 28 measured
+# with bench/train_step.py (edit-v1 1024², no block checkpointed: 0.77 GiB a block on H100 and H200),
+# 30 used. Eager: 44 (1.2 GiB a block at 9592 tokens, issue 10's measurement of the eager stack).
 ACTIVATION_BYTES = {True: 30.0, False: 44.0}
 # What a checkpointed block keeps: its bf16 image and text hidden states.
 CHECKPOINT_BYTES = 2.0
@@ -95,8 +95,8 @@ class StepCosts:
         block_activations = ACTIVATION_BYTES[compiled] * self.token_width
         kept = (self.n_blocks - checkpointed) * block_activations
         kept += checkpointed * (0.0 if offload else CHECKPOINT_BYTES * self.token_width)
-        # A block recomputed in backward holds its activations and their gradients' working set
-        # (1.3x its activations, measured: bench/train_step.py at 9.6k and 17.8k tokens).
+        # A block recomputed in backward holds its activations and their gradients' working set:
+        # about 1.3x its activations (bench/train_step.py at 9.6k and 17.8k tokens); 1.5x used.
         working = 1.5 * block_activations if checkpointed else 0.0
         total = self.other_weights + resident_blocks * self.block_weights + self.trainable + kept + working
         return total * (1 + RELATIVE_MARGIN) + FIXED_MARGIN

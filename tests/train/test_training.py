@@ -234,13 +234,15 @@ def test_caption_dropout_uses_the_cached_empty_instruction(project, tmp_path):
 
 
 def test_two_process_ddp_run_ends_with_identical_weights(project, tmp_path):
-    config = project(tmp_path / "ddp", max_train_steps=2, checkpointing_steps=1)
+    # with every memory lever on, so that DDP's gradient hooks meet checkpointed, offloaded, swapped blocks
+    config = project(tmp_path / "ddp", max_train_steps=2, checkpointing_steps=1, **LEVERS)
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
     command += ["-m", "train.cli", "run", "--config", str(config)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "LoRA weights identical on 2 processes" in result.stdout
+    assert "2/2 blocks checkpointed (inputs offloaded to host), 1 swapped to host" in result.stdout
     final = list_checkpoints(tmp_path / "ddp")[-1]
     assert {p.name for p in final.glob("rng-rank*")} == {"rng-rank00.safetensors", "rng-rank01.safetensors"}
     assert (tmp_path / "ddp" / LORA_FILE).is_file() and (tmp_path / "ddp" / COMFYUI_FILE).is_file()
