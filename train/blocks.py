@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from shared.errors import UserError
+
 
 def plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors that hold `tensor`'s bytes: itself, or a quanto tensor's inner data and scales."""
@@ -71,9 +73,15 @@ class BlockSwap:
         """Take block `index` (frozen, quantised or not, on any device): keep its bytes on the host, run it
         from its slot."""
         params = list(frozen_parameters(block))
-        pin = self.device.type == "cuda"
         host = [t.detach().cpu() for _, _, p in params for t in plain_tensors(p)]
-        self.host[index] = [t.pin_memory() if pin else t.clone() for t in host]
+        try:
+            self.host[index] = [t.pin_memory() if self.device.type == "cuda" else t.clone() for t in host]
+        except RuntimeError as err:  # pinned (page-locked) memory is limited by the OS and the container
+            needed = len(self.order) * sum(t.numel() * t.element_size() for t in host) / 2**30
+            raise UserError(
+                f"could not keep swapped block {index} in pinned host memory ({err}); {len(self.order)} swapped "
+                f"blocks need about {needed:.1f} GiB of it. Lower blocks_to_swap, or free host memory."
+            ) from None
         slot = self.slot_of[index]
         if not self.slots[slot]:  # the first block of a slot lends it its own parameters
             block.to(self.device)
