@@ -50,7 +50,7 @@ class TrainConfig:
     blocks_to_swap: int = 0  # blocks whose frozen weights stay in pinned host memory; unset: memory_mode decides
     offload_activations: bool = False  # checkpointed blocks keep their inputs in host memory; unset: mode decides
     compile_blocks: bool = False  # torch.compile each block; unset: on with a GPU
-    prefer_cudnn_attention: bool = True  # attention through cuDNN first, then flash (fastest on Hopper)
+    prefer_cudnn_attention: bool = True  # attention through cuDNN first, then flash
     base_model_precision: str = "no_change"
     quantize_via: str = "accelerator"
     flow_schedule_shift: float = 1.0

@@ -38,11 +38,6 @@ def frozen_parameters(block: torch.nn.Module) -> Iterator[tuple[torch.nn.Module,
                 yield module, name, param
 
 
-def block_bytes(block: torch.nn.Module) -> int:
-    """Bytes of `block`'s frozen weights (quantised bytes and scales for quanto weights)."""
-    return sum(t.numel() * t.element_size() for _, _, p in frozen_parameters(block) for t in plain_tensors(p))
-
-
 class BlockSwap:
     """Frozen weights of some blocks in pinned host memory; two GPU slots hold the ones about to run.
 
@@ -60,7 +55,8 @@ class BlockSwap:
 
     def __init__(self, swapped: list[int], device: torch.device):
         self.order = sorted(swapped)
-        self.slot_of = {index: k % 2 for k, index in enumerate(self.order)}
+        self.position = {index: k for k, index in enumerate(self.order)}  # k-th swapped block in forward order
+        self.slot_of = {index: k % 2 for index, k in self.position.items()}
         self.device = device
         self.host: dict[int, list[torch.Tensor]] = {}  # block index -> its plain tensors, pinned
         self.slots: list[list[torch.nn.Parameter]] = [[], []]  # the shared GPU parameters of each slot
@@ -103,7 +99,7 @@ class BlockSwap:
             self._load(index)
         if self.ready[slot] is not None:
             torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
-        k = self.order.index(index) + (-1 if backward else 1)
+        k = self.position[index] + (-1 if backward else 1)
         if 0 <= k < len(self.order) and self.resident[self.slot_of[self.order[k]]] != self.order[k]:
             self._load(self.order[k])
 
@@ -169,8 +165,8 @@ class BlockForward:
 
 
 def attention_backends(enabled: bool):
-    """Prefer cuDNN's fused attention, then flash attention, for every SDPA call in this context
-    (the fastest on Hopper; measured in bench/train_step.py); a no-op context when not `enabled`."""
+    """Prefer cuDNN's fused attention, then flash attention, for every SDPA call in this context; a
+    no-op context when not `enabled`. (On an H100 it changed nothing measurable: bench/RESULTS.md.)"""
     from contextlib import nullcontext
 
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -22,7 +22,6 @@ over the mode's choice.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -158,15 +157,17 @@ def choose_plan(config: TrainConfig, costs: StepCosts, budget: float, explicit: 
     `explicit` holds the config keys the user set; those win over what the mode would pick.
     """
     compiled = config.compile_blocks if "compile_blocks" in explicit else torch.cuda.is_available()
+    named = _simpletuner_blocks(costs.n_blocks, config, explicit)
     modes = MODES if config.memory_mode == "auto" else (config.memory_mode,)
     for mode in modes:
-        for checkpointed, swapped, offload in _candidates(mode, costs.n_blocks, config, explicit):
-            plan = _plan(mode, costs, checkpointed, swapped, offload, compiled, budget)
+        for checkpointed, swapped, offload in _candidates(mode, costs.n_blocks, config, explicit, named):
+            plan = _plan(mode, costs, checkpointed, swapped, offload, compiled, budget, named)
             if not budget or plan.estimate_bytes <= budget:
-                return _simpletuner_checkpointing(plan, config, explicit)
-    smallest = _plan(modes[-1], costs, *_candidates(modes[-1], costs.n_blocks, config, explicit)[-1], compiled, budget)
+                return plan
+    last = _candidates(modes[-1], costs.n_blocks, config, explicit, named)[-1]
+    smallest = _plan(modes[-1], costs, *last, compiled, budget, named)
     if config.memory_mode != "auto":  # the user asked for this mode: run its smallest setting, and say so
-        return _simpletuner_checkpointing(smallest, config, explicit)
+        return smallest
     estimate = smallest.estimate_bytes
     raise UserError(
         f"the smallest memory mode needs about {estimate / GIB:.1f} GiB, but the budget is "
@@ -175,7 +176,9 @@ def choose_plan(config: TrainConfig, costs: StepCosts, budget: float, explicit: 
     )
 
 
-def _candidates(mode: str, n: int, config: TrainConfig, explicit: set[str]) -> list[tuple[int, int, bool]]:
+def _candidates(
+    mode: str, n: int, config: TrainConfig, explicit: set[str], named: frozenset[int] | None
+) -> list[tuple[int, int, bool]]:
     """(checkpointed blocks, swapped blocks, offload) settings of `mode`, fastest first."""
     offload = config.offload_activations if "offload_activations" in explicit else mode != "fast"
     if mode in ("fast", "balanced"):
@@ -185,11 +188,18 @@ def _candidates(mode: str, n: int, config: TrainConfig, explicit: set[str]) -> l
     if "blocks_to_swap" in explicit:
         swap = min(max(config.blocks_to_swap, 0), n)
         sizes = [(max(c, swap), swap) for c, _ in sizes]  # swapped blocks are always checkpointed
-    if "gradient_checkpointing" in explicit or "gradient_checkpointing_interval" in explicit:
-        on = config.gradient_checkpointing or "gradient_checkpointing" not in explicit
-        every = len(range(0, n, max(1, config.gradient_checkpointing_interval))) if on else 0
-        sizes = [(max(every, s), s) for _, s in sizes]
+    if named is not None:  # the user named the checkpointed blocks; _plan adds the swapped ones
+        sizes = [(len(named), s) for _, s in sizes]
     return [(c, s, offload) for c, s in dict.fromkeys(sizes)]
+
+
+def _simpletuner_blocks(n: int, config: TrainConfig, explicit: set[str]) -> frozenset[int] | None:
+    """The blocks SimpleTuner's keys checkpoint when the user set them (every
+    `gradient_checkpointing_interval`-th from block 0, or none); None when the mode decides."""
+    if not {"gradient_checkpointing", "gradient_checkpointing_interval"} & explicit:
+        return None
+    on = config.gradient_checkpointing or "gradient_checkpointing" not in explicit
+    return frozenset(range(0, n, config.gradient_checkpointing_interval)) if on else frozenset()
 
 
 # The config keys that shape the memory plan (beside memory_mode itself).
@@ -203,29 +213,30 @@ MEMORY_KEYS = (
 )
 
 
-def _simpletuner_checkpointing(plan: MemoryPlan, config: TrainConfig, explicit: set[str]) -> MemoryPlan:
-    """With SimpleTuner's keys set, checkpoint exactly the blocks they name: every
-    `gradient_checkpointing_interval`-th from block 0 (or none), plus the swapped blocks, which must be."""
-    if "gradient_checkpointing" not in explicit and "gradient_checkpointing_interval" not in explicit:
-        return plan
-    on = config.gradient_checkpointing or "gradient_checkpointing" not in explicit
-    chosen = set(range(0, plan.n_blocks, config.gradient_checkpointing_interval)) if on else set()
-    return dataclasses.replace(plan, checkpointed=frozenset(chosen | set(plan.swapped)))
-
-
 def _plan(
-    mode: str, costs: StepCosts, checkpointed: int, swapped: int, offload: bool, compiled: bool, budget: float
+    mode: str,
+    costs: StepCosts,
+    checkpointed: int,
+    swapped: int,
+    offload: bool,
+    compiled: bool,
+    budget: float,
+    named: frozenset[int] | None = None,
 ) -> MemoryPlan:
     """Which blocks: swapped ones spread evenly (so copies overlap the resident blocks' compute), all
-    checkpointed; the other checkpointed blocks spread evenly over the rest."""
+    checkpointed; then the blocks the user `named`, or the other checkpointed blocks spread evenly."""
     n = costs.n_blocks
     swapped_blocks = spread(swapped, n)
-    others = [i for i in range(n) if i not in swapped_blocks]
-    extra = spread(checkpointed - len(swapped_blocks), len(others))
-    chosen = frozenset(swapped_blocks) | {others[i] for i in extra}
-    estimate = costs.estimate(checkpointed, swapped, offload, compiled)
+    if named is not None:
+        chosen = named | set(swapped_blocks)
+    else:
+        others = [i for i in range(n) if i not in swapped_blocks]
+        chosen = frozenset(swapped_blocks) | {
+            others[i] for i in spread(checkpointed - len(swapped_blocks), len(others))
+        }
+    estimate = costs.estimate(len(chosen), swapped, offload, compiled)
     host = swapped * costs.block_weights
-    return MemoryPlan(mode, n, chosen, tuple(swapped_blocks), offload, compiled, estimate, budget, host)
+    return MemoryPlan(mode, n, frozenset(chosen), tuple(swapped_blocks), offload, compiled, estimate, budget, host)
 
 
 def free_memory(device: torch.device, config: TrainConfig) -> float:

@@ -61,17 +61,13 @@ def place_blocks(
 
 
 def load_lora_transformer(
-    config: TrainConfig,
-    device: torch.device,
-    tokens: int,
-    explicit: set[str] = frozenset(),
-    budget: float | None = None,
+    config: TrainConfig, device: torch.device, tokens: int, explicit: set[str] = frozenset()
 ) -> tuple[torch.nn.Module, MemoryPlan]:
     """Load the transformer with `from_pretrained`, choose its memory plan for batches of `tokens`
-    tokens within `budget` bytes (default: the GPU's free memory), quantise, place, add LoRA."""
+    tokens within the budget (`memory_budget_gib`, else the GPU's free memory), quantise, place, add LoRA."""
     transformer = load_transformer(config.pretrained_model_name_or_path, dtype=torch.bfloat16)
     costs = step_costs(transformer, config, tokens)
-    plan = choose_plan(config, costs, free_memory(device, config) if budget is None else budget, explicit)
+    plan = choose_plan(config, costs, free_memory(device, config), explicit)
     return prepare_for_lora(transformer, config, device, plan), plan
 
 
