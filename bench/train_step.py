@@ -3,7 +3,7 @@
     python bench/train_step.py                                   # every mode, edit-v1 and edit-v2 (3 refs), int8
     python bench/train_step.py --modes baseline fast --flavours edit-v1 --precision no_change
     python bench/train_step.py --modes auto --budget-gib 21.5 --cap-gib 23.5   # as a 24 GB card
-    python bench/train_step.py --gpus 2 --modes fast                            # DDP through accelerate
+    python bench/train_step.py --gpus 1 2 4 --modes fast                        # DDP through accelerate
     python bench/train_step.py --size tiny --device cpu --modes baseline fast   # anywhere
 
 Each configuration runs in its own process (so peak memory is its own), through accelerate and
@@ -250,7 +250,7 @@ def main() -> None:
     parser.add_argument("--cap-gib", type=float, default=0.0, help="refuse allocations beyond this (a smaller card)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="override compile")
     parser.add_argument("--cudnn-attention", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--gpus", type=int, default=1, help="> 1: run each configuration under accelerate launch")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts; > 1 runs under accelerate launch")
     parser.add_argument("--resolution", type=int, default=1024, help="target and reference side, pixels")
     parser.add_argument("--text-tokens", type=int, default=1400, help="VL embedding length")
     parser.add_argument("--rank", type=int, default=16)
@@ -275,10 +275,10 @@ def main() -> None:
 
     rows = []
     passthrough = [a for a in sys.argv[1:] if not a.startswith("--one")]
-    for flavour, precision, mode in itertools.product(args.flavours, args.precision, args.modes):
+    for flavour, precision, mode, gpus in itertools.product(args.flavours, args.precision, args.modes, args.gpus):
         launcher = [sys.executable]
-        if args.gpus > 1:
-            launcher += ["-m", "accelerate.commands.launch", "--num_processes", str(args.gpus)]
+        if gpus > 1:
+            launcher += ["-m", "accelerate.commands.launch", "--num_processes", str(gpus)]
         command = launcher + [__file__, *passthrough, "--one", f"{flavour},{precision},{mode}"]
         env = dict(os.environ)
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `train run` sets it
@@ -291,7 +291,8 @@ def main() -> None:
         found = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
         if not found:
             tail = out.strip().splitlines()[-15:]
-            row = {"flavour": flavour, "precision": precision, "mode": mode, "error": " | ".join(tail)[-1500:]}
+            error = " | ".join(tail)[-1500:]
+            row = {"flavour": flavour, "precision": precision, "mode": mode, "GPUs": gpus, "error": error}
         else:
             row = found[0]
         rows.append(row)
