@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from prep.writer import ShardWriter, commit
-from shared.cache_format import FORMAT_VERSION, embeds_to_bytes, latents_to_bytes
+from shared.cache import EMBEDS, FORMAT_VERSION, LATENTS, META, Embeddings, Latents
+from shared.cache.writer import ShardWriter, commit
 from train.loader import CacheReader, TrainLoader
 
 BUCKETS = [(1024, 1024), (1184, 896), (896, 1184)]  # (height, width) pixels; latents are 1/8 per side
@@ -43,9 +43,9 @@ def write_cache(cache_dir: Path, n: int, seed: int = 0) -> int:
         tokens = 1300 + i % 200  # image tokens of a ~1 MP reference plus the instruction
         prompt = torch.randn(tokens, TEXT_DIM, generator=generator).to(torch.bfloat16)
         members = {
-            "latents.safetensors": latents_to_bytes(target, [reference]),
-            "embeds.safetensors": embeds_to_bytes([prompt]),
-            "json": json.dumps({"sample": i}).encode(),
+            LATENTS: Latents(target, [reference]).to_bytes(),
+            EMBEDS: Embeddings([prompt], dropout=prompt[:1300]).to_bytes(),
+            META: json.dumps({"sample": i}).encode(),
         }
         row = {
             "dataset_id": "bench",
@@ -71,13 +71,16 @@ def write_cache(cache_dir: Path, n: int, seed: int = 0) -> int:
         "fingerprint": {"sha256": "bench"},
         "counts": {"samples": n, "train": n, "eval": 0, "shards": 1, "shard_bytes": shard_bytes},
     }
-    commit(cache_dir, writer.rows, info)
+    commit(cache_dir, writer.rows, writer.shards, info)
     return shard_bytes
 
 
 def measure(cache_dir: Path, workers: int, batch_size: int, batches: int) -> dict:
     reader = CacheReader(str(cache_dir))
-    sizes = {r["sample_id"]: r["latents_size"] + r["embeds_size"] for r in reader.rows}
+    sizes = {
+        reader.sample_ids[i].decode(): int(reader.spans[LATENTS][1][i] + reader.spans[EMBEDS][1][i])
+        for i in range(len(reader))
+    }
     loader = TrainLoader([reader], batch_size, seed=0, workers=workers, prefetch=2)
     stream = iter(loader)
     t0 = time.perf_counter()

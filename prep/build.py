@@ -14,6 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,19 +24,21 @@ import torch
 
 from prep.distributed import init_ranks
 from prep.encode import Encoders
+from prep.file_records import FileRecord, load_records, save_records
 from prep.pipeline import EncodeStats, encode_into
 from prep.record import SamplePreparer, source_sha256
 from prep.scan import Sample
-from prep.validate import validate
-from prep.writer import ShardWriter, commit, manifest_fingerprint, read_existing_rows
-from shared.cache_format import CACHE_JSON, FORMAT_VERSION, MANIFEST
+from prep.validate import Report, validate
+from shared.cache import CACHE_JSON, FORMAT_VERSION, LOCK, MANIFEST, VALIDATION, CacheLock
+from shared.cache.writer import ShardTable, ShardWriter, commit, manifest_fingerprint, read_existing_rows
 from shared.config import Config, DatasetConfig
 from shared.errors import UserError
 from shared.flavours import FLAVOURS
 
 
 def fingerprint(config: Config, main: DatasetConfig, dtype: torch.dtype) -> dict:
-    """Everything that changes the cached bytes, and its hash; computed without loading the encoders."""
+    """Everything that changes the cached bytes (and nothing else), and its hash; computed without
+    loading the encoders. Training-only keys are left out, so changing them never invalidates a cache."""
     from diffusers import AutoencoderKLQwenImage
     from transformers import AutoConfig
 
@@ -56,6 +59,7 @@ def fingerprint(config: Config, main: DatasetConfig, dtype: torch.dtype) -> dict
         if Path(model).is_dir()
         else []
     )
+    datasets = [main, *config.conditioning_for(main)]
     settings = {
         "format_version": FORMAT_VERSION,
         "model": model,
@@ -66,8 +70,6 @@ def fingerprint(config: Config, main: DatasetConfig, dtype: torch.dtype) -> dict
         "prompt_template": flavour.vl_text("{}", len(main.conditioning_data)),
         "dtype": str(dtype),
         "match_target_res": config.train.match_target_res,
-        "caption_dropout": config.train.caption_dropout_probability > 0,  # caches the empty instruction
-        "seed": config.train.seed,
         "datasets": [
             {
                 k: getattr(d, k)
@@ -81,9 +83,11 @@ def fingerprint(config: Config, main: DatasetConfig, dtype: torch.dtype) -> dict
                     "crop_aspect",
                 )
             }
-            for d in [main, *config.conditioning_for(main)]
+            for d in datasets
         ],
     }
+    if any(d.crop and d.crop_style == "random" for d in datasets):
+        settings["crop_seed"] = config.train.crop_seed  # changes the crops only when they are random
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     return {"sha256": digest, "settings": settings}
 
@@ -96,12 +100,25 @@ class Plan:
     cache_dir: Path
     fingerprint: dict
     reuse: list[dict] = field(default_factory=list)
+    shards: ShardTable = field(default_factory=dict)  # size and sha256 of the shards the reused rows are in
     encode: list[Sample] = field(default_factory=list)
     removed: int = 0  # rows of samples no longer in the dataset
 
+    @property
+    def up_to_date(self) -> bool:
+        """Nothing to encode or remove, and the manifest already says exactly this."""
+        return not self.encode and not self.removed and self.manifest_current
 
-def plan_cache(config: Config, main: DatasetConfig, samples: list[Sample], dtype: torch.dtype, force: bool) -> Plan:
-    """Compare the dataset with what the cache holds; refuse a cache built with other settings unless `force`."""
+    manifest_current: bool = False
+
+
+def plan_cache(
+    config: Config, main: DatasetConfig, samples: list[Sample], files: dict[Path, FileRecord], dtype, force: bool
+) -> Plan:
+    """Compare the dataset with what the cache holds; refuse a cache built with other settings unless `force`.
+
+    `files` holds each image's content sha256 from validation, so nothing is read again here.
+    """
     cache_dir = config.cache_dir_for(main)
     plan = Plan(main, cache_dir, fingerprint(config, main, dtype))
     manifest = cache_dir / MANIFEST
@@ -109,19 +126,22 @@ def plan_cache(config: Config, main: DatasetConfig, samples: list[Sample], dtype
         built_with = manifest_fingerprint(manifest)
         if built_with != plan.fingerprint["sha256"]:
             raise UserError(_fingerprint_message(cache_dir, plan.fingerprint["settings"]))
-    existing = {} if force else read_existing_rows(cache_dir, plan.fingerprint["sha256"])
+    existing, plan.shards = ({}, {}) if force else read_existing_rows(cache_dir, plan.fingerprint["sha256"])
     current = set()
     for sample in samples:
         current.add(sample.sample_id)
         row = existing.get(sample.sample_id)
-        if row is not None and row["source_sha256"] == source_sha256(sample):
+        digests = [files[p].sha256 for p in [sample.image, *sample.references]]
+        if row is not None and row["source_sha256"] == source_sha256(sample, digests):
             plan.reuse.append(row)
         else:
             plan.encode.append(sample)
-    if manifest.is_file():
-        plan.removed = sum(
-            1 for r in pq.read_table(manifest, columns=["sample_id"]).to_pylist() if r["sample_id"] not in current
-        )
+    if manifest.is_file() and not force:
+        in_manifest = set(pq.read_table(manifest, columns=["sample_id"]).column("sample_id").to_pylist())
+        plan.removed = len(in_manifest - current)
+        plan.manifest_current = manifest_fingerprint(manifest) == plan.fingerprint["sha256"] and in_manifest == {
+            r["sample_id"] for r in plan.reuse
+        }
     return plan
 
 
@@ -168,11 +188,19 @@ def build_cache(
     # On a GPU, workers decode while it encodes; on CPU the encoders want every core themselves.
     workers = (min(8, os.cpu_count() or 1) if on_gpu else 0) if workers is None else workers
     batch_size = (4 if on_gpu else 1) if batch_size is None else batch_size
-    outcome = None
+    outcome, report = None, None
+    locks = ExitStack()  # rank 0 holds every cache's build lock until its manifest is written
     if ranks.is_main:
         try:
-            outcome = ("plans", plan_build(config, torch_dtype, force))
+            report = validate_for_build(config)  # before the locks: data that is not trainable writes nothing
+            for main in config.main_datasets():
+                lock = locks.enter_context(CacheLock(config.cache_dir_for(main), LOCK))
+                if lock.stale:
+                    print(f"note: the build by pid {lock.stale.get('pid')} ({lock.path}) was stopped; continuing it")
+            plans = plan_build(config, report, torch_dtype, force)
+            outcome = ("plans", plans)
         except UserError as err:
+            locks.close()
             outcome = ("error", str(err))  # sent to every rank, so none waits for work that never comes
     kind, value = ranks.broadcast(outcome)
     if kind == "error":
@@ -180,61 +208,72 @@ def build_cache(
     plans: list[Plan] = value
 
     flavour = FLAVOURS[config.train.model_flavour]
-    for plan in plans:
-        start = time.perf_counter()
-        mine = ranks.share(plan.encode)
-        writer = ShardWriter(plan.cache_dir, plan.fingerprint["sha256"], max_shard_bytes, prefix=ranks.shard_prefix)
-        if mine and encoders is None:
-            print(f"loading encoders from {config.train.pretrained_model_name_or_path} on {device} ({torch_dtype})")
-            encoders = Encoders(config.train.pretrained_model_name_or_path, flavour, device=device, dtype=torch_dtype)
-        if mine:
-            preparer = SamplePreparer(
-                flavour,
-                encoders.processor,
-                encoders.scale,
-                config.train.match_target_res,
-                config.train.seed,
-                dropout=config.train.caption_dropout_probability > 0,
-            )
-            stats = encode_into(
-                writer,
-                mine,
-                plan.main,
-                config.conditioning_for(plan.main),
-                encoders,
-                preparer,
-                workers=workers,
-                batch_size=batch_size,
-                show_progress=ranks.is_main,
-            )
-            if on_stats:
-                on_stats(stats)
-            print(
-                f"rank {ranks.rank}: {stats.samples} samples in {stats.seconds:.1f} s "
-                f"({stats.samples / max(stats.seconds, 1e-9):.2f} samples/s)"
-            )
-        encoded = [row for rows in ranks.gather(writer.rows) for row in rows]
-        if ranks.is_main:
-            rows = sorted(plan.reuse + encoded, key=lambda r: (r["relpath"], r["sample_id"]))
-            info = cache_info(plan, rows, flavour)
-            commit(plan.cache_dir, rows, info)
-            n = max(len(rows), 1)
-            print(
-                f"cache {plan.cache_dir}: {len(rows)} samples ({len(encoded)} encoded by {ranks.world} process(es), "
-                f"{len(plan.reuse)} reused, {plan.removed} removed), "
-                f"{info['counts']['shard_bytes'] / n / 1024:.1f} KiB/sample, {time.perf_counter() - start:.1f} s"
-            )
-        ranks.barrier()
+    with locks:
+        for plan in plans:
+            if plan.up_to_date:
+                if ranks.is_main:
+                    save_validation(plan, config, report)
+                    print(f"cache {plan.cache_dir}: up to date ({len(plan.reuse)} samples)")
+                continue
+            start = time.perf_counter()
+            mine = ranks.share(plan.encode)
+            writer = ShardWriter(plan.cache_dir, plan.fingerprint["sha256"], max_shard_bytes, ranks.shard_prefix)
+            if mine and encoders is None:
+                print(f"loading encoders from {config.train.pretrained_model_name_or_path} on {device} ({torch_dtype})")
+                encoders = Encoders(config.train.pretrained_model_name_or_path, flavour, device, torch_dtype)
+            if mine:
+                preparer = SamplePreparer(
+                    flavour, encoders.processor, encoders.scale, config.train.match_target_res, config.train.crop_seed
+                )
+                stats = encode_into(
+                    writer,
+                    mine,
+                    plan.main,
+                    config.conditioning_for(plan.main),
+                    encoders,
+                    preparer,
+                    workers=workers,
+                    batch_size=batch_size,
+                    show_progress=ranks.is_main,
+                )
+                if on_stats:
+                    on_stats(stats)
+                print(
+                    f"rank {ranks.rank}: {stats.samples} samples in {stats.seconds:.1f} s "
+                    f"({stats.samples / max(stats.seconds, 1e-9):.2f} samples/s)"
+                )
+            encoded = [row for rows in ranks.gather(writer.rows) for row in rows]
+            shards = {name: s for table in ranks.gather(writer.shards) for name, s in table.items()}
+            if ranks.is_main:
+                rows = sorted(plan.reuse + encoded, key=lambda r: (r["relpath"], r["sample_id"]))
+                info = cache_info(plan, rows, flavour, {**plan.shards, **shards})
+                commit(plan.cache_dir, rows, {**plan.shards, **shards}, info)
+                save_validation(plan, config, report)
+                n = max(len(rows), 1)
+                print(
+                    f"cache {plan.cache_dir}: {len(rows)} samples ({len(encoded)} encoded by {ranks.world} "
+                    f"process(es), {len(plan.reuse)} reused, {plan.removed} removed), "
+                    f"{info['counts']['shard_bytes'] / n / 1024:.1f} KiB/sample, {time.perf_counter() - start:.1f} s"
+                )
+            ranks.barrier()
     return [plan.cache_dir for plan in plans]
 
 
-def plan_build(config: Config, dtype: torch.dtype, force: bool) -> list[Plan]:
-    """Validate every dataset, then plan each cache (what to reuse, what to encode)."""
+def validate_for_build(config: Config) -> Report:
+    """Validate every dataset; stop with the report unless the data is trainable."""
     report = validate(config)
     if not report.trainable:
         raise UserError(f"{report.render()}\nNothing was encoded.")
-    print(f"validated: {sum(len(v) for v in report.samples.values())} samples, {len(report.warnings)} warning(s)")
-    plans = [plan_cache(config, m, report.samples[m.id], dtype, force) for m in config.main_datasets()]
+    print(
+        f"validated: {sum(len(v) for v in report.samples.values())} samples, {len(report.warnings)} warning(s), "
+        f"{report.decoded} of {len(report.files)} images decoded (the rest unchanged since the last build)"
+    )
+    return report
+
+
+def plan_build(config: Config, report: Report, dtype: torch.dtype, force: bool) -> list[Plan]:
+    """Plan each cache: what to reuse, what to encode (the caches are locked)."""
+    plans = [plan_cache(config, m, report.samples[m.id], report.files, dtype, force) for m in config.main_datasets()]
     for plan in plans:
         print(
             f"cache {plan.cache_dir}: {len(plan.reuse)} up to date, {len(plan.encode)} to encode, "
@@ -243,7 +282,16 @@ def plan_build(config: Config, dtype: torch.dtype, force: bool) -> list[Plan]:
     return plans
 
 
-def cache_info(plan: Plan, rows: list[dict], flavour) -> dict:
+def save_validation(plan: Plan, config: Config, report: Report) -> None:
+    """Keep what validation learned about this cache's image files, for the next build (if it changed)."""
+    roots = [Path(d.instance_data_dir) for d in [plan.main, *config.conditioning_for(plan.main)]]
+    mine = {p: r for p, r in report.files.items() if any(p.is_relative_to(root) for root in roots)}
+    path = plan.cache_dir / VALIDATION
+    if mine != load_records(path):
+        save_records(path, mine)
+
+
+def cache_info(plan: Plan, rows: list[dict], flavour, shard_table: ShardTable) -> dict:
     """The contents of cache.json for a cache holding `rows`."""
     shards = {r["shard"] for r in rows}
     return {
@@ -256,7 +304,7 @@ def cache_info(plan: Plan, rows: list[dict], flavour) -> dict:
             "train": sum(r["split"] == "train" for r in rows),
             "eval": sum(r["split"] == "eval" for r in rows),
             "shards": len(shards),
-            "shard_bytes": sum((plan.cache_dir / s).stat().st_size for s in shards),
+            "shard_bytes": sum(shard_table[s]["bytes"] for s in shards),
         },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

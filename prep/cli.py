@@ -59,21 +59,25 @@ def build_cache_command(
 
 
 @app.command("verify")
-def verify_command(cache: Path = typer.Argument(..., help="a cache dir (holding cache.json)")) -> None:
-    """Check every member against the manifest's sizes and sha256; exit 0 intact, 1 corrupt or missing."""
+def verify_command(
+    cache: str = typer.Argument(..., help="a cache dir or URL (s3://..., gs://...) holding cache.json"),
+    quick: bool = typer.Option(False, "--quick", help="only check that every shard exists with its recorded size"),
+) -> None:
+    """Check every byte of every shard against what the build sealed; exit 0 intact, 1 corrupt or missing."""
     from prep.verify import verify_cache
 
     with user_errors():
-        result = verify_cache(cache)
+        result = verify_cache(cache, quick=quick)
     for line in result.problems:
         typer.echo(line)
     status = "intact" if result.intact else f"{len(result.problems)} problem(s)"
-    typer.echo(f"{cache}: {result.samples} samples, {result.members} members checked: {status}")
+    checked = "sizes checked" if quick else f"{result.bytes_checked / 2**20:.1f} MiB checked"
+    typer.echo(f"{cache}: {result.samples} samples in {result.shards} shards, {checked}: {status}")
     raise typer.Exit(0 if result.intact else 1)
 
 
 @app.command("inspect")
-def inspect_command(cache: Path = typer.Argument(..., help="a cache dir (holding cache.json)")) -> None:
+def inspect_command(cache: str = typer.Argument(..., help="a cache dir or URL holding cache.json")) -> None:
     """Print counts, buckets, token-length histogram, bytes and the fingerprint of a cache."""
     from prep.inspect_cache import describe_cache
 

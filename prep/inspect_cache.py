@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
-from shared.cache_format import read_cache_info, read_manifest
+from shared.cache import CacheStore
 
 
-def describe_cache(cache_dir: Path, bins: int = 8) -> str:
-    info = read_cache_info(cache_dir)
-    rows = read_manifest(cache_dir)
+def describe_cache(cache_dir: str, bins: int = 8) -> str:
+    store = CacheStore(cache_dir)
+    info = store.read_info()
+    rows = store.read_manifest(columns=["split", "prompt_lens", "width", "height", "ref_sizes"]).to_pylist()
     counts = info["counts"]
     settings = info["fingerprint"]["settings"]
     n = max(len(rows), 1)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from prep.encode import Encoders
 from prep.record import Prepared, SamplePreparer, encode_prepared, to_record
 from prep.scan import Sample
-from prep.writer import ShardWriter
+from shared.cache.writer import ShardWriter
 from shared.config import DatasetConfig
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
@@ -18,9 +17,10 @@ from PIL import Image
 
 from prep.buckets import bucket_size, calculate_dimensions, crop_seed, plan_placement
 from prep.encode import Encoders
+from prep.file_records import file_sha256
 from prep.images import load_rgb
 from prep.scan import Sample
-from shared.cache_format import embeds_to_bytes, latents_to_bytes
+from shared.cache import EMBEDS, LATENTS, META, Embeddings, Latents
 from shared.config import DatasetConfig
 from shared.flavours import Flavour
 
@@ -60,15 +60,12 @@ class Prepared:
 class SamplePreparer:
     """Decode, place and preprocess samples exactly as the pipelines do, with no model: runs in workers."""
 
-    def __init__(
-        self, flavour: Flavour, processor, vae_scale_factor: int, match_target: bool, seed: int, dropout: bool = False
-    ):
+    def __init__(self, flavour: Flavour, processor, vae_scale_factor: int, match_target: bool, crop_seed: int):
         self.flavour = flavour
-        self.dropout = dropout  # also encode the empty instruction, for caption dropout
         self.processor = processor
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
         self.match_target = match_target
-        self.seed = seed
+        self.seed = crop_seed  # random crops only
 
     def vl_inputs(self, instruction: str, vl_images: list[Image.Image]) -> dict[str, torch.Tensor]:
         text = self.flavour.vl_text(instruction, len(vl_images))
@@ -109,9 +106,10 @@ class SamplePreparer:
                     "sha256": file_sha256(path),
                 }
             )
-        # Eval samples get a negative (" ", as the pipelines' examples use) for guided previews;
-        # with caption dropout, train samples get the empty instruction (with their references).
-        extra = [" "] if sample.split == "eval" else ([""] if self.dropout else [])
+        # Eval samples get a negative (" ", as the pipelines' examples use) for guided previews; train
+        # samples always get the empty instruction (with their references), so caption dropout can
+        # be turned on later without re-encoding.
+        extra = [" "] if sample.split == "eval" else [""]
         instructions = sample.captions + extra
         vl = [self.vl_inputs(instruction, vl_images) for instruction in instructions]
 
@@ -154,12 +152,16 @@ class SamplePreparer:
 def to_record(prepared: Prepared, latents: list[torch.Tensor], embeds: list[torch.Tensor]) -> tuple[dict, dict]:
     """The record members and manifest row of a sample, from its encodings (target latent first)."""
     n_captions = len(prepared.sample.captions)
-    name = "negative" if prepared.sample.split == "eval" else "dropout"
-    extra = {name: embeds[n_captions]} if len(embeds) > n_captions else {}
+    eval_sample = prepared.sample.split == "eval"
+    typed = Embeddings(
+        embeds[:n_captions],
+        dropout=None if eval_sample else embeds[n_captions],
+        negative=embeds[n_captions] if eval_sample else None,
+    )
     members = {
-        "latents.safetensors": latents_to_bytes(latents[0], latents[1:]),
-        "embeds.safetensors": embeds_to_bytes(embeds[:n_captions], extra),
-        "json": json.dumps(prepared.meta, sort_keys=True, ensure_ascii=False).encode(),
+        LATENTS: Latents(latents[0], latents[1:]).to_bytes(),
+        EMBEDS: typed.to_bytes(),
+        META: json.dumps(prepared.meta, sort_keys=True, ensure_ascii=False).encode(),
     }
     row = dict(prepared.row, prompt_lens=[e.shape[0] for e in embeds[:n_captions]])
     return members, row
@@ -208,11 +210,3 @@ def source_sha256(sample: Sample, file_hashes: list[str] | None = None) -> str:
     """Hash of everything a record is made from: the image, its references, its captions and split."""
     hashes = file_hashes or [file_sha256(p) for p in [sample.image, *sample.references]]
     return hashlib.sha256(json.dumps([hashes, sample.captions, sample.split]).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -1,8 +1,10 @@
 """`prep validate`: find every problem in the datasets before a single encoder is loaded.
 
 Scans and pairs every dataset (`prep.scan`), then decodes every image once to catch unreadable,
-truncated, oversized and undersized files, and references whose aspect differs from their target
-under `reference_strict`. The result is one `Report`: counts first, then each problem with the
+truncated, oversized and undersized files, references whose aspect differs from their target
+under `reference_strict`, and images so small that their bucket would blow them up more than 2x.
+Files a previous build already validated and that have not changed since (same size, mtime and
+inode: `prep.file_records`) are not decoded again. The result is one `Report`: counts first, then each problem with the
 file it concerns and what to do. `build-cache` runs the same validation and stops if it fails.
 """
 
@@ -14,19 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prep.buckets import meets_minimum
+from prep.buckets import bucket_size, meets_minimum
+from prep.file_records import FileRecord, file_sha256, load_records, stat_record, unchanged
 from prep.images import ImageError, decode_image
 from prep.scan import Finding, Sample, ScanResult, list_images, scan_dataset
+from shared.cache import VALIDATION
 from shared.config import Config, DatasetConfig
 
 ASPECT_TOLERANCE = 0.01  # relative difference of width/height allowed between a strict reference and its target
-
-
-@dataclass
-class ImageInfo:
-    size: tuple[int, int] | None  # (width, height) upright; None when unreadable
-    notes: list[str] = field(default_factory=list)
-    error: str = ""
+MAX_UPSCALE = 2.0  # per side; beyond this an image trains on interpolated mush
 
 
 @dataclass
@@ -36,6 +34,8 @@ class Report:
     datasets: list[ScanResult]
     findings: list[Finding]
     samples: dict[str, list[Sample]]  # trainable samples per main dataset id
+    files: dict[Path, FileRecord] = field(default_factory=dict)  # every image looked at, as validated
+    decoded: int = 0  # images decoded this time (the others were unchanged since the last build)
 
     @property
     def errors(self) -> list[Finding]:
@@ -111,17 +111,22 @@ class Report:
         path.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def inspect_image(path: Path, max_pixels: int) -> ImageInfo:
-    """Decode `path` completely (so truncation shows), keeping only its size and conversion notes."""
+def inspect_image(path: Path, max_pixels: int) -> FileRecord:
+    """Decode `path` completely (so truncation shows); keep its size, conversion notes and sha256."""
+    record = stat_record(path, max_pixels)
+    record.sha256 = file_sha256(path)
     try:
         decoded = decode_image(path, max_pixels)
     except ImageError as err:
-        return ImageInfo(None, error=str(err))
-    return ImageInfo(decoded.size, decoded.notes)
+        record.error = str(err)
+        return record
+    record.width, record.height = decoded.size
+    record.notes = decoded.notes
+    return record
 
 
 def validate(config: Config, workers: int | None = None) -> Report:
-    """Check every main dataset of `config` and its references; decode every image once."""
+    """Check every main dataset of `config` and its references; decode each new or changed image once."""
     scans = [scan_dataset(config, main) for main in config.main_datasets()]
     findings = [f for scan in scans for f in scan.findings]
 
@@ -133,9 +138,18 @@ def validate(config: Config, workers: int | None = None) -> Report:
             if root.is_dir():
                 for relpath in list_images(root):
                     owners.setdefault(root / relpath, dataset)
+    known: dict[Path, FileRecord] = {}
+    for main in config.main_datasets():
+        known.update(load_records(config.cache_dir_for(main) / VALIDATION))
+    infos: dict[Path, FileRecord] = {}
+    for path, dataset in owners.items():
+        current = stat_record(path, dataset.max_image_pixels)
+        if unchanged(known.get(path), current):
+            infos[path] = known[path]
+    todo = [p for p in owners if p not in infos]
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        infos = dict(zip(owners, pool.map(lambda p: inspect_image(p, owners[p].max_image_pixels), owners), strict=True))
+        infos.update(zip(todo, pool.map(lambda p: inspect_image(p, owners[p].max_image_pixels), todo), strict=True))
 
     bad: set[Path] = set()
     for path, info in infos.items():
@@ -161,6 +175,20 @@ def validate(config: Config, workers: int | None = None) -> Report:
                 )
             )
             bad.add(path)
+            continue
+        factor = upscale_factor(*info.size, dataset)
+        if factor > MAX_UPSCALE:
+            findings.append(
+                Finding(
+                    "warning",
+                    "image upscaled more than 2x",
+                    dataset.id,
+                    str(path),
+                    f"{path}: {info.size[0]}x{info.size[1]} is upscaled {factor:.1f}x per side to reach its bucket at "
+                    f"resolution {dataset.resolution:g} ({dataset.resolution_type}) of dataset '{dataset.id}', so it "
+                    "trains on blurred pixels; use a larger image, or set minimum_image_size to exclude such files",
+                )
+            )
 
     samples: dict[str, list[Sample]] = {}
     for scan, main in zip(scans, config.main_datasets(), strict=True):
@@ -192,4 +220,12 @@ def validate(config: Config, workers: int | None = None) -> Report:
             if not mismatched:
                 kept.append(sample)
         samples[main.id] = kept
-    return Report(str(config.config_path), config.train.model_flavour, scans, findings, samples)
+    report = Report(str(config.config_path), config.train.model_flavour, scans, findings, samples)
+    report.files, report.decoded = infos, len(todo)
+    return report
+
+
+def upscale_factor(width: int, height: int, dataset: DatasetConfig) -> float:
+    """How much the image's sides are scaled up to cover its bucket (<= 1: downscaled)."""
+    bucket_w, bucket_h = bucket_size(width, height, dataset.resolution, dataset.resolution_type)
+    return max(bucket_w / width, bucket_h / height)

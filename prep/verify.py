@@ -1,19 +1,37 @@
-"""`prep verify CACHE`: check every member of every record against the manifest's sizes and sha256."""
+"""`prep verify CACHE`: is every byte of every shard the byte the build sealed? (local dir or fsspec URL)
+
+Full check, per shard named by the manifest:
+
+1. its size and whole-file sha256 against the shard table recorded when it was sealed: any
+   changed, missing or extra byte (tar header, padding, data, end-of-archive blocks) shows here;
+2. every tar header is walked (checksums, names, offsets) and compared with the manifest: a
+   member missing, extra, renamed or moved is named;
+3. when the shard's hash differs, each record's byte range is hashed to name the samples whose
+   bytes changed (and each member's data, to say which part).
+
+Shards in `shards/` that the manifest does not name are reported too. `--quick` checks only
+that every shard exists with its recorded size.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from prep.writer import manifest_fingerprint
-from shared.cache_format import MANIFEST, MEMBERS, SHARDS_DIR, member_column, read_cache_info, read_manifest
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shared.cache import MANIFEST, MEMBERS, CacheStore, manifest_metadata, member_column
+
+REBUILD = "run `prep build-cache` again to re-encode the samples named"
 
 
 @dataclass
 class VerifyResult:
     samples: int = 0
-    members: int = 0
+    shards: int = 0
+    bytes_checked: int = 0
     problems: list[str] = field(default_factory=list)  # one line each: where, what, what to do
 
     @property
@@ -21,46 +39,132 @@ class VerifyResult:
         return not self.problems
 
 
-def verify_cache(cache_dir: Path) -> VerifyResult:
-    """Read every member by the manifest's offset and size and compare its sha256."""
-    info = read_cache_info(cache_dir)
-    rows = read_manifest(cache_dir)
-    result = VerifyResult(samples=len(rows))
-    if manifest_fingerprint(cache_dir / MANIFEST) != info["fingerprint"]["sha256"]:
+def verify_cache(location: str, quick: bool = False) -> VerifyResult:
+    """Check the cache at `location` (a dir or URL) byte for byte, or only sizes when `quick`."""
+    store = CacheStore(location)
+    info = store.read_info()
+    manifest = store.read_manifest()
+    meta = manifest_metadata(manifest.schema)
+    result = VerifyResult(samples=manifest.num_rows)
+    if meta["fingerprint"] != info["fingerprint"]["sha256"]:
         result.problems.append(
-            f"{cache_dir}: cache.json and manifest.parquet disagree on the fingerprint (a build was cut short); "
+            f"{store.location}: cache.json and {MANIFEST} disagree on the fingerprint (a build was cut short); "
             "run `prep build-cache` again"
         )
-    by_shard: dict[str, list[dict]] = {}
-    for row in rows:
-        by_shard.setdefault(row["shard"], []).append(row)
-    rebuild = "run `prep build-cache` again to re-encode it"
-    for shard, shard_rows in sorted(by_shard.items()):
-        path = cache_dir / shard
-        if not path.is_file():
-            result.problems.append(f"{path}: missing shard ({len(shard_rows)} samples); {rebuild}")
+    by_shard: dict[str, pa.Table] = {}
+    for shard in sorted(manifest.column("shard").unique().to_pylist()):
+        by_shard[shard] = manifest.filter(pc.equal(manifest.column("shard"), shard))
+    for shard, rows in by_shard.items():
+        result.shards += 1
+        recorded = meta["shards"].get(shard)
+        if recorded is None:
+            result.problems.append(f"{store.url(shard)}: no size or sha256 recorded for it in the manifest; {REBUILD}")
             continue
-        with open(path, "rb") as f:
-            for row in shard_rows:
-                for member in MEMBERS:
-                    result.members += 1
-                    f.seek(row[member_column(member, "offset")])
-                    data = f.read(row[member_column(member, "size")])
-                    if len(data) != row[member_column(member, "size")]:
-                        what = "truncated"
-                    elif hashlib.sha256(data).hexdigest() != row[member_column(member, "sha256")]:
-                        what = "sha256 mismatch (corrupt)"
-                    else:
-                        continue
-                    result.problems.append(
-                        f"{path}: sample {row['sample_id']} ({row['relpath']}) member {member}: {what} at byte "
-                        f"{row[member_column(member, 'offset')]}; {rebuild}"
-                    )
-    live = set(by_shard)
-    for extra in sorted((cache_dir / SHARDS_DIR).glob("*.tar")):
-        if f"{SHARDS_DIR}/{extra.name}" not in live:
+        size = store.shard_size(shard)
+        if size is None:
+            result.problems.append(f"{store.url(shard)}: missing ({rows.num_rows} samples: {_names(rows)}); {REBUILD}")
+        elif size != recorded["bytes"]:
+            what = "truncated" if size < recorded["bytes"] else f"{size - recorded['bytes']} extra bytes"
             result.problems.append(
-                f"{extra}: shard not in the manifest (left by a cut-short build); "
+                f"{store.url(shard)}: {size} bytes, {recorded['bytes']} when sealed ({what}); "
+                f"{_affected(rows, size)}; {REBUILD}"
+            )
+        elif not quick:
+            result.bytes_checked += size
+            try:
+                result.problems += _check_shard(store, shard, rows, recorded["sha256"])
+            except OSError as err:  # a read failing past fsspec's retries, or the shard changing under us
+                result.problems.append(f"{store.url(shard)}: cannot be read ({err}); check access and run again")
+    named = set(by_shard)
+    for extra in store.list_shards():
+        if extra not in named:
+            result.problems.append(
+                f"{store.url(extra)}: shard not in the manifest (left by a cut-short build); "
                 "`prep build-cache` reuses or removes it"
             )
     return result
+
+
+def _check_shard(store: CacheStore, shard: str, rows: pa.Table, sha256: str) -> list[str]:
+    """Problems of one shard of the recorded size: whole-file hash, tar headers, then which records changed."""
+    problems = []
+    digest = hashlib.sha256()
+    with store.open_shard(shard) as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    problems += _walk_headers(store, shard, rows)
+    if digest.hexdigest() != sha256:
+        changed = _changed_records(store, shard, rows)
+        where = f"samples whose bytes changed: {', '.join(changed)}" if changed else "outside every record"
+        problems.append(f"{store.url(shard)}: sha256 differs from the one recorded when sealed; {where}; {REBUILD}")
+    return problems
+
+
+def _walk_headers(store: CacheStore, shard: str, rows: pa.Table) -> list[str]:
+    """Read every tar header and compare member names and data offsets with the manifest."""
+    expected = {}
+    for row in rows.select(["sample_id", *[member_column(m, "offset") for m in MEMBERS]]).to_pylist():
+        for m in MEMBERS:
+            expected[f"{row['sample_id']}.{m}"] = row[member_column(m, "offset")]
+    problems, seen = [], set()
+    try:
+        with store.open_shard(shard) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                seen.add(member.name)
+                if member.name not in expected:
+                    problems.append(f"{store.url(shard)}: extra tar member '{member.name}'; {REBUILD}")
+                elif member.offset_data != expected[member.name]:
+                    problems.append(
+                        f"{store.url(shard)}: member '{member.name}' at byte {member.offset_data}, the manifest says "
+                        f"{expected[member.name]}; {REBUILD}"
+                    )
+    except tarfile.TarError as err:
+        after = sorted(seen)[-1] if seen else "the start"
+        problems.append(f"{store.url(shard)}: tar header unreadable after {after} ({err}); {REBUILD}")
+        return problems
+    missing = sorted(set(expected) - seen, key=expected.get)
+    if missing and all(expected[name] < expected[missing[0]] for name in seen if name in expected):
+        # A tar reader stops at the first header it cannot read, so everything after it is lost to it.
+        problems.append(
+            f"{store.url(shard)}: tar reading stops at the header of '{missing[0]}' (before byte "
+            f"{expected[missing[0]]}): damaged; readers see none of the {len(missing)} members from there on; "
+            f"{REBUILD}"
+        )
+    elif missing:
+        problems.append(f"{store.url(shard)}: tar members missing: {', '.join(missing[:5])}; {REBUILD}")
+    return problems
+
+
+def _changed_records(store: CacheStore, shard: str, rows: pa.Table) -> list[str]:
+    """'sample (relpath): member[s]' for each record whose bytes no longer hash to the manifest's."""
+    columns = ["sample_id", "relpath", "record_offset", "record_size", "record_sha256"]
+    columns += [member_column(m, k) for m in MEMBERS for k in ("offset", "size", "sha256")]
+    changed = []
+    for row in rows.select(columns).to_pylist():
+        start = row["record_offset"]
+        data = store.read_range(shard, start, start + row["record_size"])
+        if hashlib.sha256(data).digest() == row["record_sha256"]:
+            continue
+        parts = []
+        for m in MEMBERS:
+            offset = row[member_column(m, "offset")] - start
+            if (
+                hashlib.sha256(data[offset : offset + row[member_column(m, "size")]]).digest()
+                != row[member_column(m, "sha256")]
+            ):
+                parts.append(m)
+        changed.append(f"{row['sample_id']} ({row['relpath']}): {', '.join(parts) or 'tar header or padding'}")
+    return changed
+
+
+def _affected(rows: pa.Table, size: int) -> str:
+    """The samples whose records reach past `size` bytes (the ones a truncation lost)."""
+    ends = pc.add(rows.column("record_offset"), rows.column("record_size"))
+    lost = rows.filter(pc.greater(ends, size))
+    return f"samples past the end: {_names(lost)}" if lost.num_rows else "every record is complete"
+
+
+def _names(rows: pa.Table, limit: int = 5) -> str:
+    ids, paths = rows.column("sample_id").to_pylist()[:limit], rows.column("relpath").to_pylist()[:limit]
+    items = [f"{i} ({p})" for i, p in zip(ids, paths, strict=True)]
+    return ", ".join(items) + (f" and {rows.num_rows - limit} more" if rows.num_rows > limit else "")

@@ -74,7 +74,9 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
-    seed: int = 0
+    seed: int = 0  # training randomness only (σ, noise, order, dropout); never invalidates a cache
+    crop_seed: int = 0  # prep: seeds `crop_style: random` (SimpleTuner uses `seed`; ours is separate so a new
+    # training seed never forces a re-encode)
     dataloader_num_workers: int = 2  # processes reading the cache ahead of the GPU (0: in the training process)
     dataloader_prefetch_factor: int = 2  # batches each worker reads ahead
     eval_dataset_id: str = ""  # a main dataset held out for evaluation (its samples are cached as "eval")

@@ -16,27 +16,19 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import fsspec
+import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shared.cache_format import (
-    CACHE_JSON,
-    MANIFEST,
-    embeds_from_bytes,
-    latents_from_bytes,
-    member_column,
-    parse_cache_info,
-)
+from shared.cache import EMBEDS, LATENTS, TRAIN_COLUMNS, CacheStore, Embeddings, Latents, member_column
 from shared.errors import UserError
-from train.sampler import Slot, Source, TrainOrder, shape_key
+from train.sampler import Slot, Source, TrainOrder
 
 
 @dataclass
@@ -58,71 +50,97 @@ class CorruptSample(Exception):
     """A member that is missing, truncated, or does not match the manifest's sha256."""
 
 
+@dataclass
+class Row:
+    """What loading one sample needs, built on demand from the columns."""
+
+    sample_id: str
+    shard: str
+    spans: dict[str, tuple[int, int, bytes]]  # member -> (offset, size, sha256)
+    n_prompts: int
+
+
 class CacheReader:
-    """The training rows of one cache (local dir or fsspec URL) and a way to load any of them."""
+    """The training rows of one cache (local dir or fsspec URL) and a way to load any of them.
+
+    The manifest stays in NumPy columns (about 130 bytes per row; no Python object per row), which
+    forked DataLoader workers share with this process instead of copying.
+    """
 
     def __init__(self, location: str, name: str = "", repeats: int = 0, probability: float | None = None):
-        self.location = str(location).rstrip("/")
-        self._fs, self._fs_pid = None, -1
-        fs, root = self.fs
-        info_path, manifest_path = f"{root}/{CACHE_JSON}", f"{root}/{MANIFEST}"
-        if not fs.exists(info_path):
-            raise UserError(f"{self.location}: not a cache (no {CACHE_JSON}); build it with `prep build-cache`")
-        self.info = parse_cache_info(fs.cat_file(info_path).decode("utf-8"), f"{self.location}/{CACHE_JSON}")
+        self.store = CacheStore(location)
+        self.location = self.store.location
+        self.info = self.store.read_info()
         self.name = name or self.info["dataset_id"]  # seeds this dataset's order: the same wherever it is read from
-        if not fs.exists(manifest_path):
-            raise UserError(f"{self.location}: no {MANIFEST}; build the cache first with `prep build-cache`")
-        rows = pq.read_table(pa.BufferReader(fs.cat_file(manifest_path))).to_pylist()
-        self.rows = [r for r in rows if r["split"] == "train"]
-        if not self.rows:
+        table = self.store.read_manifest(columns=list(TRAIN_COLUMNS))
+        table = table.filter(pc.equal(table.column("split"), "train"))
+        if table.num_rows == 0:
             raise UserError(f"{self.location}: the cache holds no training samples")
-        self.source = Source(
-            self.name,
-            tuple(r["sample_id"] for r in self.rows),
-            tuple(shape_key(r) for r in self.rows),
-            repeats,
-            probability,
-        )
+        self.sample_ids = table.column("sample_id").to_numpy(zero_copy_only=False).astype("S")  # [N] fixed-width
+        shards = pc.dictionary_encode(table.column("shard")).combine_chunks()
+        self.shard_names: list[str] = shards.dictionary.to_pylist()
+        self.shard_index = shards.indices.to_numpy().astype(np.int32)  # [N]
+        self.spans = {}  # member -> (offsets [N] int64, sizes [N] int64, sha256 [N, 32] uint8)
+        for member in (LATENTS, EMBEDS):
+            digests = table.column(member_column(member, "sha256")).combine_chunks()  # fixed_size_binary(32)
+            raw = np.frombuffer(digests.buffers()[1], dtype=np.uint8)[digests.offset * 32 :][: 32 * len(digests)]
+            self.spans[member] = (
+                table.column(member_column(member, "offset")).to_numpy(),
+                table.column(member_column(member, "size")).to_numpy(),
+                raw.reshape(-1, 32).copy(),
+            )
+        prompt_lens = table.column("prompt_lens").combine_chunks()
+        self.n_prompts = pc.list_value_length(prompt_lens).to_numpy().astype(np.int16)  # [N] captions per row
+        longest = np.maximum.reduceat(prompt_lens.values.to_numpy(), prompt_lens.offsets.to_numpy()[:-1])
+        shape = self._shape_matrix(table)  # [N, 2 + 2 x refs]: height, width, then each reference's
+        keys, self.shape_ids = np.unique(shape, axis=0, return_inverse=True)
+        self.shape_ids = self.shape_ids.reshape(-1).astype(np.int32)
+        pixels = shape[:, 0] * shape[:, 1] + (shape[:, 2::2] * shape[:, 3::2]).sum(axis=1)
+        # Transformer tokens: 16 pixels a side per token (the VAE's 8 x the 2x2 packing), plus the caption.
+        self.largest_tokens = int((pixels // 256 + longest).max())
+        self.source = Source(self.name, self.sample_ids, self.shape_ids, repeats, probability)
 
-    @property
-    def fs(self) -> tuple[fsspec.AbstractFileSystem, str]:
-        """(filesystem, root path), opened once per process (DataLoader workers open their own)."""
-        if self._fs is None or self._fs_pid != os.getpid():
-            self._fs, self._root = fsspec.core.url_to_fs(self.location)
-            self._fs_pid = os.getpid()
-        return self._fs, self._root
+    @staticmethod
+    def _shape_matrix(table: pa.Table) -> np.ndarray:
+        refs = table.column("ref_sizes").combine_chunks()  # list<list<int32>>: [[h, w] per reference]
+        per_row = pc.list_value_length(refs).to_numpy()
+        if len(set(per_row.tolist())) != 1:
+            raise UserError("the cache's samples have different numbers of references; rebuild it with `prep`")
+        sizes = refs.values.values.to_numpy().reshape(len(table), 2 * int(per_row[0]))
+        hw = np.stack([table.column("height").to_numpy(), table.column("width").to_numpy()], axis=1)
+        return np.concatenate([hw, sizes], axis=1).astype(np.int64)
 
-    def __getstate__(self) -> dict:  # sent to DataLoader workers without the open filesystem
-        return dict(self.__dict__, _fs=None, _fs_pid=-1)
+    def __len__(self) -> int:
+        return len(self.sample_ids)
 
-    def load(self, row: dict) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]:
-        """(target [C, H, W], references [[C, h, w], ...], embeds {"prompt.i": [L, D], ...}) of one row.
+    def row(self, index: int) -> Row:
+        spans = {m: (int(o[index]), int(n[index]), d[index].tobytes()) for m, (o, n, d) in self.spans.items()}
+        sample_id = self.sample_ids[index].decode()
+        return Row(sample_id, self.shard_names[self.shard_index[index]], spans, int(self.n_prompts[index]))
+
+    def load(self, row: Row) -> tuple[Latents, Embeddings]:
+        """The latents and embeddings of one row.
 
         Raises CorruptSample when a member is missing, short, fails its sha256 or does not decode.
         """
-        fs, root = self.fs
-        members = ("latents.safetensors", "embeds.safetensors")
         # Both members in one ranged read: they are neighbours in the tar (one header apart).
-        start = min(row[member_column(m, "offset")] for m in members)
-        end = max(row[member_column(m, "offset")] + row[member_column(m, "size")] for m in members)
+        start = min(offset for offset, _, _ in row.spans.values())
+        end = max(offset + size for offset, size, _ in row.spans.values())
         try:
-            span = fs.cat_file(f"{root}/{row['shard']}", start=start, end=end)
+            span = self.store.read_range(row.shard, start, end)
         except (OSError, ValueError) as err:  # missing shard, network error after fsspec's retries
             raise CorruptSample(f"cannot read: {err}") from None
         data = {}
-        for m in members:
-            offset = row[member_column(m, "offset")] - start
-            data[m] = span[offset : offset + row[member_column(m, "size")]]
-            if len(data[m]) != row[member_column(m, "size")]:
-                raise CorruptSample(f"{m} truncated ({len(data[m])} of {row[member_column(m, 'size')]} bytes)")
-            if hashlib.sha256(data[m]).hexdigest() != row[member_column(m, "sha256")]:
-                raise CorruptSample(f"{m} does not match the manifest's sha256")
+        for member, (offset, size, sha256) in row.spans.items():
+            data[member] = span[offset - start : offset - start + size]
+            if len(data[member]) != size:
+                raise CorruptSample(f"{member} truncated ({len(data[member])} of {size} bytes)")
+            if hashlib.sha256(data[member]).digest() != sha256:
+                raise CorruptSample(f"{member} does not match the manifest's sha256")
         try:
-            target, references = latents_from_bytes(data["latents.safetensors"])
-            embeds = embeds_from_bytes(data["embeds.safetensors"])
+            return Latents.from_bytes(data[LATENTS]), Embeddings.from_bytes(data[EMBEDS])
         except Exception as err:  # noqa: BLE001 - any decoding failure is a corrupt member
             raise CorruptSample(f"does not decode: {err}") from None
-        return target, references, embeds
 
 
 class _BatchStream(IterableDataset):
@@ -168,49 +186,48 @@ class _BatchStream(IterableDataset):
         return collate(loaded, rng, skipped, self.caption_dropout)
 
     def _load(self, slot: Slot, bad: dict[tuple[int, int], str]) -> tuple | None:
-        """(row, target, references, embeds), or None for a corrupt sample (remembered in `bad`)."""
+        """(row, latents, embeddings), or None for a corrupt sample (remembered in `bad`)."""
         key = (slot.source, slot.row)
         if key in bad:
             return None
         reader = self.readers[slot.source]
-        row = reader.rows[slot.row]
+        row = reader.row(slot.row)
         try:
             return (row, *reader.load(row))
         except CorruptSample as err:
-            bad[key] = f"{reader.location}/{row['shard']}: sample {row['sample_id']}: {err}"
+            bad[key] = f"{reader.location}/{row.shard}: sample {row.sample_id}: {err}"
             return None
 
     def _same_shape(self, slot: Slot) -> Iterator[Slot]:
         """Every slot of the same source with the same shape as `slot`, in manifest order."""
-        shapes = self.readers[slot.source].source.shapes
-        for row, shape in enumerate(shapes):
-            if shape == shapes[slot.row]:
-                yield Slot(slot.source, row)
+        shapes = self.readers[slot.source].shape_ids
+        for row in np.flatnonzero(shapes == shapes[slot.row]):
+            yield Slot(slot.source, int(row))
 
 
 def collate(loaded: list[tuple], rng: random.Random, skipped: list[str], caption_dropout: float = 0.0) -> Batch:
-    """Stack (row, target, references, embeds) samples.
+    """Stack (row, latents, embeddings) samples.
 
     Each sample takes one of its captions, picked by `rng`, or with probability `caption_dropout`
     the cached embedding of the empty instruction (which still sees the sample's references).
     """
     prompts = []
-    for row, _, _, embeds in loaded:
+    for row, _, embeds in loaded:
         dropped = caption_dropout > 0 and rng.random() < caption_dropout
-        prompts.append(embeds["dropout"] if dropped else embeds[f"prompt.{rng.randrange(len(row['prompt_lens']))}"])
+        prompts.append(embeds.dropout if dropped else embeds.prompts[rng.randrange(row.n_prompts)])
     longest = max(p.shape[0] for p in prompts)
     mask = torch.zeros(len(prompts), longest, dtype=torch.long)
     padded = torch.zeros(len(prompts), longest, prompts[0].shape[1], dtype=prompts[0].dtype)
     for i, p in enumerate(prompts):
         padded[i, : p.shape[0]] = p
         mask[i, : p.shape[0]] = 1
-    n_refs = len(loaded[0][2])
+    n_refs = len(loaded[0][1].references)
     return Batch(
-        target=torch.stack([target for _, target, _, _ in loaded]),
-        references=[torch.stack([refs[j] for _, _, refs, _ in loaded]) for j in range(n_refs)],
+        target=torch.stack([latents.target for _, latents, _ in loaded]),
+        references=[torch.stack([latents.references[j] for _, latents, _ in loaded]) for j in range(n_refs)],
         prompt=padded,
         prompt_mask=None if bool(mask.all()) else mask,
-        sample_ids=[row["sample_id"] for row, _, _, _ in loaded],
+        sample_ids=[row.sample_id for row, _, _ in loaded],
         skipped=skipped,
     )
 
@@ -234,14 +251,7 @@ class TrainLoader:
         caption_dropout: float = 0.0,
     ):
         self.readers, self.rank, self.workers, self.prefetch = readers, rank, workers, prefetch
-        self.caption_dropout = caption_dropout
-        if caption_dropout > 0:
-            for reader in readers:
-                if not reader.info["fingerprint"]["settings"].get("caption_dropout"):
-                    raise UserError(
-                        f"{reader.location}: caption_dropout_probability is set, but this cache has no "
-                        "empty-instruction embeddings; rebuild it: `prep build-cache --config ... --force`"
-                    )
+        self.caption_dropout = caption_dropout  # every train record holds its empty-instruction embedding
         self.order = TrainOrder([r.source for r in readers], batch_size, world_size, seed)
         self.position = 0  # batches handed out so far (the same on every rank)
         self.skipped = 0  # samples replaced because they could not be read
@@ -257,12 +267,7 @@ class TrainLoader:
     def largest_batch_tokens(self, batch_size: int) -> int:
         """Transformer tokens of this rank's largest possible batch: image tokens (target and references,
         16 pixels a side each: the VAE's 8 times the 2x2 packing) plus the longest caption, times the batch."""
-        largest = 0
-        for reader in self.readers:
-            for row in reader.rows:
-                pixels = row["height"] * row["width"] + sum(h * w for h, w in row["ref_sizes"])
-                largest = max(largest, pixels // 256 + max(row["prompt_lens"]))
-        return largest * batch_size
+        return max(reader.largest_tokens for reader in self.readers) * batch_size
 
     def state_dict(self) -> dict:
         return {

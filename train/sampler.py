@@ -24,22 +24,38 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+
+import numpy as np
 
 from shared.errors import UserError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Source:
-    """What the plan needs to know about one cache's training rows."""
+    """What the plan needs to know about one cache's training rows (arrays: ~6 bytes per row)."""
 
-    name: str  # dataset id, for messages
-    sample_ids: tuple[str, ...]
-    shapes: tuple[tuple, ...]  # per row: (height, width, ((ref_h, ref_w), ...))
+    name: str  # dataset id, for messages and seeds
+    sample_ids: Sequence  # per row; only hashed into the signature
+    shape_ids: np.ndarray  # [rows] int32: rows with equal ids share a shape (target and reference sizes)
     repeats: int = 0  # extra passes per epoch (SimpleTuner's `repeats`)
     probability: float | None = None  # relative weight; None: mix by size
+
+    @classmethod
+    def from_shapes(cls, name: str, sample_ids: Sequence, shapes: Sequence[tuple], **kwargs) -> Source:
+        """A source from one hashable shape per row (e.g. (height, width, ((ref_h, ref_w), ...)))."""
+        table: dict[tuple, int] = {}
+        ids = np.array([table.setdefault(shape, len(table)) for shape in shapes], dtype=np.int32)
+        return cls(name, sample_ids, ids, **kwargs)
+
+    @property
+    def digest(self) -> str:
+        """Changes when the rows or their shapes do."""
+        ids = np.asarray(self.sample_ids)
+        data = ids.tobytes() if ids.dtype.kind == "S" else json.dumps(list(map(str, ids))).encode()
+        return hashlib.sha256(data + self.shape_ids.astype(np.int32).tobytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -48,11 +64,6 @@ class Slot:
 
     source: int
     row: int
-
-
-def shape_key(row: dict) -> tuple:
-    """Samples with equal keys can share a batch: target pixels and each reference's pixels."""
-    return (row["height"], row["width"], tuple(tuple(s) for s in row["ref_sizes"]))
 
 
 class TrainOrder:
@@ -66,6 +77,9 @@ class TrainOrder:
         self.own_counts = [len(_own_pass(self, s, 0)) for s in range(len(sources))]
         self.quotas = self._quotas()
         self.per_epoch = sum(self.quotas)  # global batches per epoch = batches per rank per epoch
+        parts = [(s.name, s.digest, s.repeats, s.probability) for s in self.sources]
+        # Changes whenever the plan would: rows, shapes, mixing, global batch size, seed.
+        self.signature = hashlib.sha256(json.dumps([parts, self.global_batch, seed]).encode()).hexdigest()[:16]
 
     def _quotas(self) -> list[int]:
         by_size = [n * (1 + s.repeats) for n, s in zip(self.own_counts, self.sources, strict=True)]
@@ -77,21 +91,15 @@ class TrainOrder:
         total = sum(by_size)
         return [max(1, round(total * w / sum(weights))) for w in weights]
 
-    @property
-    def signature(self) -> str:
-        """Changes whenever the plan would: rows, shapes, mixing, global batch size, seed."""
-        parts = [(s.sample_ids, s.shapes, s.repeats, s.probability) for s in self.sources]
-        text = json.dumps([parts, self.global_batch, self.seed], default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def epoch(self, epoch: int) -> list[list[Slot]]:
-        """The global batches of one epoch, in order."""
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The global batches of one epoch, in order: (source [n], rows [n, global_batch])."""
         return _epoch(self, epoch)
 
     def global_batch_at(self, position: int) -> list[Slot]:
         """Global batch number `position`, counted from the start of training."""
         epoch, index = divmod(position, self.per_epoch)
-        return self.epoch(epoch)[index]
+        sources, rows = self.epoch(epoch)
+        return [Slot(int(sources[index]), int(r)) for r in rows[index]]
 
     def rank_batch(self, position: int, rank: int) -> list[Slot]:
         """Rank `rank`'s samples at global step `position`: its slice of that global batch."""
@@ -99,32 +107,40 @@ class TrainOrder:
         return slots[rank * self.batch_size : (rank + 1) * self.batch_size]
 
 
+def _rng(text: str) -> np.random.Generator:
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little"))
+
+
 @lru_cache(maxsize=8)
-def _own_pass(order: TrainOrder, source: int, n: int) -> list[list[Slot]]:
-    """Pass `n` over one source: shuffled, bucketed by shape, cut into full global batches."""
+def _own_pass(order: TrainOrder, source: int, n: int) -> np.ndarray:
+    """Pass `n` over one source: shuffled, bucketed by shape, cut into full global batches: rows [batches, size]."""
     src = order.sources[source]
-    rng = random.Random(f"{order.seed}:pass:{src.name}:{n}")
-    rows = list(range(len(src.sample_ids)))
-    rng.shuffle(rows)
-    buckets: dict[tuple, list[int]] = {}
-    for row in rows:
-        buckets.setdefault(src.shapes[row], []).append(row)
+    rng = _rng(f"{order.seed}:pass:{src.name}:{n}")
+    rows = rng.permutation(len(src.shape_ids))
+    shapes = src.shape_ids[rows]
+    grouped = rows[np.argsort(shapes, kind="stable")]  # by shape, shuffled within each
+    counts = np.bincount(shapes)
     size = order.global_batch
-    batches = []
-    for members in buckets.values():
-        n_batches = -(-len(members) // size)  # ceil: the short batch is filled from the bucket's start
-        cycled = [members[i % len(members)] for i in range(n_batches * size)]
-        batches += [[Slot(source, r) for r in cycled[i : i + size]] for i in range(0, len(cycled), size)]
-    rng.shuffle(batches)
-    return batches
+    batches, start = [], 0
+    for count in counts[counts > 0]:
+        members = grouped[start : start + count]
+        start += count
+        n_batches = -(-count // size)  # ceil: the short batch is filled from the bucket's start
+        batches.append(members[np.arange(n_batches * size) % count].reshape(n_batches, size))
+    batches = np.concatenate(batches)
+    return batches[rng.permutation(len(batches))]
 
 
 @lru_cache(maxsize=4)
-def _epoch(order: TrainOrder, epoch: int) -> list[list[Slot]]:
-    batches = []
+def _epoch(order: TrainOrder, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    sources, rows = [], []
     for source, quota in enumerate(order.quotas):
         # Batches k of the source's own endless stream: its pass k // count, batch k % count.
         count = order.own_counts[source]
-        batches += [_own_pass(order, source, k // count)[k % count] for k in range(epoch * quota, (epoch + 1) * quota)]
-    random.Random(f"{order.seed}:epoch:{epoch}").shuffle(batches)
-    return batches
+        for k in range(epoch * quota, (epoch + 1) * quota, count):
+            n, first = divmod(k, count)
+            take = min(count - first, (epoch + 1) * quota - k)
+            rows.append(_own_pass(order, source, n)[first : first + take])
+            sources.append(np.full(take, source, dtype=np.int32))
+    permutation = _rng(f"{order.seed}:epoch:{epoch}").permutation(sum(len(s) for s in sources))
+    return np.concatenate(sources)[permutation], np.concatenate(rows)[permutation]

@@ -22,18 +22,12 @@ import prep.encode
 import prep.pipeline
 from prep.build import build_cache
 from prep.cli import app
-from shared.cache_format import (
-    MEMBERS,
-    embeds_from_bytes,
-    latents_from_bytes,
-    member_column,
-    read_manifest,
-    read_member,
-)
+from shared.cache import MEMBERS, Latents, member_column
 from shared.config import load_config
 from shared.errors import UserError
+from tests.cache_files import manifest_rows, member_bytes, stored_tensors
 
-LOCATION = {"shard", *(member_column(m, k) for m in MEMBERS for k in ("offset", "size"))}
+LOCATION = {"shard", "record_offset", *(member_column(m, k) for m in MEMBERS for k in ("offset", "size"))}
 
 
 def _content(rows):
@@ -41,7 +35,7 @@ def _content(rows):
     return {r["sample_id"]: {k: v for k, v in r.items() if k not in LOCATION} for r in rows}
 
 
-HASHES = {member_column(m, "sha256") for m in MEMBERS if m != "json"}
+HASHES = {"record_sha256", *(member_column(m, "sha256") for m in MEMBERS if m != "json")}
 
 
 def _without_hashes(content: dict) -> dict:
@@ -52,11 +46,12 @@ def _tensors(cache, rows):
     """sample id -> every cached tensor; fp32 convolutions on CPU round differently with other thread counts."""
     out = {}
     for row in rows:
-        target, refs = latents_from_bytes(read_member(cache, row, "latents.safetensors"))
+        latents = Latents.from_bytes(member_bytes(cache, row, "latents.safetensors"))
+        target, refs = latents.target, latents.references
         out[row["sample_id"]] = [
             target,
             *refs,
-            *embeds_from_bytes(read_member(cache, row, "embeds.safetensors")).values(),
+            *(v for _, v in sorted(stored_tensors(member_bytes(cache, row, "embeds.safetensors")).items())),
         ]
     return out
 
@@ -76,16 +71,16 @@ def _count_encodes(monkeypatch):
 def test_manifest_offsets_and_hashes_locate_each_member(demo_project):
     config = load_config(demo_project("edit-v1", n_samples=3))
     (cache,) = build_cache(config, device="cpu")
-    rows = read_manifest(cache)
+    rows = manifest_rows(cache)
     assert len({r["sample_id"] for r in rows}) == 3
     for row in rows:
         assert "." not in row["sample_id"]
         with tarfile.open(cache / row["shard"]) as tar:
             for member in MEMBERS:
-                data = read_member(cache, row, member)
+                data = member_bytes(cache, row, member)
                 assert data == tar.extractfile(f"{row['sample_id']}.{member}").read()
-                assert hashlib.sha256(data).hexdigest() == row[member_column(member, "sha256")]
-        meta = json.loads(read_member(cache, row, "json"))
+                assert hashlib.sha256(data).digest() == row[member_column(member, "sha256")]
+        meta = json.loads(member_bytes(cache, row, "json"))
         assert meta["relpath"] == row["relpath"] and meta["captions"] == row["captions"]
         assert [row["width"], row["height"]] == meta["target"]["size"]
     assert sorted(p.name for p in (cache / "shards").iterdir()) == ["000000.tar"], "temporaries were left behind"
@@ -112,7 +107,7 @@ def test_missing_reference_stops_before_encoding(demo_project, tmp_path, monkeyp
 def test_rebuild_encodes_exactly_the_changed_added_and_removed_samples(demo_project, tmp_path, monkeypatch):
     config = load_config(demo_project("edit-v1", n_samples=4))
     (cache,) = build_cache(config, device="cpu")
-    before = _content(read_manifest(cache))
+    before = _content(manifest_rows(cache))
 
     data = tmp_path / "data"
     (data / "images" / "pair_0001.txt").write_text("make the circle blue\n")  # changed caption
@@ -127,7 +122,7 @@ def test_rebuild_encodes_exactly_the_changed_added_and_removed_samples(demo_proj
     encoded = _count_encodes(monkeypatch)
     build_cache(config, device="cpu")
     assert sorted(encoded) == ["new.png", "pair_0001.png", "pair_0002.png"]
-    after = _content(read_manifest(cache))
+    after = _content(manifest_rows(cache))
     assert sorted(r["relpath"] for r in after.values()) == [
         "new.png",
         "pair_0000.png",
@@ -145,7 +140,7 @@ def test_rebuild_encodes_exactly_the_changed_added_and_removed_samples(demo_proj
 def test_crash_mid_build_keeps_the_old_cache_and_a_rerun_finishes(demo_project, tmp_path, monkeypatch):
     config = load_config(demo_project("edit-v1", n_samples=5))
     reference_cache = build_cache(config, device="cpu", max_shard_bytes=1)[0]  # one record per shard
-    expected = _content(read_manifest(reference_cache))
+    expected = _content(manifest_rows(reference_cache))
     shutil.move(reference_cache, tmp_path / "uninterrupted")
 
     calls = []
@@ -166,7 +161,7 @@ def test_crash_mid_build_keeps_the_old_cache_and_a_rerun_finishes(demo_project, 
     encoded = _count_encodes(monkeypatch)
     (cache,) = build_cache(config, device="cpu", max_shard_bytes=1)
     assert len(encoded) == 2, "the three finished shards must be reused, not encoded again"
-    assert _content(read_manifest(cache)) == expected
+    assert _content(manifest_rows(cache)) == expected
     assert sorted(p.name for p in (cache / "shards").iterdir()) == [f"{i:06d}.tar" for i in range(5)]
 
 
@@ -174,7 +169,7 @@ def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_build(demo_proj
     config_path = demo_project("edit-v1", n_samples=6)
     config = load_config(config_path)
     (cache,) = build_cache(config, device="cpu", max_shard_bytes=1)
-    expected = _content(read_manifest(cache))
+    expected = _content(manifest_rows(cache))
     shutil.rmtree(cache)
 
     script = (
@@ -190,7 +185,7 @@ def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_build(demo_proj
     assert list((cache / "shards").glob("*.tar")), "the build was killed before it wrote a shard"
 
     (rebuilt,) = build_cache(config, device="cpu", max_shard_bytes=1)
-    assert _content(read_manifest(rebuilt)) == expected
+    assert _content(manifest_rows(rebuilt)) == expected
 
 
 def test_other_settings_are_refused_unless_forced(demo_project, tmp_path):
@@ -203,13 +198,13 @@ def test_other_settings_are_refused_unless_forced(demo_project, tmp_path):
     with pytest.raises(UserError, match=r"built with other settings \(changed: datasets\).*--force"):
         build_cache(config, device="cpu")
     (cache,) = build_cache(config, device="cpu", force=True)
-    assert {(r["height"], r["width"]) for r in read_manifest(cache)} <= {(320, 320), (288, 384), (384, 288)}
+    assert {(r["height"], r["width"]) for r in manifest_rows(cache)} <= {(320, 320), (288, 384), (384, 288)}
 
 
 def test_full_disk_is_a_clear_error_and_loses_nothing(demo_project, tmp_path, monkeypatch):
     config = load_config(demo_project("edit-v1", n_samples=2))
     (cache,) = build_cache(config, device="cpu")
-    before = read_manifest(cache)
+    before = manifest_rows(cache)
     (tmp_path / "data" / "images" / "pair_0000.txt").write_text("make it pink\n")
 
     def disk_full(self, obj):
@@ -218,18 +213,18 @@ def test_full_disk_is_a_clear_error_and_loses_nothing(demo_project, tmp_path, mo
     monkeypatch.setattr("webdataset.TarWriter.write", disk_full)
     with pytest.raises(UserError, match="the disk is full. Nothing already cached was lost"):
         build_cache(config, device="cpu")
-    assert read_manifest(cache) == before
+    assert manifest_rows(cache) == before
 
 
 def test_workers_and_shape_batches_give_the_same_cache(demo_project):
     config = load_config(demo_project("edit-v2", n_samples=6))
     (cache,) = build_cache(config, device="cpu")
-    rows = read_manifest(cache)
+    rows = manifest_rows(cache)
     expected, expected_tensors = _content(rows), _tensors(cache, rows)
     shutil.rmtree(cache)
 
     build_cache(config, device="cpu", workers=2, batch_size=3)
-    rows = read_manifest(cache)
+    rows = manifest_rows(cache)
     assert _without_hashes(_content(rows)) == _without_hashes(expected)
     for sample_id, tensors in _tensors(cache, rows).items():
         for a, b in zip(tensors, expected_tensors[sample_id], strict=True):

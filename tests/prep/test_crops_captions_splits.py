@@ -12,8 +12,8 @@ from PIL import Image
 from prep.buckets import bucket_size, place, plan_placement
 from prep.build import build_cache
 from prep.scan import scan_dataset
-from shared.cache_format import embeds_from_bytes, read_manifest, read_member
 from shared.config import DatasetConfig, load_config
+from tests.cache_files import manifest_rows, member_bytes, stored_tensors
 from train.loop import open_caches
 
 ASPECTS = [(1024, 1024), (1280, 720), (720, 1280), (1600, 900), (500, 1500), (333, 777), (4000, 1000)]
@@ -50,8 +50,8 @@ def test_cache_records_sizes_and_crop_boxes(demo_project, tmp_path):
     config_path = demo_project("edit-v2", n_samples=3)
     _edit_backend(tmp_path / "multidatabackend.json", {"crop": True, "crop_style": "random"})
     (cache,) = build_cache(load_config(config_path), device="cpu")
-    for row in read_manifest(cache):
-        meta = json.loads(read_member(cache, row, "json"))
+    for row in manifest_rows(cache):
+        meta = json.loads(member_bytes(cache, row, "json"))
         target, (strict, loose) = meta["target"], meta["references"]
         assert target["size"] == [row["width"], row["height"]]
         assert target["crop_box"] == row["crop_box"] == strict["crop_box"] == row["ref_crop_boxes"][0]
@@ -109,9 +109,9 @@ def test_several_main_datasets_and_an_eval_split(demo_project, tmp_path, tiny_mo
 
     cfg = load_config(config_path)
     train_cache, eval_cache = build_cache(cfg, device="cpu")
-    assert {r["split"] for r in read_manifest(train_cache)} == {"train"}
-    eval_rows = read_manifest(eval_cache)
+    assert {r["split"] for r in manifest_rows(train_cache)} == {"train"}
+    eval_rows = manifest_rows(eval_cache)
     assert {r["split"] for r in eval_rows} == {"eval"}
-    embeds = embeds_from_bytes(read_member(eval_cache, eval_rows[0], "embeds.safetensors"))
+    embeds = stored_tensors(member_bytes(eval_cache, eval_rows[0], "embeds.safetensors"))
     assert "negative" in embeds and "prompt.0" in embeds
     assert [r.location for r in open_caches(cfg)] == [str(train_cache)]

@@ -10,10 +10,8 @@ import sys
 import torch
 
 from prep.build import build_cache
-from shared.cache_format import (
-    read_manifest,
-)
 from shared.config import load_config
+from tests.cache_files import manifest_rows
 from tests.prep.test_build_cache import _content, _tensors, _without_hashes
 
 
@@ -21,7 +19,7 @@ def test_two_process_build_equals_one_process_build(demo_project, tmp_path):
     config_path = demo_project("edit-v2", n_samples=5)
     config = load_config(config_path)
     (cache,) = build_cache(config, device="cpu", max_shard_bytes=1)
-    expected_rows = read_manifest(cache)
+    expected_rows = manifest_rows(cache)
     expected, expected_tensors = _content(expected_rows), _tensors(cache, expected_rows)
     shutil.rmtree(cache)
 
@@ -46,7 +44,7 @@ def test_two_process_build_equals_one_process_build(demo_project, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "5 encoded by 2 process(es)" in result.stdout
 
-    rows = read_manifest(cache)
+    rows = manifest_rows(cache)
     assert _without_hashes(_content(rows)) == _without_hashes(expected)  # same samples, sizes, crops, captions, json
     tensors = _tensors(cache, rows)
     for sample_id, ours in tensors.items():

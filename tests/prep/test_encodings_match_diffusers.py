@@ -13,8 +13,9 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate
 from PIL import Image
 
 from prep.build import build_cache
-from shared.cache_format import embeds_from_bytes, latents_from_bytes, read_manifest, read_member
+from shared.cache import Latents
 from shared.config import load_config
+from tests.cache_files import manifest_rows, member_bytes, stored_tensors
 from tests.conftest import write_config
 
 
@@ -39,9 +40,10 @@ def _dataset(root, size, n_refs, caption):
 def _cached(config_path):
     config = load_config(config_path)
     (cache,) = build_cache(config, device="cpu")
-    (row,) = read_manifest(cache)
-    target, refs = latents_from_bytes(read_member(cache, row, "latents.safetensors"))
-    embeds = embeds_from_bytes(read_member(cache, row, "embeds.safetensors"))
+    (row,) = manifest_rows(cache)
+    latents = Latents.from_bytes(member_bytes(cache, row, "latents.safetensors"))
+    target, refs = latents.target, latents.references
+    embeds = stored_tensors(member_bytes(cache, row, "embeds.safetensors"))
     return target, refs, embeds
 
 

@@ -6,31 +6,82 @@ from typer.testing import CliRunner
 
 from prep.build import build_cache
 from prep.cli import app
-from shared.cache_format import member_column, read_manifest
+from shared.cache import member_column
 from shared.config import load_config
+from tests.cache_files import manifest_rows
 
 
-def test_verify_passes_an_intact_cache_and_catches_a_flipped_byte_and_a_missing_shard(demo_project):
-    (cache,) = build_cache(load_config(demo_project("edit-v1", n_samples=3)), device="cpu", max_shard_bytes=1)
-    runner = CliRunner()
-    ok = runner.invoke(app, ["verify", str(cache)])
-    assert ok.exit_code == 0 and "9 members checked: intact" in ok.output
+def _verify(cache, *flags):
+    result = CliRunner().invoke(app, ["verify", str(cache), *flags])
+    assert "Traceback" not in result.output
+    return result
 
-    rows = read_manifest(cache)
+
+def test_verify_catches_any_changed_missing_or_extra_byte_and_names_the_sample(demo_project):
+    (cache,) = build_cache(load_config(demo_project("edit-v1", n_samples=3)), device="cpu")  # one shard
+    ok = _verify(cache)
+    assert ok.exit_code == 0 and "3 samples in 1 shards" in ok.output and "intact" in ok.output
+
+    rows = manifest_rows(cache)
+    shard = cache / rows[0]["shard"]
+    original = shard.read_bytes()
     victim = rows[1]
-    shard = cache / victim["shard"]
-    data = bytearray(shard.read_bytes())
-    data[victim[member_column("embeds.safetensors", "offset")] + 100] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    (cache / rows[2]["shard"]).unlink()
+    latents, meta = (victim[member_column(m, "offset")] for m in ("latents.safetensors", "json"))
+    padding = meta + victim[member_column("json", "size")]
+    assert padding % 512, "the json member of this record ends inside a block, so it has padding"
+    last_record_end = max(r["record_offset"] + r["record_size"] for r in rows)
+    places = {
+        "tar header": latents - 512 + 100,  # the mode field of the latents member's header
+        "data": latents + 300,
+        "padding": padding,
+        "end of archive": last_record_end + 10,
+    }
+    for where, offset in places.items():
+        damaged = bytearray(original)
+        damaged[offset] ^= 0x01
+        shard.write_bytes(bytes(damaged))
+        result = _verify(cache)
+        assert result.exit_code == 1, where
+        assert "sha256 differs" in result.output, where
+        if where == "end of archive":
+            assert "outside every record" in result.output
+        else:
+            assert f"{victim['sample_id']} ({victim['relpath']})" in result.output, where
+            assert rows[0]["sample_id"] not in result.output and rows[2]["sample_id"] not in result.output, where
+        if where == "data":
+            assert "latents.safetensors" in result.output
+        assert _verify(cache, "--quick").exit_code == 0, "--quick checks sizes only"
 
-    bad = runner.invoke(app, ["verify", str(cache)])
-    assert bad.exit_code == 1
-    assert (
-        f"sample {victim['sample_id']} ({victim['relpath']}) member embeds.safetensors: sha256 mismatch" in bad.output
+    shard.write_bytes(original + b"\0" * 512)
+    result = _verify(cache, "--quick")
+    assert result.exit_code == 1 and "512 extra bytes" in result.output
+
+    shard.write_bytes(original[: rows[2]["record_offset"] + 700])
+    result = _verify(cache)
+    assert result.exit_code == 1 and "truncated" in result.output
+    assert f"samples past the end: {rows[2]['sample_id']}" in result.output
+
+    shard.unlink()
+    result = _verify(cache)
+    assert result.exit_code == 1 and f"{shard}: missing (3 samples" in result.output
+
+    shard.write_bytes(original)
+    assert _verify(cache).exit_code == 0
+
+
+def test_verify_refuses_a_manifest_that_points_outside_the_cache(demo_project, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (cache,) = build_cache(load_config(demo_project("edit-v1", n_samples=2)), device="cpu")
+    table = pq.read_table(cache / "manifest.parquet")
+    crafted = table.set_column(
+        table.schema.get_field_index("shard"), "shard", pa.array(["../../../../etc/passwd"] * table.num_rows)
     )
-    assert f"{cache / rows[2]['shard']}: missing shard (1 samples)" in bad.output
-    assert "Traceback" not in bad.output
+    pq.write_table(crafted, cache / "manifest.parquet")
+    result = _verify(cache)
+    assert result.exit_code == 1
+    assert "'../../../../etc/passwd', which is not a shard of this cache" in result.output
 
 
 def test_inspect_prints_counts_buckets_tokens_bytes_and_fingerprint(demo_project):

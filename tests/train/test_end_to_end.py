@@ -11,8 +11,9 @@ from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from safetensors.torch import load_file
 
 from prep.build import build_cache
-from shared.cache_format import read_cache_info, read_manifest
+from shared.cache import CacheStore
 from shared.config import load_config
+from tests.cache_files import manifest_rows
 from train.loop import train
 
 PIPELINES = {"edit-v1": QwenImageEditPipeline, "edit-v2": QwenImageEditPlusPipeline}
@@ -38,8 +39,8 @@ def test_prep_then_train_then_load_lora(flavour, demo_project, tmp_path, monkeyp
     config = load_config(demo_project(flavour, n_samples=4, train={"max_train_steps": 3}))
     (cache,) = build_cache(config, device="cpu")
 
-    info = read_cache_info(cache)
-    rows = read_manifest(cache)
+    info = CacheStore(cache).read_info()
+    rows = manifest_rows(cache)
     assert info["flavour"] == flavour and info["counts"]["samples"] == 4 == len(rows)
     assert all(len(r["ref_sizes"]) == (1 if flavour == "edit-v1" else 2) for r in rows)
 

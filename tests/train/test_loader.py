@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from prep.build import build_cache
-from shared.cache_format import member_column, read_manifest
+from shared.cache import member_column
 from shared.config import load_config
 from shared.demo_data import write_demo_dataset
 from shared.errors import UserError
+from tests.cache_files import manifest_rows
 from tests.conftest import write_config
 from train.loader import Batch, CacheReader, TrainLoader
 
@@ -64,7 +65,7 @@ def test_resume_after_k_batches_continues_with_exactly_the_next_batch(cache):
 
 def test_batches_hold_one_shape_with_a_mask_over_padded_prompts(cache):
     loader = TrainLoader([CacheReader(cache)], 4, seed=0)
-    rows = {r["sample_id"]: r for r in read_manifest(cache)}
+    rows = {r["sample_id"]: r for r in manifest_rows(cache)}
     batches = _take(loader, loader.batches_per_epoch)
     assert sorted(i for b in batches for i in b.sample_ids) == sorted(rows)  # 4 per shape: each sample once
     for batch in batches:
@@ -89,7 +90,7 @@ def test_reads_from_fsspec_urls(cache):
 def test_corrupt_member_is_skipped_reported_and_counted(cache, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(cache, broken)
-    rows = read_manifest(broken)
+    rows = manifest_rows(broken)
     victim = rows[0]
     with open(broken / victim["shard"], "r+b") as f:  # flip one byte inside its latents
         f.seek(victim[member_column("latents.safetensors", "offset")] + 200)
@@ -110,7 +111,7 @@ def test_corrupt_member_is_skipped_reported_and_counted(cache, tmp_path, capsys)
 def test_a_shape_with_no_readable_sample_is_a_clear_error(cache, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(cache, broken)
-    for shard in {r["shard"] for r in read_manifest(broken)}:
+    for shard in {r["shard"] for r in manifest_rows(broken)}:
         (broken / shard).unlink()
     with pytest.raises(UserError, match="prep verify"):
         _take(TrainLoader([CacheReader(broken)], 1, seed=1), 1)
@@ -127,7 +128,7 @@ def test_two_gloo_ranks_see_each_sample_once_per_epoch(cache, tmp_path):
     per_rank = json.loads(out.read_text())
     assert len(per_rank[0]) == len(per_rank[1]) == 3  # 12 samples / global batch 4
     seen = [i for batches in per_rank for batch in batches for i in batch]
-    assert sorted(seen) == sorted(r["sample_id"] for r in read_manifest(cache))
+    assert sorted(seen) == sorted(r["sample_id"] for r in manifest_rows(cache))
     # the global order is that of one process with the same global batch
     single = _take(TrainLoader([CacheReader(cache)], 4, seed=3), 3)
     assert [a + b for a, b in zip(*per_rank, strict=True)] == [b.sample_ids for b in single]

@@ -10,7 +10,7 @@ SHAPES = [(256, 256, ((256, 256),)), (224, 288, ((224, 288),)), (288, 224, ((288
 
 
 def _source(name: str, n: int, shapes=SHAPES, **kwargs) -> Source:
-    return Source(
+    return Source.from_shapes(
         name, tuple(f"{name}{i:03d}" for i in range(n)), tuple(shapes[i % len(shapes)] for i in range(n)), **kwargs
     )
 
@@ -43,12 +43,12 @@ def test_global_sequence_is_the_same_for_any_split_of_the_global_batch():
 def test_batches_hold_one_shape_and_small_buckets_still_train():
     shapes = SHAPES + [(512, 128, ((512, 128),))]
     rows = [shapes[0]] * 9 + [shapes[1]] * 5 + [shapes[2]] * 4 + [shapes[3]]  # the last bucket: 1 sample
-    source = Source("a", tuple(f"s{i}" for i in range(len(rows))), tuple(rows))
+    source = Source.from_shapes("a", tuple(f"s{i}" for i in range(len(rows))), tuple(rows))
     order = TrainOrder([source], batch_size=4, world_size=1, seed=0)
     seen = Counter()
     for p in range(order.per_epoch):
         slots = order.rank_batch(p, 0)
-        assert len(slots) == 4 and len({source.shapes[s.row] for s in slots}) == 1
+        assert len(slots) == 4 and len({source.shape_ids[s.row] for s in slots}) == 1
         seen.update(source.sample_ids[s.row] for s in slots)
     # ceil(9/4) + ceil(5/4) + 1 + 1 batches; every sample at least once, short batches filled from their bucket
     assert order.per_epoch == 3 + 2 + 1 + 1

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 
 import train.loop as loop_module
 from prep.build import build_cache
-from shared.cache_format import embeds_from_bytes, read_manifest, read_member
 from shared.config import load_config
 from shared.demo_data import write_demo_dataset
 from shared.errors import UserError
+from tests.cache_files import manifest_rows, member_bytes, stored_tensors
 from tests.conftest import write_config
 from train.checkpoint import list_checkpoints
 from train.export import COMFYUI_FILE, LORA_FILE
@@ -216,8 +216,8 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_when_persistent(project, 
 def test_caption_dropout_uses_the_cached_empty_instruction(project, tmp_path):
     config = load_config(project(tmp_path / "run"))
     cache = config.cache_dir_for(config.main_datasets()[0])
-    rows = {r["sample_id"]: r for r in read_manifest(cache)}
-    embeds = {i: embeds_from_bytes(read_member(cache, r, "embeds.safetensors")) for i, r in rows.items()}
+    rows = {r["sample_id"]: r for r in manifest_rows(cache)}
+    embeds = {i: stored_tensors(member_bytes(cache, r, "embeds.safetensors")) for i, r in rows.items()}
     assert all("dropout" in e for e in embeds.values())
 
     loader = TrainLoader([CacheReader(str(cache))], 1, seed=0, caption_dropout=0.5)

@@ -1,0 +1,101 @@
+"""The cache: the only contract between `prep` (writer) and `train` (reader). Format version 2.
+
+This docstring is the format's full description; `format.py` holds its names and schema,
+`store.py` the one reader (local paths and fsspec URLs), `writer.py` the writer, `files.py`
+durable writes and the build lock.
+
+Layout of one cache dir (one per main dataset)::
+
+    <cache>/cache.json              format_version, flavour, dataset_id, fingerprint, counts, created
+    <cache>/manifest.parquet        one row per sample; shard table and fingerprint in its metadata
+    <cache>/shards/000000.tar       webdataset tars (`rankNN-000000.tar` from a distributed build)
+    <cache>/validation.parquet      prep only: per-file record of validated images (size, mtime, inode)
+    <cache>/build.lock              prep only: held by the running build; names its holder
+
+**Shards.** Plain POSIX tars as webdataset writes them: one record per sample, key = sample id
+(20 hex characters), members in this order, each preceded by its 512-byte tar header and padded
+to 512 bytes; the archive ends with tar's zero blocks.
+
+- `<id>.latents.safetensors`: `target` [C, H/8, W/8] and `ref.0`, `ref.1`, ... [C, h/8, w/8]
+  (VAE latents, normalised as the pipelines do, bf16).
+- `<id>.embeds.safetensors`: `prompt.0`, `prompt.1`, ... [L, D], one per caption; `dropout`
+  [L, D] on train samples (the empty instruction with the sample's references, for caption
+  dropout, always cached); `negative` [L, D] on eval samples (" " with the references). bf16.
+  L is each instruction's token count after the template's system prefix is dropped.
+- `<id>.json`: the record's provenance: captions, sizes, crop boxes, seeds, source sha256s.
+
+Tensors are safetensors (loading runs no code). `Latents` and `Embeddings` (format.py) are the
+typed views every reader and writer uses.
+
+**manifest.parquet** (schema `MANIFEST_SCHEMA`): `sample_id`, `dataset_id`, `relpath`, `split`
+(train/eval), `shard` (always `shards/NAME.tar`: readers refuse anything else); `record_offset`,
+`record_size`, `record_sha256`: the sample's whole byte range in its shard (headers, data,
+padding); per member (`latents_`, `embeds_`, `json_`) `offset`, `size` of its data and its
+`sha256`; then `height`, `width`, `original_size`, `crop_box`, `ref_sizes`, `ref_crop_boxes`,
+`prompt_lens`, `captions`, `source_sha256`. Digests are raw 32-byte sha256 values, except
+`source_sha256` (hex). The Parquet schema metadata holds `fingerprint` (hex), `format_version`,
+and `shards`: JSON `{"shards/NAME.tar": {"bytes": n, "sha256": hex}}` for every shard it names,
+recorded when the shard was sealed. `prep verify` checks whole shards against that table, walks
+every tar header, and names the samples whose records changed.
+
+**Fingerprint.** cache.json's `fingerprint` = {`sha256`, `settings`}: everything that changes
+cached bytes (model configs and files, flavour, prompt template, encoder dtype, reference sizing,
+and per dataset: resolution, crop settings; the `crop_seed` only when a dataset crops at random).
+Training-only keys (seed, caption dropout, learning rate, ...) are not in it, so changing them
+never invalidates a cache. The manifest carries the same hash; a reader that finds them unequal
+is looking at a build cut short between the two writes.
+
+**Writing.** Shards are written as `.tar.tmp`, hashed, fsynced and renamed; their rows go to
+`shards/NAME.index.parquet` (fsynced, atomic) so an interrupted build resumes from the last
+sealed shard. The manifest, then cache.json, are replaced atomically (write, fsync, rename, fsync
+dir); only then are unreferenced shards and index files removed. One build at a time holds
+`build.lock` (an flock, released by the kernel if the build is killed).
+
+**Versions.** This code reads format 2 only; a cache of another version is refused with the
+command that rebuilds it.
+"""
+
+from shared.cache.files import CacheLock, write_atomic, write_json_atomic
+from shared.cache.format import (
+    CACHE_JSON,
+    EMBEDS,
+    FORMAT_VERSION,
+    LATENTS,
+    LOCK,
+    MANIFEST,
+    MANIFEST_SCHEMA,
+    MEMBERS,
+    META,
+    SHARDS_DIR,
+    TRAIN_COLUMNS,
+    VALIDATION,
+    Embeddings,
+    Latents,
+    member_column,
+)
+from shared.cache.store import CacheStore, check_shard_path, manifest_metadata, parse_cache_info
+
+__all__ = [
+    "CACHE_JSON",
+    "EMBEDS",
+    "FORMAT_VERSION",
+    "LATENTS",
+    "LOCK",
+    "MANIFEST",
+    "MANIFEST_SCHEMA",
+    "MEMBERS",
+    "META",
+    "SHARDS_DIR",
+    "TRAIN_COLUMNS",
+    "VALIDATION",
+    "CacheLock",
+    "CacheStore",
+    "Embeddings",
+    "Latents",
+    "check_shard_path",
+    "manifest_metadata",
+    "member_column",
+    "parse_cache_info",
+    "write_atomic",
+    "write_json_atomic",
+]

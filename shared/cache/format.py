@@ -1,0 +1,118 @@
+"""The cache's names, schema and record codecs: what every reader and writer agrees on.
+
+The full description of the layout is the package docstring (`shared/cache/__init__.py`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+FORMAT_VERSION = 2
+CACHE_JSON = "cache.json"
+MANIFEST = "manifest.parquet"
+SHARDS_DIR = "shards"
+VALIDATION = "validation.parquet"  # prep's per-file record of validated images (not read by train)
+LOCK = "build.lock"
+
+LATENTS, EMBEDS, META = "latents.safetensors", "embeds.safetensors", "json"
+MEMBERS = (LATENTS, EMBEDS, META)  # in this order inside each record
+STORAGE_DTYPE = torch.bfloat16
+SHARD_NAME = re.compile(r"^(?P<prefix>(?:rank\d+-)?)(?P<number>\d{6})\.tar$")  # e.g. 000003.tar, rank01-000000.tar
+
+SHA256 = pa.binary(32)  # digests are stored as raw bytes (32, not 64 hex characters: memory at 1M rows)
+
+
+def member_column(member: str, what: str) -> str:
+    """Manifest column of a member's offset/size/sha256, e.g. (LATENTS, "offset") -> "latents_offset"."""
+    return f"{member.split('.')[0]}_{what}"
+
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("dataset_id", pa.string()),
+        ("relpath", pa.string()),
+        ("split", pa.string()),  # "train" or "eval"
+        ("shard", pa.string()),  # "shards/NNNNNN.tar", relative to the cache dir
+        # The record's whole byte range in its shard: every member's tar header, data and padding.
+        ("record_offset", pa.int64()),
+        ("record_size", pa.int64()),
+        ("record_sha256", SHA256),
+        *[(member_column(m, k), t) for m in MEMBERS for k, t in (("offset", pa.int64()), ("size", pa.int64()))],
+        *[(member_column(m, "sha256"), SHA256) for m in MEMBERS],
+        ("height", pa.int32()),  # target pixels
+        ("width", pa.int32()),
+        ("original_size", pa.list_(pa.int32())),  # [width, height] of the edit image file, upright
+        ("crop_box", pa.list_(pa.int32())),  # [left, top, right, bottom] of the target in its scaled image
+        ("ref_sizes", pa.list_(pa.list_(pa.int32()))),  # [[height, width] per reference], VAE pixels
+        ("ref_crop_boxes", pa.list_(pa.list_(pa.int32()))),  # per reference: the box (strict) or [] (loose)
+        ("prompt_lens", pa.list_(pa.int32())),  # tokens per cached caption embedding
+        ("captions", pa.list_(pa.string())),
+        ("source_sha256", pa.string()),  # hex, over the image, references, captions and split
+    ]
+)
+
+# What training reads of the manifest (the rest is for prep and people): ~150 bytes per row.
+TRAIN_COLUMNS = (
+    "sample_id",
+    "split",
+    "shard",
+    *[member_column(m, k) for m in (LATENTS, EMBEDS) for k in ("offset", "size", "sha256")],
+    "height",
+    "width",
+    "ref_sizes",
+    "prompt_lens",
+)
+
+
+@dataclass
+class Latents:
+    """A record's VAE latents, bf16: the target [C, H/8, W/8] and each reference [C, h/8, w/8]."""
+
+    target: torch.Tensor
+    references: list[torch.Tensor]
+
+    def to_bytes(self) -> bytes:
+        tensors = {"target": self.target, **{f"ref.{i}": r for i, r in enumerate(self.references)}}
+        return _save(tensors)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Latents:
+        tensors = load_safetensors(data)
+        n_refs = sum(1 for k in tensors if k.startswith("ref."))
+        return cls(tensors["target"], [tensors[f"ref.{i}"] for i in range(n_refs)])
+
+
+@dataclass
+class Embeddings:
+    """A record's Qwen2.5-VL embeddings, bf16, each [L, D] (L: that instruction's tokens).
+
+    `prompts`: one per caption. `dropout`: the empty instruction with the sample's references
+    (train samples; what caption dropout trains on). `negative`: " " with the references (eval
+    samples; the true-CFG negative of previews).
+    """
+
+    prompts: list[torch.Tensor]
+    dropout: torch.Tensor | None = None
+    negative: torch.Tensor | None = None
+
+    def to_bytes(self) -> bytes:
+        tensors = {f"prompt.{i}": p for i, p in enumerate(self.prompts)}
+        tensors.update({k: v for k, v in (("dropout", self.dropout), ("negative", self.negative)) if v is not None})
+        return _save(tensors)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Embeddings:
+        tensors = load_safetensors(data)
+        n_prompts = sum(1 for k in tensors if k.startswith("prompt."))
+        return cls([tensors[f"prompt.{i}"] for i in range(n_prompts)], tensors.get("dropout"), tensors.get("negative"))
+
+
+def _save(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save_safetensors({k: v.to(STORAGE_DTYPE).contiguous().cpu() for k, v in tensors.items()})

@@ -1,0 +1,203 @@
+"""Writing a cache dir so that a kill or a power loss at any moment loses at most the shard in progress.
+
+- A shard is written as `shards/NAME.tar.tmp`; when complete it is hashed (whole file, each
+  record, each member), fsynced and renamed to `shards/NAME.tar`.
+- Then `shards/NAME.index.parquet` records its rows, the fingerprint they were encoded under and
+  the shard's size and sha256 (fsynced, atomic). A rerun reuses these rows instead of re-encoding.
+- `commit` writes `manifest.parquet` (rows + fingerprint + the table of live shards in its schema
+  metadata), then `cache.json`, both fsynced and atomic, then deletes what the manifest no longer
+  references. Until the new manifest lands, the old one and every shard it names are untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from shared.cache.files import publish, write_atomic, write_json_atomic
+from shared.cache.format import (
+    CACHE_JSON,
+    FORMAT_VERSION,
+    MANIFEST,
+    MANIFEST_SCHEMA,
+    MEMBERS,
+    SHARD_NAME,
+    SHARDS_DIR,
+    member_column,
+)
+from shared.cache.store import check_shard_path, manifest_metadata
+from shared.errors import UserError
+
+ShardTable = dict[str, dict[str, Any]]  # "shards/NAME.tar" -> {"bytes": n, "sha256": hex}
+
+
+def index_path(shard: Path) -> Path:
+    return shard.with_name(shard.name.removesuffix(".tar") + ".index.parquet")
+
+
+class ShardWriter:
+    """Append records to new shards `shards/[rankNN-]NNNNNN.tar`, starting a new one past `max_shard_bytes`."""
+
+    def __init__(self, cache_dir: Path, fingerprint: str, max_shard_bytes: int = 1_000_000_000, prefix: str = ""):
+        self.cache_dir = cache_dir
+        self.fingerprint = fingerprint
+        self.max_shard_bytes = max_shard_bytes
+        self.prefix = prefix  # "rankNN-" in a distributed build, so ranks never pick the same name
+        (cache_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        taken = [
+            int(m["number"])
+            for p in (cache_dir / SHARDS_DIR).iterdir()
+            if (m := SHARD_NAME.match(p.name.removesuffix(".tmp"))) and m["prefix"] == prefix
+        ]
+        self._next = max(taken, default=-1) + 1  # never reuse a name: old shards stay until commit
+        self.rows: list[dict[str, Any]] = []
+        self.shards: ShardTable = {}
+        self._pending: list[dict[str, Any]] = []
+        self._tar: wds.TarWriter | None = None
+        self._name = ""
+        self._bytes = 0
+
+    def write(self, sample_id: str, members: dict[str, bytes], row: dict[str, Any]) -> None:
+        """Add one record; `members` maps each name in MEMBERS to its bytes, `row` holds the other columns."""
+        try:
+            if self._tar is None:
+                self._name = f"{SHARDS_DIR}/{self.prefix}{self._next:06d}.tar"
+                self._next += 1
+                # mtime 0: the same records give byte-identical shards, whenever they are built.
+                self._tar = wds.TarWriter(str(self.cache_dir / (self._name + ".tmp")), mtime=0)
+                self._bytes = 0
+            self._tar.write({"__key__": sample_id, **{m: members[m] for m in MEMBERS}})
+        except OSError as err:
+            raise disk_error(err, self.cache_dir) from err
+        row = dict(row, sample_id=sample_id, shard=self._name)
+        for member in MEMBERS:
+            row[member_column(member, "sha256")] = hashlib.sha256(members[member]).digest()
+        self._pending.append(row)
+        self._bytes += sum(len(b) for b in members.values())
+        if self._bytes >= self.max_shard_bytes:
+            self.finish_shard()
+
+    def finish_shard(self) -> None:
+        """Close the open shard: locate and hash its records, make it durable, then write its index file."""
+        if self._tar is None:
+            return
+        try:
+            self._tar.close()
+            self._tar = None
+            final = self.cache_dir / self._name
+            tmp = final.with_name(final.name + ".tmp")
+            layout = tar_layout(tmp)
+            data = tmp.read_bytes()  # one shard (max_shard_bytes) at a time
+            for row in self._pending:
+                start, end = layout.records[row["sample_id"]]
+                row["record_offset"], row["record_size"] = start, end - start
+                row["record_sha256"] = hashlib.sha256(data[start:end]).digest()
+                for member in MEMBERS:
+                    offset, size = layout.members[f"{row['sample_id']}.{member}"]
+                    row[member_column(member, "offset")] = offset
+                    row[member_column(member, "size")] = size
+            shard = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            publish(tmp, final)
+            write_rows(self._pending, index_path(final), self.fingerprint, {self._name: shard})
+        except OSError as err:
+            raise disk_error(err, self.cache_dir) from err
+        self.rows.extend(self._pending)
+        self.shards[self._name] = shard
+        self._pending = []
+
+
+class TarLayout:
+    """Where each member's data and each record's bytes lie in a tar (offsets in bytes)."""
+
+    def __init__(self):
+        self.members: dict[str, tuple[int, int]] = {}  # member name -> (data offset, data size)
+        self.records: dict[str, tuple[int, int]] = {}  # key -> [start, end): first header to last padding
+
+
+def tar_layout(path: Path) -> TarLayout:
+    layout = TarLayout()
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            layout.members[m.name] = (m.offset_data, m.size)
+            key = m.name.split(".", 1)[0]
+            end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            start = layout.records.get(key, (m.offset, end))[0]
+            layout.records[key] = (start, end)
+    return layout
+
+
+def read_existing_rows(cache_dir: Path, fingerprint: str) -> tuple[dict[str, dict[str, Any]], ShardTable]:
+    """Rows already encoded under `fingerprint` and their shards: the manifest's, then any finished
+    shard's of an interrupted build."""
+    rows: dict[str, dict[str, Any]] = {}
+    shards: ShardTable = {}
+    manifest = cache_dir / MANIFEST
+    if manifest.is_file() and manifest_fingerprint(manifest) == fingerprint:
+        table = pq.read_table(manifest)
+        for shard in table.column("shard").unique().to_pylist():
+            check_shard_path(shard, str(manifest))
+        rows.update({r["sample_id"]: r for r in table.to_pylist()})
+        shards.update(manifest_metadata(table.schema)["shards"])
+    directory = cache_dir / SHARDS_DIR
+    for index in sorted(directory.glob("*.index.parquet")) if directory.is_dir() else []:
+        shard = index.with_name(index.name.removesuffix(".index.parquet") + ".tar")
+        try:
+            table = pq.read_table(index)
+        except (OSError, pa.ArrowInvalid):
+            continue  # an index cut short by a kill: its shard is simply encoded again
+        meta = manifest_metadata(table.schema)
+        for name in table.column("shard").unique().to_pylist():
+            check_shard_path(name, str(index))
+        if shard.is_file() and meta["fingerprint"] == fingerprint:
+            rows.update({r["sample_id"]: r for r in table.to_pylist()})
+            shards.update(meta["shards"])
+    return rows, shards
+
+
+def manifest_fingerprint(manifest: Path) -> str:
+    return manifest_metadata(pq.read_schema(manifest))["fingerprint"]
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path, fingerprint: str, shards: ShardTable) -> None:
+    """`rows` as a Parquet file with the manifest's schema; fingerprint and shard table in its metadata."""
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    table = table.replace_schema_metadata(
+        {"fingerprint": fingerprint, "format_version": str(FORMAT_VERSION), "shards": json.dumps(shards)}
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_atomic(path, sink.getvalue().to_pybytes())
+
+
+def commit(cache_dir: Path, rows: list[dict[str, Any]], shards: ShardTable, info: dict[str, Any]) -> None:
+    """Publish `rows` as the cache's manifest, write cache.json, then remove what nothing references."""
+    live = {r["shard"] for r in rows}
+    missing = live - set(shards)
+    if missing:
+        raise RuntimeError(f"no size and sha256 recorded for shard(s) {sorted(missing)}")
+    try:
+        write_rows(rows, cache_dir / MANIFEST, info["fingerprint"]["sha256"], {s: shards[s] for s in sorted(live)})
+        write_json_atomic(cache_dir / CACHE_JSON, info)
+    except OSError as err:
+        raise disk_error(err, cache_dir) from err
+    for path in (cache_dir / SHARDS_DIR).iterdir():
+        relative = f"{SHARDS_DIR}/{path.name}"
+        if path.name.endswith((".tmp", ".index.parquet")) or (path.suffix == ".tar" and relative not in live):
+            path.unlink(missing_ok=True)
+
+
+def disk_error(err: OSError, cache_dir: Path) -> Exception:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(
+            f"{cache_dir}: the disk is full. Nothing already cached was lost: free some space and run "
+            "`prep build-cache` again; it continues from the last complete shard."
+        )
+    return err

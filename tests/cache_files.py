@@ -1,0 +1,21 @@
+"""Reading a cache's files directly in tests: manifest rows as dicts, member bytes, tensors by their stored names."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from shared.cache import CacheStore
+
+
+def manifest_rows(cache) -> list[dict]:
+    return CacheStore(cache).read_manifest().to_pylist()
+
+
+def member_bytes(cache, row: dict, member: str) -> bytes:
+    return CacheStore(cache).read_member(row, member)
+
+
+def stored_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """A safetensors member by the names the format gives its tensors ("target", "ref.0", "prompt.0", ...)."""
+    return load_safetensors(data)
