@@ -1,0 +1,101 @@
+"""The cache contract's own rules: typed records keep their stored names, old formats and foreign paths are refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from shared.cache import CacheStore, Embeddings, Latents, check_shard_path
+from shared.errors import UserError
+
+
+def test_records_round_trip_under_the_documented_tensor_names():
+    target, refs = torch.randn(16, 4, 6), [torch.randn(16, 4, 6), torch.randn(16, 2, 2)]
+    latents = Latents.from_bytes(Latents(target, refs).to_bytes())
+    assert set(load_safetensors(Latents(target, refs).to_bytes())) == {"target", "ref.0", "ref.1"}
+    assert torch.equal(latents.target, target.bfloat16()) and [r.shape for r in latents.references] == [
+        (16, 4, 6),
+        (16, 2, 2),
+    ]
+
+    prompts, dropout = [torch.randn(5, 8), torch.randn(7, 8)], torch.randn(3, 8)
+    data = Embeddings(prompts, dropout=dropout).to_bytes()
+    assert set(load_safetensors(data)) == {"prompt.0", "prompt.1", "dropout"}
+    embeds = Embeddings.from_bytes(data)
+    assert [p.shape[0] for p in embeds.prompts] == [5, 7] and embeds.negative is None
+    assert torch.equal(embeds.dropout, dropout.bfloat16())
+
+
+def test_another_format_version_is_refused_with_the_command_that_rebuilds(tmp_path):
+    (tmp_path / "cache.json").write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(UserError, match=r"cache format 1, this version reads 2 .*prep build-cache .*--force"):
+        CacheStore(tmp_path).read_info()
+
+
+@pytest.mark.parametrize("shard", ["../../etc/passwd", "/etc/passwd", "shards/../../x.tar", "shards/a.tar", "x"])
+def test_paths_outside_the_cache_shards_are_refused(shard):
+    with pytest.raises(UserError, match="not a shard of this cache"):
+        check_shard_path(shard, "manifest.parquet")
+    assert check_shard_path("shards/rank01-000002.tar", "m") == "shards/rank01-000002.tar"
+
+
+def test_training_keeps_the_manifest_in_columns_of_at_most_200_bytes_per_row(tmp_path):
+    """A 20k-row manifest (spans repeated over one real record) loads into NumPy arrays, no per-row objects."""
+    # One real record to point at, written by the real writer.
+    from shared.cache import EMBEDS, LATENTS, MANIFEST, MANIFEST_SCHEMA, META
+    from shared.cache.writer import ShardWriter, commit
+    from tests.cache_files import manifest_rows
+    from train.loader import CacheReader
+
+    writer = ShardWriter(tmp_path, "fp")
+    t = torch.zeros(16, 4, 4)
+    members = {
+        LATENTS: Latents(t, [t]).to_bytes(),
+        EMBEDS: Embeddings([torch.zeros(3, 8)], dropout=torch.zeros(2, 8)).to_bytes(),
+        META: b"{}",
+    }
+    row = {
+        "dataset_id": "d",
+        "relpath": "a.png",
+        "split": "train",
+        "height": 32,
+        "width": 32,
+        "original_size": [32, 32],
+        "crop_box": [0, 0, 32, 32],
+        "ref_sizes": [[32, 32]],
+        "ref_crop_boxes": [[]],
+        "prompt_lens": [3],
+        "captions": ["c"],
+        "source_sha256": "0",
+    }
+    writer.write("0" * 20, members, row)
+    writer.finish_shard()
+    info = {
+        "format_version": 2,
+        "dataset_id": "d",
+        "flavour": "edit-v1",
+        "fingerprint": {"sha256": "fp", "settings": {}},
+        "counts": {},
+    }
+    commit(tmp_path, writer.rows, writer.shards, info)
+    (tmp_path / "cache.json").write_text(json.dumps(info))
+
+    n = 20_000
+    one = pq.read_table(tmp_path / MANIFEST)
+    table = one.take(pa.array(np.zeros(n, dtype=np.int64)))
+    ids = pa.array([f"{i:020x}" for i in range(n)])
+    table = table.set_column(0, "sample_id", ids).cast(MANIFEST_SCHEMA).replace_schema_metadata(one.schema.metadata)
+    pq.write_table(table, tmp_path / MANIFEST)
+
+    reader = CacheReader(str(tmp_path))
+    arrays = [v for v in vars(reader).values() if isinstance(v, np.ndarray)]
+    arrays += [a for spans in reader.spans.values() for a in spans]
+    assert sum(a.nbytes for a in arrays) / n <= 200
+    assert not any(isinstance(v, (list, tuple, dict)) and len(v) >= n for v in vars(reader).values())
+    assert len(manifest_rows(tmp_path)) == n and reader.row(n - 1).sample_id == f"{n - 1:020x}"
