@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -29,7 +30,7 @@ from prep.pipeline import EncodeStats, encode_into
 from prep.record import SamplePreparer, source_sha256
 from prep.scan import Sample
 from prep.validate import Report, validate
-from shared.cache import CACHE_JSON, FORMAT_VERSION, LOCK, MANIFEST, VALIDATION, CacheLock
+from shared.cache import CACHE_JSON, FORMAT_VERSION, LOCK, MANIFEST, MANIFEST_SCHEMA, VALIDATION, CacheLock
 from shared.cache.writer import ShardTable, ShardWriter, commit, manifest_fingerprint, read_existing_rows
 from shared.config import Config, DatasetConfig
 from shared.errors import UserError
@@ -99,17 +100,16 @@ class Plan:
     main: DatasetConfig
     cache_dir: Path
     fingerprint: dict
-    reuse: list[dict] = field(default_factory=list)
+    reuse: pa.Table = field(default_factory=MANIFEST_SCHEMA.empty_table)  # manifest rows kept as they are
     shards: ShardTable = field(default_factory=dict)  # size and sha256 of the shards the reused rows are in
     encode: list[Sample] = field(default_factory=list)
     removed: int = 0  # rows of samples no longer in the dataset
+    manifest_current: bool = False  # the manifest holds exactly the reused rows, under this fingerprint
 
     @property
     def up_to_date(self) -> bool:
         """Nothing to encode or remove, and the manifest already says exactly this."""
         return not self.encode and not self.removed and self.manifest_current
-
-    manifest_current: bool = False
 
 
 def plan_cache(
@@ -126,22 +126,27 @@ def plan_cache(
         built_with = manifest_fingerprint(manifest)
         if built_with != plan.fingerprint["sha256"]:
             raise UserError(_fingerprint_message(cache_dir, plan.fingerprint["settings"]))
-    existing, plan.shards = ({}, {}) if force else read_existing_rows(cache_dir, plan.fingerprint["sha256"])
-    current = set()
+    existing, plan.shards = (None, {}) if force else read_existing_rows(cache_dir, plan.fingerprint["sha256"])
+    position, source = {}, []
+    if existing is not None:  # sample id -> its (last) row, compared by columns: no Python object per row
+        position = {i: n for n, i in enumerate(existing.column("sample_id").to_pylist())}
+        source = existing.column("source_sha256").to_pylist()
+    current, reuse = set(), []
     for sample in samples:
         current.add(sample.sample_id)
-        row = existing.get(sample.sample_id)
+        n = position.get(sample.sample_id)
         digests = [files[p].sha256 for p in [sample.image, *sample.references]]
-        if row is not None and row["source_sha256"] == source_sha256(sample, digests):
-            plan.reuse.append(row)
+        if n is not None and source[n] == source_sha256(sample, digests):
+            reuse.append(n)
         else:
             plan.encode.append(sample)
+    if reuse:
+        plan.reuse = existing.take(pa.array(reuse, type=pa.int64()))
     if manifest.is_file() and not force:
         in_manifest = set(pq.read_table(manifest, columns=["sample_id"]).column("sample_id").to_pylist())
         plan.removed = len(in_manifest - current)
-        plan.manifest_current = manifest_fingerprint(manifest) == plan.fingerprint["sha256"] and in_manifest == {
-            r["sample_id"] for r in plan.reuse
-        }
+        kept = set(plan.reuse.column("sample_id").to_pylist())
+        plan.manifest_current = manifest_fingerprint(manifest) == plan.fingerprint["sha256"] and in_manifest == kept
     return plan
 
 
@@ -213,7 +218,7 @@ def build_cache(
             if plan.up_to_date:
                 if ranks.is_main:
                     save_validation(plan, config, report)
-                    print(f"cache {plan.cache_dir}: up to date ({len(plan.reuse)} samples)")
+                    print(f"cache {plan.cache_dir}: up to date ({plan.reuse.num_rows} samples)")
                 continue
             start = time.perf_counter()
             mine = ranks.share(plan.encode)
@@ -245,14 +250,14 @@ def build_cache(
             encoded = [row for rows in ranks.gather(writer.rows) for row in rows]
             shards = {name: s for table in ranks.gather(writer.shards) for name, s in table.items()}
             if ranks.is_main:
-                rows = sorted(plan.reuse + encoded, key=lambda r: (r["relpath"], r["sample_id"]))
+                rows = sorted(plan.reuse.to_pylist() + encoded, key=lambda r: (r["relpath"], r["sample_id"]))
                 info = cache_info(plan, rows, flavour, {**plan.shards, **shards})
                 commit(plan.cache_dir, rows, {**plan.shards, **shards}, info)
                 save_validation(plan, config, report)
                 n = max(len(rows), 1)
                 print(
                     f"cache {plan.cache_dir}: {len(rows)} samples ({len(encoded)} encoded by {ranks.world} "
-                    f"process(es), {len(plan.reuse)} reused, {plan.removed} removed), "
+                    f"process(es), {plan.reuse.num_rows} reused, {plan.removed} removed), "
                     f"{info['counts']['shard_bytes'] / n / 1024:.1f} KiB/sample, {time.perf_counter() - start:.1f} s"
                 )
             ranks.barrier()
@@ -276,7 +281,7 @@ def plan_build(config: Config, report: Report, dtype: torch.dtype, force: bool) 
     plans = [plan_cache(config, m, report.samples[m.id], report.files, dtype, force) for m in config.main_datasets()]
     for plan in plans:
         print(
-            f"cache {plan.cache_dir}: {len(plan.reuse)} up to date, {len(plan.encode)} to encode, "
+            f"cache {plan.cache_dir}: {plan.reuse.num_rows} up to date, {len(plan.encode)} to encode, "
             f"{plan.removed} removed"
         )
     return plans

@@ -68,10 +68,11 @@ def unchanged(old: FileRecord | None, new: FileRecord) -> bool:
 def load_records(path: Path) -> dict[Path, FileRecord]:
     """The records in `path`; none when it is missing or unreadable (everything is then decoded again)."""
     try:
-        rows = pq.read_table(path, schema=SCHEMA).to_pylist()
+        table = pq.read_table(path, schema=SCHEMA)
     except (OSError, pa.ArrowException):
         return {}
-    return {Path(r.pop("path")): FileRecord(**r) for r in rows}
+    columns = [table.column(name).to_pylist() for name in SCHEMA.names]
+    return {Path(values[0]): FileRecord(*values[1:]) for values in zip(*columns, strict=True)}
 
 
 def save_records(path: Path, records: dict[Path, FileRecord]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -67,13 +68,28 @@ class ScanResult:
     samples: list[Sample] = field(default_factory=list)  # paired and captioned
     findings: list[Finding] = field(default_factory=list)
     conditioning: list[ConditioningCounts] = field(default_factory=list)
+    listings: dict[Path, list[str]] = field(default_factory=dict)  # dataset root -> its images (list_images)
 
 
 def list_images(root: Path) -> list[str]:
-    """Relative POSIX paths of the images under `root`, nested folders included, sorted."""
-    return sorted(
-        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    """Relative POSIX paths of the images under `root`, nested folders included, sorted.
+
+    One `scandir` per folder (no `stat` per regular file): a million files list in seconds.
+    Symlinked folders are not entered, as `Path.rglob` does not enter them.
+    """
+    found: list[str] = []
+
+    def walk(folder: str, prefix: str) -> None:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    walk(entry.path, f"{prefix}{entry.name}/")
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                    found.append(prefix + entry.name)
+
+    if root.is_dir():
+        walk(str(root), "")
+    return sorted(found)
 
 
 def _stem(relpath: str) -> str:
@@ -148,6 +164,7 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
 
     for dataset in [main, *conds]:
         root = Path(dataset.instance_data_dir)
+        result.listings[root] = list_images(root)
         if not root.is_dir():
             error(
                 "missing folder",
@@ -155,7 +172,7 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
                 root,
                 f"folder of dataset '{dataset.id}' does not exist; fix instance_data_dir",
             )
-        elif not list_images(root):
+        elif not result.listings[root]:
             error(
                 "empty folder",
                 dataset.id,
@@ -177,7 +194,7 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
                 f"cannot read captions ({err})",
             )
 
-    images = list_images(main_root)
+    images = result.listings[main_root]
     result.n_images = len(images)
     main_stems: dict[str, list[str]] = {}
     for relpath in images:
@@ -197,7 +214,7 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
     references: dict[str, list[Path | None]] = {relpath: [] for relpath in images}
     for cond in conds:
         root = Path(cond.instance_data_dir)
-        have = list_images(root)
+        have = result.listings[root]
         counts = ConditioningCounts(cond.id, str(root))
         result.conditioning.append(counts)
         folded = {_fold(p): p for p in have}

@@ -19,7 +19,7 @@ from pathlib import Path
 from prep.buckets import bucket_size, meets_minimum
 from prep.file_records import FileRecord, file_sha256, load_records, stat_record, unchanged
 from prep.images import ImageError, decode_image
-from prep.scan import Finding, Sample, ScanResult, list_images, scan_dataset
+from prep.scan import Finding, Sample, ScanResult, scan_dataset
 from shared.cache import VALIDATION
 from shared.config import Config, DatasetConfig
 
@@ -132,12 +132,11 @@ def validate(config: Config, workers: int | None = None) -> Report:
 
     # Every image file of every dataset involved, each decoded once (in threads: PIL releases the GIL).
     owners: dict[Path, DatasetConfig] = {}
-    for main in config.main_datasets():
+    for scan, main in zip(scans, config.main_datasets(), strict=True):
         for dataset in [main, *config.conditioning_for(main)]:
             root = Path(dataset.instance_data_dir)
-            if root.is_dir():
-                for relpath in list_images(root):
-                    owners.setdefault(root / relpath, dataset)
+            for relpath in scan.listings.get(root, []):
+                owners.setdefault(root / relpath, dataset)
     known: dict[Path, FileRecord] = {}
     for main in config.main_datasets():
         known.update(load_records(config.cache_dir_for(main) / VALIDATION))

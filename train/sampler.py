@@ -116,7 +116,7 @@ def _own_pass(order: TrainOrder, source: int, n: int) -> np.ndarray:
     """Pass `n` over one source: shuffled, bucketed by shape, cut into full global batches: rows [batches, size]."""
     src = order.sources[source]
     rng = _rng(f"{order.seed}:pass:{src.name}:{n}")
-    rows = rng.permutation(len(src.shape_ids))
+    rows = rng.permutation(len(src.shape_ids)).astype(np.int32)  # 4 bytes per row: a million rows, 4 MB
     shapes = src.shape_ids[rows]
     grouped = rows[np.argsort(shapes, kind="stable")]  # by shape, shuffled within each
     counts = np.bincount(shapes)

@@ -95,16 +95,21 @@ class ShardWriter:
             final = self.cache_dir / self._name
             tmp = final.with_name(final.name + ".tmp")
             layout = tar_layout(tmp)
-            data = tmp.read_bytes()  # one shard (max_shard_bytes) at a time
-            for row in self._pending:
-                start, end = layout.records[row["sample_id"]]
-                row["record_offset"], row["record_size"] = start, end - start
-                row["record_sha256"] = hashlib.sha256(data[start:end]).digest()
-                for member in MEMBERS:
-                    offset, size = layout.members[f"{row['sample_id']}.{member}"]
-                    row[member_column(member, "offset")] = offset
-                    row[member_column(member, "size")] = size
-            shard = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            with open(tmp, "rb") as f:
+                for row in self._pending:
+                    start, end = layout.records[row["sample_id"]]
+                    f.seek(start)
+                    row["record_offset"], row["record_size"] = start, end - start
+                    row["record_sha256"] = hashlib.sha256(f.read(end - start)).digest()
+                    for member in MEMBERS:
+                        offset, size = layout.members[f"{row['sample_id']}.{member}"]
+                        row[member_column(member, "offset")] = offset
+                        row[member_column(member, "size")] = size
+                f.seek(0)
+                whole = hashlib.sha256()
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    whole.update(chunk)
+                shard = {"bytes": f.tell(), "sha256": whole.hexdigest()}
             publish(tmp, final)
             write_rows(self._pending, index_path(final), self.fingerprint, {self._name: shard})
         except OSError as err:
@@ -134,18 +139,18 @@ def tar_layout(path: Path) -> TarLayout:
     return layout
 
 
-def read_existing_rows(cache_dir: Path, fingerprint: str) -> tuple[dict[str, dict[str, Any]], ShardTable]:
-    """Rows already encoded under `fingerprint` and their shards: the manifest's, then any finished
-    shard's of an interrupted build."""
-    rows: dict[str, dict[str, Any]] = {}
+def read_existing_rows(cache_dir: Path, fingerprint: str) -> tuple[pa.Table, ShardTable]:
+    """Rows already encoded under `fingerprint` (a table with the manifest's schema) and their shards:
+    the manifest's, then any finished shard's of an interrupted build (a later row of one sample wins)."""
+    tables: list[pa.Table] = []
     shards: ShardTable = {}
     manifest = cache_dir / MANIFEST
     if manifest.is_file() and manifest_fingerprint(manifest) == fingerprint:
         table = pq.read_table(manifest)
-        for shard in table.column("shard").unique().to_pylist():
-            check_shard_path(shard, str(manifest))
-        rows.update({r["sample_id"]: r for r in table.to_pylist()})
+        tables.append(table)
         shards.update(manifest_metadata(table.schema)["shards"])
+        for name in table.column("shard").unique().to_pylist():
+            check_shard_path(name, str(manifest))
     directory = cache_dir / SHARDS_DIR
     for index in sorted(directory.glob("*.index.parquet")) if directory.is_dir() else []:
         shard = index.with_name(index.name.removesuffix(".index.parquet") + ".tar")
@@ -154,12 +159,14 @@ def read_existing_rows(cache_dir: Path, fingerprint: str) -> tuple[dict[str, dic
         except (OSError, pa.ArrowInvalid):
             continue  # an index cut short by a kill: its shard is simply encoded again
         meta = manifest_metadata(table.schema)
-        for name in table.column("shard").unique().to_pylist():
-            check_shard_path(name, str(index))
         if shard.is_file() and meta["fingerprint"] == fingerprint:
-            rows.update({r["sample_id"]: r for r in table.to_pylist()})
+            for name in table.column("shard").unique().to_pylist():
+                check_shard_path(name, str(index))
+            tables.append(table)
             shards.update(meta["shards"])
-    return rows, shards
+    if not tables:
+        return MANIFEST_SCHEMA.empty_table(), shards
+    return pa.concat_tables([t.replace_schema_metadata(None) for t in tables]), shards
 
 
 def manifest_fingerprint(manifest: Path) -> str:
