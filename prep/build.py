@@ -25,7 +25,7 @@ import torch
 
 from prep.distributed import init_ranks
 from prep.encode import Encoders
-from prep.file_records import FileRecord, load_records, save_records
+from prep.file_records import FileRecord, save_records
 from prep.pipeline import EncodeStats, encode_into
 from prep.record import SamplePreparer, source_sha256
 from prep.scan import Sample
@@ -289,11 +289,11 @@ def plan_build(config: Config, report: Report, dtype: torch.dtype, force: bool) 
 
 def save_validation(plan: Plan, config: Config, report: Report) -> None:
     """Keep what validation learned about this cache's image files, for the next build (if it changed)."""
-    roots = [Path(d.instance_data_dir) for d in [plan.main, *config.conditioning_for(plan.main)]]
-    mine = {p: r for p, r in report.files.items() if any(p.is_relative_to(root) for root in roots)}
     path = plan.cache_dir / VALIDATION
-    if mine != load_records(path):
-        save_records(path, mine)
+    if report.records_current and path.exists():
+        return
+    roots = tuple(os.path.join(d.instance_data_dir, "") for d in [plan.main, *config.conditioning_for(plan.main)])
+    save_records(path, {p: r for p, r in report.files.items() if str(p).startswith(roots)})
 
 
 def cache_info(plan: Plan, rows: list[dict], flavour, shard_table: ShardTable) -> dict:

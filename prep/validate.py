@@ -36,6 +36,7 @@ class Report:
     samples: dict[str, list[Sample]]  # trainable samples per main dataset id
     files: dict[Path, FileRecord] = field(default_factory=dict)  # every image looked at, as validated
     decoded: int = 0  # images decoded this time (the others were unchanged since the last build)
+    records_current: bool = False  # what the caches' validation records say is exactly `files`
 
     @property
     def errors(self) -> list[Finding]:
@@ -221,6 +222,7 @@ def validate(config: Config, workers: int | None = None) -> Report:
         samples[main.id] = kept
     report = Report(str(config.config_path), config.train.model_flavour, scans, findings, samples)
     report.files, report.decoded = infos, len(todo)
+    report.records_current = not todo and infos.keys() == known.keys()
     return report
 
 

@@ -93,12 +93,17 @@ class CacheReader:
         self.n_prompts = pc.list_value_length(prompt_lens).to_numpy().astype(np.int16)  # [N] captions per row
         longest = np.maximum.reduceat(prompt_lens.values.to_numpy(), prompt_lens.offsets.to_numpy()[:-1])
         shape = self._shape_matrix(table)  # [N, 2 + 2 x refs]: height, width, then each reference's
-        keys, self.shape_ids = np.unique(shape, axis=0, return_inverse=True)
-        self.shape_ids = self.shape_ids.reshape(-1).astype(np.int32)
+        # Shape ids by hashing each row's shape (Arrow's dictionary encoding: linear, unlike a row sort).
+        packed = np.ascontiguousarray(shape, dtype=np.int32)
+        keys = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(packed.shape[1] * 4), len(packed), [None, pa.py_buffer(packed)]
+        )
+        self.shape_ids = pc.dictionary_encode(keys).indices.to_numpy().astype(np.int32)  # [N], first seen = 0
         pixels = shape[:, 0] * shape[:, 1] + (shape[:, 2::2] * shape[:, 3::2]).sum(axis=1)
         # Transformer tokens: 16 pixels a side per token (the VAE's 8 x the 2x2 packing), plus the caption.
         self.largest_tokens = int((pixels // 256 + longest).max())
         self.source = Source(self.name, self.sample_ids, self.shape_ids, repeats, probability)
+        pa.default_memory_pool().release_unused()  # the Arrow table is gone; give its pages back
 
     @staticmethod
     def _shape_matrix(table: pa.Table) -> np.ndarray:
