@@ -78,7 +78,7 @@ def write_cache(cache_dir: Path, n: int, seed: int = 0) -> int:
 def measure(cache_dir: Path, workers: int, batch_size: int, batches: int) -> dict:
     reader = CacheReader(str(cache_dir))
     sizes = {
-        reader.sample_ids[i].decode(): int(reader.spans[LATENTS][1][i] + reader.spans[EMBEDS][1][i])
+        reader.row(i).sample_id: int(reader.spans[LATENTS][1][i] + reader.spans[EMBEDS][1][i])
         for i in range(len(reader))
     }
     loader = TrainLoader([reader], batch_size, seed=0, workers=workers, prefetch=2)

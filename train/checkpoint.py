@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shared.errors import UserError
+from shared.files import fsync_dir, fsync_file
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^checkpoint-(\d{6,})$")
@@ -106,7 +107,7 @@ def save_checkpoint(
         if final.exists():  # the same step saved before a crash and a resume from an earlier one
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if total_limit > 0:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old)
@@ -196,22 +197,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-    _fsync(path)
+    fsync_file(path)
 
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, default=str))
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(path)

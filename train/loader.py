@@ -60,6 +60,28 @@ class Row:
     n_prompts: int
 
 
+SAMPLE_ID_BYTES = 10  # a sample id is 20 hex characters (prep.scan.Sample.sample_id): kept as its 10 bytes
+
+
+def packed_sample_ids(ids: pa.StringArray) -> np.ndarray:
+    """Sample ids as a [N] NumPy array of their 10 raw bytes each (no Python object per row)."""
+    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int32)[ids.offset : ids.offset + len(ids) + 1]
+    if len(ids) == 0:
+        return np.zeros(0, dtype=f"V{SAMPLE_ID_BYTES}")
+    if ids.null_count or not (np.diff(offsets) == 2 * SAMPLE_ID_BYTES).all():
+        raise UserError("the manifest holds a sample id that is not 20 hex characters; rebuild the cache with `prep`")
+    text = np.frombuffer(ids.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    digits = np.where(text <= ord("9"), text - ord("0"), (text | 0x20) - ord("a") + 10).astype(np.uint8)
+    if (digits > 15).any():
+        raise UserError("the manifest holds a sample id that is not hexadecimal; rebuild the cache with `prep`")
+    packed = (digits[0::2] << 4) | digits[1::2]
+    return packed.view(f"V{SAMPLE_ID_BYTES}").copy()
+
+
+def sample_id_text(packed: np.void) -> str:
+    return packed.tobytes().hex()
+
+
 class CacheReader:
     """The training rows of one cache (local dir or fsspec URL) and a way to load any of them.
 
@@ -72,55 +94,81 @@ class CacheReader:
         self.location = self.store.location
         self.info = self.store.read_info()
         self.name = name or self.info["dataset_id"]  # seeds this dataset's order: the same wherever it is read from
-        table = self.store.read_manifest(columns=list(TRAIN_COLUMNS))
-        table = table.filter(pc.equal(table.column("split"), "train"))
-        if table.num_rows == 0:
+        self._load_columns(repeats, probability)
+
+    def _load_columns(self, repeats: int, probability: float | None) -> None:
+        """The manifest's training rows as NumPy columns, converted one record batch at a time into
+        arrays allocated once (so the transient memory is one batch's, whatever the manifest's length)."""
+        joined: dict[str, np.ndarray] = {}
+        shard_names: dict[str, int] = {}
+        n = 0  # training rows so far
+        for total, batch in self.store.iter_manifest(list(TRAIN_COLUMNS)):
+            batch = batch.filter(pc.equal(batch.column("split"), "train"))
+            shards = pc.dictionary_encode(batch.column("shard"))
+            names = shards.dictionary.to_pylist()
+            to_global = np.array([shard_names.setdefault(name, len(shard_names)) for name in names])
+            prompt_lens = batch.column("prompt_lens")
+            columns = {
+                "sample_ids": packed_sample_ids(batch.column("sample_id")),
+                "shard_index": to_global[shards.indices.to_numpy()].astype(np.int32) if len(batch) else [],
+                "n_prompts": pc.list_value_length(prompt_lens).to_numpy().astype(np.int16),
+                "longest": np.maximum.reduceat(prompt_lens.values.to_numpy(), prompt_lens.offsets.to_numpy()[:-1])
+                if len(batch)
+                else [],
+                "shape": self._shape_matrix(batch),
+            }
+            for member in (LATENTS, EMBEDS):
+                digests = batch.column(member_column(member, "sha256"))  # fixed_size_binary(32)
+                raw = np.frombuffer(digests.buffers()[1], dtype=np.uint8)[digests.offset * 32 :][: 32 * len(digests)]
+                columns[f"{member}:offset"] = batch.column(member_column(member, "offset")).to_numpy()
+                columns[f"{member}:size"] = batch.column(member_column(member, "size")).to_numpy().astype(np.int32)
+                columns[f"{member}:sha256"] = raw.reshape(-1, 32)
+            for name, values in columns.items():
+                values = np.asarray(values)
+                if name not in joined:  # allocated once for every row; eval rows leave a tail unused
+                    joined[name] = np.empty((total, *values.shape[1:]), dtype=values.dtype)
+                joined[name][n : n + len(batch)] = values
+            n += len(batch)
+        if n == 0:
             raise UserError(f"{self.location}: the cache holds no training samples")
-        self.sample_ids = table.column("sample_id").to_numpy(zero_copy_only=False).astype("S")  # [N] fixed-width
-        shards = pc.dictionary_encode(table.column("shard")).combine_chunks()
-        self.shard_names: list[str] = shards.dictionary.to_pylist()
-        self.shard_index = shards.indices.to_numpy().astype(np.int32)  # [N]
-        self.spans = {}  # member -> (offsets [N] int64, sizes [N] int64, sha256 [N, 32] uint8)
-        for member in (LATENTS, EMBEDS):
-            digests = table.column(member_column(member, "sha256")).combine_chunks()  # fixed_size_binary(32)
-            raw = np.frombuffer(digests.buffers()[1], dtype=np.uint8)[digests.offset * 32 :][: 32 * len(digests)]
-            self.spans[member] = (
-                table.column(member_column(member, "offset")).to_numpy(),
-                table.column(member_column(member, "size")).to_numpy(),
-                raw.reshape(-1, 32).copy(),
-            )
-        prompt_lens = table.column("prompt_lens").combine_chunks()
-        self.n_prompts = pc.list_value_length(prompt_lens).to_numpy().astype(np.int16)  # [N] captions per row
-        longest = np.maximum.reduceat(prompt_lens.values.to_numpy(), prompt_lens.offsets.to_numpy()[:-1])
-        shape = self._shape_matrix(table)  # [N, 2 + 2 x refs]: height, width, then each reference's
+        joined = {name: values[:n] for name, values in joined.items()}
+        self.sample_ids = joined["sample_ids"]  # [N] 10 raw bytes each (sample_id_text gives the hex)
+        self.shard_names = list(shard_names)
+        self.shard_index = joined["shard_index"]  # [N] into shard_names
+        self.n_prompts = joined["n_prompts"]  # [N] captions per row
+        # member -> (offsets [N] int64, sizes [N] int32 (a member is MBs), sha256 [N, 32] uint8)
+        self.spans = {m: tuple(joined[f"{m}:{k}"] for k in ("offset", "size", "sha256")) for m in (LATENTS, EMBEDS)}
+        shape = joined["shape"]  # [N, 2 + 2 x refs]: height, width, then each reference's
         # Shape ids by hashing each row's shape (Arrow's dictionary encoding: linear, unlike a row sort).
         packed = np.ascontiguousarray(shape, dtype=np.int32)
         keys = pa.FixedSizeBinaryArray.from_buffers(
             pa.binary(packed.shape[1] * 4), len(packed), [None, pa.py_buffer(packed)]
         )
         self.shape_ids = pc.dictionary_encode(keys).indices.to_numpy().astype(np.int32)  # [N], first seen = 0
+        shape = shape.astype(np.int64)  # pixel counts overflow int32 past 46k x 46k
         pixels = shape[:, 0] * shape[:, 1] + (shape[:, 2::2] * shape[:, 3::2]).sum(axis=1)
         # Transformer tokens: 16 pixels a side per token (the VAE's 8 x the 2x2 packing), plus the caption.
-        self.largest_tokens = int((pixels // 256 + longest).max())
+        self.largest_tokens = int((pixels // 256 + joined["longest"]).max())
         self.source = Source(self.name, self.sample_ids, self.shape_ids, repeats, probability)
-        pa.default_memory_pool().release_unused()  # the Arrow table is gone; give its pages back
 
     @staticmethod
-    def _shape_matrix(table: pa.Table) -> np.ndarray:
-        refs = table.column("ref_sizes").combine_chunks()  # list<list<int32>>: [[h, w] per reference]
+    def _shape_matrix(batch: pa.RecordBatch) -> np.ndarray:
+        """[rows, 2 + 2 x refs] int32: each row's target height, width, then each reference's."""
+        refs = batch.column("ref_sizes")  # list<list<int32>>: [[h, w] per reference]
         per_row = pc.list_value_length(refs).to_numpy()
-        if len(set(per_row.tolist())) != 1:
+        if len(set(per_row.tolist())) > 1:
             raise UserError("the cache's samples have different numbers of references; rebuild it with `prep`")
-        sizes = refs.values.values.to_numpy().reshape(len(table), 2 * int(per_row[0]))
-        hw = np.stack([table.column("height").to_numpy(), table.column("width").to_numpy()], axis=1)
-        return np.concatenate([hw, sizes], axis=1).astype(np.int64)
+        n_refs = int(per_row[0]) if len(per_row) else 0
+        sizes = refs.flatten().flatten().to_numpy().reshape(len(batch), 2 * n_refs)
+        hw = np.stack([batch.column("height").to_numpy(), batch.column("width").to_numpy()], axis=1)
+        return np.concatenate([hw, sizes], axis=1).astype(np.int32)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
 
     def row(self, index: int) -> Row:
         spans = {m: (int(o[index]), int(n[index]), d[index].tobytes()) for m, (o, n, d) in self.spans.items()}
-        sample_id = self.sample_ids[index].decode()
+        sample_id = sample_id_text(self.sample_ids[index])
         return Row(sample_id, self.shard_names[self.shard_index[index]], spans, int(self.n_prompts[index]))
 
     def load(self, row: Row) -> tuple[Latents, Embeddings]:

@@ -54,7 +54,7 @@ class Source:
     def digest(self) -> str:
         """Changes when the rows or their shapes do."""
         ids = np.asarray(self.sample_ids)
-        data = ids.tobytes() if ids.dtype.kind == "S" else json.dumps(list(map(str, ids))).encode()
+        data = ids.tobytes() if ids.dtype.kind in "SV" else json.dumps(list(map(str, ids))).encode()
         return hashlib.sha256(data + self.shape_ids.astype(np.int32).tobytes()).hexdigest()
 
 

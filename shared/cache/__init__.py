@@ -1,8 +1,8 @@
 """The cache: the only contract between `prep` (writer) and `train` (reader). Format version 2.
 
 This docstring is the format's full description; `format.py` holds its names and schema,
-`store.py` the one reader (local paths and fsspec URLs), `writer.py` the writer, `files.py`
-durable writes and the build lock.
+`store.py` the one reader (local paths and fsspec URLs), `writer.py` the writer, `lock.py` the
+build lock (durable writes: `shared/files.py`).
 
 Layout of one cache dir (one per main dataset)::
 
@@ -55,7 +55,6 @@ dir); only then are unreferenced shards and index files removed. One build at a 
 command that rebuilds it.
 """
 
-from shared.cache.files import CacheLock, write_atomic, write_json_atomic
 from shared.cache.format import (
     CACHE_JSON,
     EMBEDS,
@@ -73,7 +72,9 @@ from shared.cache.format import (
     Latents,
     member_column,
 )
+from shared.cache.lock import CacheLock
 from shared.cache.store import CacheStore, check_shard_path, manifest_metadata, parse_cache_info
+from shared.files import write_atomic, write_json_atomic
 
 __all__ = [
     "CACHE_JSON",

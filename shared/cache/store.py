@@ -99,6 +99,20 @@ class CacheStore:
             check_shard_path(shard, self.url(MANIFEST))
         return table
 
+    def iter_manifest(self, columns: list[str], rows_per_batch: int = 65_536) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """(total rows, batch) for each record batch of `columns`: memory stays that of one batch however
+        long the manifest is. Every batch's shard paths are checked (see `check_shard_path`)."""
+        if not self.exists(MANIFEST):
+            raise UserError(f"{self.location}: no {MANIFEST}; build the cache first with `prep build-cache`")
+        fs, _ = self.fs
+        with fs.open(self._path(MANIFEST), "rb") as f:
+            parquet = pq.ParquetFile(f)
+            for batch in parquet.iter_batches(batch_size=rows_per_batch, columns=columns):
+                if "shard" in batch.schema.names:
+                    for shard in batch.column("shard").unique().to_pylist():
+                        check_shard_path(shard, self.url(MANIFEST))
+                yield parquet.metadata.num_rows, batch
+
     def read_range(self, shard: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of a shard named by the manifest (confined to the cache's shards)."""
         return self.fs[0].cat_file(self._path(check_shard_path(shard, self.url(MANIFEST))), start=start, end=end)

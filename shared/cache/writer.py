@@ -22,7 +22,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from shared.cache.files import publish, write_atomic, write_json_atomic
 from shared.cache.format import (
     CACHE_JSON,
     FORMAT_VERSION,
@@ -35,6 +34,7 @@ from shared.cache.format import (
 )
 from shared.cache.store import check_shard_path, manifest_metadata
 from shared.errors import UserError
+from shared.files import publish, write_atomic, write_json_atomic
 
 ShardTable = dict[str, dict[str, Any]]  # "shards/NAME.tar" -> {"bytes": n, "sha256": hex}
 

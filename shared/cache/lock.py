@@ -1,9 +1,4 @@
-"""Durable local files: fsynced atomic writes, and the exclusive lock a cache build holds.
-
-A rename is atomic but not durable until the directory itself is fsynced; and a file renamed
-into place before its bytes reach the disk can come back empty after a power loss. So every file
-the cache publishes goes: write a temporary, fsync it, rename it, fsync the directory.
-"""
+"""The exclusive lock a cache build holds, so two builds never write one cache dir."""
 
 from __future__ import annotations
 
@@ -14,40 +9,8 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from shared.errors import UserError
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish(tmp: Path, path: Path) -> None:
-    """Make the finished file `tmp` durable and give it its final name `path`, atomically."""
-    fsync_file(tmp)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data`: a reader (or a reboot) sees the old file or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    publish(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 class CacheLock:
