@@ -11,6 +11,7 @@ Per dataset size N (small edit pairs: 64x64 PNGs, one reference, a caption file 
   samples is a GPU job and is not what grows here);
 - validate, warm: one `stat` per file, no decode; plan: what to reuse and encode;
 - no-change rebuild: `prep build-cache` end to end, which must say "up to date";
+- `prep verify`, full (every shard hashed, every tar header walked) and `--quick` (sizes);
 - manifest load and loader start, in a fresh process: seconds, resident memory per process and
   per DataLoader worker (unique pages: what the worker does not share with its parent).
 
@@ -164,6 +165,15 @@ def measure_prep(workdir: Path, model: Path, n: int, warmup: Path) -> dict:
     build_cache(config, device="cpu")
     rebuild = time.perf_counter() - t
 
+    from prep.verify import verify_cache
+
+    t = time.perf_counter()
+    checked = verify_cache(str(config.cache_dir_for(main)))
+    verify_s = time.perf_counter() - t
+    assert checked.intact, checked.problems[:3]
+    t = time.perf_counter()
+    verify_cache(str(config.cache_dir_for(main)), quick=True)
+    verify_quick_s = time.perf_counter() - t
     loader = run_loader_probe(config.cache_dir_for(main), 2, warmup) if warmup else {}
     return {
         "pairs": n,
@@ -175,6 +185,8 @@ def measure_prep(workdir: Path, model: Path, n: int, warmup: Path) -> dict:
         "warm decodes": warm.decoded,
         "plan s": plan_s,
         "no-change rebuild s": rebuild,
+        "verify s": verify_s,
+        "verify --quick s": verify_quick_s,
         **loader,
     }
 

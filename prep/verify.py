@@ -19,6 +19,7 @@ import hashlib
 import tarfile
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -51,9 +52,7 @@ def verify_cache(location: str, quick: bool = False) -> VerifyResult:
             f"{store.location}: cache.json and {MANIFEST} disagree on the fingerprint (a build was cut short); "
             "run `prep build-cache` again"
         )
-    by_shard: dict[str, pa.Table] = {}
-    for shard in sorted(manifest.column("shard").unique().to_pylist()):
-        by_shard[shard] = manifest.filter(pc.equal(manifest.column("shard"), shard))
+    by_shard = _group_by_shard(manifest)
     for shard, rows in by_shard.items():
         result.shards += 1
         recorded = meta["shards"].get(shard)
@@ -83,6 +82,15 @@ def verify_cache(location: str, quick: bool = False) -> VerifyResult:
                 "`prep build-cache` reuses or removes it"
             )
     return result
+
+
+def _group_by_shard(manifest: pa.Table) -> dict[str, pa.Table]:
+    """Shard name -> its rows, in name order (one sort, not one pass over the manifest per shard)."""
+    encoded = pc.dictionary_encode(manifest.column("shard")).combine_chunks()
+    names, codes = encoded.dictionary.to_pylist(), encoded.indices.to_numpy()
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
+    return {names[k]: manifest.take(order[bounds[k] : bounds[k + 1]]) for k in np.argsort(names, kind="stable")}
 
 
 def _check_shard(store: CacheStore, shard: str, rows: pa.Table, sha256: str) -> list[str]:
