@@ -129,7 +129,9 @@ def plan_cache(
     existing, plan.shards = (None, {}) if force else read_existing_rows(cache_dir, plan.fingerprint["sha256"])
     position, source = {}, []
     if existing is not None:  # sample id -> its (last) row, compared by columns: no Python object per row
-        position = {i: n for n, i in enumerate(existing.column("sample_id").to_pylist())}
+        damaged = damaged_shards(cache_dir, plan.shards)
+        shards = existing.column("shard").to_pylist()
+        position = {i: n for n, i in enumerate(existing.column("sample_id").to_pylist()) if shards[n] not in damaged}
         source = existing.column("source_sha256").to_pylist()
     current, reuse = set(), []
     for sample in samples:
@@ -148,6 +150,18 @@ def plan_cache(
         kept = set(plan.reuse.column("sample_id").to_pylist())
         plan.manifest_current = manifest_fingerprint(manifest) == plan.fingerprint["sha256"] and in_manifest == kept
     return plan
+
+
+def damaged_shards(cache_dir: Path, shards: ShardTable) -> set[str]:
+    """Shards that are missing or not the size they were sealed at (one `stat` each): their samples are
+    encoded again rather than reported up to date. (`prep verify` checks every byte.)"""
+    damaged = set()
+    for name, recorded in shards.items():
+        path = cache_dir / name
+        if not path.is_file() or path.stat().st_size != recorded["bytes"]:
+            damaged.add(name)
+            print(f"note: {path} is missing or damaged; its samples are encoded again")
+    return damaged
 
 
 def _fingerprint_message(cache_dir: Path, settings: dict) -> str:

@@ -106,3 +106,16 @@ def test_an_image_blown_up_more_than_2x_is_a_warning_with_its_factor(demo_projec
     assert report.trainable
     (warning,) = [f for f in report.warnings if f.kind == "image upscaled more than 2x" and "images" in f.path]
     assert "64x64 is upscaled 4.0x per side" in warning.message
+
+
+def test_a_deleted_or_truncated_shard_is_encoded_again_not_reported_up_to_date(demo_project):
+    config = load_config(demo_project("edit-v1", n_samples=3))
+    (cache,) = build_cache(config, device="cpu", max_shard_bytes=1)  # one sample per shard
+    rows = sorted(manifest_rows(cache), key=lambda r: r["shard"])
+    (cache / rows[0]["shard"]).unlink()
+    truncated = cache / rows[1]["shard"]
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    build_cache(config, device="cpu", max_shard_bytes=1)
+    result = CliRunner().invoke(app, ["verify", str(cache)])
+    assert result.exit_code == 0 and "intact" in result.output
+    assert sorted(r["sample_id"] for r in manifest_rows(cache)) == sorted(r["sample_id"] for r in rows)
