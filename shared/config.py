@@ -11,6 +11,8 @@ relative to the directory the command runs in, as SimpleTuner does.
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -203,15 +205,7 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
         raise UserError(f"{config_path}: key 'data_backend_config' is missing; set it to your multidatabackend.json")
     if not train.pretrained_model_name_or_path:
         train.pretrained_model_name_or_path = FLAVOURS[train.model_flavour].default_model
-    if not 0 <= train.caption_dropout_probability < 1:
-        raise UserError(f"{config_path}: key 'caption_dropout_probability' must be in [0, 1)")
-    if train.gradient_checkpointing_interval < 1 or train.blocks_to_swap < 0 or train.memory_budget_gib < 0:
-        raise UserError(
-            f"{config_path}: 'gradient_checkpointing_interval' must be >= 1, 'blocks_to_swap' and "
-            "'memory_budget_gib' >= 0"
-        )
-    if train.train_batch_size < 1 or train.gradient_accumulation_steps < 1:
-        raise UserError(f"{config_path}: 'train_batch_size' and 'gradient_accumulation_steps' must be >= 1")
+    _check_ranges(train, config_path)
 
     backend_path = Path(train.data_backend_config)
     entries = _read_json(backend_path, expect=list)
@@ -234,6 +228,39 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
     return config
 
 
+def _check_ranges(train: TrainConfig, config_path: Path) -> None:
+    """Values that make no sense are refused here, before any model loads, with the key and what is allowed."""
+    rules = [
+        ("train_batch_size", train.train_batch_size >= 1, ">= 1"),
+        ("gradient_accumulation_steps", train.gradient_accumulation_steps >= 1, ">= 1"),
+        ("max_train_steps", train.max_train_steps >= 0, ">= 0 (0: use num_train_epochs)"),
+        (
+            "num_train_epochs",
+            train.num_train_epochs >= 1 or train.max_train_steps > 0,
+            ">= 1 when max_train_steps is 0",
+        ),
+        ("lora_rank", train.lora_rank >= 1, ">= 1"),
+        ("lora_alpha", math.isfinite(train.lora_alpha) and train.lora_alpha > 0, "a finite number > 0"),
+        ("lora_dropout", 0 <= train.lora_dropout < 1, "in [0, 1)"),
+        ("learning_rate", math.isfinite(train.learning_rate) and train.learning_rate > 0, "a finite number > 0"),
+        ("lr_warmup_steps", train.lr_warmup_steps >= 0, ">= 0"),
+        ("caption_dropout_probability", 0 <= train.caption_dropout_probability < 1, "in [0, 1)"),
+        ("gradient_checkpointing_interval", train.gradient_checkpointing_interval >= 1, ">= 1"),
+        ("blocks_to_swap", train.blocks_to_swap >= 0, ">= 0"),
+        ("memory_budget_gib", train.memory_budget_gib >= 0, ">= 0 (0: the free memory)"),
+        ("max_grad_norm", train.max_grad_norm >= 0, ">= 0 (0: no clipping)"),
+        ("ema_decay", 0 < train.ema_decay < 1, "in (0, 1)"),
+        ("checkpointing_steps", train.checkpointing_steps >= 0, ">= 0 (0: no checkpoints)"),
+        ("checkpoints_total_limit", train.checkpoints_total_limit >= 0, ">= 0 (0: keep all)"),
+        ("max_nonfinite_steps", train.max_nonfinite_steps >= 1, ">= 1"),
+        ("dataloader_num_workers", train.dataloader_num_workers >= 0, ">= 0"),
+        ("dataloader_prefetch_factor", train.dataloader_prefetch_factor >= 1, ">= 1"),
+    ]
+    for key, ok, allowed in rules:
+        if not ok:
+            raise UserError(f"{config_path}: key '{key}' is {getattr(train, key)!r}; it must be {allowed}")
+
+
 def _check_datasets(config: Config) -> None:
     path = config.backend_path
     ids = [d.id for d in config.datasets]
@@ -243,6 +270,16 @@ def _check_datasets(config: Config) -> None:
     mains = config.main_datasets()
     if not mains:
         raise UserError(f"{path}: no main dataset (an entry without 'dataset_type', or 'dataset_type': 'image')")
+    owners: dict[str, str] = {}
+    for main in mains:  # two datasets in one cache dir would overwrite each other's shards
+        location = config.cache_location_for(main)
+        key = location if "://" in location else os.path.abspath(location)
+        if key in owners:
+            raise UserError(
+                f"{path}: datasets '{owners[key]}' and '{main.id}' both use the cache dir {location}; each main "
+                "dataset needs its own: set 'cache_dir' (or 'cache_dir_vae') of one of them to another folder"
+            )
+        owners[key] = main.id
     if config.train.eval_dataset_id and config.train.eval_dataset_id not in [m.id for m in mains]:
         raise UserError(
             f"{config.config_path}: key 'eval_dataset_id' is '{config.train.eval_dataset_id}', "
@@ -309,7 +346,9 @@ def _coerce(value: Any, default: Any, key: str, where: str) -> Any:
                 return value
             raise ValueError
         if isinstance(default, int) and not isinstance(default, bool):
-            if isinstance(value, float) and value.is_integer():
+            if isinstance(value, float):
+                if not value.is_integer():  # 0.5 must not become 0 (checkpointing_steps 0.5 is not "off")
+                    raise ValueError
                 return int(value)
             if isinstance(value, bool):
                 raise ValueError
@@ -330,15 +369,22 @@ def _coerce(value: Any, default: Any, key: str, where: str) -> Any:
             raise ValueError
         return str(value)
     except (TypeError, ValueError):
-        kind = type(default).__name__
-        raise UserError(f"{where}: key '{key}' is {value!r}; expected a {kind}") from None
+        kind = {"int": "whole number", "float": "number", "bool": "true or false"}.get(type(default).__name__)
+        raise UserError(f"{where}: key '{key}' is {value!r}; expected {kind or type(default).__name__}") from None
 
 
 def _read_json(path: Path, expect: type) -> Any:
     if not path.is_file():
         raise UserError(f"{path}: file not found (paths are relative to the directory you run from)")
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with a BOM, as some Windows editors save
+        encoding = "utf-16"
+    else:
+        encoding = "utf-8-sig"
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(raw.decode(encoding))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, expect):

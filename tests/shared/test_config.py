@@ -87,5 +87,46 @@ def test_memory_keys_are_read_and_the_ones_you_set_are_remembered(tmp_path):
     bad = _write(tmp_path, {"memory_mode": "tiny"}, BACKEND)
     with pytest.raises(UserError, match=r"key 'memory_mode' is 'tiny'; use one of 'auto', 'fast'"):
         load_config(bad)
-    with pytest.raises(UserError, match="'gradient_checkpointing_interval' must be >= 1"):
+    with pytest.raises(UserError, match="'gradient_checkpointing_interval' is 0; it must be >= 1"):
         load_config(_write(tmp_path, {"gradient_checkpointing_interval": 0}, BACKEND))
+
+
+def test_two_main_datasets_pointed_at_one_cache_dir_are_refused_naming_both(tmp_path):
+    second = [
+        {"id": "more", "instance_data_dir": "/data/more", "conditioning_data": ["refs"], "cache_dir_vae": "cache/edits"}
+    ]
+    with pytest.raises(UserError, match=r"datasets 'edits' and 'more' both use the cache dir cache/edits"):
+        load_config(_write(tmp_path, {}, BACKEND + second))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("max_train_steps", -5, ">= 0"),
+        ("num_train_epochs", 0, ">= 1"),
+        ("lora_rank", 0, ">= 1"),
+        ("learning_rate", 0, "> 0"),
+        ("learning_rate", float("nan"), "finite"),
+        ("lora_dropout", 1.0, r"in \[0, 1\)"),
+        ("dataloader_num_workers", -1, ">= 0"),
+        ("checkpoints_total_limit", -2, ">= 0"),
+    ],
+)
+def test_a_value_that_makes_no_sense_is_refused_with_the_key_and_the_allowed_range(tmp_path, key, value, allowed):
+    with pytest.raises(UserError, match=rf"key '{key}' is .*; it must be .*{allowed}"):
+        load_config(_write(tmp_path, {key: value}, BACKEND))
+
+
+def test_half_a_checkpointing_step_is_an_error_not_checkpoints_off(tmp_path):
+    with pytest.raises(UserError, match=r"key 'checkpointing_steps' is 0.5; expected whole number"):
+        load_config(_write(tmp_path, {"checkpointing_steps": 0.5}, BACKEND))
+    assert load_config(_write(tmp_path, {"checkpointing_steps": 250.0}, BACKEND)).train.checkpointing_steps == 250
+
+
+def test_a_config_saved_as_utf16_by_a_windows_editor_is_read_and_other_encodings_are_named(tmp_path):
+    path = _write(tmp_path, {"learning_rate": 3e-4}, BACKEND)
+    path.write_bytes(path.read_text().encode("utf-16"))  # with its BOM
+    assert load_config(path).train.learning_rate == 3e-4
+    path.write_bytes('{"learning_rate": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8 text .*save it as UTF-8"):
+        load_config(path)
