@@ -71,25 +71,46 @@ class ScanResult:
     listings: dict[Path, list[str]] = field(default_factory=dict)  # dataset root -> its images (list_images)
 
 
-def list_images(root: Path) -> list[str]:
-    """Relative POSIX paths of the images under `root`, nested folders included, sorted.
+@dataclass
+class Listing:
+    """The images under one dataset root, and the links it could not follow."""
 
-    One `scandir` per folder (no `stat` per regular file): a million files list in seconds.
-    Symlinked folders are not entered, as `Path.rglob` does not enter them.
-    """
-    found: list[str] = []
+    images: list[str] = field(default_factory=list)  # relative POSIX paths, sorted
+    loops: list[str] = field(default_factory=list)  # symlinked folders that lead back to a folder already listed
+    broken: list[str] = field(default_factory=list)  # image names whose symlink points at nothing
+
+
+def list_images(root: Path) -> list[str]:
+    """Relative POSIX paths of the images under `root`, nested folders included, sorted."""
+    return walk_images(root).images
+
+
+def walk_images(root: Path) -> Listing:
+    """Every image under `root`: one `scandir` per folder (no `stat` per regular file), symlinked folders
+    followed, each real folder listed once (a link back to a folder already seen is a loop, reported)."""
+    listing = Listing()
+    seen: set[tuple[int, int]] = set()
 
     def walk(folder: str, prefix: str) -> None:
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            listing.loops.append(prefix.rstrip("/"))
+            return
+        seen.add((st.st_dev, st.st_ino))
         with os.scandir(folder) as entries:
             for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
+                if entry.is_dir():  # follows symlinks
                     walk(entry.path, f"{prefix}{entry.name}/")
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
-                    found.append(prefix + entry.name)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    if entry.is_file():
+                        listing.images.append(prefix + entry.name)
+                    elif entry.is_symlink():
+                        listing.broken.append(prefix + entry.name)
 
     if root.is_dir():
         walk(str(root), "")
-    return sorted(found)
+    listing.images.sort()
+    return listing
 
 
 def _stem(relpath: str) -> str:
@@ -164,7 +185,23 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
 
     for dataset in [main, *conds]:
         root = Path(dataset.instance_data_dir)
-        result.listings[root] = list_images(root)
+        listing = walk_images(root)
+        result.listings[root] = listing.images
+        for loop in listing.loops:
+            result.findings.append(
+                Finding(
+                    "warning",
+                    "symlink loop",
+                    dataset.id,
+                    str(root / loop),
+                    f"{root / loop}: this symlinked folder leads back to a folder already listed; its images are "
+                    "counted once (remove the link if it is a mistake)",
+                )
+            )
+        for name in listing.broken:
+            error(
+                "broken symlink", dataset.id, root / name, "a symlink to a file that does not exist; fix or remove it"
+            )
         if not root.is_dir():
             error(
                 "missing folder",
@@ -179,7 +216,7 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
                 root,
                 f"no images in dataset '{dataset.id}'; add images or fix instance_data_dir",
             )
-    if result.findings:
+    if any(f.severity == "error" for f in result.findings):
         return result
 
     table = None

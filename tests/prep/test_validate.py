@@ -106,3 +106,29 @@ def test_demo_data_is_trainable(demo_project):
     result = CliRunner().invoke(app, ["validate", "--config", str(demo_project("edit-v2", n_samples=3))])
     assert result.exit_code == 0, result.output
     assert "TRAINABLE: 3 sample(s)" in result.output
+
+
+def test_a_symlinked_folder_is_followed_a_loop_is_reported_and_a_broken_link_is_an_error(demo_project, tmp_path):
+    import os
+
+    from prep.validate import validate
+    from shared.config import load_config
+
+    config_path = demo_project("edit-v1", n_samples=2)
+    data = tmp_path / "data"
+    extra = tmp_path / "elsewhere"
+    for sub in ("images", "reference"):
+        (extra / sub).mkdir(parents=True)
+        os.rename(data / sub / "pair_0001.png", extra / sub / "pair_0001.png")
+        os.symlink(extra / sub, data / sub / "linked")  # a folder kept on another disk, linked in
+    os.rename(data / "images" / "pair_0001.txt", extra / "images" / "pair_0001.txt")
+    os.symlink(data / "images", data / "images" / "linked" / "back")  # a loop
+    report = validate(load_config(config_path))
+    assert report.trainable, report.render()
+    assert sorted(s.relpath for s in report.samples["edits"]) == ["linked/pair_0001.png", "pair_0000.png"]
+    assert any(f.kind == "symlink loop" and f.path.endswith("linked/back") for f in report.warnings)
+
+    os.symlink(tmp_path / "gone.png", data / "images" / "dangling.png")
+    report = validate(load_config(config_path))
+    assert not report.trainable
+    assert any(f.kind == "broken symlink" and f.path.endswith("dangling.png") for f in report.errors)
