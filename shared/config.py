@@ -69,6 +69,7 @@ class TrainConfig:
     checkpointing_steps: int = 500  # 0: no checkpoints
     checkpoints_total_limit: int = 0  # keep at most this many checkpoints; 0: keep all
     resume_from_checkpoint: str = ""  # "latest" or a checkpoint dir
+    overwrite_output_dir: bool = False  # start a new run in an output_dir that holds another run
     max_nonfinite_steps: int = 5  # NaN/inf losses in a row before training stops
     report_to: str = "none"  # "none" or "tensorboard" (a CSV of every step is always written)
     max_grad_norm: float = 1.0

@@ -61,12 +61,24 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name)[1]))
 
 
-def resolve_resume(output_dir: Path, value: str) -> Path | None:
-    """The checkpoint `resume_from_checkpoint` names: "latest" (None when there is none yet) or a path."""
+def checkpoint_run_id(path: Path) -> str | None:
+    """The id of the run that wrote checkpoint `path` (None for checkpoints older than run ids)."""
+    try:
+        return json.loads((path / "trainer_state.json").read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_resume(output_dir: Path, value: str, run_id: str | None = None) -> Path | None:
+    """The checkpoint `resume_from_checkpoint` names: "latest" (None when there is none yet) or a path.
+
+    "latest" is the newest checkpoint of run `run_id` (the run `output_dir` belongs to), so the
+    checkpoints of another run kept in the same folder are never resumed by accident.
+    """
     if not value:
         return None
     if value == "latest":
-        found = list_checkpoints(output_dir)
+        found = [p for p in list_checkpoints(output_dir) if checkpoint_run_id(p) in (run_id, None)]
         return found[-1] if found else None
     path = Path(value)
     if not (path / "trainer_state.json").is_file():
@@ -108,8 +120,9 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(root)
-        if total_limit > 0:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
+        if total_limit > 0:  # only this run's own checkpoints are pruned
+            mine = [p for p in list_checkpoints(output_dir) if checkpoint_run_id(p) == state.get("run_id")]
+            for old in mine[:-total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

@@ -26,6 +26,7 @@ def run_command(
     pretrained_model_name_or_path: str = typer.Option(None, help="overrides pretrained_model_name_or_path"),
     resume_from_checkpoint: str = typer.Option(None, help="'latest' or a checkpoint dir; overrides the config"),
     memory_mode: str = typer.Option(None, help="auto, fast, balanced, low or minimal; overrides memory_mode"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="start a new run in an output_dir holding another"),
 ) -> None:
     """Train a LoRA; it is saved in <output_dir> in diffusers and ComfyUI formats (and <output_dir>/ema)."""
     # Grow memory segments instead of caching fixed blocks: peak reserved stays near peak allocated,
@@ -41,6 +42,7 @@ def run_command(
             "pretrained_model_name_or_path": pretrained_model_name_or_path,
             "resume_from_checkpoint": resume_from_checkpoint,
             "memory_mode": memory_mode,
+            "overwrite_output_dir": overwrite or None,
         }.items()
         if v is not None
     }

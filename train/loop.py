@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from peft.utils import get_peft_model_state_dict
 
 from shared.config import Config, TrainConfig
@@ -21,14 +21,15 @@ from shared.flavours import FLAVOURS
 from shared.models import load_scheduler_config
 from train import export
 from train.blocks import attention_backends
-from train.checkpoint import Resumable, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from train.checkpoint import Resumable, list_checkpoints, load_checkpoint, save_checkpoint
 from train.ema import LoraEMA
 from train.loader import CacheReader, TrainLoader
 from train.memory import MEMORY_KEYS, MemoryPlan
 from train.metrics import TrainMetrics
-from train.model import load_lora_transformer
+from train.model import LORA_TARGETS, load_lora_transformer
 from train.objective import SigmaSchedule, flow_matching_loss
 from train.optim import build_optimizer, build_scheduler
+from train.output_dir import RunClaim, claim_output_dir
 
 
 def open_caches(config: Config) -> list[CacheReader]:
@@ -54,6 +55,7 @@ def train(config: Config) -> Path:
     set_seed(cfg.seed)
     flavour = FLAVOURS[cfg.model_flavour]
     output_dir = Path(cfg.output_dir)
+    claim = claim_on_main(accelerator, output_dir, cfg)  # before anything loads: whose folder is this?
 
     # Data: this rank's share of every batch, in the order fixed by (seed, manifests).
     loader = TrainLoader(
@@ -87,7 +89,7 @@ def train(config: Config) -> Path:
 
     run = Resumable(params, optimizer, scheduler, ema, loader, noise)
     step, nonfinite_total = 0, 0
-    resume = resolve_resume(output_dir, cfg.resume_from_checkpoint)
+    resume = claim.resume
     if resume is not None:
         restored = load_checkpoint(resume, accelerator, run)
         step, nonfinite_total = restored["step"], restored["nonfinite_total"]
@@ -126,7 +128,12 @@ def train(config: Config) -> Path:
             step, loader.epoch, loss, scheduler.get_last_lr()[0], samples_per_step, nonfinite_total, loader.skipped
         )
         if cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0 or step == max_steps):
-            state = {"nonfinite_total": nonfinite_total, "lora_config": lora_config, "flavour": flavour.name}
+            state = {
+                "nonfinite_total": nonfinite_total,
+                "lora_config": lora_config,
+                "flavour": flavour.name,
+                "run_id": claim.run_id,
+            }
             save_checkpoint(output_dir, step, accelerator, run, state, cfg.checkpoints_total_limit)
 
     losses = metrics.close()
@@ -143,6 +150,21 @@ def train(config: Config) -> Path:
             )
     accelerator.wait_for_everyone()
     return lora_path
+
+
+def claim_on_main(accelerator, output_dir: Path, cfg: TrainConfig) -> RunClaim:
+    """`claim_output_dir` on the main process, its answer (or its error) on every process."""
+    outcome = None
+    if accelerator.is_main_process:
+        targets = cfg.lora_target if isinstance(cfg.lora_target, list) else LORA_TARGETS[cfg.lora_target]
+        try:
+            outcome = ("ok", claim_output_dir(output_dir, cfg, targets))
+        except UserError as err:
+            outcome = ("error", str(err))  # every rank raises it: none waits for a run that never starts
+    kind, value = broadcast_object_list([outcome])[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
 
 
 def report_memory_plan(accelerator, plan: MemoryPlan, cfg: TrainConfig, explicit: set[str], tokens: int) -> None:

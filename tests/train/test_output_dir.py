@@ -1,0 +1,80 @@
+"""A run never overwrites, prunes or resumes another run's files, and resumes only with the LoRA it was trained with."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import train.loop as loop_module
+from shared.config import load_config
+from shared.errors import UserError
+from tests.train.test_training import project  # noqa: F401 - the module-scoped cache and config factory
+from train.checkpoint import checkpoint_run_id, list_checkpoints
+from train.export import LORA_FILE
+from train.loop import train
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded although the run was refused")
+
+
+def test_a_new_run_into_a_folder_holding_another_run_is_refused_and_overwrite_keeps_the_old_checkpoints(
+    project,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    out = tmp_path / "run"
+    train(load_config(project(out, max_train_steps=4, checkpointing_steps=2)))
+    old_lora = (out / LORA_FILE).read_bytes()
+    old_run = json.loads((out / "run.json").read_text())["run_id"]
+
+    with monkeypatch.context() as m:
+        m.setattr(loop_module, "load_lora_transformer", _no_model)
+        with pytest.raises(UserError, match=r"holds another training run .*run\.json.*overwrite_output_dir: true"):
+            train(load_config(project(out, max_train_steps=2, learning_rate=5e-4)))
+    assert (out / LORA_FILE).read_bytes() == old_lora, "the refused run changed nothing"
+
+    # Asked to overwrite: a new run, whose pruning and "latest" never touch the old run's checkpoints.
+    train(
+        load_config(
+            project(out, max_train_steps=2, checkpointing_steps=1, checkpoints_total_limit=1, overwrite_output_dir=True)
+        )
+    )
+    new_run = json.loads((out / "run.json").read_text())["run_id"]
+    owners = {p.name: checkpoint_run_id(p) for p in list_checkpoints(out)}
+    assert new_run != old_run
+    assert owners == {"checkpoint-000002": new_run, "checkpoint-000004": old_run}, owners
+    resumed = train(
+        load_config(project(out, max_train_steps=3, checkpointing_steps=1, resume_from_checkpoint="latest"))
+    )
+    assert json.loads((out / "run.json").read_text())["run_id"] == new_run and resumed.exists()
+    assert checkpoint_run_id(out / "checkpoints" / "checkpoint-000004") == old_run, "the old run's step 4 is intact"
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [({"lora_rank": 8}, "lora_rank 4 -> 8"), ({"lora_alpha": 16}, "lora_alpha 8.0 -> 16.0")],
+)
+def test_resuming_with_another_rank_or_alpha_is_refused_with_what_differs(
+    project,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    change,
+    says,
+):
+    out = tmp_path / "run"
+    train(load_config(project(out, max_train_steps=2, checkpointing_steps=2)))
+    monkeypatch.setattr(loop_module, "load_lora_transformer", _no_model)
+    with pytest.raises(UserError, match=rf"checkpoint-000002 was trained with another LoRA \({says}\)"):
+        train(load_config(project(out, max_train_steps=4, resume_from_checkpoint="latest", **change)))
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(project, tmp_path, monkeypatch):  # noqa: F811
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(loop_module, "load_lora_transformer", _no_model)
+    with pytest.raises(UserError, match=r"output_dir .*a-file/run cannot be written"):
+        config = load_config(project(tmp_path / "run", max_train_steps=1))
+        config.train.output_dir = str(blocker / "run")  # a folder inside a file
+        train(config)

@@ -1,0 +1,104 @@
+"""Who owns an `output_dir`: one run at a time, and nothing of another run is overwritten or pruned.
+
+A run writes `<output_dir>/run.json` (its id, when it started, its LoRA shape) before it trains,
+and every checkpoint it saves carries that id. A new run into a folder that holds another run's
+files (its `run.json`, checkpoints, LoRA or log) is refused unless it resumes that run or the
+user asks to overwrite (`overwrite_output_dir: true`, `train run --overwrite`); even then, the
+old run's checkpoints are never pruned or resumed by the new run. Resuming checks that the
+LoRA's rank, alpha and targets are the ones the checkpoint was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.config import TrainConfig
+from shared.errors import UserError
+from shared.files import write_json_atomic
+from train.checkpoint import checkpoint_run_id, list_checkpoints, resolve_resume
+from train.export import LORA_FILE
+from train.metrics import CSV_FILE
+
+RUN_JSON = "run.json"
+
+
+@dataclass
+class RunClaim:
+    run_id: str
+    resume: Path | None  # the checkpoint to continue from, if any
+
+
+def lora_shape(cfg: TrainConfig, targets: list[str]) -> dict:
+    """What a checkpoint's LoRA must match to be resumed: rank, alpha and target modules."""
+    return {"r": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha), "target_modules": sorted(targets)}
+
+
+def claim_output_dir(output_dir: Path, cfg: TrainConfig, targets: list[str]) -> RunClaim:
+    """Decide (on the main process, before any model loads) which run `output_dir` now belongs to."""
+    check_writable(output_dir)
+    previous = _read_run(output_dir)
+    resume = resolve_resume(output_dir, cfg.resume_from_checkpoint, previous.get("run_id"))
+    shape = lora_shape(cfg, targets)
+    if resume is not None:
+        check_same_lora(resume, shape)
+        run_id = checkpoint_run_id(resume) or previous.get("run_id") or uuid.uuid4().hex
+        if previous.get("run_id") != run_id:
+            _write_run(output_dir, run_id, shape)
+        return RunClaim(run_id, resume)
+    others = [p.name for p in (output_dir / RUN_JSON, output_dir / LORA_FILE, output_dir / CSV_FILE) if p.exists()]
+    others += [p.name for p in list_checkpoints(output_dir)][-1:]
+    if others and not cfg.overwrite_output_dir:
+        started = f" (started {previous['started']})" if previous.get("started") else ""
+        raise UserError(
+            f"{output_dir} holds another training run{started}: {', '.join(others)}. Continue it with "
+            'resume_from_checkpoint: "latest" (or --resume-from-checkpoint latest), start a new run there with '
+            "overwrite_output_dir: true (or --overwrite; its checkpoints are kept, never resumed or pruned by the "
+            "new run), or choose another output_dir"
+        )
+    run_id = uuid.uuid4().hex
+    _write_run(output_dir, run_id, shape)
+    return RunClaim(run_id, None)
+
+
+def check_writable(output_dir: Path) -> None:
+    probe = output_dir / f".write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"output_dir {output_dir} cannot be written ({err.strerror}); choose a writable one") from None
+
+
+def check_same_lora(checkpoint: Path, shape: dict) -> None:
+    """Refuse to resume `checkpoint` with another rank, alpha or target list, saying what differs."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved = state.get("lora_config", {})
+    before = {
+        "r": saved.get("r"),
+        "lora_alpha": float(saved["lora_alpha"]) if "lora_alpha" in saved else None,
+        "target_modules": sorted(saved.get("target_modules") or []),
+    }
+    names = {"r": "lora_rank", "lora_alpha": "lora_alpha", "target_modules": "lora_target"}
+    differ = [f"{names[k]} {before[k]} -> {shape[k]}" for k in shape if before[k] is not None and before[k] != shape[k]]
+    if differ:
+        raise UserError(
+            f"{checkpoint} was trained with another LoRA ({'; '.join(differ)}); resume with the checkpoint's "
+            "settings, or start a new run in another output_dir"
+        )
+
+
+def _read_run(output_dir: Path) -> dict:
+    try:
+        return json.loads((output_dir / RUN_JSON).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_run(output_dir: Path, run_id: str, shape: dict) -> None:
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json_atomic(output_dir / RUN_JSON, {"run_id": run_id, "started": started, "lora": shape})
