@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,12 +19,31 @@ from shared.errors import UserError
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """A `UserError` inside becomes one line on stderr and exit code 1, never a traceback."""
+    """A `UserError` inside becomes one line on stderr and exit code 1, never a traceback. Anything else
+    is a bug: one line that says so and where the full traceback was written, and exit code 2."""
     try:
         yield
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
+    except (KeyboardInterrupt, SystemExit, typer.Exit):
+        raise
+    except Exception as err:  # noqa: BLE001 - the last line of defence: log it, say so in one line
+        log = write_crash_log()
+        typer.echo(
+            f"error: internal error ({type(err).__name__}: {err}); this is a bug, please report it with the log {log}",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+
+
+def write_crash_log() -> Path:
+    """The current exception's traceback, with the command line, in a log file; returns its path."""
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qwen-edit-trainer" / "logs"
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.write_text(f"command: {' '.join(sys.argv)}\n\n{traceback.format_exc()}", encoding="utf-8")
+    return path
 
 
 def load_config_and_report(path: Path, overrides: dict[str, Any] | None = None) -> Config:
