@@ -121,11 +121,9 @@ def plan_cache(
     """
     cache_dir = config.cache_dir_for(main)
     plan = Plan(main, cache_dir, fingerprint(config, main, dtype))
-    manifest = cache_dir / MANIFEST
-    if manifest.is_file() and not force:
-        built_with = manifest_fingerprint(manifest)
-        if built_with != plan.fingerprint["sha256"]:
-            raise UserError(_fingerprint_message(cache_dir, plan.fingerprint["settings"]))
+    built = None if force else read_manifest_ids(cache_dir)  # (fingerprint, sample ids) of the manifest
+    if built is not None and built[0] != plan.fingerprint["sha256"]:
+        raise UserError(_fingerprint_message(cache_dir, plan.fingerprint["settings"]))
     existing, plan.shards = (None, {}) if force else read_existing_rows(cache_dir, plan.fingerprint["sha256"])
     position, source = {}, []
     if existing is not None:  # sample id -> its (last) row, compared by columns: no Python object per row
@@ -144,12 +142,32 @@ def plan_cache(
             plan.encode.append(sample)
     if reuse:
         plan.reuse = existing.take(pa.array(reuse, type=pa.int64()))
-    if manifest.is_file() and not force:
-        in_manifest = set(pq.read_table(manifest, columns=["sample_id"]).column("sample_id").to_pylist())
-        plan.removed = len(in_manifest - current)
+    if built is not None:
+        plan.removed = len(built[1] - current)
         kept = set(plan.reuse.column("sample_id").to_pylist())
-        plan.manifest_current = manifest_fingerprint(manifest) == plan.fingerprint["sha256"] and in_manifest == kept
+        plan.manifest_current = built[1] == kept and _cache_info_fingerprint(cache_dir) == plan.fingerprint["sha256"]
     return plan
+
+
+def read_manifest_ids(cache_dir: Path) -> tuple[str, set[str]] | None:
+    """(fingerprint, sample ids) of the cache's manifest; None when there is none or it cannot be read
+    (cut short or damaged: then every sample no sealed shard index holds is encoded again)."""
+    manifest = cache_dir / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        ids = set(pq.read_table(manifest, columns=["sample_id"]).column("sample_id").to_pylist())
+        return manifest_fingerprint(manifest), ids
+    except (OSError, pa.ArrowException) as err:
+        print(f"note: {manifest} cannot be read ({err}); its samples are encoded again")
+        return None
+
+
+def _cache_info_fingerprint(cache_dir: Path) -> str | None:
+    try:
+        return json.loads((cache_dir / CACHE_JSON).read_text())["fingerprint"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing, empty or damaged: the commit writes it again
 
 
 def damaged_shards(cache_dir: Path, shards: ShardTable) -> set[str]:

@@ -145,8 +145,11 @@ def read_existing_rows(cache_dir: Path, fingerprint: str) -> tuple[pa.Table, Sha
     tables: list[pa.Table] = []
     shards: ShardTable = {}
     manifest = cache_dir / MANIFEST
-    if manifest.is_file() and manifest_fingerprint(manifest) == fingerprint:
-        table = pq.read_table(manifest)
+    try:
+        table = pq.read_table(manifest) if manifest.is_file() else None
+    except (OSError, pa.ArrowException):
+        table = None  # cut short or damaged: its rows are encoded again
+    if table is not None and manifest_metadata(table.schema)["fingerprint"] == fingerprint:
         tables.append(table)
         shards.update(manifest_metadata(table.schema)["shards"])
         for name in table.column("shard").unique().to_pylist():

@@ -119,3 +119,25 @@ def test_a_deleted_or_truncated_shard_is_encoded_again_not_reported_up_to_date(d
     result = CliRunner().invoke(app, ["verify", str(cache)])
     assert result.exit_code == 0 and "intact" in result.output
     assert sorted(r["sample_id"] for r in manifest_rows(cache)) == sorted(r["sample_id"] for r in rows)
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["rebuild", "rebuild --force"])
+def test_an_emptied_cache_json_or_a_truncated_manifest_is_repaired_by_the_next_build(demo_project, force):
+    config = load_config(demo_project("edit-v1", n_samples=3))
+    (cache,) = build_cache(config, device="cpu")
+    ids = sorted(r["sample_id"] for r in manifest_rows(cache))
+
+    (cache / "cache.json").write_text("")
+    build_cache(config, device="cpu", force=force)
+    assert CliRunner().invoke(app, ["verify", str(cache)]).exit_code == 0
+
+    manifest = cache / "manifest.parquet"
+    manifest.write_bytes(manifest.read_bytes()[:300])
+    result = CliRunner().invoke(
+        app, ["build-cache", "--config", str(config.config_path)] + (["--force"] if force else [])
+    )
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "up to date" not in result.output.splitlines()[-2]
+    verified = CliRunner().invoke(app, ["verify", str(cache)])
+    assert verified.exit_code == 0 and "intact" in verified.output
+    assert sorted(r["sample_id"] for r in manifest_rows(cache)) == ids
