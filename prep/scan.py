@@ -113,6 +113,15 @@ def walk_images(root: Path) -> Listing:
     return listing
 
 
+def _utf8(name: str) -> bool:
+    """False for names holding bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _stem(relpath: str) -> str:
     return str(PurePosixPath(relpath).with_suffix(""))
 
@@ -186,7 +195,16 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
     for dataset in [main, *conds]:
         root = Path(dataset.instance_data_dir)
         listing = walk_images(root)
-        result.listings[root] = listing.images
+        result.listings[root] = [name for name in listing.images if _utf8(name)]
+        for name in listing.images:
+            if not _utf8(name):
+                shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+                error(
+                    "file name not UTF-8",
+                    dataset.id,
+                    root / shown,
+                    "this file name is not valid UTF-8, which the cache and captions need; rename it",
+                )
         for loop in listing.loops:
             result.findings.append(
                 Finding(

@@ -16,15 +16,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prep.buckets import bucket_size, meets_minimum
+from prep.buckets import bucket_size, calculate_dimensions, meets_minimum
 from prep.file_records import FileRecord, file_sha256, load_records, stat_record, unchanged
 from prep.images import ImageError, decode_image
 from prep.scan import Finding, Sample, ScanResult, scan_dataset
 from shared.cache import VALIDATION
 from shared.config import Config, DatasetConfig
+from shared.flavours import FLAVOURS, Flavour
 
 ASPECT_TOLERANCE = 0.01  # relative difference of width/height allowed between a strict reference and its target
 MAX_UPSCALE = 2.0  # per side; beyond this an image trains on interpolated mush
+MAX_VL_ASPECT = 200  # Qwen2.5-VL's image processor refuses images more elongated than this
 
 
 @dataclass
@@ -191,6 +193,7 @@ def validate(config: Config, workers: int | None = None) -> Report:
             )
 
     samples: dict[str, list[Sample]] = {}
+    flavour = FLAVOURS[config.train.model_flavour]
     for scan, main in zip(scans, config.main_datasets(), strict=True):
         conds = config.conditioning_for(main)
         kept = []
@@ -217,6 +220,20 @@ def validate(config: Config, workers: int | None = None) -> Report:
                             f"or set conditioning_type 'reference_loose' on dataset '{cond.id}'",
                         )
                     )
+            for cond, ref in zip(conds, sample.references, strict=True):
+                problem = vl_size_problem(*infos[ref].size, flavour)
+                if problem:
+                    mismatched = True
+                    findings.append(
+                        Finding(
+                            "error",
+                            "reference the VL encoder cannot take",
+                            cond.id,
+                            str(ref),
+                            f"{ref}: {infos[ref].size[0]}x{infos[ref].size[1]}: {problem}; crop or pad it to a "
+                            "less extreme aspect ratio, or remove it",
+                        )
+                    )
             if not mismatched:
                 kept.append(sample)
         samples[main.id] = kept
@@ -224,6 +241,17 @@ def validate(config: Config, workers: int | None = None) -> Report:
     report.files, report.decoded = infos, len(todo)
     report.records_current = not todo and infos.keys() == known.keys()
     return report
+
+
+def vl_size_problem(width: int, height: int, flavour: Flavour) -> str:
+    """Why Qwen2.5-VL could not see this reference at the flavour's VL area, or "" when it can."""
+    ratio = max(width / height, height / width)
+    if ratio > MAX_VL_ASPECT:
+        return f"its aspect ratio {ratio:.0f}:1 is beyond the {MAX_VL_ASPECT}:1 the VL encoder accepts"
+    vl_w, vl_h = calculate_dimensions(flavour.vl_area, width / height)
+    if min(vl_w, vl_h) < 32:
+        return f"resized for the VL encoder it would be {vl_w}x{vl_h} pixels, a side below 32"
+    return ""
 
 
 def upscale_factor(width: int, height: int, dataset: DatasetConfig) -> float:

@@ -132,3 +132,35 @@ def test_a_symlinked_folder_is_followed_a_loop_is_reported_and_a_broken_link_is_
     report = validate(load_config(config_path))
     assert not report.trainable
     assert any(f.kind == "broken symlink" and f.path.endswith("dangling.png") for f in report.errors)
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_by_validate_not_a_crash_in_the_build(demo_project, tmp_path):
+    import os
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from prep.cli import app
+
+    config_path = demo_project("edit-v1", n_samples=2)
+    data = os.fsencode(str(tmp_path / "data"))
+    for sub, ext in (("images", b"png"), ("images", b"txt"), ("reference", b"png")):
+        shutil.copy(data + f"/{sub}/pair_0000.".encode() + ext, data + f"/{sub}/caf\xe9.".encode("latin-1") + ext)
+    for command in ("validate", "build-cache"):
+        result = CliRunner().invoke(app, [command, "--config", str(config_path)])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert "images/caf\\xe9.png: this file name is not valid UTF-8" in result.output
+
+
+def test_a_1000x1_loose_reference_is_an_error_before_anything_is_encoded(demo_project, tmp_path):
+    from PIL import Image
+
+    from prep.validate import validate
+    from shared.config import load_config
+
+    config_path = demo_project("edit-v2", n_samples=2)  # its second reference is reference_loose
+    Image.new("RGB", (1000, 1), "red").save(tmp_path / "data" / "reference2" / "pair_0001.png")
+    report = validate(load_config(config_path))
+    assert not report.trainable
+    (error,) = [f for f in report.errors if f.kind == "reference the VL encoder cannot take"]
+    assert "1000x1: its aspect ratio 1000:1 is beyond the 200:1 the VL encoder accepts" in error.message
