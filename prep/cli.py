@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import typer
 
 from shared.cli import load_config_and_report, user_errors
+from shared.errors import UserError
 
 app = typer.Typer(help="Validate edit-pair datasets and build the cache that `train` reads.", no_args_is_help=True)
 
@@ -49,6 +51,7 @@ def build_cache_command(
     from prep.build import build_cache, default_device
 
     with user_errors():
+        check_build_flags(device, workers, batch_size)
         cfg = load_config_and_report(config)
         caches = build_cache(
             cfg, device=device or default_device(), dtype=dtype, force=force, workers=workers, batch_size=batch_size
@@ -56,6 +59,16 @@ def build_cache_command(
     if int(os.environ.get("RANK", "0")) == 0:  # one line per cache, also when launched on several ranks
         for cache in caches:
             typer.echo(f"cache ready: {cache}")
+
+
+def check_build_flags(device: str, workers: int | None, batch_size: int | None) -> None:
+    """`build-cache` flags out of range are refused before anything loads."""
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: use 1 or more")
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers {workers}: use 0 (decode in the main process) or more")
+    if device and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UserError(f"--device {device!r}: use cpu, cuda or cuda:N")
 
 
 @app.command("verify")

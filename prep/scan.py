@@ -140,7 +140,17 @@ class CaptionTable:
         caption_column = spec.get("caption_column", "caption")
         if self.path.suffix.lower() == ".jsonl":
             lines = self.path.read_text(encoding="utf-8-sig").splitlines()
-            rows = [json.loads(line) for line in lines if line.strip()]
+            rows = []
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"line {number} is not valid JSON ({err})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"line {number} is a JSON {type(row).__name__}, not an object with named fields")
+                rows.append(row)
         else:
             rows = pq.read_table(self.path).to_pylist()
         if rows and (filename_column not in rows[0] or caption_column not in rows[0]):

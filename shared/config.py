@@ -274,6 +274,11 @@ def _check_datasets(config: Config) -> None:
     owners: dict[str, str] = {}
     for main in mains:  # two datasets in one cache dir would overwrite each other's shards
         location = config.cache_location_for(main)
+        if "://" not in location and Path(location).exists() and not Path(location).is_dir():
+            raise UserError(
+                f"{path}: dataset '{main.id}': its cache dir {location} is a file; point cache_dir (or "
+                "cache_dir_vae) at a folder, or move the file away"
+            )
         key = location if "://" in location else os.path.abspath(location)
         if key in owners:
             raise UserError(

@@ -164,3 +164,49 @@ def test_a_1000x1_loose_reference_is_an_error_before_anything_is_encoded(demo_pr
     assert not report.trainable
     (error,) = [f for f in report.errors if f.kind == "reference the VL encoder cannot take"]
     assert "1000x1: its aspect ratio 1000:1 is beyond the 200:1 the VL encoder accepts" in error.message
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--batch-size", "0"], "--batch-size 0: use 1 or more"),
+        (["--workers", "-1"], "--workers -1: use 0"),
+        (["--device", "tpu"], "--device 'tpu': use cpu, cuda or cuda:N"),
+    ],
+)
+def test_build_flags_out_of_range_are_refused_in_one_line(demo_project, flags, says):
+    from typer.testing import CliRunner
+
+    from prep.cli import app
+
+    result = CliRunner().invoke(app, ["build-cache", "--config", str(demo_project("edit-v1", n_samples=1)), *flags])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert says in result.output
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_naming_the_dataset(demo_project, tmp_path):
+    from shared.config import load_config
+    from shared.errors import UserError
+
+    config_path = demo_project("edit-v1", n_samples=1)
+    (tmp_path / "cache").write_text("oops")
+    with pytest.raises(UserError, match=r"dataset 'edits': its cache dir .*cache is a file"):
+        load_config(config_path)
+
+
+def test_a_caption_table_line_that_is_not_an_object_is_reported_with_its_line(demo_project, tmp_path):
+    import json
+
+    from prep.validate import validate
+    from shared.config import load_config
+
+    config_path = demo_project("edit-v1", n_samples=2)
+    table = tmp_path / "captions.jsonl"
+    table.write_text('{"filename": "pair_0000.png", "caption": "make it red"}\n["pair_0001.png", "oops"]\n')
+    backend_path = tmp_path / "multidatabackend.json"
+    backend = json.loads(backend_path.read_text())
+    backend[0].update(caption_strategy="parquet", parquet={"path": str(table)})
+    backend_path.write_text(json.dumps(backend))
+    report = validate(load_config(config_path))
+    assert not report.trainable
+    assert any("line 2 is a JSON list, not an object" in f.message for f in report.errors), report.render()
