@@ -79,11 +79,50 @@ def resolve_resume(output_dir: Path, value: str, run_id: str | None = None) -> P
         return None
     if value == "latest":
         found = [p for p in list_checkpoints(output_dir) if checkpoint_run_id(p) in (run_id, None)]
-        return found[-1] if found else None
+        for path in reversed(found):  # the newest readable one: a damaged one is skipped, and said so
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            print(f"warning: {problem}; resuming from the checkpoint before it")
+        if found:
+            raise UserError(f"no readable checkpoint in {Path(output_dir) / CHECKPOINTS}; start a new run")
+        return None
     path = Path(value)
     if not (path / "trainer_state.json").is_file():
         raise UserError(f"resume_from_checkpoint: {path} is not a complete checkpoint (no trainer_state.json)")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UserError(f"resume_from_checkpoint: {problem}; resume from another checkpoint")
     return path
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is unreadable in checkpoint `path` (naming the file), or None when every file reads whole."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"{path / 'trainer_state.json'} is unreadable ({err})"
+    for file in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem:
+            return f"{file} is damaged ({problem})"
+    if not (path / "lora.safetensors").is_file():
+        return f"{path / 'lora.safetensors'} is missing"
+    return None
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """Why `file` is not a whole safetensors file (its header, and its size against the header), or None."""
+    try:
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        expected = 8 + header_len + max(ends, default=0)
+        size = file.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        return f"unreadable header: {err}"
+    return None if size == expected else f"{size} bytes, its header says {expected}"
 
 
 def save_checkpoint(
@@ -162,10 +201,16 @@ def load_checkpoint(path: Path, accelerator, run: Resumable) -> dict[str, Any]:
 
 def read_lora(path: Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict, str]:
     """(peft adapter state dict, LoRA config, flavour) of a checkpoint, for `train export`."""
-    state = json.loads((path / "trainer_state.json").read_text())
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path / 'trainer_state.json'} is unreadable ({err}); export another checkpoint") from None
     file = path / ("ema.safetensors" if ema else "lora.safetensors")
     if not file.is_file():
         raise UserError(f"{file}: not found" + (" (the run had use_ema off)" if ema else ""))
+    problem = safetensors_problem(file)
+    if problem:
+        raise UserError(f"{file} is damaged ({problem}); export another checkpoint")
     # Parameter names carry peft's adapter name ("...lora_A.default.weight"); exports use none.
     weights = {name.replace(".default.", "."): t for name, t in load_file(str(file)).items()}
     return weights, state["lora_config"], state["flavour"]

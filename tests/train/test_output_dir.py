@@ -78,3 +78,28 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(
         config = load_config(project(tmp_path / "run", max_train_steps=1))
         config.train.output_dir = str(blocker / "run")  # a folder inside a file
         train(config)
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_saying_so_and_export_names_the_bad_file(
+    project,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    train(load_config(project(out, max_train_steps=4, checkpointing_steps=2)))
+    damaged = out / "checkpoints" / "checkpoint-000004" / "lora.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-100])  # a write cut short
+
+    capsys.readouterr()
+    train(load_config(project(out, max_train_steps=5, checkpointing_steps=0, resume_from_checkpoint="latest")))
+    printed = capsys.readouterr().out
+    assert f"warning: {damaged} is damaged" in printed and "resuming from the checkpoint before it" in printed
+    assert "resumed from " in printed and "checkpoint-000002 at step 2" in printed
+
+    command = [sys.executable, "-m", "train.cli", "export", str(damaged.parent)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{damaged} is damaged" in result.stderr
