@@ -127,33 +127,45 @@ def safetensors_problem(file: Path) -> str | None:
 
 def save_checkpoint(
     output_dir: Path, step: int, accelerator, run: Resumable, state: dict[str, Any], total_limit: int
-) -> Path:
-    """Write checkpoint `step` (all ranks call this); return its directory."""
+) -> Path | None:
+    """Write checkpoint `step` (all ranks call this); return its directory, or None when the weights are not
+    finite (such weights are never saved as a checkpoint to resume from)."""
+    if not all(bool(torch.isfinite(p).all()) for p in run.params.values()):
+        accelerator.print(f"warning: the LoRA weights hold NaN/inf at step {step}; checkpoint not written")
+        return None
     root = Path(output_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
     tmp = root / f".tmp-{final.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+    failure = ""
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+            tmp.mkdir(parents=True)
+    except OSError as err:
+        failure = err.strerror or str(err)
+    _agree(accelerator, failure, output_dir)
 
-    _save(_rng_state(run.generator), tmp / f"rng-rank{accelerator.process_index:02d}.safetensors")
-    if accelerator.is_main_process:
-        _save({name: p.detach().float().cpu() for name, p in run.params.items()}, tmp / "lora.safetensors")
-        if run.ema is not None:
-            _save(run.ema.state_dict(), tmp / "ema.safetensors")
-        tensors, optimizer_json = _flatten_optimizer(run.optimizer.state_dict())
-        _save(tensors, tmp / "optimizer.safetensors")
-        trainer_state = dict(
-            state,
-            step=step,
-            loader=run.loader.state_dict(),
-            scheduler=run.scheduler.state_dict(),
-            optimizer=optimizer_json,
-            world_size=accelerator.num_processes,
-        )
-        _write_json(tmp / "trainer_state.json", trainer_state)
-    accelerator.wait_for_everyone()
+    try:
+        _save(_rng_state(run.generator), tmp / f"rng-rank{accelerator.process_index:02d}.safetensors")
+        if accelerator.is_main_process:
+            _save({name: p.detach().float().cpu() for name, p in run.params.items()}, tmp / "lora.safetensors")
+            if run.ema is not None:
+                _save(run.ema.state_dict(), tmp / "ema.safetensors")
+            tensors, optimizer_json = _flatten_optimizer(run.optimizer.state_dict())
+            _save(tensors, tmp / "optimizer.safetensors")
+            trainer_state = dict(
+                state,
+                step=step,
+                loader=run.loader.state_dict(),
+                scheduler=run.scheduler.state_dict(),
+                optimizer=optimizer_json,
+                world_size=accelerator.num_processes,
+            )
+            _write_json(tmp / "trainer_state.json", trainer_state)
+    except OSError as err:  # a full or read-only disk: the previous checkpoints are untouched
+        failure = err.strerror or str(err)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _agree(accelerator, failure, output_dir)
     if accelerator.is_main_process:
         if final.exists():  # the same step saved before a crash and a resume from an earlier one
             shutil.rmtree(final)
@@ -165,6 +177,21 @@ def save_checkpoint(
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _agree(accelerator, failure: str, output_dir: Path) -> None:
+    """Every rank learns whether any rank failed to write (so none waits for the others forever), then all
+    stop with one clear message naming the last complete checkpoint."""
+    failed = torch.tensor([1.0 if failure else 0.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(failed, "max")
+    if failed.item():
+        kept = list_checkpoints(output_dir)
+        raise UserError(
+            f"{output_dir}: cannot write the checkpoint ({failure or 'failed on another process'}). The last complete "
+            f"checkpoint is {kept[-1] if kept else 'none'}; free space (or make the folder writable) and resume "
+            "with resume_from_checkpoint: latest"
+        )
 
 
 def load_checkpoint(path: Path, accelerator, run: Resumable) -> dict[str, Any]:

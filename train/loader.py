@@ -191,9 +191,14 @@ class CacheReader:
             if hashlib.sha256(data[member]).digest() != sha256:
                 raise CorruptSample(f"{member} does not match the manifest's sha256")
         try:
-            return Latents.from_bytes(data[LATENTS]), Embeddings.from_bytes(data[EMBEDS])
+            latents, embeds = Latents.from_bytes(data[LATENTS]), Embeddings.from_bytes(data[EMBEDS])
         except Exception as err:  # noqa: BLE001 - any decoding failure is a corrupt member
             raise CorruptSample(f"does not decode: {err}") from None
+        tensors = [latents.target, *latents.references, *embeds.prompts]
+        tensors += [t for t in (embeds.dropout, embeds.negative) if t is not None]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise CorruptSample("holds NaN or inf values (its encoding went wrong); rebuild it with `prep build-cache`")
+        return latents, embeds
 
 
 class _BatchStream(IterableDataset):

@@ -141,3 +141,33 @@ def test_resume_with_another_global_batch_continues_at_the_same_point_of_the_epo
     resumed.load_state_dict(first.state_dict())
     assert resumed.position == 12 + 6
     assert "continuing at epoch 1, batch 6 of the new plan" in capsys.readouterr().out
+
+
+def test_a_cached_sample_holding_nan_is_named_and_replaced(tmp_path, capsys):
+    import json
+
+    from shared.cache import EMBEDS, LATENTS, META, Embeddings, Latents
+    from shared.cache.writer import ShardWriter, commit
+
+    writer = ShardWriter(tmp_path, "fp")
+    for i, value in enumerate([0.0, float("nan"), 1.0, 2.0]):
+        target = torch.full((16, 4, 4), value)
+        members = {
+            LATENTS: Latents(target, [torch.zeros(16, 4, 4)]).to_bytes(),
+            EMBEDS: Embeddings([torch.zeros(3, 8)], dropout=torch.zeros(2, 8)).to_bytes(),
+            META: b"{}",
+        }
+        row = {"dataset_id": "d", "relpath": f"{i}.png", "split": "train", "height": 32, "width": 32}
+        row.update(original_size=[32, 32], crop_box=[0, 0, 32, 32], ref_sizes=[[32, 32]], ref_crop_boxes=[[]])
+        row.update(prompt_lens=[3], captions=["c"], source_sha256="0")
+        writer.write(f"{i:020x}", members, row)
+    writer.finish_shard()
+    info = {"format_version": 2, "dataset_id": "d", "flavour": "edit-v1", "fingerprint": {"sha256": "fp"}}
+    commit(tmp_path, writer.rows, writer.shards, info)
+    (tmp_path / "cache.json").write_text(json.dumps(info))
+
+    loader = TrainLoader([CacheReader(str(tmp_path))], 2, seed=0)
+    batches = _take(loader, loader.batches_per_epoch)
+    assert all(f"{1:020x}" not in b.sample_ids for b in batches)
+    assert all(torch.isfinite(b.target).all() for b in batches)
+    assert f"sample {1:020x}: holds NaN or inf values" in capsys.readouterr().out

@@ -103,3 +103,55 @@ def test_a_damaged_latest_checkpoint_is_skipped_saying_so_and_export_names_the_b
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"{damaged} is damaged" in result.stderr
+
+
+def test_weights_that_went_nan_are_never_saved_and_the_stop_names_a_finite_checkpoint(
+    project,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    import torch
+
+    real = loop_module.optimizer_step
+    calls = []
+
+    def poisoning(accelerator, transformer, optimizer, scheduler, params, *args, **kwargs):
+        result = real(accelerator, transformer, optimizer, scheduler, params, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # the second update leaves a LoRA weight at NaN
+            with torch.no_grad():
+                next(iter(params.values())).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(loop_module, "optimizer_step", poisoning)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"Last good checkpoint: .*checkpoint-000001\."):
+        train(load_config(project(out, max_train_steps=6, checkpointing_steps=1, max_nonfinite_steps=2)))
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000001"]
+
+
+def test_a_full_disk_while_checkpointing_stops_with_the_last_complete_checkpoint(
+    project,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    import errno
+
+    import train.checkpoint as checkpoint_module
+
+    real, saves = checkpoint_module._save, []
+
+    def filling(tensors, path):
+        saves.append(path)
+        if "checkpoint-000002" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path)
+
+    monkeypatch.setattr(checkpoint_module, "_save", filling)
+    out = tmp_path / "run"
+    with pytest.raises(
+        UserError, match=r"cannot write the checkpoint \(No space left on device\)\. The last complete "
+    ):
+        train(load_config(project(out, max_train_steps=4, checkpointing_steps=1)))
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000001"]
+    assert not list((out / "checkpoints").glob(".tmp-*")), "the half-written checkpoint is removed"
