@@ -9,7 +9,6 @@ shard. A cache built with other settings (the fingerprint) is refused unless `--
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -31,66 +30,11 @@ from prep.record import SamplePreparer, source_sha256
 from prep.scan import Sample
 from prep.validate import Report, validate
 from shared.cache import CACHE_JSON, FORMAT_VERSION, LOCK, MANIFEST, MANIFEST_SCHEMA, VALIDATION, CacheLock
+from shared.cache.fingerprint import changed_settings, fingerprint
 from shared.cache.writer import ShardTable, ShardWriter, commit, manifest_fingerprint, read_existing_rows
 from shared.config import Config, DatasetConfig
 from shared.errors import UserError
 from shared.flavours import FLAVOURS
-
-
-def fingerprint(config: Config, main: DatasetConfig, dtype: torch.dtype) -> dict:
-    """Everything that changes the cached bytes (and nothing else), and its hash; computed without
-    loading the encoders. Training-only keys are left out, so changing them never invalidates a cache."""
-    from diffusers import AutoencoderKLQwenImage
-    from transformers import AutoConfig
-
-    model = config.train.pretrained_model_name_or_path
-    flavour = FLAVOURS[config.train.model_flavour]
-    try:
-        vae_config = dict(AutoencoderKLQwenImage.load_config(model, subfolder="vae"))
-        text_config = AutoConfig.from_pretrained(model, subfolder="text_encoder").to_dict()
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not read the model config of '{model}': {err}") from None
-    weights = (
-        sorted(
-            (str(p.relative_to(model)), p.stat().st_size)
-            for sub in ("vae", "text_encoder", "processor", "tokenizer")
-            for p in (Path(model) / sub).glob("*")
-            if p.is_file()
-        )
-        if Path(model).is_dir()
-        else []
-    )
-    datasets = [main, *config.conditioning_for(main)]
-    settings = {
-        "format_version": FORMAT_VERSION,
-        "model": model,
-        "model_files": weights,
-        "vae_config": {k: v for k, v in vae_config.items() if not k.startswith("_")},
-        "text_encoder_config": {k: v for k, v in text_config.items() if not k.startswith("_")},
-        "flavour": flavour.name,
-        "prompt_template": flavour.vl_text("{}", len(main.conditioning_data)),
-        "dtype": str(dtype),
-        "match_target_res": config.train.match_target_res,
-        "datasets": [
-            {
-                k: getattr(d, k)
-                for k in (
-                    "id",
-                    "resolution",
-                    "resolution_type",
-                    "conditioning_type",
-                    "crop",
-                    "crop_style",
-                    "crop_aspect",
-                )
-            }
-            for d in datasets
-        ],
-    }
-    if any(d.crop and d.crop_style == "random" for d in datasets):
-        settings["crop_seed"] = config.train.crop_seed  # changes the crops only when they are random
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-    return {"sha256": digest, "settings": settings}
 
 
 @dataclass
@@ -184,12 +128,8 @@ def damaged_shards(cache_dir: Path, shards: ShardTable) -> set[str]:
 
 def _fingerprint_message(cache_dir: Path, settings: dict) -> str:
     try:
-        old = json.loads((cache_dir / CACHE_JSON).read_text())["fingerprint"]["settings"]
-        changed = sorted(
-            k
-            for k in set(old) | set(settings)
-            if json.dumps(old.get(k), sort_keys=True, default=str)
-            != json.dumps(settings.get(k), sort_keys=True, default=str)
+        changed = changed_settings(
+            json.loads((cache_dir / CACHE_JSON).read_text())["fingerprint"]["settings"], settings
         )
     except (OSError, ValueError, KeyError):
         changed = ["(cache.json unreadable)"]

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from peft.utils import get_peft_model_state_dict
 
+from shared.cache.fingerprint import TRAINING_INDEPENDENT, changed_settings, fingerprint
 from shared.config import Config, TrainConfig
 from shared.errors import UserError
 from shared.flavours import FLAVOURS
@@ -36,11 +37,22 @@ def open_caches(config: Config) -> list[CacheReader]:
     """One reader per training dataset's cache (not the eval dataset's), refusing other flavours' caches."""
     mains = [m for m in config.main_datasets() if m.id != config.train.eval_dataset_id]
     readers = [CacheReader(config.cache_location_for(m), m.id, m.repeats, m.probability or None) for m in mains]
-    for reader in readers:
+    for reader, main in zip(readers, mains, strict=True):
         if reader.info["flavour"] != config.train.model_flavour:
             raise UserError(
                 f"{reader.location}: built for {reader.info['flavour']}, but model_flavour is "
                 f"{config.train.model_flavour}; rebuild it with `prep build-cache`"
+            )
+        # The cache must hold what this config's prep settings would encode (resolution, crops, model,
+        # template, ...): otherwise training would silently learn from other data.
+        expected = fingerprint(config, main, dtype=None)["settings"]
+        built = reader.info.get("fingerprint", {}).get("settings", {})
+        changed = changed_settings(built, expected, ignore=TRAINING_INDEPENDENT)
+        if changed:
+            raise UserError(
+                f"{reader.location}: built with other prep settings than {config.config_path} gives (changed: "
+                f"{', '.join(changed)}); rebuild it with `prep build-cache --config {config.config_path} --force`, "
+                "or train with the config it was built with"
             )
     return readers
 

@@ -155,3 +155,19 @@ def test_a_full_disk_while_checkpointing_stops_with_the_last_complete_checkpoint
         train(load_config(project(out, max_train_steps=4, checkpointing_steps=1)))
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000001"]
     assert not list((out / "checkpoints").glob(".tmp-*")), "the half-written checkpoint is removed"
+
+
+def test_training_on_a_cache_built_with_other_prep_settings_is_refused_with_the_command_that_fixes_it(
+    demo_project, tmp_path, monkeypatch
+):
+    from prep.build import build_cache
+
+    config_path = demo_project("edit-v1", n_samples=2)
+    build_cache(load_config(config_path), device="cpu")
+    backend_path = tmp_path / "multidatabackend.json"
+    backend = json.loads(backend_path.read_text())
+    backend[0]["resolution"] = 320  # prep would now encode other buckets
+    backend_path.write_text(json.dumps(backend))
+    monkeypatch.setattr(loop_module, "load_lora_transformer", _no_model)
+    with pytest.raises(UserError, match=r"built with other prep settings .*\(changed: datasets\); rebuild it with "):
+        train(load_config(config_path))

@@ -1,0 +1,85 @@
+"""The cache's fingerprint: every setting that changes cached bytes, and nothing else.
+
+`prep build-cache` stores it in `cache.json` and the manifest, and refuses to mix samples built
+under another one; `train run` recomputes it from its config and refuses a cache built with other
+prep settings, saying what differs and how to rebuild. Computed from the model's config files
+only: no encoder is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from shared.cache.format import FORMAT_VERSION
+from shared.config import Config, DatasetConfig
+from shared.errors import UserError
+from shared.flavours import FLAVOURS
+
+TRAINING_INDEPENDENT = ("dtype",)  # the encoders' precision: prep's choice (bf16 on a GPU, fp32 on CPU)
+
+
+def fingerprint(config: Config, main: DatasetConfig, dtype) -> dict:
+    """Everything that changes the cached bytes (and nothing else), and its hash; computed without
+    loading the encoders. Training-only keys are left out, so changing them never invalidates a cache."""
+    from diffusers import AutoencoderKLQwenImage
+    from transformers import AutoConfig
+
+    model = config.train.pretrained_model_name_or_path
+    flavour = FLAVOURS[config.train.model_flavour]
+    try:
+        vae_config = dict(AutoencoderKLQwenImage.load_config(model, subfolder="vae"))
+        text_config = AutoConfig.from_pretrained(model, subfolder="text_encoder").to_dict()
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not read the model config of '{model}': {err}") from None
+    weights = (
+        sorted(
+            (str(p.relative_to(model)), p.stat().st_size)
+            for sub in ("vae", "text_encoder", "processor", "tokenizer")
+            for p in (Path(model) / sub).glob("*")
+            if p.is_file()
+        )
+        if Path(model).is_dir()
+        else []
+    )
+    datasets = [main, *config.conditioning_for(main)]
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "model": model,
+        "model_files": weights,
+        "vae_config": {k: v for k, v in vae_config.items() if not k.startswith("_")},
+        "text_encoder_config": {k: v for k, v in text_config.items() if not k.startswith("_")},
+        "flavour": flavour.name,
+        "prompt_template": flavour.vl_text("{}", len(main.conditioning_data)),
+        "dtype": str(dtype),
+        "match_target_res": config.train.match_target_res,
+        "datasets": [
+            {
+                k: getattr(d, k)
+                for k in (
+                    "id",
+                    "resolution",
+                    "resolution_type",
+                    "conditioning_type",
+                    "crop",
+                    "crop_style",
+                    "crop_aspect",
+                )
+            }
+            for d in datasets
+        ],
+    }
+    if any(d.crop and d.crop_style == "random" for d in datasets):
+        settings["crop_seed"] = config.train.crop_seed  # changes the crops only when they are random
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    return {"sha256": digest, "settings": settings}
+
+
+def changed_settings(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The names of the settings that differ between two fingerprints' settings, sorted."""
+    return sorted(
+        k
+        for k in (set(old) | set(new)) - set(ignore)
+        if json.dumps(old.get(k), sort_keys=True, default=str) != json.dumps(new.get(k), sort_keys=True, default=str)
+    )
