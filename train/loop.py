@@ -27,7 +27,7 @@ from train.ema import LoraEMA
 from train.loader import CacheReader, TrainLoader
 from train.memory import MEMORY_KEYS, MemoryPlan
 from train.metrics import TrainMetrics
-from train.model import LORA_TARGETS, load_lora_transformer
+from train.model import LORA_TARGETS, check_lora_targets, load_lora_transformer
 from train.objective import SigmaSchedule, flow_matching_loss
 from train.optim import build_optimizer, build_scheduler
 from train.output_dir import RunClaim, claim_output_dir
@@ -67,7 +67,8 @@ def train(config: Config) -> Path:
     set_seed(cfg.seed)
     flavour = FLAVOURS[cfg.model_flavour]
     output_dir = Path(cfg.output_dir)
-    claim = claim_on_main(accelerator, output_dir, cfg)  # before anything loads: whose folder is this?
+    check_lora_targets(cfg)  # before anything loads: on an empty model built from the config
+    claim = claim_on_main(accelerator, output_dir, cfg)  # whose folder is this?
 
     # Data: this rank's share of every batch, in the order fixed by (seed, manifests).
     loader = TrainLoader(

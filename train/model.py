@@ -7,6 +7,7 @@ import torch
 from peft import LoraConfig
 
 from shared.config import TrainConfig
+from shared.errors import UserError
 from shared.models import load_transformer
 from train import blocks
 from train.blocks import BlockSwap
@@ -20,6 +21,33 @@ LORA_TARGETS = {
     "attention": _ATTENTION_IMAGE + _ATTENTION_TEXT,
     "attention_mlp": _ATTENTION_IMAGE + _ATTENTION_TEXT + _MLPS,
 }
+
+
+def check_lora_targets(config: TrainConfig) -> None:
+    """An explicit `lora_target` list must name modules the transformer has (matched as peft matches them:
+    the whole name or its ending), checked on an empty (meta) model built from the config: no weights."""
+    if not isinstance(config.lora_target, list):
+        return
+    from accelerate import init_empty_weights
+    from diffusers import QwenImageTransformer2DModel
+
+    try:
+        model_config = QwenImageTransformer2DModel.load_config(
+            config.pretrained_model_name_or_path, subfolder="transformer"
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"could not read the transformer config of {config.pretrained_model_name_or_path}: {err}"
+        ) from None
+    with init_empty_weights():
+        names = [name for name, _ in QwenImageTransformer2DModel.from_config(model_config).named_modules()]
+    unknown = [t for t in config.lora_target if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        examples = ", ".join(LORA_TARGETS["attention_mlp"][:4])
+        raise UserError(
+            f"lora_target names module(s) this transformer does not have: {', '.join(unknown)}; use names such as "
+            f"{examples}, or a preset ({', '.join(LORA_TARGETS)})"
+        )
 
 
 def unused_outputs(transformer: torch.nn.Module) -> list[str]:

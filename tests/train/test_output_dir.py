@@ -171,3 +171,9 @@ def test_training_on_a_cache_built_with_other_prep_settings_is_refused_with_the_
     monkeypatch.setattr(loop_module, "load_lora_transformer", _no_model)
     with pytest.raises(UserError, match=r"built with other prep settings .*\(changed: datasets\); rebuild it with "):
         train(load_config(config_path))
+
+
+def test_an_unknown_lora_target_module_is_refused_before_the_model_loads(project, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(loop_module, "load_lora_transformer", _no_model)
+    with pytest.raises(UserError, match=r"lora_target names module\(s\) this transformer does not have: attn\.to_qq"):
+        train(load_config(project(tmp_path / "run", max_train_steps=1, lora_target=["attn.to_q", "attn.to_qq"])))
