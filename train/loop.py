@@ -153,7 +153,14 @@ def train(config: Config) -> Path:
     check_ranks_agree(accelerator, params)
     lora_path = output_dir / export.LORA_FILE
     if accelerator.is_main_process:
-        lora_path = export_final(accelerator.unwrap_model(transformer), ema, lora_config, output_dir, cfg)
+        try:
+            lora_path = export_final(accelerator.unwrap_model(transformer), ema, lora_config, output_dir, cfg)
+        except OSError as err:  # a full or read-only disk at the very end: the checkpoints still hold the LoRA
+            kept = list_checkpoints(output_dir)
+            raise UserError(
+                f"{output_dir}: cannot write the final LoRA ({err.strerror or err}). The last complete checkpoint "
+                f"is {kept[-1] if kept else 'none'}: free space, then `train export` it"
+            ) from None
         n = min(5, len(losses))
         if n:
             accelerator.print(

@@ -177,3 +177,15 @@ def test_an_unknown_lora_target_module_is_refused_before_the_model_loads(project
     monkeypatch.setattr(loop_module, "load_lora_transformer", _no_model)
     with pytest.raises(UserError, match=r"lora_target names module\(s\) this transformer does not have: attn\.to_qq"):
         train(load_config(project(tmp_path / "run", max_train_steps=1, lora_target=["attn.to_q", "attn.to_qq"])))
+
+
+def test_a_read_only_disk_at_the_final_export_names_the_checkpoint_to_export(project, tmp_path, monkeypatch):  # noqa: F811
+    import errno
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(loop_module.export, "save", read_only)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"cannot write the final LoRA \(Read-only file system\)\. .*checkpoint-000002"):
+        train(load_config(project(out, max_train_steps=2, checkpointing_steps=2)))
