@@ -114,12 +114,11 @@ class Report:
         path.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def inspect_image(path: Path, max_pixels: int) -> FileRecord:
-    """Decode `path` completely (so truncation shows); keep its size, conversion notes and sha256."""
-    record = stat_record(path, max_pixels)
+def inspect_image(path: Path, record: FileRecord) -> FileRecord:
+    """Decode `path` completely (so truncation shows); fill `record` (its `stat`) with size, notes and sha256."""
     record.sha256 = file_sha256(path)
     try:
-        decoded = decode_image(path, max_pixels)
+        decoded = decode_image(path, record.max_pixels)
     except ImageError as err:
         record.error = str(err)
         return record
@@ -144,14 +143,16 @@ def validate(config: Config, workers: int | None = None) -> Report:
     for main in config.main_datasets():
         known.update(load_records(config.cache_dir_for(main) / VALIDATION))
     infos: dict[Path, FileRecord] = {}
+    todo: dict[Path, FileRecord] = {}  # new or changed files: their `stat`, to be filled by decoding
     for path, dataset in owners.items():
         current = stat_record(path, dataset.max_image_pixels)
         if unchanged(known.get(path), current):
             infos[path] = known[path]
-    todo = [p for p in owners if p not in infos]
+        else:
+            todo[path] = current
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        infos.update(zip(todo, pool.map(lambda p: inspect_image(p, owners[p].max_image_pixels), todo), strict=True))
+        infos.update(zip(todo, pool.map(lambda p: inspect_image(p, todo[p]), todo), strict=True))
 
     bad: set[Path] = set()
     for path, info in infos.items():
