@@ -156,7 +156,9 @@ def run(args: argparse.Namespace, flavour: str, work: Path, modules, ranks: Rank
     # The encoders alone, on full batches of one shape prepared beforehand (the best they do):
     # once to warm up, then timed.
     main = config.main_datasets()[0]
-    preparer = SamplePreparer(FLAVOURS[flavour], encoders.processor, encoders.scale, False, 0)
+    preparer = SamplePreparer(
+        FLAVOURS[flavour], encoders.processor, encoders.scale, False, 0, {"negative_prompt": "", "resolution": 0}
+    )
     groups: dict[tuple, list] = {}
     for sample in validate(config).samples[main.id][: len(SIZES) * args.batch_size]:
         prepared = preparer(sample, main, config.conditioning_for(main))

@@ -123,7 +123,7 @@ def fill_cache(config, report) -> float:
             "ref_crop_boxes": [[0, 0, 64, 64]],
             "prompt_lens": [12],
             "captions": sample.captions,
-            "source_sha256": source_sha256(sample, digests),
+            "source_sha256": source_sha256(sample, digests, {}),
         }
         writer.write(sample.sample_id, members, row)
     writer.finish_shard()

@@ -129,8 +129,8 @@ def run_one(args: argparse.Namespace) -> dict:
     transformer = prepare_for_lora(transformer, config, device, plan)
     params = {name: p for name, p in transformer.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(list(params.values()), config)
-    scheduler = build_scheduler(optimizer, config, args.warmup + args.steps, accelerator.num_processes)
-    transformer, optimizer, scheduler = accelerator.prepare(transformer, optimizer, scheduler)
+    scheduler = build_scheduler(optimizer, config, args.warmup + args.steps)
+    transformer, optimizer = accelerator.prepare(transformer, optimizer)  # the schedule counts optimizer steps
     if cuda:
         # Peaks of the steps only: the bf16 blocks pass through the GPU once while being quantised.
         torch.cuda.synchronize()
@@ -156,7 +156,7 @@ def run_one(args: argparse.Namespace) -> dict:
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss, _ = optimizer_step(accelerator, transformer, optimizer, scheduler, params, batches, schedule, g, config)
+        loss = optimizer_step(accelerator, transformer, optimizer, scheduler, params, batches, schedule, g, config)[0]
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
@@ -166,6 +166,15 @@ def run_one(args: argparse.Namespace) -> dict:
             warmup_s += elapsed
     times.sort()
     s_per_step = times[len(times) // 2]
+    previews = {}
+    if args.preview_steps:
+        previews = measure_previews(transformer, batch, schedule, accelerator, args, config)
+        # a training step after the previews: it must still fit, at its usual peak
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        optimizer_step(accelerator, transformer, optimizer, scheduler, params, batches, schedule, g, config)
+        if cuda:
+            previews["step after previews peak alloc GiB"] = torch.cuda.max_memory_allocated(device) / GIB
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
     tflops = useful_flops(SIZES[args.size], image_tokens, args.text_tokens) / s_per_step / 1e12
@@ -187,11 +196,83 @@ def run_one(args: argparse.Namespace) -> dict:
         "estimate GiB": plan.estimate_bytes / GIB,
         "warmup s": warmup_s,
         "setup s": setup,
-        "loss": loss,
+        "loss": float(loss),
         "card": name,
+        **previews,
     }
     accelerator.end_training()
     return row
+
+
+def measure_previews(transformer, batch, schedule, accelerator, args, config) -> dict:
+    """Time one preview (sampling with true CFG, then decoding with a real-size VAE decoder, random weights) and
+    the held-out loss of one sample at 8 σ values, as `train run` does between steps; peak memory of each."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
+
+    from train.eval_data import EvalSample
+    from train.loop import SMALL_CARD_MODES
+    from train.memory import GIB
+    from train.objective import velocity_errors
+    from train.previews import Decoder, sample_latents
+    from train.validation import evaluating, release_memory
+
+    device, cuda = accelerator.device, accelerator.device.type == "cuda"
+    model = accelerator.unwrap_model(transformer)
+    # Qwen-Image's scheduler settings (scheduler/scheduler_config.json of the checkpoints)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=8192,
+        max_shift=0.9,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+        use_dynamic_shifting=True,
+    )
+    vae = AutoencoderKLQwenImage()  # diffusers' defaults are Qwen-Image's VAE (base_dim 96, z_dim 16)
+    vae.decoder.to(device, torch.bfloat16)
+    vae.post_quant_conv.to(device, torch.bfloat16)
+    decoder = Decoder(vae, device, tiled=args.mode in SMALL_CARD_MODES)  # as train run decodes in that mode
+    sample = EvalSample(
+        0,
+        "0" * 20,
+        "bench",
+        "bench",
+        batch.target[0].cpu(),
+        [r[0].cpu() for r in batch.references],
+        batch.prompt[0].cpu(),
+        batch.prompt[0, :16].cpu(),
+    )
+    out = {}
+
+    def measured(name, fn):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        result = fn()
+        if cuda:
+            torch.cuda.synchronize()
+            out[f"{name} peak alloc GiB"] = torch.cuda.max_memory_allocated(device) / GIB
+            out[f"{name} peak reserved GiB"] = torch.cuda.max_memory_reserved(device) / GIB
+        out[f"{name} s"] = time.perf_counter() - start
+        return result
+
+    def heldout():
+        sigmas = schedule.quantiles(8, batch.target[0, 0].numel() // 4)
+        with evaluating(model):
+            noise = torch.randn((1, batch.target[0, 0].numel() // 4, 64), device=device)
+            return [velocity_errors(model, batch, s.reshape(1).to(device), noise) for s in sigmas]
+
+    with accelerator.autocast():
+        with evaluating(model):
+            args_ = (model, scheduler, sample, args.preview_steps, 4.0, 0, device)
+            measured("first preview sampling", lambda: sample_latents(*args_))  # compiles the no-grad blocks
+            latents = measured("preview sampling", lambda: sample_latents(*args_))
+        measured("preview decode", lambda: decoder(latents))
+        measured("held-out loss", heldout)
+    release_memory()
+    out["preview steps"] = args.preview_steps
+    return out
 
 
 def save_gradients(transformer, params: dict, batch, schedule, accelerator, path: Path) -> None:
@@ -258,6 +339,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
+    parser.add_argument("--preview-steps", type=int, default=0, help="also time a preview of this many steps")
     parser.add_argument("--grads-dir", type=Path, help="save each configuration's gradients here and compare")
     parser.add_argument("--json", type=Path, help="append every row to this JSON-lines file")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "flavour,precision,mode" in this process

@@ -80,7 +80,7 @@ def plan_cache(
         current.add(sample.sample_id)
         n = position.get(sample.sample_id)
         digests = [files[p].sha256 for p in [sample.image, *sample.references]]
-        if n is not None and source[n] == source_sha256(sample, digests):
+        if n is not None and source[n] == source_sha256(sample, digests, config.train.preview_settings):
             reuse.append(n)
         else:
             plan.encode.append(sample)
@@ -89,7 +89,7 @@ def plan_cache(
     if built is not None:
         plan.removed = len(built[1] - current)
         kept = set(plan.reuse.column("sample_id").to_pylist())
-        plan.manifest_current = built[1] == kept and _cache_info_fingerprint(cache_dir) == plan.fingerprint["sha256"]
+        plan.manifest_current = built[1] == kept and _same(_cache_info_fingerprint(cache_dir), plan.fingerprint)
     return plan
 
 
@@ -107,11 +107,16 @@ def read_manifest_ids(cache_dir: Path) -> tuple[str, set[str]] | None:
         return None
 
 
-def _cache_info_fingerprint(cache_dir: Path) -> str | None:
+def _cache_info_fingerprint(cache_dir: Path) -> dict | None:
     try:
-        return json.loads((cache_dir / CACHE_JSON).read_text())["fingerprint"]["sha256"]
+        return json.loads((cache_dir / CACHE_JSON).read_text())["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         return None  # missing, empty or damaged: the commit writes it again
+
+
+def _same(recorded: dict | None, current: dict) -> bool:
+    """cache.json records `current` (hash and settings: the per-sample preview settings are not hashed)."""
+    return json.dumps(recorded, sort_keys=True, default=str) == json.dumps(current, sort_keys=True, default=str)
 
 
 def damaged_shards(cache_dir: Path, shards: ShardTable) -> set[str]:
@@ -200,7 +205,12 @@ def build_cache(
                 encoders = Encoders(config.train.pretrained_model_name_or_path, flavour, device, torch_dtype)
             if mine:
                 preparer = SamplePreparer(
-                    flavour, encoders.processor, encoders.scale, config.train.match_target_res, config.train.crop_seed
+                    flavour,
+                    encoders.processor,
+                    encoders.scale,
+                    config.train.match_target_res,
+                    config.train.crop_seed,
+                    config.train.preview_settings,
                 )
                 stats = encode_into(
                     writer,

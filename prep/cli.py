@@ -10,6 +10,7 @@ import typer
 
 from shared.cli import load_config_and_report, user_errors
 from shared.errors import UserError
+from shared.logs import setup_logging
 
 app = typer.Typer(help="Validate edit-pair datasets and build the cache that `train` reads.", no_args_is_help=True)
 
@@ -17,6 +18,7 @@ app = typer.Typer(help="Validate edit-pair datasets and build the cache that `tr
 @app.callback()
 def _main() -> None:
     """Prepare caches for qwen-edit-trainer."""
+    setup_logging()
 
 
 @app.command("validate")

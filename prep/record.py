@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
@@ -60,8 +60,11 @@ class Prepared:
 class SamplePreparer:
     """Decode, place and preprocess samples exactly as the pipelines do, with no model: runs in workers."""
 
-    def __init__(self, flavour: Flavour, processor, vae_scale_factor: int, match_target: bool, crop_seed: int):
+    def __init__(
+        self, flavour: Flavour, processor, vae_scale_factor: int, match_target: bool, crop_seed: int, preview: dict
+    ):
         self.flavour = flavour
+        self.preview = preview  # TrainConfig.preview_settings: eval samples' negative instruction and resolution
         self.processor = processor
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
         self.match_target = match_target
@@ -73,6 +76,10 @@ class SamplePreparer:
         return dict(self.processor(text=[text], images=vl_images, padding=True, return_tensors="pt"))
 
     def __call__(self, sample: Sample, main: DatasetConfig, conds: list[DatasetConfig]) -> Prepared:
+        if sample.split == "eval" and self.preview["resolution"]:
+            # Eval samples are previewed at validation_resolution: target and references sized for it.
+            main = replace(main, resolution=self.preview["resolution"], resolution_type="pixel_area")
+            conds = [replace(c, resolution=self.preview["resolution"], resolution_type="pixel_area") for c in conds]
         source = load_rgb(sample.image, main.max_image_pixels)
         placement = plan_placement(*source.size, main, self.seed, sample.sample_id)
         width, height = placement.size
@@ -106,15 +113,15 @@ class SamplePreparer:
                     "sha256": file_sha256(path),
                 }
             )
-        # Eval samples get a negative (" ", as the pipelines' examples use) for guided previews; train
-        # samples always get the empty instruction (with their references), so caption dropout can
-        # be turned on later without re-encoding.
-        extra = [" "] if sample.split == "eval" else [""]
+        # Eval samples get the true-CFG negative of previews (validation_negative_prompt, with the
+        # references, as the pipelines encode negative_prompt); train samples always get the empty
+        # instruction (with their references), so caption dropout can be turned on later without re-encoding.
+        extra = [self.preview["negative_prompt"]] if sample.split == "eval" else [""]
         instructions = sample.captions + extra
         vl = [self.vl_inputs(instruction, vl_images) for instruction in instructions]
 
         hashes = [file_sha256(sample.image)] + [m["sha256"] for m in ref_meta]
-        source_sha = source_sha256(sample, hashes)
+        source_sha = source_sha256(sample, hashes, self.preview)
         meta = {
             "sample_id": sample.sample_id,
             "dataset_id": sample.dataset_id,
@@ -206,7 +213,11 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def source_sha256(sample: Sample, file_hashes: list[str] | None = None) -> str:
-    """Hash of everything a record is made from: the image, its references, its captions and split."""
+def source_sha256(sample: Sample, file_hashes: list[str] | None, preview: dict) -> str:
+    """Hash of everything a record is made from: the image, its references, its captions and split (and, for
+    eval samples, the preview settings: so changing them re-encodes the eval samples only)."""
     hashes = file_hashes or [file_sha256(p) for p in [sample.image, *sample.references]]
-    return hashlib.sha256(json.dumps([hashes, sample.captions, sample.split]).encode()).hexdigest()
+    parts = [hashes, sample.captions, sample.split]
+    if sample.split == "eval":
+        parts.append(preview)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

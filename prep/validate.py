@@ -20,6 +20,7 @@ from prep.buckets import bucket_size, calculate_dimensions, meets_minimum
 from prep.file_records import FileRecord, file_sha256, load_records, stat_record, unchanged
 from prep.images import ImageError, decode_image
 from prep.scan import Finding, Sample, ScanResult, scan_dataset
+from prep.splits import hold_out
 from shared.cache import VALIDATION
 from shared.config import Config, DatasetConfig
 from shared.flavours import FLAVOURS, Flavour
@@ -56,9 +57,11 @@ class Report:
         """The human report: counts per dataset, then problems grouped by kind (`limit` lines each)."""
         lines = [f"prep validate: {self.config_path} ({self.flavour})"]
         for scan in self.datasets:
+            samples = self.samples.get(scan.dataset_id, [])
+            held = sum(s.split == "eval" for s in samples)
             lines.append(
-                f"dataset '{scan.dataset_id}' ({scan.root}): {scan.n_images} edit images, "
-                f"{len(self.samples.get(scan.dataset_id, []))} trainable"
+                f"dataset '{scan.dataset_id}' ({scan.root}): {scan.n_images} edit images, {len(samples)} usable"
+                + (f", {held} of them held out for previews and the held-out loss (eval split)" if held else "")
             )
             for cond in scan.conditioning:
                 lines.append(
@@ -237,7 +240,7 @@ def validate(config: Config, workers: int | None = None) -> Report:
                     )
             if not mismatched:
                 kept.append(sample)
-        samples[main.id] = kept
+        samples[main.id] = hold_out(config, kept)
     report = Report(str(config.config_path), config.train.model_flavour, scans, findings, samples)
     report.files, report.decoded = infos, len(todo)
     report.records_current = not todo and infos.keys() == known.keys()

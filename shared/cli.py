@@ -14,7 +14,7 @@ from typing import Any
 import typer
 
 from shared.config import Config, load_config
-from shared.errors import UserError
+from shared.errors import InternalError, UserError
 
 
 @contextmanager
@@ -28,6 +28,13 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
     except (KeyboardInterrupt, SystemExit, typer.Exit):
         raise
+    except InternalError as err:
+        log = write_crash_log()
+        typer.echo(
+            f"error: internal error: {err}. This is a bug, not your data or config; please report it with {log}",
+            err=True,
+        )
+        raise typer.Exit(2) from None
     except Exception as err:  # noqa: BLE001 - the last line of defence: log it, say so in one line
         log = write_crash_log()
         typer.echo(

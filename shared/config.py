@@ -83,7 +83,26 @@ class TrainConfig:
     dataloader_num_workers: int = 2  # processes reading the cache ahead of the GPU (0: in the training process)
     dataloader_prefetch_factor: int = 2  # batches each worker reads ahead
     eval_dataset_id: str = ""  # a main dataset held out for evaluation (its samples are cached as "eval")
+    eval_holdout: int = 4  # no eval_dataset_id: samples held out of the training data (at most 1 in 8 unless set)
+    # Previews (train/previews.py) and the held-out loss (train/evaluate.py); prep caches what they need.
+    validation_step_interval: int = 100  # previews (and the held-out loss) every n steps; 0: start and end only
+    validation_num_inference_steps: int = 30  # flow-matching Euler steps per preview
+    validation_guidance: float = 4.0  # true CFG scale (these checkpoints have no guidance embedding)
+    validation_negative_prompt: str = ""  # prep: the negative instruction encoded with each eval sample's references
+    validation_resolution: float = 0  # prep: eval samples' resolution (pixel_area); 0: their dataset's resolution
+    validation_seed: int = -1  # noise of the previews; -1: `seed`
+    validation_num_images: int = 4  # previews render at most this many eval samples
+    validation_disable: bool = False  # no previews (the held-out loss still runs)
+    disable_benchmark: bool = False  # no step-0 preview of the base model (LoRA off)
+    eval_steps_interval: int = 0  # held-out loss every n steps; 0: every validation_step_interval
+    eval_timesteps: int = 8  # σ values the held-out loss is measured at (quantiles of the training σ density)
+    logging_steps: int = 10  # metrics reach the CSV / TensorBoard / progress bar every n steps (one host sync)
     model_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def preview_settings(self) -> dict:
+        """What prep caches differently for eval samples: their negative instruction and resolution."""
+        return {"negative_prompt": self.validation_negative_prompt, "resolution": self.validation_resolution}
 
     @property
     def match_target_res(self) -> bool:
@@ -163,6 +182,9 @@ class Config:
         return Path(location)
 
 
+# Older SimpleTuner key names and the names they now go by.
+_ALIASES = {"validation_steps": "validation_step_interval"}
+
 # Allowed values for the keys that take one of a few strings.
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model_type": ("lora",),
@@ -197,9 +219,15 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
     config_path = Path(config_path)
     raw = _read_json(config_path, expect=dict)
     raw = {k.removeprefix("--"): v for k, v in raw.items()}
+    for old, new in _ALIASES.items():  # SimpleTuner's older names
+        if old in raw and new not in raw:
+            raw[new] = raw.pop(old)
     raw.update(overrides or {})
+    _check_validation_resolution(raw.get("validation_resolution"), config_path)
     ignored: list[str] = []
     train = _fill(TrainConfig(), raw, where=str(config_path), ignored=ignored)
+    if train.validation_seed < 0:
+        train.validation_seed = train.seed
     if train.lr_scheduler == "constant" and train.lr_warmup_steps:
         train.lr_scheduler = "constant_with_warmup"
     if not train.data_backend_config:
@@ -229,6 +257,18 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
     return config
 
 
+def _check_validation_resolution(value: Any, config_path: Path) -> None:
+    """SimpleTuner also takes "WxH" and comma-separated lists here; previews keep each eval sample's aspect."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            raise UserError(
+                f"{config_path}: key 'validation_resolution' is {value!r}; previews keep each eval sample's aspect "
+                "ratio, so give one number, a pixel_area resolution such as 1024 (0: the dataset's resolution)"
+            ) from None
+
+
 def _check_ranges(train: TrainConfig, config_path: Path) -> None:
     """Values that make no sense are refused here, before any model loads, with the key and what is allowed."""
     rules = [
@@ -256,6 +296,15 @@ def _check_ranges(train: TrainConfig, config_path: Path) -> None:
         ("max_nonfinite_steps", train.max_nonfinite_steps >= 1, ">= 1"),
         ("dataloader_num_workers", train.dataloader_num_workers >= 0, ">= 0"),
         ("dataloader_prefetch_factor", train.dataloader_prefetch_factor >= 1, ">= 1"),
+        ("eval_holdout", train.eval_holdout >= 0, ">= 0 (0: hold nothing out)"),
+        ("validation_step_interval", train.validation_step_interval >= 0, ">= 0 (0: previews at start and end)"),
+        ("validation_num_inference_steps", train.validation_num_inference_steps >= 1, ">= 1"),
+        ("validation_guidance", math.isfinite(train.validation_guidance) and train.validation_guidance >= 0, ">= 0"),
+        ("validation_resolution", train.validation_resolution >= 0, ">= 0 (0: the dataset's resolution)"),
+        ("validation_num_images", train.validation_num_images >= 0, ">= 0"),
+        ("eval_steps_interval", train.eval_steps_interval >= 0, ">= 0 (0: every validation_step_interval)"),
+        ("eval_timesteps", train.eval_timesteps >= 1, ">= 1"),
+        ("logging_steps", train.logging_steps >= 1, ">= 1"),
     ]
     for key, ok, allowed in rules:
         if not ok:

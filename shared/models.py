@@ -58,3 +58,53 @@ def load_scheduler_config(path: str) -> dict:
         return dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
     except (OSError, ValueError) as err:
         raise UserError(f"could not read 'scheduler' config from '{path}': {err}") from None
+
+
+# The VAE tensors that decoding uses; everything else (the encoder, quant_conv) is never read.
+DECODER_PREFIXES = ("decoder.", "post_quant_conv.")
+
+
+def load_vae_decoder(path: str, device: torch.device | str, dtype: torch.dtype = torch.bfloat16):
+    """The VAE with only its decoder loaded (on `device`): the encoder stays on the meta device, no weights.
+
+    Built empty from the VAE's config, then the decoder's tensors are read from the safetensors file(s)
+    alone, so training (which decodes previews) never holds the encoder: a few hundred MB less, and
+    proof that nothing is encoded while training.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKLQwenImage
+    from safetensors import safe_open
+
+    try:
+        config = AutoencoderKLQwenImage.load_config(path, subfolder="vae")
+        files = _vae_weight_files(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not read the VAE of '{path}': {err}") from None
+    with init_empty_weights():
+        vae = AutoencoderKLQwenImage.from_config(config)
+    state = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            state.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(DECODER_PREFIXES)})
+    wanted = {k for k in vae.state_dict() if k.startswith(DECODER_PREFIXES)}
+    if wanted - set(state):
+        raise UserError(f"the VAE of '{path}' lacks decoder weights (e.g. {sorted(wanted - set(state))[0]})")
+    vae.load_state_dict(state, strict=False, assign=True)
+    vae.decoder.to(device, dtype)
+    vae.post_quant_conv.to(device, dtype)
+    return vae.eval().requires_grad_(False)
+
+
+def _vae_weight_files(path: str) -> list:
+    """The VAE's safetensors file(s): from a local diffusers folder, or the Hugging Face cache for a hub id."""
+    from pathlib import Path
+
+    local = Path(path) / "vae"
+    if local.is_dir():
+        files = sorted(local.glob("*.safetensors"))
+        if not files:
+            raise OSError(f"no .safetensors file in {local}")
+        return files
+    from huggingface_hub import hf_hub_download
+
+    return [Path(hf_hub_download(path, "diffusion_pytorch_model.safetensors", subfolder="vae"))]

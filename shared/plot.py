@@ -1,43 +1,64 @@
-"""A loss curve as a PNG, drawn with PIL (kept here so `train` itself never imports an image library:
-the rule that makes "train reads only the cache" easy to check)."""
+"""`loss.png`: the training loss (raw and smoothed), the held-out loss and the learning rate, in one chart.
+
+Drawn with matplotlib (its Agg backend: no display needed), kept here so `train` itself never imports
+an image library.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over the finite values of the last `window` steps (NaN where none are)."""
+    out = []
+    for i in range(len(values)):
+        chunk = [v for v in values[max(0, i - window + 1) : i + 1] if math.isfinite(v)]
+        out.append(sum(chunk) / len(chunk) if chunk else math.nan)
+    return out
 
 
-def plot_losses(losses: list[float], path: Path, width: int = 800, height: int = 400) -> None:
-    """A PNG line chart of the loss per step, with a moving average (drawn with PIL)."""
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 70, width - 20, 20, height - 40
-    finite = [x for x in losses if math.isfinite(x)]
-    draw.rectangle([left, top, right, bottom], outline="black")
-    if finite:
-        low, high = min(finite), max(finite)
-        high = high if high > low else low + 1e-6
-        n = max(len(losses) - 1, 1)
+def plot_losses(
+    steps: list[int],
+    losses: list[float],
+    lrs: list[float],
+    heldout: list[tuple[int, float]],
+    path: Path,
+) -> None:
+    """Write the chart: loss per optimizer step (raw, and a moving average over ~5% of the run), the held-out
+    loss as markers at the steps it was measured, and the learning rate on a second y axis."""
+    import matplotlib
 
-        def xy(i: int, value: float) -> tuple[float, float]:
-            return left + (right - left) * i / n, bottom - (bottom - top) * (value - low) / (high - low)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        raw = [xy(i, v) for i, v in enumerate(losses) if math.isfinite(v)]
-        if len(raw) > 1:
-            draw.line(raw, fill=(170, 190, 230), width=1)
-        window = max(1, len(losses) // 20)
-        smooth = []
-        for i in range(len(losses)):
-            chunk = [v for v in losses[max(0, i - window + 1) : i + 1] if math.isfinite(v)]
-            if chunk:
-                smooth.append(xy(i, sum(chunk) / len(chunk)))
-        if len(smooth) > 1:
-            draw.line(smooth, fill=(20, 60, 160), width=2)
-        draw.text((5, top), f"{high:.4f}", fill="black")
-        draw.text((5, bottom - 10), f"{low:.4f}", fill="black")
-    draw.text((left, bottom + 10), "step 1", fill="black")
-    draw.text((right - 80, bottom + 10), f"step {len(losses)}", fill="black")
-    draw.text((width // 2 - 60, bottom + 22), "loss (moving average)", fill="black")
-    image.save(path)
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
+    if steps:
+        ax.plot(steps, losses, color="#9db4e0", linewidth=0.8, label="training loss")
+        window = max(1, len(steps) // 20)
+        ax.plot(
+            steps, smooth(losses, window), color="#1f4aa0", linewidth=2, label=f"training loss ({window}-step mean)"
+        )
+    if heldout:
+        ax.plot(
+            *zip(*heldout, strict=True), "o-", color="#d2691e", markersize=6, label="held-out loss (fixed σ, noise)"
+        )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("flow-matching loss")
+    ax.grid(True, alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if steps:
+        lr_axis = ax.twinx()
+        lr_axis.plot(steps, lrs, color="#888888", linestyle="--", linewidth=1, label="learning rate")
+        lr_axis.set_ylabel("learning rate")
+        lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        more_handles, more_labels = lr_axis.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="upper right", fontsize=9)
+    ax.set_title("loss per step")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)

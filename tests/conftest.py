@@ -12,7 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from shared.demo_data import write_demo_dataset  # noqa: E402
+from shared.logs import setup_logging  # noqa: E402
 from shared.tiny_model import write_tiny_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def logs_on_stdout():
+    """Messages reach stdout as they do under the CLIs (which set logging up the same way)."""
+    setup_logging()
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,19 @@
 """Training checkpoints: complete or absent, never pickle, resumable exactly.
 
+A checkpoint saves one registry of named stateful parts (`parts`: LoRA, optimizer, scheduler,
+EMA, loader, RNG, step counters; each has `state_dict`/`load_state_dict`), so adding a part is
+one line where the registry is built. Each part's tensors go to `<name>.safetensors` (by their
+path in its state, e.g. `state.0.exp_avg`); the rest of its state goes to `trainer_state.json`.
+Parts in `PER_RANK` (the RNG) are saved by every rank as `<name>-rankNN.safetensors`.
+
 ```
 <output_dir>/checkpoints/checkpoint-000500/
   lora.safetensors           trainable (LoRA) parameters, fp32, by parameter name
   ema.safetensors            their EMA (when use_ema)
   optimizer.safetensors      optimizer state tensors ("state.<param index>.<name>")
   rng-rank00.safetensors     each rank's RNG states (torch CPU, CUDA, the noise generator)
-  trainer_state.json         step, loader position, scheduler, optimizer hyper-parameters,
-                             NaN counts, the LoRA config (rank, alpha, targets) and flavour
+  trainer_state.json         {"format": 2, "step", "world_size", "run_id", "flavour", "lora_config",
+                              "parts": {name: the part's state without its tensors}}
 ```
 
 A checkpoint is written under a temporary name and renamed when every file is on disk, so a
@@ -19,12 +25,12 @@ sees); rank 0 renames it and prunes old ones past `checkpoints_total_limit`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,20 +38,20 @@ from safetensors.torch import load_file, save_file
 from shared.errors import UserError
 from shared.files import fsync_dir, fsync_file
 
+log = logging.getLogger(__name__)
+FORMAT = 2  # 1: the parts listed by hand, scheduler counted in per-process steps
+PER_RANK = ("rng",)
+TENSOR = "<tensor>"  # marks where a tensor sat in a part's JSON state
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^checkpoint-(\d{6,})$")
-
-
-@dataclass
-class Resumable:
-    """Everything a checkpoint saves and restores besides the step and counters."""
-
-    params: dict[str, torch.nn.Parameter]  # the trainable (LoRA) parameters, by name
-    optimizer: Any
-    scheduler: Any
-    ema: Any  # train.ema.LoraEMA or None
-    loader: Any  # train.loader.TrainLoader
-    generator: torch.Generator  # this rank's noise generator
 
 
 def checkpoint_name(step: int) -> str:
@@ -83,7 +89,7 @@ def resolve_resume(output_dir: Path, value: str, run_id: str | None = None) -> P
             problem = checkpoint_problem(path)
             if problem is None:
                 return path
-            print(f"warning: {problem}; resuming from the checkpoint before it")
+            log.warning("warning: %s; resuming from the checkpoint before it", problem)
         if found:
             raise UserError(f"no readable checkpoint in {Path(output_dir) / CHECKPOINTS}; start a new run")
         return None
@@ -126,12 +132,13 @@ def safetensors_problem(file: Path) -> str | None:
 
 
 def save_checkpoint(
-    output_dir: Path, step: int, accelerator, run: Resumable, state: dict[str, Any], total_limit: int
+    output_dir: Path, step: int, accelerator, parts: dict[str, Stateful], state: dict[str, Any], total_limit: int
 ) -> Path | None:
-    """Write checkpoint `step` (all ranks call this); return its directory, or None when the weights are not
-    finite (such weights are never saved as a checkpoint to resume from)."""
-    if not all(bool(torch.isfinite(p).all()) for p in run.params.values()):
-        accelerator.print(f"warning: the LoRA weights hold NaN/inf at step {step}; checkpoint not written")
+    """Write checkpoint `step` of `parts` (all ranks call this); return its directory, or None when the LoRA
+    weights are not finite (such weights are never saved as a checkpoint to resume from)."""
+    lora = parts["lora"].state_dict()
+    if not all(bool(torch.isfinite(t).all()) for t in lora.values()):
+        log.warning("warning: the LoRA weights hold NaN/inf at step %d; checkpoint not written", step)
         return None
     root = Path(output_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
@@ -146,20 +153,21 @@ def save_checkpoint(
     _agree(accelerator, failure, output_dir)
 
     try:
-        _save(_rng_state(run.generator), tmp / f"rng-rank{accelerator.process_index:02d}.safetensors")
+        for name in PER_RANK:
+            if name in parts:
+                _save(parts[name].state_dict(), tmp / f"{name}-rank{accelerator.process_index:02d}.safetensors")
         if accelerator.is_main_process:
-            _save({name: p.detach().float().cpu() for name, p in run.params.items()}, tmp / "lora.safetensors")
-            if run.ema is not None:
-                _save(run.ema.state_dict(), tmp / "ema.safetensors")
-            tensors, optimizer_json = _flatten_optimizer(run.optimizer.state_dict())
-            _save(tensors, tmp / "optimizer.safetensors")
+            json_parts = {}
+            for name, part in parts.items():
+                if name in PER_RANK:
+                    continue
+                tensors, rest = split_tensors(lora if name == "lora" else part.state_dict())
+                if tensors:
+                    _save(tensors, tmp / f"{name}.safetensors")
+                if rest is not None:
+                    json_parts[name] = rest
             trainer_state = dict(
-                state,
-                step=step,
-                loader=run.loader.state_dict(),
-                scheduler=run.scheduler.state_dict(),
-                optimizer=optimizer_json,
-                world_size=accelerator.num_processes,
+                state, format=FORMAT, step=step, world_size=accelerator.num_processes, parts=json_parts
             )
             _write_json(tmp / "trainer_state.json", trainer_state)
     except OSError as err:  # a full or read-only disk: the previous checkpoints are untouched
@@ -179,6 +187,43 @@ def save_checkpoint(
     return final
 
 
+def split_tensors(state: Any, path: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """(every tensor in `state` by its dotted path, `state` with each tensor replaced by TENSOR).
+
+    A state that is only tensors (a flat dict) leaves nothing for the JSON: its rest is None.
+    """
+    if isinstance(state, torch.Tensor):
+        return {path: state.detach().cpu().contiguous()}, TENSOR
+    if isinstance(state, dict):
+        tensors, rest = {}, {}
+        for key, value in state.items():
+            found, rest[str(key)] = split_tensors(value, f"{path}.{key}" if path else str(key))
+            tensors.update(found)
+        only_tensors = rest and all(v == TENSOR for v in rest.values()) and not path
+        return tensors, None if only_tensors else rest
+    if isinstance(state, (list, tuple)):
+        tensors, rest = {}, []
+        for i, value in enumerate(state):
+            found, kept = split_tensors(value, f"{path}.{i}" if path else str(i))
+            tensors.update(found)
+            rest.append(kept)
+        return tensors, rest
+    return {}, state
+
+
+def join_tensors(rest: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """The inverse of `split_tensors` (dict keys come back as strings)."""
+    if rest is None:
+        return dict(tensors)
+    if rest == TENSOR:
+        return tensors[path]
+    if isinstance(rest, dict):
+        return {k: join_tensors(v, tensors, f"{path}.{k}" if path else k) for k, v in rest.items()}
+    if isinstance(rest, list):
+        return [join_tensors(v, tensors, f"{path}.{i}" if path else str(i)) for i, v in enumerate(rest)]
+    return rest
+
+
 def _agree(accelerator, failure: str, output_dir: Path) -> None:
     """Every rank learns whether any rank failed to write (so none waits for the others forever), then all
     stop with one clear message naming the last complete checkpoint."""
@@ -194,36 +239,59 @@ def _agree(accelerator, failure: str, output_dir: Path) -> None:
         )
 
 
-def load_checkpoint(path: Path, accelerator, run: Resumable) -> dict[str, Any]:
-    """Restore everything `save_checkpoint` wrote into `run`; return the trainer state (step, counts, ...)."""
-    params, ema = run.params, run.ema
-    state = json.loads((path / "trainer_state.json").read_text())
-    weights = load_file(str(path / "lora.safetensors"))
-    missing = sorted(set(params) ^ set(weights))
-    if missing:
-        raise UserError(
-            f"{path}: its LoRA does not match this run's ({len(missing)} parameter(s) differ, e.g. {missing[0]}); "
-            "resume with the same lora_rank, lora_target and model, or start a new output_dir"
-        )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name].to(p.device, p.dtype))
-    run.optimizer.load_state_dict(
-        _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
-    )
-    run.scheduler.load_state_dict(state["scheduler"])
-    if ema is not None:
-        if (path / "ema.safetensors").is_file():
-            ema.load_state_dict(load_file(str(path / "ema.safetensors")))
-        else:
-            ema.load_state_dict({name: p.detach() for name, p in params.items()})  # EMA turned on now: start here
-    run.loader.load_state_dict(state["loader"])
-    rng = path / f"rng-rank{accelerator.process_index:02d}.safetensors"
-    if rng.is_file():
-        _restore_rng(load_file(str(rng)), run.generator)
-    else:
-        accelerator.print(f"note: {path} has no RNG state for rank {accelerator.process_index}; noise will differ")
-    return state
+def load_checkpoint(path: Path, accelerator, parts: dict[str, Stateful]) -> tuple[dict[str, Any], list[str]]:
+    """Restore every part `save_checkpoint` wrote into `parts`; return (the trainer state, the names of the
+    parts this checkpoint does not hold: e.g. the EMA of a run that turns use_ema on only now)."""
+    state = upgrade(json.loads((path / "trainer_state.json").read_text()), path)
+    missing = []
+    for name, part in parts.items():
+        if name in PER_RANK:
+            file = path / f"{name}-rank{accelerator.process_index:02d}.safetensors"
+            if not file.is_file():
+                log.warning(
+                    "note: %s has no %s state for rank %d; it starts fresh",
+                    path,
+                    name,
+                    accelerator.process_index,
+                    extra={"all_ranks": True},
+                )
+                missing.append(name)
+                continue
+            part.load_state_dict(load_file(str(file)))
+            continue
+        file = path / f"{name}.safetensors"
+        if name not in state["parts"] and not file.is_file():
+            missing.append(name)
+            continue
+        tensors = load_file(str(file)) if file.is_file() else {}
+        part.load_state_dict(join_tensors(state["parts"].get(name), tensors))
+    return state, missing
+
+
+def upgrade(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A trainer state of checkpoint format 1 in today's form: its parts gathered under "parts", the
+    optimizer's JSON rebuilt around its tensors' paths, and the scheduler counted in optimizer steps
+    (format 1 stepped it once per process per step)."""
+    if state.get("format", 1) >= 2:
+        return state
+    world = state.get("world_size", 1)
+    scheduler = dict(state["scheduler"])
+    for key in ("last_epoch", "_step_count"):
+        if key in scheduler:
+            scheduler[key] = scheduler[key] // world
+    optimizer: dict[str, Any] = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
+    with open(path / "optimizer.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    for name in header:
+        if name.startswith("state."):
+            _, index, key = name.split(".", 2)
+            optimizer["state"].setdefault(index, {})[key] = TENSOR
+    for name, value in state["optimizer"]["scalars"].items():
+        index, key = name.split(".", 1)
+        optimizer["state"].setdefault(index, {})[key] = value
+    parts = {"optimizer": optimizer, "scheduler": scheduler, "loader": state["loader"]}
+    parts["counters"] = {"step": state["step"], "nonfinite_total": state.get("nonfinite_total", 0)}
+    return dict(state, format=FORMAT, parts=parts)
 
 
 def read_lora(path: Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict, str]:
@@ -241,43 +309,6 @@ def read_lora(path: Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], d
     # Parameter names carry peft's adapter name ("...lora_A.default.weight"); exports use none.
     weights = {name.replace(".default.", "."): t for name, t in load_file(str(file)).items()}
     return weights, state["lora_config"], state["flavour"]
-
-
-def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    states = {"torch": torch.get_rng_state(), "noise": generator.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def _restore_rng(states: dict[str, torch.Tensor], generator: torch.Generator) -> None:
-    torch.set_rng_state(states["torch"])
-    generator.set_state(states["noise"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-
-
-def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state -> (tensors for safetensors, the rest as JSON)."""
-    tensors, scalars = {}, {}
-    for index, values in state_dict["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = tensor
-    for name, value in rest["scalars"].items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": rest["param_groups"]}
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:

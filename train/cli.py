@@ -9,6 +9,7 @@ import typer
 
 from shared.cli import load_config_and_report, user_errors
 from shared.errors import UserError
+from shared.logs import setup_logging
 
 app = typer.Typer(help="Train Qwen-Image-Edit LoRAs from a prep cache.", no_args_is_help=True)
 
@@ -16,6 +17,7 @@ app = typer.Typer(help="Train Qwen-Image-Edit LoRAs from a prep cache.", no_args
 @app.callback()
 def _main() -> None:
     """Train LoRAs for qwen-edit-trainer."""
+    setup_logging()
 
 
 @app.command("run")

@@ -17,11 +17,17 @@ class LoraEMA:
         self.shadow = {name: p.detach().to(self.device, torch.float32, copy=True) for name, p in named_params.items()}
 
     @torch.no_grad()
-    def update(self, named_params: dict[str, torch.nn.Parameter], step: int) -> None:
+    def update(
+        self, named_params: dict[str, torch.nn.Parameter], step: int, skipped: torch.Tensor | None = None
+    ) -> None:
+        """Move towards the weights after optimizer step `step`; not at all where `skipped` (a 0-dim tensor on
+        the weights' device, 1.0 for a step skipped on a non-finite loss: decided without a host sync)."""
         d = min(self.decay, (1 + step) / (10 + step))
+        weight = torch.full((), 1 - d, device=self.device)
+        if skipped is not None:
+            weight = weight * (1 - skipped.to(self.device, torch.float32))
         for name, p in named_params.items():
-            shadow = self.shadow[name]
-            shadow.mul_(d).add_(p.detach().to(self.device, torch.float32), alpha=1 - d)
+            self.shadow[name].lerp_(p.detach().to(self.device, torch.float32), weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shared.cache import EMBEDS, LATENTS, TRAIN_COLUMNS, CacheStore, Embeddings, Latents, member_column
 from shared.errors import UserError
 from train.sampler import Slot, Source, TrainOrder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,7 +92,10 @@ class CacheReader:
     forked DataLoader workers share with this process instead of copying.
     """
 
-    def __init__(self, location: str, name: str = "", repeats: int = 0, probability: float | None = None):
+    def __init__(
+        self, location: str, name: str = "", repeats: int = 0, probability: float | None = None, split: str = "train"
+    ):
+        self.split = split  # the rows this reader holds: "train", or "eval" (previews and the held-out loss)
         self.store = CacheStore(location)
         self.location = self.store.location
         self.info = self.store.read_info()
@@ -103,7 +109,7 @@ class CacheReader:
         shard_names: dict[str, int] = {}
         n = 0  # training rows so far
         for total, batch in self.store.iter_manifest(list(TRAIN_COLUMNS)):
-            batch = batch.filter(pc.equal(batch.column("split"), "train"))
+            batch = batch.filter(pc.equal(batch.column("split"), self.split))
             shards = pc.dictionary_encode(batch.column("shard"))
             names = shards.dictionary.to_pylist()
             to_global = np.array([shard_names.setdefault(name, len(shard_names)) for name in names])
@@ -125,12 +131,15 @@ class CacheReader:
                 columns[f"{member}:sha256"] = raw.reshape(-1, 32)
             for name, values in columns.items():
                 values = np.asarray(values)
-                if name not in joined:  # allocated once for every row; eval rows leave a tail unused
+                if name not in joined:  # allocated once for every row; other splits' rows leave a tail unused
                     joined[name] = np.empty((total, *values.shape[1:]), dtype=values.dtype)
                 joined[name][n : n + len(batch)] = values
             n += len(batch)
-        if n == 0:
+        if n == 0 and self.split == "train":
             raise UserError(f"{self.location}: the cache holds no training samples")
+        if n == 0:  # no eval samples here
+            self.sample_ids, self.shard_names, self.largest_tokens = np.zeros(0, f"V{SAMPLE_ID_BYTES}"), [], 0
+            return
         joined = {name: values[:n] for name, values in joined.items()}
         self.sample_ids = joined["sample_ids"]  # [N] 10 raw bytes each (sample_id_text gives the hex)
         self.shard_names = list(shard_names)
@@ -350,7 +359,7 @@ class TrainLoader:
             return
         fraction = (state["position"] % state["per_epoch"]) / state["per_epoch"]
         self.position = state["epoch"] * self.order.per_epoch + round(fraction * self.order.per_epoch)
-        print(
+        log.warning(
             "note: the caches, dataset mixing, seed or global batch size changed since this state was saved; "
             f"continuing at epoch {state['epoch']}, batch {self.position % self.order.per_epoch} of the new plan"
         )
@@ -372,7 +381,11 @@ class TrainLoader:
             assert position == self.position, "batches arrived out of order"
             self.position += 1
             for line in set(batch.skipped) - reported:
-                print(f"warning: skipped unreadable sample {line}; `prep verify` checks the whole cache")
+                log.warning(
+                    "warning: skipped unreadable sample %s; `prep verify` checks the whole cache",
+                    line,
+                    extra={"all_ranks": True},
+                )
                 reported.add(line)
             self.skipped += len(batch.skipped)
             yield batch

@@ -1,13 +1,20 @@
-"""What a run reports: a progress bar, a CSV of every step, TensorBoard, and a loss-curve PNG.
+"""What a run reports: a progress bar, a CSV of every step, the held-out loss, TensorBoard, and `loss.png`.
 
-Only the main process writes. After a resume the CSV keeps the rows up to the checkpoint's
-step and continues from there, so it always describes the run that produced the LoRA.
+Every optimizer step records its loss, gradient norm (before clipping) and skip flag as device
+tensors: no host sync. Every `logging_steps` steps (and before a checkpoint, a preview or the end)
+`flush` reads them back in one sync and writes a CSV row per step; s/step and samples/s are the
+wall time of that interval divided over its steps. Only the main process writes files; every
+process flushes (the skip flags are identical on all of them) so all see the same non-finite steps.
+After a resume the CSVs keep the rows up to the checkpoint's step and continue from there, so they
+always describe the run that produced the LoRA.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,73 +22,161 @@ from tqdm import tqdm
 
 from shared.plot import plot_losses
 
-COLUMNS = ["step", "epoch", "loss", "lr", "s_per_step", "samples_per_s", "peak_gib", "nonfinite", "skipped"]
+COLUMNS = [
+    "step",
+    "epoch",
+    "loss",
+    "grad_norm",
+    "lr",
+    "s_per_step",
+    "samples_per_s",
+    "peak_gib",
+    "nonfinite",
+    "skipped",
+]
 CSV_FILE = "train_log.csv"
+EVAL_CSV_FILE = "eval_log.csv"
+EVAL_COLUMNS = ["step", "heldout_loss"]
 PLOT_FILE = "loss.png"
 
 
+@dataclass
+class StepRecord:
+    """One optimizer step as the device left it (0-dim tensors) and the host knew it."""
+
+    step: int
+    epoch: int
+    lr: float
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    skipped: torch.Tensor  # 1.0 if the step was skipped for a non-finite loss or gradient
+
+
 class TrainMetrics:
-    def __init__(self, output_dir: Path, first_step: int, max_steps: int, report_to: str, enabled: bool):
-        self.output_dir, self.enabled = Path(output_dir), enabled
+    def __init__(
+        self, output_dir: Path, first_step: int, max_steps: int, report_to: str, enabled: bool, samples_per_step: int
+    ):
+        self.output_dir, self.enabled, self.samples_per_step = Path(output_dir), enabled, samples_per_step
         self.progress = tqdm(total=max_steps, initial=first_step, desc="train", disable=not enabled)
+        self.pending: list[StepRecord] = []
         self.last = time.perf_counter()
         self.tensorboard = None
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / CSV_FILE
-        kept = []
-        if first_step and path.is_file():  # resumed: keep the history up to the checkpoint
-            with open(path, newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= first_step]
-        self._file = open(path, "w", newline="")  # noqa: SIM115 - open for the whole run
-        self._csv = csv.DictWriter(self._file, fieldnames=COLUMNS)
-        self._csv.writeheader()
-        self._csv.writerows(kept)
+        self._csv = _ContinuedCsv(self.output_dir / CSV_FILE, COLUMNS, first_step)
+        self._eval = _ContinuedCsv(self.output_dir / EVAL_CSV_FILE, EVAL_COLUMNS, first_step)
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=first_step + 1)
 
-    def step(self, step: int, epoch: int, loss: float, lr: float, samples: int, nonfinite: int, skipped: int) -> None:
-        """Report optimizer step `step` (1-based); `samples` = samples it consumed on all processes."""
+    def record(self, record: StepRecord) -> None:
+        """Keep step `record.step`'s values on the device until the next flush."""
+        self.pending.append(record)
+
+    def flush(self, nonfinite_total: int, skipped_samples: int) -> list[tuple[int, float, bool]]:
+        """Write the pending steps (one host sync); return (step, loss, skipped) for each of them.
+
+        `nonfinite_total`: steps skipped before the pending ones; `skipped_samples`: unreadable samples so far.
+        """
+        if not self.pending:
+            return []
+        last_lr = self.pending[-1].lr
+        values = torch.stack([torch.stack([r.loss, r.grad_norm, r.skipped]).float() for r in self.pending]).cpu()
         now = time.perf_counter()
-        seconds, self.last = now - self.last, now
+        seconds, self.last = (now - self.last) / len(self.pending), now
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-        row = {
-            "step": step,
-            "epoch": epoch,
-            "loss": loss,
-            "lr": lr,
-            "s_per_step": seconds,
-            "samples_per_s": samples / seconds,
-            "peak_gib": peak,
-            "nonfinite": nonfinite,
-            "skipped": skipped,
-        }
+        out, nonfinite = [], nonfinite_total  # steps skipped before these
+        for record, (loss, grad_norm, skipped) in zip(self.pending, values.tolist(), strict=True):
+            nonfinite += int(skipped)
+            out.append((record.step, loss, bool(skipped)))
+            if not self.enabled:
+                continue
+            row = {
+                "step": record.step,
+                "epoch": record.epoch,
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "lr": record.lr,
+                "s_per_step": seconds,
+                "samples_per_s": self.samples_per_step / seconds,
+                "peak_gib": peak,
+                "nonfinite": nonfinite,
+                "skipped": skipped_samples,
+            }
+            self._csv.write(row)
+            if self.tensorboard is not None:
+                for key in ("loss", "grad_norm", "lr", "s_per_step", "samples_per_s", "peak_gib"):
+                    if math.isfinite(row[key]):
+                        self.tensorboard.add_scalar(f"train/{key}", row[key], record.step)
+        self.pending = []
+        if self.enabled:
+            self._csv.flush()
+            loss = out[-1][1]
+            postfix = {"loss": f"{loss:.4f}", "lr": f"{last_lr:.2e}", "s/step": f"{seconds:.2f}"}
+            postfix["samples/s"] = f"{self.samples_per_step / seconds:.2f}"
+            if peak:
+                postfix["peak"] = f"{peak:.1f}GiB"
+            self.progress.set_postfix(postfix, refresh=False)
+            self.progress.update(len(out))
+        return out
+
+    def heldout(self, step: int, loss: float) -> None:
+        """Log the held-out loss measured after step `step`."""
         if not self.enabled:
             return
-        self._csv.writerow(row)
-        self._file.flush()
+        self._eval.write({"step": step, "heldout_loss": loss})
+        self._eval.flush()
         if self.tensorboard is not None:
-            for key in ("loss", "lr", "s_per_step", "samples_per_s", "peak_gib"):
-                self.tensorboard.add_scalar(f"train/{key}", row[key], step)
-        postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "s/step": f"{seconds:.2f}"}
-        postfix["samples/s"] = f"{row['samples_per_s']:.2f}"
-        if peak:
-            postfix["peak"] = f"{peak:.1f}GiB"
-        self.progress.set_postfix(postfix, refresh=False)
-        self.progress.update(1)
+            self.tensorboard.add_scalar("eval/heldout_loss", loss, step)
+
+    def image(self, tag: str, image, step: int) -> None:
+        """A [H, W, 3] uint8 preview grid into TensorBoard (None: nothing was rendered)."""
+        if self.enabled and self.tensorboard is not None and image is not None:
+            self.tensorboard.add_image(tag, image, step, dataformats="HWC")
 
     def close(self) -> list[float]:
-        """Finish the files and draw the loss curve; return every step's loss (NaN for skipped steps)."""
+        """Finish the files and draw `loss.png`; return every step's loss (NaN for skipped steps)."""
         self.progress.close()
         if not self.enabled:
             return []
-        self._file.close()
+        self._csv.close()
+        self._eval.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
-        with open(self.output_dir / CSV_FILE, newline="") as f:
-            losses = [float(row["loss"]) for row in csv.DictReader(f)]
-        plot_losses(losses, self.output_dir / PLOT_FILE)
+        rows = _ContinuedCsv.read(self.output_dir / CSV_FILE)
+        heldout = [
+            (int(r["step"]), float(r["heldout_loss"])) for r in _ContinuedCsv.read(self.output_dir / EVAL_CSV_FILE)
+        ]
+        losses = [float(r["loss"]) for r in rows]
+        steps, lrs = [int(r["step"]) for r in rows], [float(r["lr"]) for r in rows]
+        plot_losses(steps, losses, lrs, heldout, self.output_dir / PLOT_FILE)
         return losses
+
+
+class _ContinuedCsv:
+    """A CSV written row by row; opened after a resume, it keeps the rows up to the resumed step."""
+
+    def __init__(self, path: Path, columns: list[str], first_step: int):
+        kept = [r for r in self.read(path) if int(r["step"]) <= first_step] if first_step else []
+        self._file = open(path, "w", newline="")  # noqa: SIM115 - open for the whole run
+        self._writer = csv.DictWriter(self._file, fieldnames=columns, extrasaction="ignore")
+        self._writer.writeheader()
+        self._writer.writerows(kept)
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        if not path.is_file():
+            return []
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def write(self, row: dict) -> None:
+        self._writer.writerow(row)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -51,13 +51,18 @@ def check_lora_targets(config: TrainConfig) -> None:
 
 
 def unused_outputs(transformer: torch.nn.Module) -> list[str]:
-    """Layers whose output never reaches the loss: the last block's text-stream output and MLP.
+    """Layers whose output never reaches the loss: the last block's text-stream query, output and MLP.
 
-    The model returns image tokens only, so adapters there would get no gradient (DDP refuses
-    parameters without gradients) and would be exported as dead weights.
+    The model returns image tokens only, and the last block's text tokens are discarded after it: its
+    text queries (`add_q_proj`) only shape the text tokens' attention output, which feeds `to_add_out`
+    and the text MLP, all discarded. (Its text keys and values do reach the image tokens.) Adapters there
+    would get no gradient (DDP refuses parameters without gradients) and would be exported dead.
     """
     last = f"transformer_blocks.{len(transformer.transformer_blocks) - 1}"
-    return [f"{last}.attn.to_add_out", f"{last}.txt_mlp.net.0.proj", f"{last}.txt_mlp.net.2"]
+    return [f"{last}.attn.{name}" for name in ("add_q_proj", "to_add_out")] + [
+        f"{last}.txt_mlp.net.0.proj",
+        f"{last}.txt_mlp.net.2",
+    ]
 
 
 def place_blocks(

@@ -10,7 +10,11 @@ from shared.errors import UserError
 
 
 def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit AdamW (`optimizer: bnb-adamw8bit`) when it is installed."""
+    """AdamW, or bitsandbytes' 8-bit AdamW (`optimizer: bnb-adamw8bit`) when it is installed.
+
+    torch's AdamW is the fused one: one kernel for all parameters, and it skips a step on the device
+    when `optimizer.found_inf` is 1 (as AMP's GradScaler uses it), so a non-finite loss needs no host sync.
+    """
     kwargs = dict(
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
@@ -26,14 +30,20 @@ def build_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> to
                 "or set optimizer to 'adamw'"
             ) from None
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    return torch.optim.AdamW(params, fused=True, **kwargs)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, max_steps: int, num_processes: int):
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` honours `found_inf` (torch's fused AdamW); otherwise the loop syncs to skip."""
+    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, max_steps: int):
     """constant, constant_with_warmup, cosine or polynomial (to 1e-7), with `lr_warmup_steps` of warm-up.
 
-    accelerate steps a prepared scheduler once per process per optimizer step, so the step
-    counts are scaled by the number of processes to keep the schedule in optimizer steps.
+    Counted in optimizer steps whatever the number of processes: the loop steps it once per optimizer
+    step itself (it is not handed to accelerate, which would step it once per process), so a run
+    resumed on another number of GPUs continues the schedule at the same learning rate.
     """
     if config.lr_scheduler in ("cosine", "polynomial") and config.lr_warmup_steps >= max_steps:
         raise UserError(
@@ -43,6 +53,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, max_s
     return get_scheduler(
         config.lr_scheduler,
         optimizer,
-        num_warmup_steps=config.lr_warmup_steps * num_processes,
-        num_training_steps=max_steps * num_processes,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=max_steps,
     )

@@ -18,6 +18,9 @@ from shared.errors import UserError
 from shared.flavours import FLAVOURS
 
 TRAINING_INDEPENDENT = ("dtype",)  # the encoders' precision: prep's choice (bf16 on a GPU, fp32 on CPU)
+# Settings recorded here but left out of the hash: they change only the eval samples, whose source hash
+# includes them, so a plain rebuild re-encodes just those (no --force).
+PER_SAMPLE = ("previews",)
 
 
 def fingerprint(config: Config, main: DatasetConfig, dtype) -> dict:
@@ -72,7 +75,9 @@ def fingerprint(config: Config, main: DatasetConfig, dtype) -> dict:
     }
     if any(d.crop and d.crop_style == "random" for d in datasets):
         settings["crop_seed"] = config.train.crop_seed  # changes the crops only when they are random
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    hashed = dict(settings)
+    settings["previews"] = config.train.preview_settings
+    digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()
     return {"sha256": digest, "settings": settings}
 
 

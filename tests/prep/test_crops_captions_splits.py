@@ -13,7 +13,9 @@ from prep.buckets import bucket_size, place, plan_placement
 from prep.build import build_cache
 from prep.scan import scan_dataset
 from shared.config import DatasetConfig, load_config
+from shared.errors import UserError
 from tests.cache_files import manifest_rows, member_bytes, stored_tensors
+from train.eval_data import EvalSet
 from train.loop import open_caches
 
 ASPECTS = [(1024, 1024), (1280, 720), (720, 1280), (1600, 900), (500, 1500), (333, 777), (4000, 1000)]
@@ -114,4 +116,33 @@ def test_several_main_datasets_and_an_eval_split(demo_project, tmp_path, tiny_mo
     assert {r["split"] for r in eval_rows} == {"eval"}
     embeds = stored_tensors(member_bytes(eval_cache, eval_rows[0], "embeds.safetensors"))
     assert "negative" in embeds and "prompt.0" in embeds
-    assert [r.location for r in open_caches(cfg)] == [str(train_cache)]
+    train_readers, eval_readers = open_caches(cfg)
+    assert [r.location for r in train_readers] == [str(train_cache)]
+    assert len(EvalSet(eval_readers)) == 2  # the whole eval dataset
+
+
+def test_held_out_samples_are_cached_for_previews(demo_project, tmp_path, capsys):
+    """Without an eval dataset, the samples with the smallest ids are held out, cached at the preview resolution
+    with the negative instruction; changing a preview setting re-encodes those samples only."""
+    keys = {"eval_holdout": 2, "validation_resolution": 128, "validation_negative_prompt": "blurry"}
+    config_path = demo_project("edit-v1", n_samples=8, train=keys)
+    (cache,) = build_cache(load_config(config_path), device="cpu")
+    rows = manifest_rows(cache)
+    held = sorted(r["sample_id"] for r in rows)[:2]
+    assert sorted(r["sample_id"] for r in rows if r["split"] == "eval") == held
+    for row in rows:
+        pixels = row["height"] * row["width"]
+        assert (pixels <= 160 * 160) == (row["split"] == "eval")  # eval at ~128², train at ~256²
+        embeds = stored_tensors(member_bytes(cache, row, "embeds.safetensors"))
+        assert ("negative" in embeds) == (row["split"] == "eval") == ("dropout" not in embeds)
+    train_readers, eval_readers = open_caches(load_config(config_path))
+    assert len(train_readers[0]) == 6 and len(EvalSet(eval_readers)) == 2
+
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, validation_negative_prompt="ugly")))
+    with pytest.raises(UserError, match="eval samples only"):
+        open_caches(load_config(config_path))  # train says what to do
+    capsys.readouterr()
+    build_cache(load_config(config_path), device="cpu")
+    assert "6 up to date, 2 to encode" in capsys.readouterr().out
+    assert open_caches(load_config(config_path))

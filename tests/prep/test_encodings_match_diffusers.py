@@ -119,3 +119,21 @@ def test_batched_vl_encoding_with_padding_equals_one_at_a_time(tiny_models):
     assert batched[0].shape[0] < batched[1].shape[0]
     for one, inp in zip(batched, inputs, strict=True):
         torch.testing.assert_close(one, encoders.encode_vl([inp])[0], rtol=1e-4, atol=1e-4)
+
+
+def test_eval_sample_negative_equals_the_pipelines_negative_prompt_encoding(tmp_path, tiny_models):
+    """An eval sample's `negative` is validation_negative_prompt encoded with its reference, as
+    QwenImageEditPipeline encodes `negative_prompt` for true CFG."""
+    size = (288, 224)
+    data = _dataset(tmp_path / "data", size, n_refs=1, caption="make the circle red")
+    keys = {"eval_dataset_id": "edits", "validation_negative_prompt": "blurry, ugly"}
+    config = write_config(tmp_path, tiny_models["edit-v1"], "edit-v1", data, n_refs=1, resolution=256, train=keys)
+    _, _, embeds = _cached(config)
+    assert "dropout" not in embeds
+
+    pipe = QwenImageEditPipeline.from_pretrained(tiny_models["edit-v1"])
+    reference = Image.open(data / "reference" / "a.png").convert("RGB")
+    width, height, _ = v1_dims(1024 * 1024, reference.width / reference.height)
+    with torch.no_grad():
+        negative, _ = pipe.encode_prompt("blurry, ugly", image=pipe.image_processor.resize(reference, height, width))
+    _assert_close(embeds["negative"], negative[0])

@@ -31,3 +31,36 @@ def test_a_user_error_is_one_clear_line_with_exit_code_1(tmp_path):
     assert result.output.strip().splitlines() == [
         f"error: {tmp_path / 'nowhere'}: not a cache (no cache.json); build it with `prep build-cache`"
     ]
+
+
+def test_ranks_that_disagree_are_reported_as_a_bug_not_as_the_users_mistake(tmp_path, monkeypatch):
+    """An invariant of ours that breaks (here: processes ending with different LoRA weights) says it is a bug,
+    points at the crash log and exits 2, unlike a UserError (exit 1, "error: <what to fix>")."""
+    import torch
+
+    import train.loop
+    from shared.errors import InternalError
+
+    class TwoRanks:  # what check_ranks_agree sees of accelerate: two processes whose sums differ
+        num_processes, device = 2, torch.device("cpu")
+
+        def gather(self, sums):
+            return torch.cat([sums, sums + 1])
+
+    params = {"w": torch.nn.Parameter(torch.ones(2))}
+    try:
+        train.loop.check_ranks_agree(TwoRanks(), params)
+    except InternalError as err:
+        raised = err
+    assert isinstance(raised, InternalError)
+
+    def disagreeing(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(prep.verify, "verify_cache", disagreeing)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    result = CliRunner().invoke(app, ["verify", str(tmp_path)])
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert "internal error: the LoRA weights differ between processes" in line
+    assert "This is a bug, not your data or config; please report it with" in line

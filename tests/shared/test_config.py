@@ -130,3 +130,22 @@ def test_a_config_saved_as_utf16_by_a_windows_editor_is_read_and_other_encodings
     path.write_bytes('{"learning_rate": "caf\xe9"}'.encode("latin-1"))
     with pytest.raises(UserError, match="not UTF-8 text .*save it as UTF-8"):
         load_config(path)
+
+
+def test_validation_keys_as_simpletuner_writes_them(tmp_path):
+    """`validation_steps` is SimpleTuner's older name of `validation_step_interval`; `validation_seed` defaults
+    to `seed`; a "WxH" validation_resolution is refused with what to write instead."""
+    backend = tmp_path / "backend.json"
+    entries = [
+        {"id": "d", "instance_data_dir": "x", "conditioning_data": ["r"]},
+        {"id": "r", "instance_data_dir": "y", "dataset_type": "conditioning"},
+    ]
+    backend.write_text(json.dumps(entries))
+    base = {"data_backend_config": str(backend), "seed": 5}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(base, **{"--validation_steps": "250", "validation_guidance": "3.5"})))
+    cfg = load_config(path).train
+    assert (cfg.validation_step_interval, cfg.validation_guidance, cfg.validation_seed) == (250, 3.5, 5)
+    path.write_text(json.dumps(dict(base, validation_resolution="1024x768")))
+    with pytest.raises(UserError, match="validation_resolution.*give one number"):
+        load_config(path)

@@ -28,7 +28,8 @@ def cache(tmp_path_factory, tiny_models) -> Path:
     """An edit-v1 cache of 12 samples: 3 shapes x 4, some with several captions."""
     root = tmp_path_factory.mktemp("loader")
     data = write_demo_dataset(root / "data", n_samples=12, n_references=1)
-    (cache_dir,) = build_cache(load_config(write_config(root, tiny_models["edit-v1"], "edit-v1", data, 1)), "cpu")
+    config = write_config(root, tiny_models["edit-v1"], "edit-v1", data, 1, train={"eval_holdout": 0})  # all train
+    (cache_dir,) = build_cache(load_config(config), "cpu")
     return cache_dir
 
 

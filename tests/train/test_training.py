@@ -100,11 +100,14 @@ def test_checkpoints_are_complete_limited_and_exportable(project, tmp_path):
         "trainer_state.json",
     ]
     state = json.loads((final / "trainer_state.json").read_text())
-    assert state["step"] == 5 and state["loader"]["position"] == 10  # 2 micro-batches per step
+    assert state["step"] == 5 and state["parts"]["loader"]["position"] == 10  # 2 micro-batches per step
+    assert state["parts"]["counters"] == {"step": 5, "nonfinite_total": 0}
 
     # logs: a CSV row per step, a loss curve, TensorBoard events
     assert len((out / "train_log.csv").read_text().splitlines()) == 6
-    assert Image.open(out / "loss.png").size == (800, 400)
+    assert Image.open(out / "loss.png").size == (1000, 500)
+    header = (out / "train_log.csv").read_text().splitlines()[0].split(",")
+    assert {"loss", "grad_norm", "lr", "samples_per_s"} <= set(header)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
     # `train export` of the last checkpoint equals the exports written at the end of training
@@ -201,22 +204,28 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_when_persistent(project, 
     monkeypatch.setattr(loop_module, "flow_matching_loss", loss_with_nans)
     poisoned = {3}  # one micro-batch of the second optimizer step
     out = tmp_path / "skip"
-    train(load_config(project(out, max_train_steps=3)))
-    assert "step skipped" in capsys.readouterr().out
+    lora = train(load_config(project(out, max_train_steps=3, use_ema=False)))
+    assert "step 2; step skipped" in capsys.readouterr().out
     rows = (out / "train_log.csv").read_text().splitlines()
-    assert len(rows) == 4 and rows[-1].split(",")[7] == "1"  # 3 steps done, 1 skipped and counted
+    nonfinite = rows[0].split(",").index("nonfinite")
+    assert [row.split(",")[nonfinite] for row in rows[1:]] == ["0", "1", "1"]  # step 2 skipped, and counted
+    assert all(torch.isfinite(t).all() for t in load_file(lora).values())
 
+    # A skipped step leaves the weights exactly as they were (the fused AdamW skips on the device).
     calls["n"], poisoned = 0, set(range(5, 100))  # from the third step on, every loss is NaN
     out = tmp_path / "stop"
-    with pytest.raises(UserError, match="NaN/inf for 3 steps in a row after step 2.*checkpoint-000002"):
-        train(load_config(project(out, max_train_steps=6, max_nonfinite_steps=3)))
-    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-000002"]
+    with pytest.raises(UserError, match="NaN/inf for 3 steps in a row after step 2.*checkpoint-000004"):
+        train(load_config(project(out, max_train_steps=8, max_nonfinite_steps=3, logging_steps=1)))
+    first, second = list_checkpoints(out)
+    assert [first.name, second.name] == ["checkpoint-000002", "checkpoint-000004"]
+    a, b = load_file(first / "lora.safetensors"), load_file(second / "lora.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_caption_dropout_uses_the_cached_empty_instruction(project, tmp_path):
     config = load_config(project(tmp_path / "run"))
     cache = config.cache_dir_for(config.main_datasets()[0])
-    rows = {r["sample_id"]: r for r in manifest_rows(cache)}
+    rows = {r["sample_id"]: r for r in manifest_rows(cache) if r["split"] == "train"}
     embeds = {i: stored_tensors(member_bytes(cache, r, "embeds.safetensors")) for i, r in rows.items()}
     assert all("dropout" in e for e in embeds.values())
 
@@ -246,3 +255,49 @@ def test_two_process_ddp_run_ends_with_identical_weights(project, tmp_path):
     final = list_checkpoints(tmp_path / "ddp")[-1]
     assert {p.name for p in final.glob("rng-rank*")} == {"rng-rank00.safetensors", "rng-rank01.safetensors"}
     assert (tmp_path / "ddp" / LORA_FILE).is_file() and (tmp_path / "ddp" / COMFYUI_FILE).is_file()
+
+
+def test_learning_rate_schedule_survives_a_change_of_process_count(project, tmp_path):
+    """The schedule counts optimizer steps: a run checkpointed on 1 process and resumed on 2 continues at the
+    same learning rate as a run that never stopped (warm-up over 5 steps, so every step's rate differs)."""
+    schedule = {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 5, "checkpointing_steps": 3}
+    straight = train(load_config(project(tmp_path / "straight", max_train_steps=6, **schedule)))
+    resumed = tmp_path / "resumed"
+    train(load_config(project(resumed, max_train_steps=3, **schedule)))
+    config = project(resumed, max_train_steps=6, resume_from_checkpoint="latest", **schedule)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    command += ["-m", "train.cli", "run", "--config", str(config)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "2 process(es)" in result.stdout
+
+    def rates(run: Path) -> list[float]:
+        rows = (run / "train_log.csv").read_text().splitlines()
+        column = rows[0].split(",").index("lr")
+        return [float(row.split(",")[column]) for row in rows[1:]]
+
+    expected = [1e-3 * min(1.0, step / 5) for step in range(1, 7)]  # rates after steps 1..6
+    assert rates(straight.parent) == pytest.approx(expected)
+    assert rates(resumed) == pytest.approx(expected)
+
+
+def test_a_checkpoint_of_the_previous_format_resumes_exactly(project, tmp_path):
+    """Checkpoints written before the registry of parts (format 1: parts listed by hand, the schedule counted in
+    per-process steps) are converted when resumed, and continue exactly."""
+    straight = train(load_config(project(tmp_path / "straight", max_train_steps=6)))
+    run = tmp_path / "old"
+    train(load_config(project(run, max_train_steps=3)))
+    checkpoint = list_checkpoints(run)[-1]
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    parts = state.pop("parts")
+    optimizer = parts["optimizer"]
+    scalars = {f"{i}.{k}": v for i, values in optimizer["state"].items() for k, v in values.items() if v != "<tensor>"}
+    old = dict(state, loader=parts["loader"], scheduler=parts["scheduler"], nonfinite_total=0)
+    old["optimizer"] = {"param_groups": optimizer["param_groups"], "scalars": scalars}
+    del old["format"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(old))
+
+    resumed = train(load_config(project(run, max_train_steps=6, resume_from_checkpoint="latest")))
+    x, y = load_file(straight), load_file(resumed)
+    assert all(torch.allclose(x[k], y[k], rtol=1e-5, atol=1e-6) for k in x)

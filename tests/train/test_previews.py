@@ -1,0 +1,143 @@
+"""Previews: the same latents as diffusers' pipelines, made inside training without the encoders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
+    QwenImageTransformer2DModel,
+)
+from peft import LoraConfig
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+import train.validation as validation_module
+from prep.build import build_cache
+from shared.config import load_config
+from shared.packing import pack_latents
+from train.eval_data import EvalSample
+from train.loop import train
+from train.previews import sample_latents
+
+PIPELINES = {"edit-v1": QwenImageEditPipeline, "edit-v2": QwenImageEditPlusPipeline}
+
+
+def _lora_transformer(model_dir) -> torch.nn.Module:
+    """The tiny transformer (fp32) with a LoRA whose B is not zero, so the LoRA changes the output."""
+    transformer = QwenImageTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "add_k_proj"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2, generator=g)
+    return transformer.eval()
+
+
+@pytest.mark.parametrize("flavour", ["edit-v1", "edit-v2"])
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_preview_latents_equal_the_diffusers_pipeline(tiny_models, flavour, guidance):
+    """Same transformer + LoRA, embeddings, reference latents, seed, steps and guidance: the pipeline's latents.
+
+    The pipelines take reference images; their VAE encoding is replaced by the cached latents (the cache's
+    own parity with `_encode_vae_image` is tested in tests/prep). Tolerance: 1e-6 absolute, fp32 on CPU
+    (measured: equal).
+    """
+    model_dir = tiny_models[flavour]
+    transformer = _lora_transformer(model_dir)
+    g = torch.Generator().manual_seed(0)
+    n_refs = 1 if flavour == "edit-v1" else 2
+    # The pipelines size references at ~1 MP (1024x1024 for a square image): latents 128 x 128.
+    references = [torch.randn(16, 128, 128, generator=g) for _ in range(n_refs)]
+    sample = EvalSample(
+        index=0,
+        sample_id="0" * 20,
+        label="edits/a.png",
+        instruction="make it red",
+        target=torch.zeros(16, 48, 64),  # the output size: 384 x 512 pixels
+        references=references,
+        prompt=torch.randn(11, 32, generator=g),
+        negative=torch.randn(7, 32, generator=g),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
+    ours = sample_latents(transformer, scheduler, sample, 4, guidance, 1234, torch.device("cpu"), torch.float32)
+
+    pipe = PIPELINES[flavour].from_pretrained(model_dir, transformer=transformer, torch_dtype=torch.float32)
+    cached = iter(references)
+    pipe._encode_vae_image = lambda image, generator: next(cached)[None, :, None]  # [1, C, 1, h, w]
+    theirs = pipe(
+        image=[PIL.Image.new("RGB", (1024, 1024))] * n_refs if n_refs > 1 else PIL.Image.new("RGB", (1024, 1024)),
+        prompt_embeds=sample.prompt[None],
+        prompt_embeds_mask=torch.ones(1, 11, dtype=torch.long),
+        negative_prompt_embeds=sample.negative[None] if guidance > 1 else None,
+        negative_prompt_embeds_mask=torch.ones(1, 7, dtype=torch.long) if guidance > 1 else None,
+        true_cfg_scale=guidance,
+        height=384,
+        width=512,
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(1234),
+        output_type="latent",
+    ).images  # [1, N, 4C] packed
+    assert theirs.shape == (1, 24 * 32, 64)
+    torch.testing.assert_close(pack_latents(ours[None]), theirs, rtol=0, atol=1e-6)
+
+
+def test_training_previews_without_the_encoders(demo_project, monkeypatch):
+    """`train run` leaves preview grids (step 0 with the LoRA off, the middle, the end, and the EMA's) and a
+    held-out loss curve, loading neither the text encoder nor the VAE encoder."""
+    train_keys = {
+        "max_train_steps": 4,
+        "eval_holdout": 2,
+        "validation_step_interval": 2,
+        "validation_num_inference_steps": 3,
+        "use_ema": True,
+        "report_to": "tensorboard",
+    }
+    config = load_config(demo_project("edit-v2", n_samples=6, train=train_keys))
+    build_cache(config, device="cpu")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training loaded an encoder")
+
+    monkeypatch.setattr(Qwen2_5_VLForConditionalGeneration, "from_pretrained", refuse)
+    monkeypatch.setattr(AutoencoderKLQwenImage, "from_pretrained", refuse)
+    monkeypatch.setattr(AutoencoderKLQwenImage, "encode", refuse)
+    vaes = []
+    real_loader = validation_module.load_vae_decoder
+
+    def keep(*args, **kwargs):
+        vaes.append(real_loader(*args, **kwargs))
+        return vaes[-1]
+
+    monkeypatch.setattr(validation_module, "load_vae_decoder", keep)
+    train(config)
+    monkeypatch.undo()
+
+    (vae,) = vaes
+    encoder = [p for name, p in vae.named_parameters() if name.startswith(("encoder.", "quant_conv."))]
+    assert encoder and all(p.is_meta for p in encoder), "the VAE encoder holds weights"
+    assert all(not p.is_meta for p in vae.decoder.parameters())
+
+    out = Path(config.train.output_dir)
+    previews = sorted(p.name for p in (out / "previews").glob("*.png"))
+    assert previews == [
+        "step-000000-base.png",
+        "step-000002-ema.png",
+        "step-000002.png",
+        "step-000004-ema.png",
+        "step-000004.png",
+    ]
+    # one PNG per eval sample: references | output | ground truth, the instruction under it
+    rows = sorted((out / "previews" / "step-000004").glob("*.png"))
+    assert len(rows) == 2
+    with PIL.Image.open(rows[0]) as row:
+        assert row.width > 3 * 64  # two references, output, ground truth side by side
+    heldout = (out / "eval_log.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in heldout] == ["step", "0", "2", "4"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
