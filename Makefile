@@ -23,7 +23,7 @@ demo: install
 	rm -rf .demo/cache .demo/output
 	$(BIN)/python -m shared.demo
 	$(MAKE) --no-print-directory demo-edit-v1 demo-edit-v2
-	@echo "LoRAs (diffusers + ComfyUI; edit-v1 also its EMA in ema/), logs and loss.png: .demo/output/edit-v1 .demo/output/edit-v2"
+	@echo "LoRAs (diffusers + ComfyUI; edit-v1 also its EMA in ema/), logs, loss.png and preview grids (previews/): .demo/output/edit-v1 .demo/output/edit-v2"
 
 demo-edit-v1 demo-edit-v2: demo-%: install
 	$(BIN)/prep validate --config configs/demo-$*/config.json

@@ -15,6 +15,16 @@ _HANDLER_NAME = "qwen-edit-trainer"
 
 
 class _CurrentStdout(logging.StreamHandler):
+    """Writes through `tqdm.write`, which moves an active progress bar below the line instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
+
     @property
     def stream(self):
         return sys.stdout

@@ -36,7 +36,7 @@ def plot_losses(
     fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
     if steps:
         ax.plot(steps, losses, color="#9db4e0", linewidth=0.8, label="training loss")
-        window = max(1, len(steps) // 20)
+        window = min(len(steps), max(3, len(steps) // 20))  # at least 3 steps, ~5% of the run
         ax.plot(
             steps, smooth(losses, window), color="#1f4aa0", linewidth=2, label=f"training loss ({window}-step mean)"
         )
