@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install demo demo-edit-v1 demo-edit-v2 test lint clean
+.PHONY: install demo demo-edit-v1 demo-edit-v2 demo-edit-v3 test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +22,10 @@ install: $(STAMP)
 demo: install
 	rm -rf .demo/cache .demo/output
 	$(BIN)/python -m shared.demo
-	$(MAKE) --no-print-directory demo-edit-v1 demo-edit-v2
-	@echo "LoRAs (diffusers + ComfyUI; edit-v1 also its EMA in ema/), logs, loss.png and preview grids (previews/): .demo/output/edit-v1 .demo/output/edit-v2"
+	$(MAKE) --no-print-directory demo-edit-v1 demo-edit-v2 demo-edit-v3
+	@echo "LoRAs (diffusers + ComfyUI; edit-v1 also its EMA in ema/), logs, loss.png and preview grids (previews/): .demo/output/edit-v1 .demo/output/edit-v2 .demo/output/edit-v3"
 
-demo-edit-v1 demo-edit-v2: demo-%: install
+demo-edit-v1 demo-edit-v2 demo-edit-v3: demo-%: install
 	$(BIN)/prep validate --config configs/demo-$*/config.json
 	$(BIN)/prep build-cache --config configs/demo-$*/config.json
 	$(BIN)/train run --config configs/demo-$*/config.json

@@ -1,6 +1,7 @@
 """Target sizes (aspect buckets) and crops.
 
-A bucket keeps the image's aspect (or is square with `crop_aspect: square`) at an area set by
+A bucket keeps the image's aspect (or is square with `crop: true` and `crop_aspect: square`, SimpleTuner's
+defaults once cropping is on) at an area set by
 the dataset's `resolution`, with both sides multiples of 32 (VAE factor 8 x 2x2 packing x 2 for
 the pipelines' rounding). An image reaches its bucket in two steps, recorded as a `Placement`:
 scale it (Lanczos) to cover the bucket, then crop the bucket's window out of the scaled image,
@@ -75,7 +76,8 @@ class Placement:
 
 def plan_placement(width: int, height: int, dataset: DatasetConfig, seed: int, sample_id: str) -> Placement:
     """The placement of a `width` x `height` image of `dataset` (its target, or a loose reference)."""
-    bucket = bucket_size(width, height, dataset.resolution, dataset.resolution_type, dataset.crop_aspect == "square")
+    square = dataset.crop and dataset.crop_aspect == "square"  # without crop, crop_aspect means nothing (SimpleTuner)
+    bucket = bucket_size(width, height, dataset.resolution, dataset.resolution_type, square)
     random_crop = dataset.crop and dataset.crop_style == "random"
     return place(width, height, bucket, random_crop=random_crop, seed=crop_seed(seed, sample_id, dataset.id))
 

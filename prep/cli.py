@@ -26,12 +26,13 @@ def validate_command(
     config: Path = typer.Option(..., "--config", help="config.json (its data_backend_config names the datasets)"),
     json_path: Path = typer.Option(None, "--json", help="also write the full report (every finding) as JSON here"),
     limit: int = typer.Option(10, help="lines shown per kind of problem; --json lists all"),
+    print_config: bool = typer.Option(False, "--print-config", help="also print every setting and where it came from"),
 ) -> None:
     """Check pairing, captions and images of every dataset; exit 0 when trainable, 1 when not."""
     from prep.validate import validate
 
     with user_errors():
-        cfg = load_config_and_report(config)
+        cfg = load_config_and_report(config, announce=True, print_config=print_config)
         report = validate(cfg)
     typer.echo(report.render(limit))
     if json_path:

@@ -30,12 +30,12 @@ def reference_vae_size(
 ) -> tuple[int, int]:
     """(width, height) the VAE encodes a reference at.
 
-    edit-v1 strict: the target's bucket. edit-v2 with match_target_res: the target's size.
+    edit-v1 strict: the target's bucket. The Plus flavours with match_target_res: the target's size.
     Otherwise the reference is sized on its own at its dataset's resolution (1024 -> ~1 MP, as the
     pipelines do at inference).
     """
     strict = cond.conditioning_type == "reference_strict"
-    if (flavour.name == "edit-v1" and strict) or (flavour.name == "edit-v2" and match_target):
+    if (not flavour.plus and strict) or (flavour.plus and match_target):
         return target_size
     return bucket_size(ref_size[0], ref_size[1], cond.resolution, cond.resolution_type)
 

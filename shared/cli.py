@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 
+from shared import simpletuner
 from shared.config import Config, load_config
 from shared.errors import InternalError, UserError
 
@@ -53,9 +54,18 @@ def write_crash_log() -> Path:
     return path
 
 
-def load_config_and_report(path: Path, overrides: dict[str, Any] | None = None) -> Config:
-    """`load_config`, then list the keys it read past (once, on stderr)."""
+def load_config_and_report(
+    path: Path, overrides: dict[str, Any] | None = None, announce: bool = False, print_config: bool = False
+) -> Config:
+    """`load_config`, then list the keys it read past (once, on stderr). `announce`: also the defaults that
+    differ from SimpleTuner's (`prep validate` and `train run` say them once); `print_config`: every resolved
+    setting and where it came from."""
     config = load_config(path, overrides)
-    for line in config.ignored_report():
+    lines = config.notes() + config.ignored_report()
+    if announce:
+        lines = simpletuner.differences_report() + lines
+    for line in lines:
         typer.echo(line, err=True)
+    if print_config:
+        typer.echo("\n".join(config.resolved()))
     return config

@@ -13,14 +13,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from shared import simpletuner
 from shared.errors import UserError
 from shared.flavours import FLAVOURS
 
-BASE_MODEL_PRECISIONS = ("no_change", "int8-quanto", "fp8-quanto", "int4-quanto", "int2-quanto")
+BASE_MODEL_PRECISIONS = ("no_change", "int8-quanto", "fp8-quanto", "fp8uz-quanto", "int4-quanto", "int2-quanto")
 
 
 @dataclass
@@ -36,13 +38,14 @@ class TrainConfig:
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
-    lr_scheduler: str = "constant"
+    lr_scheduler: str = "constant_with_warmup"  # with lr_warmup_steps 0: constant
     lr_warmup_steps: int = 0
     max_train_steps: int = 0  # 0: use num_train_epochs
     num_train_epochs: int = 1
     lora_rank: int = 16
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    lora_alpha: float = 0.0  # unset: lora_rank (SimpleTuner's default), so the LoRA's scale is 1
+    lora_dropout: float = 0.0  # SimpleTuner: 0.1 (shared/simpletuner.py says why not here)
+    lora_type: str = "standard"  # PEFT LoRA (SimpleTuner's "lycoris" is refused)
     lora_target: str = "attention"  # a preset, or a list of module names (suffixes) to adapt
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = False  # set: every block (SimpleTuner's meaning); unset: memory_mode decides
@@ -55,24 +58,24 @@ class TrainConfig:
     prefer_cudnn_attention: bool = True  # attention through cuDNN first, then flash
     base_model_precision: str = "no_change"
     quantize_via: str = "accelerator"
-    flow_schedule_shift: float = 1.0
+    flow_schedule_shift: float = 3.0
     flow_schedule_auto_shift: bool = False  # resolution-dependent shift, as the model's scheduler does
     flow_use_uniform_schedule: bool = False  # σ uniform in (0, 1) instead of logit-normal
     logit_mean: float = 0.0  # logit-normal σ: mean and std of the normal before the sigmoid
     logit_std: float = 1.0
     loss_weighting: str = "none"  # "none", "sigma_sqrt" (σ^-2), "cosmap" (as diffusers' SD3 scripts)
-    caption_dropout_probability: float = 0.0  # chance a sample trains on the empty instruction
+    caption_dropout_probability: float = 0.1  # chance a sample trains on the empty instruction
     optimizer: str = "adamw"  # "adamw" or "bnb-adamw8bit" (needs bitsandbytes)
     use_ema: bool = False
     ema_device: str = "cpu"  # "cpu" or "accelerator"
     ema_decay: float = 0.995
     checkpointing_steps: int = 500  # 0: no checkpoints
-    checkpoints_total_limit: int = 0  # keep at most this many checkpoints; 0: keep all
+    checkpoints_total_limit: int = 5  # keep at most this many checkpoints; 0: keep all
     resume_from_checkpoint: str = ""  # "latest" or a checkpoint dir
     overwrite_output_dir: bool = False  # start a new run in an output_dir that holds another run
     max_nonfinite_steps: int = 5  # NaN/inf losses in a row before training stops
     report_to: str = "none"  # "none" or "tensorboard" (a CSV of every step is always written)
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 2.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
@@ -83,6 +86,11 @@ class TrainConfig:
     dataloader_num_workers: int = 2  # processes reading the cache ahead of the GPU (0: in the training process)
     dataloader_prefetch_factor: int = 2  # batches each worker reads ahead
     eval_dataset_id: str = ""  # a main dataset held out for evaluation (its samples are cached as "eval")
+    # Dataset settings an entry of multidatabackend.json falls back to when it has none (as in SimpleTuner).
+    resolution: float = 1024
+    resolution_type: str = "pixel_area"
+    minimum_image_size: float = 0
+    conditioning_multidataset_sampling: str = "combined"  # every sample with all its references
     eval_holdout: int = 4  # no eval_dataset_id: samples held out of the training data (at most 1 in 8 unless set)
     # Previews (train/previews.py) and the held-out loss (train/evaluate.py); prep caches what they need.
     validation_step_interval: int = 100  # previews (and the held-out loss) every n steps; 0: start and end only
@@ -114,7 +122,9 @@ class DatasetConfig:
     """One entry of `multidatabackend.json`."""
 
     id: str
-    dataset_type: str = "image"  # "image" (main), "conditioning", "conditioning_image_embeds"
+    # "image" (main), "conditioning", "eval" (a main dataset held out: see eval_dataset_id); "text_embeds",
+    # "image_embeds", "conditioning_image_embeds": SimpleTuner's cache locations, accepted (our one cache holds them)
+    dataset_type: str = "image"
     type: str = "local"
     instance_data_dir: str = ""
     caption_strategy: str = "textfile"
@@ -129,8 +139,8 @@ class DatasetConfig:
     minimum_image_size: float = 0  # in resolution_type units; 0: no minimum
     max_image_pixels: int = 178_956_970  # decompression-bomb guard
     crop: bool = False
-    crop_style: str = "center"
-    crop_aspect: str = "preserve"
+    crop_style: str = "random"  # SimpleTuner's defaults; both matter only with crop: true
+    crop_aspect: str = "square"
     cache_dir: str = ""  # a local dir for prep; train also reads fsspec URLs (s3://, gs://, https://)
     cache_dir_vae: str = ""
     disabled: bool = False
@@ -148,14 +158,66 @@ class Config:
     backend_path: Path
     ignored: list[str]  # "file: key" for every key we read past
     explicit: set[str] = field(default_factory=set)  # config.json keys the user set (or overrode)
+    overridden: set[str] = field(default_factory=set)  # keys set on the command line
+    dataset_keys: dict[str, set[str]] = field(default_factory=dict)  # dataset id -> keys its entry sets
+
+    def notes(self) -> list[str]:
+        """What SimpleTuner-only dataset entries mean here (one line each)."""
+        return [
+            f"note: dataset '{d.id}' ({d.dataset_type}) is not needed here: each main dataset's cache (its "
+            "cache_dir or cache_dir_vae) holds its latents and text embeddings together; this entry's cache_dir "
+            "is not used"
+            for d in self.datasets
+            if d.dataset_type in CACHE_ONLY_TYPES and not d.disabled
+        ]
 
     def ignored_report(self) -> list[str]:
-        """Lines telling the user which keys were read past (empty when none were)."""
-        if not self.ignored:
-            return []
-        return [f"ignored {len(self.ignored)} config key(s) this tool does not use:"] + [
-            f"  {line}" for line in self.ignored
-        ]
+        """Lines telling the user which keys were read past (empty when none were): loudly, one per key, those
+        that change what SimpleTuner would train; in one quiet line the rest (previews, hub, trackers, ...)."""
+        loud, quiet = simpletuner.classify_ignored(self.ignored)
+        lines = []
+        if loud:
+            lines.append(
+                f"WARNING: {len(loud)} key(s) change what you train in SimpleTuner; we do not support them yet:"
+            )
+            lines += [f"  {line}" for line in loud]
+        if quiet:
+            lines.append(f"ignored {len(quiet)} key(s) that do not change training: " + ", ".join(quiet))
+        return lines
+
+    def resolved(self) -> list[str]:
+        """Every setting with its value and where it came from: the file, the command line, or a default (and
+        SimpleTuner's default where ours differs). For `train run --print-config` and `prep validate`."""
+        differ = {d.key: d for d in simpletuner.DIFFERENCES}
+        lines = [f"{self.config_path}:"]
+        for f in fields(TrainConfig):
+            value = getattr(self.train, f.name)
+            if f.name in self.overridden:
+                source = "command line"
+            elif f.name in self.explicit:
+                source = self.config_path.name
+            elif f.name in differ:
+                source = f"default; SimpleTuner's is {differ[f.name].simpletuner}"
+            elif f.name in simpletuner.SAME_DEFAULTS:
+                source = "default, as SimpleTuner's"
+            else:
+                source = "default"
+            lines.append(f"  {f.name} = {value!r}  [{source}]")
+        fallbacks = {"resolution", "resolution_type", "minimum_image_size"}
+        for dataset in self.datasets:
+            lines.append(f"{self.backend_path}: dataset '{dataset.id}':")
+            keys = self.dataset_keys.get(dataset.id, set())
+            for f in fields(DatasetConfig):
+                if f.name == "id":
+                    continue
+                if f.name in keys:
+                    source = self.backend_path.name
+                elif f.name in fallbacks and f.name in self.explicit:
+                    source = f"{self.config_path.name}'s {f.name}"
+                else:
+                    source = "default, as SimpleTuner's" if f.name in simpletuner.SAME_DEFAULTS else "default"
+                lines.append(f"  {f.name} = {getattr(dataset, f.name)!r}  [{source}]")
+        return lines
 
     def dataset(self, dataset_id: str) -> DatasetConfig:
         return next(d for d in self.datasets if d.id == dataset_id)
@@ -182,8 +244,9 @@ class Config:
         return Path(location)
 
 
-# Older SimpleTuner key names and the names they now go by.
-_ALIASES = {"validation_steps": "validation_step_interval"}
+_ALIASES, _DATASET_ALIASES = simpletuner.ALIASES, simpletuner.DATASET_ALIASES
+# Dataset types that name where SimpleTuner caches embeddings: our one cache per main dataset holds them.
+CACHE_ONLY_TYPES = ("text_embeds", "image_embeds", "conditioning_image_embeds")
 
 # Allowed values for the keys that take one of a few strings.
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -194,13 +257,15 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "base_model_precision": BASE_MODEL_PRECISIONS,
     "memory_mode": ("auto", "fast", "balanced", "low", "minimal"),
     "quantize_via": ("cpu", "accelerator"),
-    "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "polynomial"),
+    "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+    "lora_type": ("standard",),
+    "conditioning_multidataset_sampling": ("combined",),
     "lora_target": ("attention", "attention_image", "attention_mlp"),
     "loss_weighting": ("none", "sigma_sqrt", "cosmap"),
     "optimizer": ("adamw", "bnb-adamw8bit"),
     "ema_device": ("cpu", "accelerator"),
     "report_to": ("none", "tensorboard"),
-    "dataset_type": ("image", "conditioning", "conditioning_image_embeds"),
+    "dataset_type": ("image", "conditioning", "eval", "text_embeds", "image_embeds", "conditioning_image_embeds"),
     "type": ("local",),
     "caption_strategy": ("textfile", "filename", "instanceprompt", "parquet"),
     "match": ("path", "stem"),
@@ -217,15 +282,18 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
     `overrides` (from CLI flags) replace config keys of the same name for one run.
     """
     config_path = Path(config_path)
-    raw = _read_json(config_path, expect=dict)
+    raw = read_config_file(config_path, expect=dict)
     raw = {k.removeprefix("--"): v for k, v in raw.items()}
     for old, new in _ALIASES.items():  # SimpleTuner's older names
         if old in raw and new not in raw:
             raw[new] = raw.pop(old)
     raw.update(overrides or {})
+    raw = expand_placeholders(raw, str(raw.get("model_family", TrainConfig.model_family)), str(config_path))
     _check_validation_resolution(raw.get("validation_resolution"), config_path)
     ignored: list[str] = []
     train = _fill(TrainConfig(), raw, where=str(config_path), ignored=ignored)
+    if not train.lora_alpha:
+        train.lora_alpha = float(train.lora_rank)
     if train.validation_seed < 0:
         train.validation_seed = train.seed
     if train.lr_scheduler == "constant" and train.lr_warmup_steps:
@@ -237,24 +305,52 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
     _check_ranges(train, config_path)
 
     backend_path = Path(train.data_backend_config)
-    entries = _read_json(backend_path, expect=list)
-    datasets = []
+    entries = read_config_file(backend_path, expect=list)
+    datasets, dataset_keys = [], {}
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not entry.get("id"):
             raise UserError(f"{backend_path}: entry {index} has no 'id'; every dataset needs a unique id")
-        dataset = _fill(
-            DatasetConfig(id=str(entry["id"])),
-            entry,
-            where=f"{backend_path}: dataset '{entry['id']}'",
-            ignored=ignored,
+        entry = {k.removeprefix("--"): v for k, v in entry.items()}
+        entry = expand_placeholders(entry, train.model_family, f"{backend_path}: dataset '{entry['id']}'")
+        for old, new in _DATASET_ALIASES.items():
+            if old in entry and new not in entry:
+                entry[new] = entry.pop(old)
+        if "dataset_type" not in entry and "conditioning_type" in entry:
+            entry["dataset_type"] = "conditioning"  # as SimpleTuner's guides write reference datasets
+        # Unset dataset settings fall back to the config's global ones, as in SimpleTuner.
+        defaults = DatasetConfig(
+            id=str(entry["id"]),
+            resolution=train.resolution,
+            resolution_type=train.resolution_type,
+            minimum_image_size=train.minimum_image_size,
         )
+        dataset = _fill(defaults, entry, where=f"{backend_path}: dataset '{entry['id']}'", ignored=ignored)
         if isinstance(dataset.conditioning_data, str):
             dataset.conditioning_data = [dataset.conditioning_data]
         datasets.append(dataset)
-    explicit = {k for k in raw if k in {f.name for f in fields(TrainConfig)}}
-    config = Config(train, datasets, config_path, backend_path, ignored, explicit)
+        dataset_keys[dataset.id] = {k for k, v in entry.items() if v is not None}
+    _adopt_eval_dataset(train, datasets, backend_path)
+    explicit = {k for k, v in raw.items() if k in {f.name for f in fields(TrainConfig)} and v is not None}
+    config = Config(train, datasets, config_path, backend_path, ignored, explicit, set(overrides or {}), dataset_keys)
     _check_datasets(config)
     return config
+
+
+def _adopt_eval_dataset(train: TrainConfig, datasets: list[DatasetConfig], backend_path: Path) -> None:
+    """SimpleTuner's `dataset_type: "eval"` entry is a main dataset held out for evaluation: eval_dataset_id."""
+    evals = [d for d in datasets if d.dataset_type == "eval" and not d.disabled]
+    if len(evals) > 1:
+        raise UserError(
+            f"{backend_path}: datasets {', '.join(d.id for d in evals)} all have dataset_type 'eval'; one eval "
+            "dataset is supported: merge them into one folder, or disable all but one"
+        )
+    for dataset in evals:
+        if train.eval_dataset_id and train.eval_dataset_id != dataset.id:
+            raise UserError(
+                f"{backend_path}: dataset '{dataset.id}' has dataset_type 'eval' but eval_dataset_id is "
+                f"'{train.eval_dataset_id}'; keep one of the two"
+            )
+        dataset.dataset_type, train.eval_dataset_id = "image", dataset.id
 
 
 def _check_validation_resolution(value: Any, config_path: Path) -> None:
@@ -377,17 +473,26 @@ def _fill(target: Any, raw: dict, where: str, ignored: list[str]) -> Any:
     known = {f.name: f for f in fields(target)}
     for key, value in raw.items():
         key = key.removeprefix("--")
+        if value is None and key in known:  # JSON null: unset, the default applies (as in SimpleTuner)
+            continue
         if key not in known:
             ignored.append(f"{where}: {key}")
             continue
         default = getattr(target, key)
+        if key == "lora_target" and isinstance(value, str) and value.strip().startswith("["):
+            value = _json_list(value, key, where)  # SimpleTuner's peft_lora_target_modules: a JSON array
         if key == "lora_target" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             setattr(target, key, value)  # an explicit module list instead of a preset
             continue
-        setattr(target, key, _coerce(value, default, key, where))
-        if key in _CHOICES and getattr(target, key) not in _CHOICES[key]:
+        value = _coerce(value, default, key, where)
+        if key == "optimizer":
+            value = simpletuner.OPTIMIZER_NAMES.get(value, value)  # SimpleTuner's names of the same optimizer
+        setattr(target, key, value)
+        if key in _CHOICES and value not in _CHOICES[key]:
+            refused = simpletuner.REFUSED_VALUES
+            hint = refused.get((key, value)) or refused.get((key, "*"))
             allowed = ", ".join(repr(c) for c in _CHOICES[key])
-            raise UserError(f"{where}: key '{key}' is {value!r}; use one of {allowed}")
+            raise UserError(f"{where}: key '{key}' is {value!r}; " + (hint or f"use one of {allowed}"))
     return target
 
 
@@ -428,20 +533,111 @@ def _coerce(value: Any, default: Any, key: str, where: str) -> Any:
         raise UserError(f"{where}: key '{key}' is {value!r}; expected {kind or type(default).__name__}") from None
 
 
-def _read_json(path: Path, expect: type) -> Any:
+def read_config_file(path: Path, expect: type) -> Any:
+    """A config file as SimpleTuner reads it: JSON (with `//` and `/* */` comments, as its guides write
+    them; UTF-8 or UTF-16) or, for a `.toml` file, TOML. `config.env` (shell exports) is refused with what to do."""
     if not path.is_file():
         raise UserError(f"{path}: file not found (paths are relative to the directory you run from)")
+    if path.suffix == ".env":
+        raise UserError(
+            f"{path}: config.env files are not read here; write the same keys in a config.json or config.toml"
+        )
     raw = path.read_bytes()
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with a BOM, as some Windows editors save
         encoding = "utf-16"
     else:
         encoding = "utf-8-sig"
     try:
-        data = json.loads(raw.decode(encoding))
+        text = raw.decode(encoding)
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
+    if path.suffix == ".toml":
+        data = _parse_toml(text, path)
+    else:
+        try:
+            data = json.loads(strip_json_comments(text))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, expect):
-        raise UserError(f"{path}: expected a JSON {expect.__name__} at the top level")
+        kind = "table" if path.suffix == ".toml" and expect is dict else f"JSON {expect.__name__}"
+        raise UserError(f"{path}: expected a {kind} at the top level")
     return data
+
+
+def _parse_toml(text: str, path: Path) -> Any:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise UserError(f"{path}: reading TOML needs Python 3.11 or later; or write the keys as config.json") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path}: not valid TOML ({err})") from None
+
+
+def strip_json_comments(text: str) -> str:
+    """`text` without `// ...` and `/* ... */` comments outside strings (line breaks kept, so JSON errors
+    still name the right line)."""
+    out, i, n = [], 0, len(text)
+    in_string = False
+    while i < n:
+        c = text[i]
+        if in_string:
+            out.append(c)
+            if c == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 1
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+            out.append(c)
+        elif text.startswith("//", i):
+            while i < n and text[i] != "\n":
+                i += 1
+            continue
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            end = n if end < 0 else end + 2
+            out.append("\n" * text.count("\n", i, end))
+            i = end
+            continue
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
+_PLACEHOLDER = re.compile(r"\{(model_family|env:([A-Za-z_][A-Za-z0-9_]*))\}")
+
+
+def expand_placeholders(entry: dict, model_family: str, where: str) -> dict:
+    """String values with SimpleTuner's placeholders filled in: `{model_family}` and `{env:NAME}` (an
+    environment variable; unset is an error naming it)."""
+
+    def fill(value: Any, key: str) -> Any:
+        if isinstance(value, list):
+            return [fill(v, key) for v in value]
+        if not isinstance(value, str):
+            return value
+
+        def one(match: re.Match) -> str:
+            if match[1] == "model_family":
+                return model_family
+            if match[2] not in os.environ:
+                raise UserError(f"{where}: key '{key}' uses {{env:{match[2]}}}, but {match[2]} is not set")
+            return os.environ[match[2]]
+
+        return _PLACEHOLDER.sub(one, value)
+
+    return {k: fill(v, k) for k, v in entry.items()}
+
+
+def _json_list(value: str, key: str, where: str) -> list:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        raise UserError(f"{where}: key '{key}' is {value!r}; expected a JSON array of module names") from None
+    if not isinstance(parsed, list):
+        raise UserError(f"{where}: key '{key}' is {value!r}; expected a JSON array of module names")
+    return parsed

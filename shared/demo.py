@@ -3,8 +3,9 @@
 ```
 .demo/models/tiny-qwen-image-edit        edit-v1 layout (QwenImageEditPipeline)
 .demo/models/tiny-qwen-image-edit-2509   edit-v2 layout (QwenImageEditPlusPipeline)
+.demo/models/tiny-qwen-image-edit-2511   edit-v3 layout (QwenImageEditPlusPipeline, transformer zero_cond_t)
 .demo/data/edit-v1/{images,reference}
-.demo/data/edit-v2/{images,reference,reference2}
+.demo/data/edit-v2/{images,reference,reference2}, and the same for edit-v3
 ```
 """
 
@@ -16,7 +17,11 @@ from pathlib import Path
 from shared.demo_data import write_demo_dataset
 from shared.tiny_model import write_tiny_model
 
-MODEL_DIRS = {"edit-v1": "tiny-qwen-image-edit", "edit-v2": "tiny-qwen-image-edit-2509"}
+MODEL_DIRS = {
+    "edit-v1": "tiny-qwen-image-edit",
+    "edit-v2": "tiny-qwen-image-edit-2509",
+    "edit-v3": "tiny-qwen-image-edit-2511",
+}
 
 
 def write_demo(root: Path, n_samples: int = 12) -> None:
@@ -25,7 +30,7 @@ def write_demo(root: Path, n_samples: int = 12) -> None:
         if not (model_dir / "model_index.json").is_file():
             write_tiny_model(model_dir, flavour)
         print(f"tiny {flavour} model: {model_dir}")
-    for flavour, n_refs in (("edit-v1", 1), ("edit-v2", 2)):
+    for flavour, n_refs in (("edit-v1", 1), ("edit-v2", 2), ("edit-v3", 2)):
         data = write_demo_dataset(root / "data" / flavour, n_samples=n_samples, n_references=n_refs)
         print(f"demo {flavour} dataset: {data} ({n_samples} pairs)")
 

@@ -1,7 +1,11 @@
-"""Per-flavour rules: prompt templates, dropped template tokens, VL/VAE sizes, reference counts.
+"""Per-flavour rules: prompt templates, dropped template tokens, VL/VAE sizes, reference counts, and
+whether the transformer runs with `zero_cond_t`.
 
 The strings and numbers here are those of diffusers' `QwenImageEditPipeline` (edit-v1) and
-`QwenImageEditPlusPipeline` (edit-v2); training on anything else trains what inference never sees.
+`QwenImageEditPlusPipeline` (edit-v2, edit-v2+, edit-v3); training on anything else trains what
+inference never sees. edit-v3 is Qwen-Image-Edit-2511: the Plus pipeline's encodings, and a
+transformer whose reference tokens are modulated with timestep 0 (`zero_cond_t`, a config flag of
+diffusers' `QwenImageTransformer2DModel`). edit-v2+ trains the 2509 weights with that flag on.
 """
 
 from __future__ import annotations
@@ -28,10 +32,16 @@ class Flavour:
     vl_area: int  # pixels: each reference is resized to about this area for the VL encoder
     reference_vae_area: int  # pixels: a reference's own VAE size (reference_loose / edit-v2)
     drop_tokens: int = 64  # hidden states of the template's system prefix, dropped from the embedding
+    zero_cond_t: bool = False  # the transformer modulates reference tokens with timestep 0 (2511)
+
+    @property
+    def plus(self) -> bool:
+        """Encodes as `QwenImageEditPlusPipeline` does (several references, "Picture n:" template)."""
+        return self.pipeline_class == "QwenImageEditPlusPipeline"
 
     def vl_text(self, instruction: str, n_references: int) -> str:
         """The full text the VL encoder reads for one instruction (image pads expanded by the processor)."""
-        if self.name == "edit-v1":
+        if not self.plus:
             return f"{_SYSTEM}{_VISION}{instruction}{_ASSISTANT}"
         pictures = "".join(f"Picture {i + 1}: {_VISION}" for i in range(n_references))
         return f"{_SYSTEM}{pictures}{instruction}{_ASSISTANT}"
@@ -55,6 +65,26 @@ FLAVOURS: dict[str, Flavour] = {
         max_references=3,
         vl_area=384 * 384,
         reference_vae_area=1024 * 1024,
+    ),
+    "edit-v2+": Flavour(
+        name="edit-v2+",
+        default_model="Qwen/Qwen-Image-Edit-2509",
+        pipeline_class="QwenImageEditPlusPipeline",
+        min_references=1,
+        max_references=3,
+        vl_area=384 * 384,
+        reference_vae_area=1024 * 1024,
+        zero_cond_t=True,
+    ),
+    "edit-v3": Flavour(
+        name="edit-v3",
+        default_model="Qwen/Qwen-Image-Edit-2511",
+        pipeline_class="QwenImageEditPlusPipeline",
+        min_references=1,
+        max_references=3,
+        vl_area=384 * 384,
+        reference_vae_area=1024 * 1024,
+        zero_cond_t=True,
     ),
 }
 

@@ -39,10 +39,13 @@ def load_processor(path: str):
     return _load(Qwen2VLProcessor, path, "processor")
 
 
-def load_transformer(path: str, dtype: torch.dtype = torch.bfloat16):
+def load_transformer(path: str, dtype: torch.dtype = torch.bfloat16, zero_cond_t: bool = False):
+    """The transformer; `zero_cond_t` turns on the 2511 flag (reference tokens modulated with timestep 0),
+    which edit-v3's checkpoints have and edit-v2+ sets on 2509 weights."""
     from diffusers import QwenImageTransformer2DModel
 
-    return _load(QwenImageTransformer2DModel, path, "transformer", torch_dtype=dtype)
+    kwargs = {"zero_cond_t": True} if zero_cond_t else {}
+    return _load(QwenImageTransformer2DModel, path, "transformer", torch_dtype=dtype, **kwargs)
 
 
 def vae_scale_factor(vae) -> int:

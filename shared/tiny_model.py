@@ -165,11 +165,17 @@ def build_components(seed: int = 0) -> dict:
 
 
 def write_tiny_model(path: str | Path, flavour: str, seed: int = 0) -> Path:
-    """Write the tiny model for `flavour` ("edit-v1" or "edit-v2") to `path` and return it."""
+    """Write the tiny model for `flavour` ("edit-v1", "edit-v2", or "edit-v3": a 2511-style model whose
+    transformer config has `zero_cond_t`) to `path` and return it."""
     import diffusers
 
     pipeline_cls = getattr(diffusers, FLAVOURS[flavour].pipeline_class)
-    pipeline = pipeline_cls(**build_components(seed))
+    components = build_components(seed)
+    if flavour == "edit-v3":
+        transformer = components["transformer"]
+        components["transformer"] = type(transformer).from_config(transformer.config, zero_cond_t=True)
+        components["transformer"].load_state_dict(transformer.state_dict())
+    pipeline = pipeline_cls(**components)
     path = Path(path)
     pipeline.save_pretrained(path)
     return path

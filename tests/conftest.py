@@ -25,7 +25,7 @@ def logs_on_stdout():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {flavour: write_tiny_model(root / flavour, flavour) for flavour in ("edit-v1", "edit-v2")}
+    return {flavour: write_tiny_model(root / flavour, flavour) for flavour in ("edit-v1", "edit-v2", "edit-v3")}
 
 
 def write_config(
@@ -88,6 +88,9 @@ def demo_project(tmp_path, tiny_models):
 
     def make(flavour: str, n_samples: int = 4, **kwargs) -> Path:
         n_refs = 1 if flavour == "edit-v1" else 2
+        if flavour == "edit-v2+":  # 2509 weights trained with zero_cond_t
+            data = write_demo_dataset(tmp_path / "data", n_samples=n_samples, n_references=n_refs)
+            return write_config(tmp_path, tiny_models["edit-v2"], flavour, data, n_refs, **kwargs)
         data = write_demo_dataset(tmp_path / "data", n_samples=n_samples, n_references=n_refs)
         return write_config(tmp_path, tiny_models[flavour], flavour, data, n_refs, **kwargs)
 

@@ -29,6 +29,11 @@ def run_command(
     resume_from_checkpoint: str = typer.Option(None, help="'latest' or a checkpoint dir; overrides the config"),
     memory_mode: str = typer.Option(None, help="auto, fast, balanced, low or minimal; overrides memory_mode"),
     overwrite: bool = typer.Option(False, "--overwrite", help="start a new run in an output_dir holding another"),
+    print_config: bool = typer.Option(
+        False,
+        "--print-config",
+        help="print every setting and where it came from (file, default, command line), then stop",
+    ),
 ) -> None:
     """Train a LoRA; it is saved in <output_dir> in diffusers and ComfyUI formats (and <output_dir>/ema)."""
     # Grow memory segments instead of caching fixed blocks: peak reserved stays near peak allocated,
@@ -49,7 +54,9 @@ def run_command(
         if v is not None
     }
     with user_errors():
-        cfg = load_config_and_report(config, overrides)
+        cfg = load_config_and_report(config, overrides, announce=not print_config, print_config=print_config)
+        if print_config:
+            return
         lora = train(cfg)
     from accelerate import PartialState
 

@@ -40,7 +40,14 @@ ACTIVATION_BYTES = {True: 30.0, False: 44.0}
 # What a checkpointed block keeps: its bf16 image and text hidden states.
 CHECKPOINT_BYTES = 2.0
 # Bytes per frozen weight element, and per output row for the per-row scales (quanto keeps bf16 scales).
-WEIGHT_BYTES = {"no_change": 2.0, "int8-quanto": 1.0, "fp8-quanto": 1.0, "int4-quanto": 0.5, "int2-quanto": 0.25}
+WEIGHT_BYTES = {
+    "no_change": 2.0,
+    "int8-quanto": 1.0,
+    "fp8-quanto": 1.0,
+    "fp8uz-quanto": 1.0,
+    "int4-quanto": 0.5,
+    "int2-quanto": 0.25,
+}
 GROUP_SCALE_BYTES = {"int4-quanto": 4 / 128, "int2-quanto": 4 / 128}  # scale + shift per group of 128
 # Beyond the estimate: allocator slack, the loss tail, cuBLAS workspaces.
 FIXED_MARGIN = 1.0 * GIB

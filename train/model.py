@@ -8,6 +8,7 @@ from peft import LoraConfig
 
 from shared.config import TrainConfig
 from shared.errors import UserError
+from shared.flavours import FLAVOURS
 from shared.models import load_transformer
 from train import blocks
 from train.blocks import BlockSwap
@@ -77,9 +78,15 @@ def place_blocks(
     Everything outside the blocks (img_in, txt_in, txt_norm, time_text_embed, norm_out, proj_out)
     and every norm inside them stays in bf16.
     """
-    from optimum.quanto import freeze, qfloat8, qint2, qint4, qint8, quantize
+    from optimum.quanto import freeze, qfloat8, qfloat8_e4m3fnuz, qint2, qint4, qint8, quantize
 
-    weights = {"int8-quanto": qint8, "fp8-quanto": qfloat8, "int4-quanto": qint4, "int2-quanto": qint2}.get(precision)
+    weights = {
+        "int8-quanto": qint8,
+        "fp8-quanto": qfloat8,
+        "fp8uz-quanto": qfloat8_e4m3fnuz,  # as SimpleTuner's fp8uz-quanto
+        "int4-quanto": qint4,
+        "int2-quanto": qint2,
+    }.get(precision)
     for index, block in enumerate(model.transformer_blocks):
         if weights is not None:
             if via == "accelerator":
@@ -98,7 +105,8 @@ def load_lora_transformer(
 ) -> tuple[torch.nn.Module, MemoryPlan]:
     """Load the transformer with `from_pretrained`, choose its memory plan for batches of `tokens`
     tokens within the budget (`memory_budget_gib`, else the GPU's free memory), quantise, place, add LoRA."""
-    transformer = load_transformer(config.pretrained_model_name_or_path, dtype=torch.bfloat16)
+    zero_cond_t = FLAVOURS[config.model_flavour].zero_cond_t
+    transformer = load_transformer(config.pretrained_model_name_or_path, dtype=torch.bfloat16, zero_cond_t=zero_cond_t)
     costs = step_costs(transformer, config, tokens)
     plan = choose_plan(config, costs, free_memory(device, config), explicit)
     return prepare_for_lora(transformer, config, device, plan), plan
@@ -115,9 +123,9 @@ def prepare_for_lora(
     transformer.to(device)
     lora = LoraConfig(
         r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
+        lora_alpha=config.lora_alpha or config.lora_rank,  # unset: the rank (SimpleTuner), a scale of 1
         lora_dropout=config.lora_dropout,
-        init_lora_weights="gaussian",
+        init_lora_weights=True,  # SimpleTuner's lora_init_type "default": A kaiming-uniform, B zero
         target_modules=config.lora_target if isinstance(config.lora_target, list) else LORA_TARGETS[config.lora_target],
         exclude_modules=unused_outputs(transformer),
     )

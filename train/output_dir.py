@@ -34,7 +34,7 @@ class RunClaim:
 
 def lora_shape(cfg: TrainConfig, targets: list[str]) -> dict:
     """What a checkpoint's LoRA must match to be resumed: rank, alpha and target modules."""
-    return {"r": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha), "target_modules": sorted(targets)}
+    return {"r": cfg.lora_rank, "lora_alpha": float(cfg.lora_alpha or cfg.lora_rank), "target_modules": sorted(targets)}
 
 
 def claim_output_dir(output_dir: Path, cfg: TrainConfig, targets: list[str]) -> RunClaim:

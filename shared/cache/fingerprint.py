@@ -57,21 +57,7 @@ def fingerprint(config: Config, main: DatasetConfig, dtype) -> dict:
         "prompt_template": flavour.vl_text("{}", len(main.conditioning_data)),
         "dtype": str(dtype),
         "match_target_res": config.train.match_target_res,
-        "datasets": [
-            {
-                k: getattr(d, k)
-                for k in (
-                    "id",
-                    "resolution",
-                    "resolution_type",
-                    "conditioning_type",
-                    "crop",
-                    "crop_style",
-                    "crop_aspect",
-                )
-            }
-            for d in datasets
-        ],
+        "datasets": [_placement_settings(d) for d in datasets],
     }
     if any(d.crop and d.crop_style == "random" for d in datasets):
         settings["crop_seed"] = config.train.crop_seed  # changes the crops only when they are random
@@ -79,6 +65,15 @@ def fingerprint(config: Config, main: DatasetConfig, dtype) -> dict:
     settings["previews"] = config.train.preview_settings
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()
     return {"sha256": digest, "settings": settings}
+
+
+def _placement_settings(dataset: DatasetConfig) -> dict:
+    """A dataset's settings that place its images. Without `crop`, crop_style and crop_aspect change nothing, so
+    they are recorded as the neutral "center" / "preserve" (a cache does not go stale over an unused key)."""
+    settings = {k: getattr(dataset, k) for k in ("id", "resolution", "resolution_type", "conditioning_type", "crop")}
+    settings["crop_style"] = dataset.crop_style if dataset.crop else "center"
+    settings["crop_aspect"] = dataset.crop_aspect if dataset.crop else "preserve"
+    return settings
 
 
 def changed_settings(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:

@@ -146,3 +146,14 @@ def test_held_out_samples_are_cached_for_previews(demo_project, tmp_path, capsys
     build_cache(load_config(config_path), device="cpu")
     assert "6 up to date, 2 to encode" in capsys.readouterr().out
     assert open_caches(load_config(config_path))
+
+
+def test_crop_aspect_means_nothing_without_crop():
+    """As in SimpleTuner: with crop false the image keeps its aspect whatever crop_aspect says; crop true
+    with SimpleTuner's defaults (random, square) crops a square at a seeded random offset."""
+    uncropped = DatasetConfig(id="d", resolution=512, crop=False, crop_aspect="square", crop_style="random")
+    placement = plan_placement(1600, 900, uncropped, seed=0, sample_id="a")
+    assert placement.size == bucket_size(1600, 900, 512, "pixel_area") and placement.size[0] != placement.size[1]
+    cropped = DatasetConfig(id="d", resolution=512, crop=True)
+    boxes = {plan_placement(1600, 900, cropped, seed=0, sample_id=str(i)).box for i in range(8)}
+    assert all(b[2] - b[0] == b[3] - b[1] for b in boxes) and len(boxes) > 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions as v1_dims
@@ -77,17 +78,16 @@ def test_edit_v1_cache_equals_qwen_image_edit_pipeline(tmp_path, tiny_models):
         _assert_close(ref, _vae(pipe, reference, *size))  # reference_strict: the target's size
 
 
-def test_edit_v2_cache_equals_qwen_image_edit_plus_pipeline(tmp_path, tiny_models):
+@pytest.mark.parametrize("flavour", ["edit-v2", "edit-v3"])  # edit-v3 (2511) encodes as 2509 does
+def test_plus_flavour_cache_equals_qwen_image_edit_plus_pipeline(tmp_path, tiny_models, flavour):
     caption = "paint the square of picture 1 in the colour of picture 2"
     size = (256, 256)
     data = _dataset(tmp_path / "data", size, n_refs=2, caption=caption)
     # References at resolution 1024 sized on their own: the pipeline's ~1 MP VAE input.
-    config = write_config(
-        tmp_path, tiny_models["edit-v2"], "edit-v2", data, n_refs=2, resolution=256, ref_resolution=1024
-    )
+    config = write_config(tmp_path, tiny_models[flavour], flavour, data, n_refs=2, resolution=256, ref_resolution=1024)
     target, refs, embeds = _cached(config)
 
-    pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_models["edit-v2"])
+    pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_models[flavour])
     references = [Image.open(data / f / "a.png").convert("RGB") for f in ("reference", "reference2")]
     condition_images, vae_sizes = [], []
     for image in references:  # as QwenImageEditPlusPipeline.__call__ prepares its images

@@ -37,7 +37,49 @@ def test_simpletuner_config_loads_with_unknown_keys_listed(tmp_path):
     assert config.dataset("edits").resolution == 512
     assert any(line.endswith(": push_to_hub") for line in config.ignored)
     assert any("dataset 'refs': vae_cache_clear_each_epoch" in line for line in config.ignored)
-    assert "ignored 3 config key(s)" in config.ignored_report()[0]
+    assert config.ignored_report() == [
+        f"ignored 3 key(s) that do not change training: {path}: push_to_hub, {path}: validation_prompt, "
+        f"{tmp_path / 'db.json'}: dataset 'refs': vae_cache_clear_each_epoch"
+    ]
+
+
+def test_unused_keys_that_change_training_are_reported_loudly(tmp_path):
+    path = _write(tmp_path, {"snr_gamma": 5, "noise_offset": 0.1, "push_to_hub": True}, BACKEND)
+    report = load_config(path).ignored_report()
+    assert report[0] == "WARNING: 2 key(s) change what you train in SimpleTuner; we do not support them yet:"
+    assert report[1].endswith(": snr_gamma") and report[2].endswith(": noise_offset")
+    assert report[3].startswith("ignored 2 key(s) that do not change training:")  # push_to_hub, and one in db.json
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("optimizer", "prodigy", "use adamw .or adamw_bf16, which means it here. or bnb-adamw8bit"),
+        ("lr_scheduler", "sine", "use cosine"),
+        ("lora_type", "lycoris", "LyCORIS adapters are not supported yet"),
+        ("base_model_precision", "nf4-bnb", "the nearest is int4-quanto"),
+        ("report_to", "wandb", "use tensorboard"),
+        ("conditioning_multidataset_sampling", "random", "all of its references .combined."),
+    ],
+)
+def test_simpletuner_values_we_do_not_support_name_what_to_write(tmp_path, key, value, message):
+    path = _write(tmp_path, {key: value}, BACKEND)
+    with pytest.raises(UserError, match=f"key '{key}' is '{value}'; .*{message}"):
+        load_config(path)
+
+
+def test_simpletuner_values_with_the_same_meaning_work(tmp_path):
+    path = _write(
+        tmp_path,
+        {"optimizer": "adamw_bf16", "lr_scheduler": "cosine_with_restarts", "base_model_precision": "fp8uz-quanto"},
+        BACKEND,
+    )
+    cfg = load_config(path).train
+    assert (cfg.optimizer, cfg.lr_scheduler, cfg.base_model_precision) == (
+        "adamw",
+        "cosine_with_restarts",
+        "fp8uz-quanto",
+    )
 
 
 def test_bad_value_names_file_dataset_and_key(tmp_path):
@@ -50,8 +92,8 @@ def test_bad_value_names_file_dataset_and_key(tmp_path):
 
 
 def test_bad_choice_lists_the_allowed_values(tmp_path):
-    path = _write(tmp_path, {"model_flavour": "edit-v3"}, BACKEND)
-    with pytest.raises(UserError, match=r"config.json: key 'model_flavour' is 'edit-v3'; use one of 'edit-v1'"):
+    path = _write(tmp_path, {"model_flavour": "edit-v9"}, BACKEND)
+    with pytest.raises(UserError, match=r"config.json: key 'model_flavour' is 'edit-v9'; use one of 'edit-v1'"):
         load_config(path)
 
 
@@ -149,3 +191,107 @@ def test_validation_keys_as_simpletuner_writes_them(tmp_path):
     path.write_text(json.dumps(dict(base, validation_resolution="1024x768")))
     with pytest.raises(UserError, match="validation_resolution.*give one number"):
         load_config(path)
+
+
+def test_simpletuner_entries_and_defaults_mean_what_they_mean_there(tmp_path):
+    """A config and dataloader written as SimpleTuner's Qwen edit and DATALOADER guides write them."""
+    backend = [
+        {  # crop: true alone is SimpleTuner's default style and aspect: random, square
+            "id": "edits",
+            "type": "local",
+            "instance_data_dir": "data/edited",
+            "caption_strategy": "textfile",
+            "crop": True,
+            "conditioning_data": ["refs"],
+            "cache_dir_vae": "cache/vae/edits",
+        },
+        {  # a reference entry with conditioning_type and no dataset_type, captions null
+            "id": "refs",
+            "type": "local",
+            "instance_data_dir": "data/reference",
+            "conditioning_type": "reference_strict",
+            "caption_strategy": None,
+        },
+        {"id": "held-out", "dataset_type": "eval", "instance_data_dir": "data/eval", "conditioning_data": ["refs"]},
+        {"id": "old", "instance_data_dir": "data/old", "disable": True},  # SimpleTuner's older spelling
+        {"id": "text-embeds", "dataset_type": "text_embeds", "default": True, "type": "local", "cache_dir": "c/t"},
+    ]
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
+    config = {
+        "--data_backend_config": str(tmp_path / "multidatabackend.json"),
+        "--lora_rank": 32,  # no lora_alpha: it is the rank, as in SimpleTuner
+        "--checkpoint_step_interval": 250,  # the current name of checkpointing_steps
+        "--resolution": 768,  # datasets without their own resolution use it
+        "--resolution_type": "pixel_area",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_config(tmp_path / "config.json")
+    cfg, edits, refs = loaded.train, loaded.dataset("edits"), loaded.dataset("refs")
+    assert (cfg.lora_alpha, cfg.checkpointing_steps) == (32.0, 250)
+    assert (edits.crop, edits.crop_style, edits.crop_aspect, edits.resolution) == (True, "random", "square", 768)
+    assert refs.dataset_type == "conditioning" and refs.caption_strategy == "textfile"
+    assert cfg.eval_dataset_id == "held-out" and loaded.dataset("held-out").dataset_type == "image"
+    assert [m.id for m in loaded.main_datasets()] == ["edits", "held-out"]  # "old" is disabled
+    (note,) = loaded.notes()
+    assert "'text-embeds' (text_embeds) is not needed here" in note
+    assert not loaded.ignored or all("default" in line or "type" in line for line in loaded.ignored)
+
+
+def test_config_files_as_simpletuner_reads_them(tmp_path, monkeypatch):
+    """config.json with the guides' // comments, config.toml, {env:...} and {model_family} placeholders;
+    config.env is refused with what to do instead."""
+    monkeypatch.setenv("EDITS_ROOT", "/data/edits")
+    backend = [dict(BACKEND[0], instance_data_dir="{env:EDITS_ROOT}/images", cache_dir="cache/{model_family}/edits")]
+    (tmp_path / "db.json").write_text("// datasets\n" + json.dumps(backend + BACKEND[1:]))
+    text = (
+        "{\n  // the Qwen edit quickstart's comments\n"
+        f'  "data_backend_config": "{tmp_path / "db.json"}", /* inline */\n'
+        '  "learning_rate": "1e-4", "instance_prompt": "a // not a comment"\n}\n'
+    )
+    (tmp_path / "config.json").write_text(text)
+    loaded = load_config(tmp_path / "config.json")
+    edits = loaded.dataset("edits")
+    assert (edits.instance_data_dir, edits.cache_dir) == ("/data/edits/images", "cache/qwen_image/edits")
+    assert loaded.train.learning_rate == pytest.approx(1e-4)
+
+    toml = f'data_backend_config = "{tmp_path / "db.json"}"\nlearning_rate = 2e-4\n"--lora_rank" = 8\n'
+    (tmp_path / "config.toml").write_text(toml)
+    cfg = load_config(tmp_path / "config.toml").train
+    assert (cfg.learning_rate, cfg.lora_rank, cfg.lora_alpha) == (2e-4, 8, 8.0)
+
+    (tmp_path / "config.env").write_text("export LEARNING_RATE=1e-4\n")
+    with pytest.raises(UserError, match="config.env files are not read here"):
+        load_config(tmp_path / "config.env")
+    monkeypatch.delenv("EDITS_ROOT")
+    with pytest.raises(UserError, match=r"uses \{env:EDITS_ROOT\}, but EDITS_ROOT is not set"):
+        load_config(tmp_path / "config.json")
+
+
+def test_print_config_says_where_each_setting_came_from(tmp_path):
+    from typer.testing import CliRunner
+
+    from train.cli import app
+
+    path = _write(tmp_path, {"learning_rate": 2e-4}, BACKEND)
+    result = CliRunner().invoke(app, ["run", "--config", str(path), "--print-config", "--max-train-steps", "9"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "  learning_rate = 0.0002  [config.json]" in lines
+    assert "  max_train_steps = 9  [command line]" in lines
+    assert "  lora_dropout = 0.0  [default; SimpleTuner's is 0.1]" in lines
+    assert "  lora_rank = 16  [default, as SimpleTuner's]" in lines
+    assert "  train_batch_size = 1  [default; SimpleTuner's is 4]" in lines
+    assert "  resolution = 512  [db.json]" in lines
+
+
+def test_prep_validate_and_train_run_say_which_defaults_differ_from_simpletuner(tmp_path):
+    from typer.testing import CliRunner
+
+    from prep.cli import app
+
+    path = _write(tmp_path, {}, BACKEND)
+    result = CliRunner().invoke(app, ["validate", "--config", str(path)])
+    lines = result.output.splitlines()
+    assert lines[0] == "defaults that differ from SimpleTuner's (set the key to choose):"
+    assert any(line.startswith("  learning_rate: SimpleTuner 4e-7") for line in lines)
+    assert any(line.startswith("  validation_guidance: SimpleTuner 7.5, here 4.0") for line in lines)

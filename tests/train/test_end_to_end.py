@@ -7,16 +7,22 @@ import shutil
 import PIL.Image
 import pytest
 import torch
-from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
 from safetensors.torch import load_file
 
 from prep.build import build_cache
 from shared.cache import CacheStore
 from shared.config import load_config
+from shared.flavours import FLAVOURS
 from tests.cache_files import manifest_rows
 from train.loop import train
 
-PIPELINES = {"edit-v1": QwenImageEditPipeline, "edit-v2": QwenImageEditPlusPipeline}
+PIPELINES = {
+    "edit-v1": QwenImageEditPipeline,
+    "edit-v2": QwenImageEditPlusPipeline,
+    "edit-v2+": QwenImageEditPlusPipeline,
+    "edit-v3": QwenImageEditPlusPipeline,
+}
 
 
 def _transformer_output(transformer: torch.nn.Module) -> torch.Tensor:
@@ -34,7 +40,7 @@ def _transformer_output(transformer: torch.nn.Module) -> torch.Tensor:
         )[0]
 
 
-@pytest.mark.parametrize("flavour", ["edit-v1", "edit-v2"])
+@pytest.mark.parametrize("flavour", ["edit-v1", "edit-v2", "edit-v2+", "edit-v3"])
 def test_prep_then_train_then_load_lora(flavour, demo_project, tmp_path, monkeypatch):
     config = load_config(demo_project(flavour, n_samples=4, train={"max_train_steps": 3}))
     (cache,) = build_cache(config, device="cpu")
@@ -58,7 +64,13 @@ def test_prep_then_train_then_load_lora(flavour, demo_project, tmp_path, monkeyp
     assert state and all(k.startswith("transformer.") and ".lora_" in k for k in state)
     assert any(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k), "training left lora_B at zero"
 
-    pipe = PIPELINES[flavour].from_pretrained(config.train.pretrained_model_name_or_path)
+    model = config.train.pretrained_model_name_or_path
+    if FLAVOURS[flavour].zero_cond_t:  # edit-v2+ sets the 2511 flag on 2509 weights; edit-v3's config has it
+        transformer = QwenImageTransformer2DModel.from_pretrained(model, subfolder="transformer", zero_cond_t=True)
+        pipe = PIPELINES[flavour].from_pretrained(model, transformer=transformer)
+        assert pipe.transformer.config.zero_cond_t
+    else:
+        pipe = PIPELINES[flavour].from_pretrained(model)
     before = _transformer_output(pipe.transformer)
     pipe.load_lora_weights(lora_path.parent)
     after = _transformer_output(pipe.transformer)

@@ -36,3 +36,33 @@ def test_every_adapter_gets_a_gradient(tiny_models, target):
     # query, whose output is discarded) would be a dead adapter in the LoRA file.
     dead = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not dead, dead
+
+
+@pytest.mark.parametrize("flavour, model", [("edit-v2+", "edit-v2"), ("edit-v3", "edit-v3")])
+def test_zero_cond_t_flavours_train_what_diffusers_computes_with_the_flag(tiny_models, flavour, model):
+    """edit-v2+ (2509 weights) and edit-v3 (2511) run the transformer with `zero_cond_t`: the training model
+    (LoRA still zero) predicts what diffusers' QwenImageTransformer2DModel with the flag predicts, not what it
+    predicts without the flag."""
+    from diffusers import QwenImageTransformer2DModel
+
+    path = str(tiny_models[model])
+    config = TrainConfig(pretrained_model_name_or_path=path, model_flavour=flavour, base_model_precision="no_change")
+    ours, _ = load_lora_transformer(config, torch.device("cpu"), tokens=64)
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(  # 4x4 target tokens, then two references' 4x4 tokens, as the Plus pipeline orders them
+        hidden_states=torch.randn(1, 48, 64, generator=g).bfloat16(),
+        encoder_hidden_states=torch.randn(1, 9, 32, generator=g).bfloat16(),
+        timestep=torch.tensor([0.6]),
+        img_shapes=[[(1, 4, 4), (1, 4, 4), (1, 4, 4)]],
+        return_dict=False,
+    )
+    with torch.no_grad():
+        predictions = {"ours": ours.eval()(**inputs)[0][:, :16]}
+        for flag in (True, False):
+            theirs = QwenImageTransformer2DModel.from_pretrained(
+                path, subfolder="transformer", torch_dtype=torch.bfloat16, zero_cond_t=flag
+            )
+            predictions[flag] = theirs(**inputs)[0][:, :16]
+    assert ours.config.zero_cond_t
+    torch.testing.assert_close(predictions["ours"], predictions[True], rtol=0, atol=0)
+    assert (predictions[True].float() - predictions[False].float()).abs().max() > 1e-2

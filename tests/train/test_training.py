@@ -151,7 +151,7 @@ def test_comfyui_export_has_comfyui_keys_and_the_same_weights_as_diffusers(proje
 @pytest.mark.parametrize(
     "precision,via",
     [("no_change", "accelerator"), ("int8-quanto", "cpu"), ("fp8-quanto", "accelerator"), ("int4-quanto", "cpu"),
-     ("int2-quanto", "accelerator")],
+     ("int2-quanto", "accelerator"), ("fp8uz-quanto", "accelerator")],
 )  # fmt: skip
 def test_each_base_precision_trains_a_step(project, tmp_path, precision, via):
     settings = dict(base_model_precision=precision, quantize_via=via, use_ema=False, lr_warmup_steps=0)
@@ -171,12 +171,21 @@ def test_each_base_precision_trains_a_step(project, tmp_path, precision, via):
             "loss_weighting": "sigma_sqrt",
         },
         {"lora_target": ["to_q", "to_v"], "logit_mean": -0.5, "logit_std": 1.5},
+        # SimpleTuner's names: its default optimizer, its linear and restarting schedules, its target list
+        {"lr_scheduler": "linear", "lr_warmup_steps": 0, "optimizer": "adamw_bf16"},
+        {"lr_scheduler": "cosine_with_restarts", "lr_warmup_steps": 0, "peft_lora_target_modules": '["to_k"]'},
     ],
 )
 def test_schedules_objectives_and_explicit_targets_train(project, tmp_path, settings):
     lora = load_file(train(load_config(project(tmp_path / "run", max_train_steps=2, **settings))))
     if isinstance(settings.get("lora_target"), list):
         assert {k.split(".")[-3] for k in lora} == {"to_q", "to_v"}
+    if "peft_lora_target_modules" in settings:
+        assert {k.split(".")[-3] for k in lora} == {"to_k"}
+    rows = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
+    lrs = [float(r.split(",")[rows[0].split(",").index("lr")]) for r in rows[1:]]
+    if settings.get("lr_scheduler") in ("linear", "cosine_with_restarts"):
+        assert lrs[0] > 0 and lrs[-1] == 0  # decays to zero at the last step, as diffusers' schedules do
     assert all(torch.isfinite(v).all() for v in lora.values())
 
 

@@ -1,0 +1,204 @@
+"""What SimpleTuner's keys mean here: its other spellings, its defaults where ours differ (and why), the
+values we map or refuse, and which unused keys would change what is trained.
+
+A shared key means what it means in SimpleTuner (its option registry, `simpletuner_sdk/server/services/
+field_registry/sections/*.py`, and `documentation/OPTIONS.md` / `DATALOADER.md`), or the run says so:
+`DIFFERENCES` is printed once at the start of `prep validate` and `train run`, and listed in README.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Older or alternative SimpleTuner names -> the name used here.
+ALIASES = {
+    "validation_steps": "validation_step_interval",
+    "checkpoint_step_interval": "checkpointing_steps",
+    "peft_lora_target_modules": "lora_target",
+}
+DATASET_ALIASES = {"disable": "disabled"}
+
+
+@dataclass(frozen=True)
+class Difference:
+    key: str
+    simpletuner: str  # SimpleTuner's default (or meaning)
+    ours: str
+    why: str
+
+    def line(self) -> str:
+        return f"  {self.key}: SimpleTuner {self.simpletuner}, here {self.ours} ({self.why})"
+
+
+# Defaults we deliberately do not share, when the key is omitted.
+DIFFERENCES = (
+    Difference(
+        "learning_rate",
+        "4e-7 (a full fine-tune's rate)",
+        "1e-4",
+        "a LoRA rate; SimpleTuner's Qwen edit guide sets one explicitly too",
+    ),
+    Difference(
+        "train_batch_size",
+        "4",
+        "1",
+        "one 1024² edit sample with its references fills a 24-80 GB card; raise it or accumulate gradients",
+    ),
+    Difference(
+        "gradient_checkpointing",
+        "true (every block)",
+        "unset: memory_mode checkpoints as many blocks as memory needs",
+        "the same gradients, faster; set it to true for SimpleTuner's behaviour",
+    ),
+    Difference(
+        "lora_dropout",
+        "0.1",
+        "0.0",
+        "dropout keeps a dropped copy of every adapted layer's input for backward, an estimated 0.35 GiB per "
+        "un-checkpointed block at 1024² edit-v1 that the memory plan would pay for in speed; set it to use dropout",
+    ),
+    Difference(
+        "optimizer",
+        "adamw_bf16 (bf16 weights, stochastic rounding)",
+        "adamw (torch's fused AdamW on fp32 LoRA weights)",
+        "the same algorithm at higher precision; adamw_bf16 is accepted and means this",
+    ),
+    Difference(
+        "quantize_via",
+        "cpu",
+        "accelerator",
+        "quantising each block on the GPU takes seconds; the GPU never holds more than one bf16 block",
+    ),
+    Difference(
+        "crop_seed",
+        "crops seeded by seed",
+        "crops seeded by crop_seed",
+        "so a new training seed never re-encodes a cache",
+    ),
+    Difference(
+        "validation_negative_prompt",
+        '"blurry, cropped, ugly"',
+        '"" (the empty instruction)',
+        "the true-CFG negative the Qwen edit pipelines' examples use",
+    ),
+    Difference(
+        "validation_guidance",
+        "7.5",
+        "4.0",
+        "Qwen-Image-Edit has no guidance embedding; its guide recommends 3.5-4.5 of true CFG",
+    ),
+)
+
+# Keys whose default here is SimpleTuner's (checked against its option registry and guides).
+SAME_DEFAULTS = {
+    "model_type",
+    "num_train_epochs",
+    "max_train_steps",
+    "gradient_accumulation_steps",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "lora_rank",
+    "lora_alpha",
+    "lora_type",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "max_grad_norm",
+    "flow_schedule_shift",
+    "caption_dropout_probability",
+    "resolution",
+    "resolution_type",
+    "conditioning_multidataset_sampling",
+    "crop",
+    "crop_style",
+    "crop_aspect",
+    "repeats",
+    "use_ema",
+    "ema_device",
+    "validation_step_interval",
+    "validation_num_inference_steps",
+}
+
+# Values SimpleTuner documents that mean the same here.
+OPTIMIZER_NAMES = {"adamw_bf16": "adamw", "optimi-adamw": "adamw", "bnb-adamw8bit": "bnb-adamw8bit", "adamw": "adamw"}
+PRECISION_NAMES = {"fp8uz-quanto": "fp8uz-quanto"}  # quanto's float8 e4m3fnuz, as SimpleTuner's
+
+# Values SimpleTuner documents that we refuse, with what to write instead.
+REFUSED_VALUES = {
+    ("optimizer", "*"): "use adamw (or adamw_bf16, which means it here) or bnb-adamw8bit",
+    ("lr_scheduler", "sine"): "use cosine (the nearest: a smooth decay)",
+    ("lora_type", "lycoris"): "LyCORIS adapters are not supported yet; use lora_type standard (PEFT LoRA)",
+    ("base_model_precision", "nf4-bnb"): "bitsandbytes NF4 is not supported yet; the nearest is int4-quanto",
+    ("base_model_precision", "*"): "use no_change, int8-quanto, fp8-quanto, fp8uz-quanto, int4-quanto or int2-quanto",
+    ("report_to", "wandb"): "Weights & Biases is not supported yet; use tensorboard (the CSVs and loss.png are always "
+    "written)",
+    ("conditioning_multidataset_sampling", "random"): "edit flavours train every sample with all of its references "
+    "(combined), as the Qwen edit guide describes; remove the key or set it to combined",
+}
+
+# Keys we do not use that would change what is trained: reported loudly.
+TRAINING_KEYS = {
+    "snr_gamma",
+    "use_soft_min_snr",
+    "noise_offset",
+    "noise_offset_probability",
+    "input_perturbation",
+    "input_perturbation_steps",
+    "loss_type",
+    "huber_schedule",
+    "huber_c",
+    "flow_use_beta_schedule",
+    "flow_beta_schedule_alpha",
+    "flow_beta_schedule_beta",
+    "flow_sigmoid_scale",
+    "timestep_bias_strategy",
+    "timestep_bias_begin",
+    "timestep_bias_end",
+    "timestep_bias_multiplier",
+    "timestep_bias_portion",
+    "use_dora",
+    "lora_init_type",
+    "init_lora",
+    "lycoris_config",
+    "train_text_encoder",
+    "text_encoder_lr",
+    "lr_num_cycles",
+    "lr_power",
+    "lr_end",
+    "lr_scale",
+    "lr_scale_sqrt",
+    "optimizer_config",
+    "optimizer_beta1",
+    "optimizer_beta2",
+    "gradient_precision",
+    "masked_loss_probability",
+    "ema_update_interval",
+    "prepend_instance_prompt",
+    "only_instance_prompt",
+    "caption_shuffle",
+    "maximum_image_size",
+    "target_downsample_size",
+    "minimum_aspect_ratio",
+    "maximum_aspect_ratio",
+    "crop_aspect_buckets",
+    "max_upscale_threshold",
+    "max_num_samples",
+    "timestep_sampling_offset",
+    "model_type",  # full fine-tunes are not supported: refused where read
+    "scheduled_sampling_max_step_offset",
+    "allow_dataset_oversubscription",
+    "data_backend_sampling",
+    "disable_multiline_split",
+    "fuse_qkv_projections",
+    "tread_config",
+}
+
+
+def classify_ignored(keys: list[str]) -> tuple[list[str], list[str]]:
+    """("file: key" lines for keys that change training, the rest): the first are reported loudly."""
+    loud = [k for k in keys if k.rsplit(": ", 1)[-1] in TRAINING_KEYS]
+    return loud, [k for k in keys if k not in loud]
+
+
+def differences_report() -> list[str]:
+    """The lines printed once at the start of `prep validate` and `train run`."""
+    return ["defaults that differ from SimpleTuner's (set the key to choose):"] + [d.line() for d in DIFFERENCES]
