@@ -535,13 +535,10 @@ def _coerce(value: Any, default: Any, key: str, where: str) -> Any:
 
 def read_config_file(path: Path, expect: type) -> Any:
     """A config file as SimpleTuner reads it: JSON (with `//` and `/* */` comments, as its guides write
-    them; UTF-8 or UTF-16) or, for a `.toml` file, TOML. `config.env` (shell exports) is refused with what to do."""
+    them; UTF-8 or UTF-16), TOML for a `.toml` file, or SimpleTuner's `config.env` (`export NAME=value` lines,
+    its variable names and TRAINER_EXTRA_ARGS)."""
     if not path.is_file():
         raise UserError(f"{path}: file not found (paths are relative to the directory you run from)")
-    if path.suffix == ".env":
-        raise UserError(
-            f"{path}: config.env files are not read here; write the same keys in a config.json or config.toml"
-        )
     raw = path.read_bytes()
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with a BOM, as some Windows editors save
         encoding = "utf-16"
@@ -553,6 +550,9 @@ def read_config_file(path: Path, expect: type) -> Any:
         raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
     if path.suffix == ".toml":
         data = _parse_toml(text, path)
+    elif path.suffix == ".env":
+        data, unknown = simpletuner.env_to_config(simpletuner.parse_env_file(text))
+        data.update({f"{name} (config.env variable)": None for name in unknown})  # reported as read past
     else:
         try:
             data = json.loads(strip_json_comments(text))

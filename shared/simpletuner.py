@@ -202,3 +202,99 @@ def classify_ignored(keys: list[str]) -> tuple[list[str], list[str]]:
 def differences_report() -> list[str]:
     """The lines printed once at the start of `prep validate` and `train run`."""
     return ["defaults that differ from SimpleTuner's (set the key to choose):"] + [d.line() for d in DIFFERENCES]
+
+
+# config.env (SimpleTuner's shell-style file): its variable names for the keys we read
+# (`simpletuner/helpers/configuration/env_file.py`), and TRAINER_EXTRA_ARGS for the rest.
+ENV_KEYS = {
+    "RESUME_CHECKPOINT": "resume_from_checkpoint",
+    "DATALOADER_CONFIG": "data_backend_config",
+    "TRAINING_SEED": "seed",
+    "USE_EMA": "use_ema",
+    "MINIMUM_RESOLUTION": "minimum_image_size",
+    "OUTPUT_DIR": "output_dir",
+    "LORA_TYPE": "lora_type",
+    "MAX_NUM_STEPS": "max_train_steps",
+    "NUM_EPOCHS": "num_train_epochs",
+    "CHECKPOINTING_STEPS": "checkpointing_steps",
+    "CHECKPOINT_STEP_INTERVAL": "checkpointing_steps",
+    "CHECKPOINTING_LIMIT": "checkpoints_total_limit",
+    "MODEL_TYPE": "model_type",
+    "MODEL_NAME": "pretrained_model_name_or_path",
+    "MODEL_FAMILY": "model_family",
+    "TRAIN_BATCH_SIZE": "train_batch_size",
+    "USE_GRADIENT_CHECKPOINTING": "gradient_checkpointing",
+    "CAPTION_DROPOUT_PROBABILITY": "caption_dropout_probability",
+    "RESOLUTION_TYPE": "resolution_type",
+    "RESOLUTION": "resolution",
+    "VALIDATION_SEED": "validation_seed",
+    "VALIDATION_STEPS": "validation_step_interval",
+    "VALIDATION_STEP_INTERVAL": "validation_step_interval",
+    "VALIDATION_RESOLUTION": "validation_resolution",
+    "VALIDATION_GUIDANCE": "validation_guidance",
+    "VALIDATION_NUM_INFERENCE_STEPS": "validation_num_inference_steps",
+    "VALIDATION_NEGATIVE_PROMPT": "validation_negative_prompt",
+    "DISABLE_BENCHMARK": "disable_benchmark",
+    "MIXED_PRECISION": "mixed_precision",
+    "OPTIMIZER": "optimizer",
+    "LEARNING_RATE": "learning_rate",
+    "LR_SCHEDULE": "lr_scheduler",
+    "LR_WARMUP_STEPS": "lr_warmup_steps",
+    "BASE_MODEL_PRECISION": "base_model_precision",
+    "QUANTIZE_VIA": "quantize_via",
+    "GRADIENT_ACCUMULATION_STEPS": "gradient_accumulation_steps",
+}
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """SimpleTuner's config.env: `[export ]NAME=value` lines (quotes stripped, `#` comments, `NAME+=more`
+    appends words); returns the variables."""
+    variables: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        line = line.removeprefix("export ").strip()
+        append = "+=" in line.split("=", 1)[0] + "="
+        name, value = line.split("+=", 1) if append else line.split("=", 1)
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        name = name.strip()
+        variables[name] = f"{variables[name]} {value}".strip() if append and name in variables else value
+    return variables
+
+
+def env_to_config(variables: dict[str, str]) -> tuple[dict, list[str]]:
+    """(config keys, variable names we do not read) from config.env's variables, as SimpleTuner maps them: a
+    "false" flag is left out, "true" sets it, TRAINER_EXTRA_ARGS holds `--key=value` / `--flag` words."""
+    config, unknown = {}, []
+    for name, value in variables.items():
+        if "${" in value:  # shell expansion SimpleTuner skips too
+            continue
+        if name == "TRAINER_EXTRA_ARGS":
+            config.update(_cli_words(value.split()))
+        elif name in ENV_KEYS:
+            if value.lower() != "false":
+                config[ENV_KEYS[name]] = True if value.lower() == "true" else value
+        else:
+            unknown.append(name)
+    return config, unknown
+
+
+def _cli_words(words: list[str]) -> dict:
+    """`--key=value`, `--key value` and `--flag` words as config keys."""
+    out: dict = {}
+    i = 0
+    while i < len(words):
+        word = words[i].removeprefix("--")
+        if "=" in word:
+            key, value = word.split("=", 1)
+            out[key] = value
+        elif i + 1 < len(words) and not words[i + 1].startswith("--"):
+            out[word] = words[i + 1]
+            i += 1
+        else:
+            out[word] = True
+        i += 1
+    return out

@@ -238,8 +238,8 @@ def test_simpletuner_entries_and_defaults_mean_what_they_mean_there(tmp_path):
 
 
 def test_config_files_as_simpletuner_reads_them(tmp_path, monkeypatch):
-    """config.json with the guides' // comments, config.toml, {env:...} and {model_family} placeholders;
-    config.env is refused with what to do instead."""
+    """config.json with the guides' // comments, config.toml, SimpleTuner's config.env, and {env:...} and
+    {model_family} placeholders."""
     monkeypatch.setenv("EDITS_ROOT", "/data/edits")
     backend = [dict(BACKEND[0], instance_data_dir="{env:EDITS_ROOT}/images", cache_dir="cache/{model_family}/edits")]
     (tmp_path / "db.json").write_text("// datasets\n" + json.dumps(backend + BACKEND[1:]))
@@ -259,9 +259,20 @@ def test_config_files_as_simpletuner_reads_them(tmp_path, monkeypatch):
     cfg = load_config(tmp_path / "config.toml").train
     assert (cfg.learning_rate, cfg.lora_rank, cfg.lora_alpha) == (2e-4, 8, 8.0)
 
-    (tmp_path / "config.env").write_text("export LEARNING_RATE=1e-4\n")
-    with pytest.raises(UserError, match="config.env files are not read here"):
-        load_config(tmp_path / "config.env")
+    env = (
+        "# SimpleTuner's config.env\n"
+        f"export DATALOADER_CONFIG='{tmp_path / 'db.json'}'\n"
+        'export LEARNING_RATE="3e-4"\nexport USE_EMA=true\nexport USE_GRADIENT_CHECKPOINTING=false\n'
+        "export TRAINING_NUM_PROCESSES=1\n"
+        'export TRAINER_EXTRA_ARGS="--lora_rank=4 --validation_steps 50"\n'
+        'export TRAINER_EXTRA_ARGS+="--use_ema"\n'
+    )
+    (tmp_path / "config.env").write_text(env)
+    loaded = load_config(tmp_path / "config.env")
+    cfg = loaded.train
+    assert (cfg.learning_rate, cfg.use_ema, cfg.gradient_checkpointing) == (3e-4, True, False)
+    assert (cfg.lora_rank, cfg.validation_step_interval) == (4, 50)
+    assert any("TRAINING_NUM_PROCESSES (config.env variable)" in line for line in loaded.ignored)
     monkeypatch.delenv("EDITS_ROOT")
     with pytest.raises(UserError, match=r"uses \{env:EDITS_ROOT\}, but EDITS_ROOT is not set"):
         load_config(tmp_path / "config.json")
