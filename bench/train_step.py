@@ -209,6 +209,7 @@ def measure_previews(transformer, batch, schedule, accelerator, args, config) ->
     the held-out loss of one sample at 8 σ values, as `train run` does between steps; peak memory of each."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
 
+    from shared.tiny_model import SCHEDULER_CONFIG
     from train.eval_data import EvalSample
     from train.loop import SMALL_CARD_MODES
     from train.memory import GIB
@@ -218,16 +219,7 @@ def measure_previews(transformer, batch, schedule, accelerator, args, config) ->
 
     device, cuda = accelerator.device, accelerator.device.type == "cuda"
     model = accelerator.unwrap_model(transformer)
-    # Qwen-Image's scheduler settings (scheduler/scheduler_config.json of the checkpoints)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256,
-        base_shift=0.5,
-        max_image_seq_len=8192,
-        max_shift=0.9,
-        shift_terminal=0.02,
-        time_shift_type="exponential",
-        use_dynamic_shifting=True,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)  # the checkpoints' settings
     vae = AutoencoderKLQwenImage()  # diffusers' defaults are Qwen-Image's VAE (base_dim 96, z_dim 16)
     vae.decoder.to(device, torch.bfloat16)
     vae.post_quant_conv.to(device, torch.bfloat16)

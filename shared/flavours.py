@@ -10,7 +10,7 @@ diffusers' `QwenImageTransformer2DModel`). edit-v2+ trains the 2509 weights with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 _SYSTEM = (
     "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, "
@@ -66,26 +66,12 @@ FLAVOURS: dict[str, Flavour] = {
         vl_area=384 * 384,
         reference_vae_area=1024 * 1024,
     ),
-    "edit-v2+": Flavour(
-        name="edit-v2+",
-        default_model="Qwen/Qwen-Image-Edit-2509",
-        pipeline_class="QwenImageEditPlusPipeline",
-        min_references=1,
-        max_references=3,
-        vl_area=384 * 384,
-        reference_vae_area=1024 * 1024,
-        zero_cond_t=True,
-    ),
-    "edit-v3": Flavour(
-        name="edit-v3",
-        default_model="Qwen/Qwen-Image-Edit-2511",
-        pipeline_class="QwenImageEditPlusPipeline",
-        min_references=1,
-        max_references=3,
-        vl_area=384 * 384,
-        reference_vae_area=1024 * 1024,
-        zero_cond_t=True,
-    ),
 }
+
+# 2509 weights trained with zero_cond_t, and Qwen-Image-Edit-2511: the Plus pipeline's encodings either way.
+FLAVOURS["edit-v2+"] = replace(FLAVOURS["edit-v2"], name="edit-v2+", zero_cond_t=True)
+FLAVOURS["edit-v3"] = replace(
+    FLAVOURS["edit-v2"], name="edit-v3", default_model="Qwen/Qwen-Image-Edit-2511", zero_cond_t=True
+)
 
 SYSTEM_PREFIX = _SYSTEM  # exposed so the tiny tokenizer can be checked to split it into drop_tokens tokens

@@ -32,6 +32,17 @@ SPECIAL_TOKENS = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
+# The official checkpoints' scheduler settings (scheduler/scheduler_config.json of Qwen-Image-Edit*).
+SCHEDULER_CONFIG = dict(
+    base_image_seq_len=256,
+    base_shift=0.5,
+    max_image_seq_len=8192,
+    max_shift=0.9,
+    shift=1.0,
+    shift_terminal=0.02,
+    use_dynamic_shifting=True,
+    time_shift_type="exponential",
+)
 TEXT_DIM = 32  # hidden size of the tiny text encoder (3584 in the real one)
 LATENT_CHANNELS = 16  # z_dim, as in the real VAE
 
@@ -143,17 +154,7 @@ def build_components(seed: int = 0) -> dict:
         joint_attention_dim=TEXT_DIM,
         axes_dims_rope=(4, 6, 6),
     )
-    # The official checkpoints' scheduler settings.
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256,
-        base_shift=0.5,
-        max_image_seq_len=8192,
-        max_shift=0.9,
-        shift=1.0,
-        shift_terminal=0.02,
-        use_dynamic_shifting=True,
-        time_shift_type="exponential",
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     return {
         "scheduler": scheduler,
         "vae": vae,
