@@ -40,6 +40,8 @@ PREVIEWS = "previews"
 
 
 class Validator:
+    """Renders previews and measures the held-out loss of this rank's share of the eval split."""
+
     def __init__(
         self,
         cfg: TrainConfig,
@@ -66,6 +68,11 @@ class Validator:
             vae = load_vae_decoder(model, accelerator.device)
             self.decoder = Decoder(vae, accelerator.device, tiled=tiled_decode)
         self._truth: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}  # decoded once: (references, target)
+        if not len(eval_set):
+            log.info(
+                "no eval samples: previews and the held-out loss are off (name an eval_dataset_id, or let prep hold "
+                "samples out with eval_holdout, then rebuild the cache)"
+            )
 
     def previews_due(self, step: int, last: bool) -> bool:
         return self.previews_on and (last or (self.preview_every > 0 and step % self.preview_every == 0))
