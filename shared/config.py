@@ -11,13 +11,12 @@ relative to the directory the command runs in, as SimpleTuner does.
 from __future__ import annotations
 
 import json
-import math
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from shared import simpletuner
+from shared.config_checks import check_datasets, check_ranges, check_validation_resolution
 from shared.config_files import expand_placeholders, read_config_file
 from shared.errors import UserError
 from shared.flavours import FLAVOURS
@@ -289,7 +288,7 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
             raw[new] = raw.pop(old)
     raw.update(overrides or {})
     raw = expand_placeholders(raw, str(raw.get("model_family", TrainConfig.model_family)), str(config_path))
-    _check_validation_resolution(raw.get("validation_resolution"), config_path)
+    check_validation_resolution(raw.get("validation_resolution"), config_path)
     ignored: list[str] = []
     train = _fill(TrainConfig(), raw, where=str(config_path), ignored=ignored)
     if not train.lora_alpha:
@@ -302,7 +301,7 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
         raise UserError(f"{config_path}: key 'data_backend_config' is missing; set it to your multidatabackend.json")
     if not train.pretrained_model_name_or_path:
         train.pretrained_model_name_or_path = FLAVOURS[train.model_flavour].default_model
-    _check_ranges(train, config_path)
+    check_ranges(train, config_path)
 
     backend_path = Path(train.data_backend_config)
     entries = read_config_file(backend_path, expect=list)
@@ -332,7 +331,7 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
     _adopt_eval_dataset(train, datasets, backend_path)
     explicit = {k for k, v in raw.items() if k in {f.name for f in fields(TrainConfig)} and v is not None}
     config = Config(train, datasets, config_path, backend_path, ignored, explicit, set(overrides or {}), dataset_keys)
-    _check_datasets(config)
+    check_datasets(config)
     return config
 
 
@@ -351,121 +350,6 @@ def _adopt_eval_dataset(train: TrainConfig, datasets: list[DatasetConfig], backe
                 f"'{train.eval_dataset_id}'; keep one of the two"
             )
         dataset.dataset_type, train.eval_dataset_id = "image", dataset.id
-
-
-def _check_validation_resolution(value: Any, config_path: Path) -> None:
-    """SimpleTuner also takes "WxH" and comma-separated lists here; previews keep each eval sample's aspect."""
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
-            raise UserError(
-                f"{config_path}: key 'validation_resolution' is {value!r}; previews keep each eval sample's aspect "
-                "ratio, so give one number, a pixel_area resolution such as 1024 (0: the dataset's resolution)"
-            ) from None
-
-
-def _check_ranges(train: TrainConfig, config_path: Path) -> None:
-    """Values that make no sense are refused here, before any model loads, with the key and what is allowed."""
-    rules = [
-        ("train_batch_size", train.train_batch_size >= 1, ">= 1"),
-        ("gradient_accumulation_steps", train.gradient_accumulation_steps >= 1, ">= 1"),
-        ("max_train_steps", train.max_train_steps >= 0, ">= 0 (0: use num_train_epochs)"),
-        (
-            "num_train_epochs",
-            train.num_train_epochs >= 1 or train.max_train_steps > 0,
-            ">= 1 when max_train_steps is 0",
-        ),
-        ("lora_rank", train.lora_rank >= 1, ">= 1"),
-        ("lora_alpha", math.isfinite(train.lora_alpha) and train.lora_alpha > 0, "a finite number > 0"),
-        ("lora_dropout", 0 <= train.lora_dropout < 1, "in [0, 1)"),
-        ("learning_rate", math.isfinite(train.learning_rate) and train.learning_rate > 0, "a finite number > 0"),
-        ("lr_warmup_steps", train.lr_warmup_steps >= 0, ">= 0"),
-        ("caption_dropout_probability", 0 <= train.caption_dropout_probability < 1, "in [0, 1)"),
-        ("gradient_checkpointing_interval", train.gradient_checkpointing_interval >= 1, ">= 1"),
-        ("blocks_to_swap", train.blocks_to_swap >= 0, ">= 0"),
-        ("memory_budget_gib", train.memory_budget_gib >= 0, ">= 0 (0: the free memory)"),
-        ("max_grad_norm", train.max_grad_norm >= 0, ">= 0 (0: no clipping)"),
-        ("ema_decay", 0 < train.ema_decay < 1, "in (0, 1)"),
-        ("checkpointing_steps", train.checkpointing_steps >= 0, ">= 0 (0: no checkpoints)"),
-        ("checkpoints_total_limit", train.checkpoints_total_limit >= 0, ">= 0 (0: keep all)"),
-        ("max_nonfinite_steps", train.max_nonfinite_steps >= 1, ">= 1"),
-        ("dataloader_num_workers", train.dataloader_num_workers >= 0, ">= 0"),
-        ("dataloader_prefetch_factor", train.dataloader_prefetch_factor >= 1, ">= 1"),
-        ("eval_holdout", train.eval_holdout >= 0, ">= 0 (0: hold nothing out)"),
-        ("validation_step_interval", train.validation_step_interval >= 0, ">= 0 (0: previews at start and end)"),
-        ("validation_num_inference_steps", train.validation_num_inference_steps >= 1, ">= 1"),
-        ("validation_guidance", math.isfinite(train.validation_guidance) and train.validation_guidance >= 0, ">= 0"),
-        ("validation_resolution", train.validation_resolution >= 0, ">= 0 (0: the dataset's resolution)"),
-        ("validation_num_images", train.validation_num_images >= 0, ">= 0"),
-        ("eval_steps_interval", train.eval_steps_interval >= 0, ">= 0 (0: every validation_step_interval)"),
-        ("eval_timesteps", train.eval_timesteps >= 1, ">= 1"),
-        ("logging_steps", train.logging_steps >= 1, ">= 1"),
-    ]
-    for key, ok, allowed in rules:
-        if not ok:
-            raise UserError(f"{config_path}: key '{key}' is {getattr(train, key)!r}; it must be {allowed}")
-
-
-def _check_datasets(config: Config) -> None:
-    path = config.backend_path
-    ids = [d.id for d in config.datasets]
-    duplicated = sorted({i for i in ids if ids.count(i) > 1})
-    if duplicated:
-        raise UserError(f"{path}: dataset ids must be unique; repeated: {', '.join(duplicated)}")
-    mains = config.main_datasets()
-    if not mains:
-        raise UserError(f"{path}: no main dataset (an entry without 'dataset_type', or 'dataset_type': 'image')")
-    owners: dict[str, str] = {}
-    for main in mains:  # two datasets in one cache dir would overwrite each other's shards
-        location = config.cache_location_for(main)
-        if "://" not in location and Path(location).exists() and not Path(location).is_dir():
-            raise UserError(
-                f"{path}: dataset '{main.id}': its cache dir {location} is a file; point cache_dir (or "
-                "cache_dir_vae) at a folder, or move the file away"
-            )
-        key = location if "://" in location else os.path.abspath(location)
-        if key in owners:
-            raise UserError(
-                f"{path}: datasets '{owners[key]}' and '{main.id}' both use the cache dir {location}; each main "
-                "dataset needs its own: set 'cache_dir' (or 'cache_dir_vae') of one of them to another folder"
-            )
-        owners[key] = main.id
-    if config.train.eval_dataset_id and config.train.eval_dataset_id not in [m.id for m in mains]:
-        raise UserError(
-            f"{config.config_path}: key 'eval_dataset_id' is '{config.train.eval_dataset_id}', "
-            f"which is not a main dataset ({', '.join(m.id for m in mains)})"
-        )
-    flavour = FLAVOURS[config.train.model_flavour]
-    for main in mains:
-        where = f"{path}: dataset '{main.id}'"
-        if not main.instance_data_dir:
-            raise UserError(f"{where}: key 'instance_data_dir' is missing")
-        if main.caption_strategy == "instanceprompt" and not main.instance_prompt:
-            raise UserError(f"{where}: key 'instance_prompt' is empty but caption_strategy is 'instanceprompt'")
-        if main.caption_strategy == "parquet" and not main.parquet.get("path"):
-            raise UserError(f"{where}: key 'parquet' needs a 'path' (a .parquet or .jsonl caption table)")
-        if main.resolution <= 0:
-            raise UserError(f"{where}: key 'resolution' must be positive, got {main.resolution}")
-        if main.repeats < 0 or main.probability < 0:
-            raise UserError(f"{where}: keys 'repeats' and 'probability' must be >= 0")
-        for cond_id in main.conditioning_data:
-            if cond_id not in ids:
-                raise UserError(f"{where}: key 'conditioning_data' names '{cond_id}', which is not a dataset id")
-            cond = config.dataset(cond_id)
-            if cond.dataset_type != "conditioning":
-                raise UserError(
-                    f"{path}: dataset '{cond_id}': key 'dataset_type' must be 'conditioning' "
-                    f"(it is listed in the conditioning_data of '{main.id}')"
-                )
-            if not cond.instance_data_dir:
-                raise UserError(f"{path}: dataset '{cond_id}': key 'instance_data_dir' is missing")
-        n = len(main.conditioning_data)
-        if not flavour.min_references <= n <= flavour.max_references:
-            raise UserError(
-                f"{where}: key 'conditioning_data' lists {n} reference dataset(s); "
-                f"{flavour.name} takes {flavour.min_references} to {flavour.max_references}"
-            )
 
 
 def _fill(target: Any, raw: dict, where: str, ignored: list[str]) -> Any:
