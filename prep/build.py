@@ -30,7 +30,7 @@ from prep.record import SamplePreparer, source_sha256
 from prep.scan import Sample
 from prep.validate import Report, validate
 from shared.cache import CACHE_JSON, FORMAT_VERSION, LOCK, MANIFEST, MANIFEST_SCHEMA, VALIDATION, CacheLock
-from shared.cache.fingerprint import changed_settings, fingerprint
+from shared.cache.fingerprint import changed_settings, fingerprint, references_alone
 from shared.cache.writer import ShardTable, ShardWriter, commit, manifest_fingerprint, read_existing_rows
 from shared.config import Config, DatasetConfig
 from shared.errors import UserError
@@ -211,6 +211,7 @@ def build_cache(
                     config.train.match_target_res,
                     config.train.crop_seed,
                     config.train.preview_settings,
+                    references_alone(config, plan.main),
                 )
                 stats = encode_into(
                     writer,

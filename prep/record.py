@@ -46,7 +46,9 @@ class Prepared:
 
     sample: Sample
     vae_pixels: list[torch.Tensor]  # target first, then each reference: [1, 3, 1, H, W] in [-1, 1]
-    vl_inputs: list[dict[str, torch.Tensor]]  # per caption, then " " (eval: negative) or "" (train: dropout)
+    # Per caption, then the eval negative or the train dropout (""): with all references; or, for train samples
+    # whose references are cached alone, that list for reference 0, then for reference 1, ...
+    vl_inputs: list[dict[str, torch.Tensor]]
     meta: dict  # the record's <id>.json, without tensors
     row: dict  # the manifest columns that do not depend on the tensors
 
@@ -61,9 +63,17 @@ class SamplePreparer:
     """Decode, place and preprocess samples exactly as the pipelines do, with no model: runs in workers."""
 
     def __init__(
-        self, flavour: Flavour, processor, vae_scale_factor: int, match_target: bool, crop_seed: int, preview: dict
+        self,
+        flavour: Flavour,
+        processor,
+        vae_scale_factor: int,
+        match_target: bool,
+        crop_seed: int,
+        preview: dict,
+        references_alone: bool = False,
     ):
         self.flavour = flavour
+        self.references_alone = references_alone  # train samples: embeddings per reference (random sampling)
         self.preview = preview  # TrainConfig.preview_settings: eval samples' negative instruction and resolution
         self.processor = processor
         self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2)
@@ -118,7 +128,11 @@ class SamplePreparer:
         # instruction (with their references), so caption dropout can be turned on later without re-encoding.
         extra = [self.preview["negative_prompt"]] if sample.split == "eval" else [""]
         instructions = sample.captions + extra
-        vl = [self.vl_inputs(instruction, vl_images) for instruction in instructions]
+        if self.references_alone and sample.split == "train":
+            # conditioning_multidataset_sampling random: each reference alone, as a pipeline given only it encodes.
+            vl = [self.vl_inputs(text, [image]) for image in vl_images for text in instructions]
+        else:
+            vl = [self.vl_inputs(instruction, vl_images) for instruction in instructions]
 
         hashes = [file_sha256(sample.image)] + [m["sha256"] for m in ref_meta]
         source_sha = source_sha256(sample, hashes, self.preview)
@@ -160,17 +174,23 @@ def to_record(prepared: Prepared, latents: list[torch.Tensor], embeds: list[torc
     """The record members and manifest row of a sample, from its encodings (target latent first)."""
     n_captions = len(prepared.sample.captions)
     eval_sample = prepared.sample.split == "eval"
-    typed = Embeddings(
-        embeds[:n_captions],
-        dropout=None if eval_sample else embeds[n_captions],
-        negative=embeds[n_captions] if eval_sample else None,
-    )
+    if len(embeds) > n_captions + 1:  # references alone: (captions, dropout) per reference
+        groups = [embeds[i : i + n_captions + 1] for i in range(0, len(embeds), n_captions + 1)]
+        typed = Embeddings([], alone=[Embeddings(g[:n_captions], dropout=g[n_captions]) for g in groups])
+        prompt_lens = [max(g[k].shape[0] for g in groups) for k in range(n_captions)]  # the longest per caption
+    else:
+        typed = Embeddings(
+            embeds[:n_captions],
+            dropout=None if eval_sample else embeds[n_captions],
+            negative=embeds[n_captions] if eval_sample else None,
+        )
+        prompt_lens = [e.shape[0] for e in embeds[:n_captions]]
     members = {
         LATENTS: Latents(latents[0], latents[1:]).to_bytes(),
         EMBEDS: typed.to_bytes(),
         META: json.dumps(prepared.meta, sort_keys=True, ensure_ascii=False).encode(),
     }
-    row = dict(prepared.row, prompt_lens=[e.shape[0] for e in embeds[:n_captions]])
+    row = dict(prepared.row, prompt_lens=prompt_lens)
     return members, row
 
 

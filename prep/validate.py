@@ -40,6 +40,7 @@ class Report:
     files: dict[Path, FileRecord] = field(default_factory=dict)  # every image looked at, as validated
     decoded: int = 0  # images decoded this time (the others were unchanged since the last build)
     records_current: bool = False  # what the caches' validation records say is exactly `files`
+    sampling: str = "combined"  # conditioning_multidataset_sampling
 
     @property
     def errors(self) -> list[Finding]:
@@ -67,6 +68,14 @@ class Report:
                 lines.append(
                     f"  reference '{cond.dataset_id}' ({cond.root}): {cond.missing} edit image(s) without a reference, "
                     f"{cond.extra} reference(s) without an edit image"
+                )
+            if len(scan.conditioning) > 1:
+                n = len(scan.conditioning)
+                lines.append(
+                    f"  each train sample trains with all {n} references (conditioning_multidataset_sampling combined)"
+                    if self.sampling == "combined"
+                    else f"  each train sample trains with one of its {n} references, picked each time it is drawn "
+                    "(conditioning_multidataset_sampling random); eval samples are previewed with all of them"
                 )
         lines.append(f"errors: {len(self.errors)}, warnings: {len(self.warnings)}")
         for title, group in (("errors", self.errors), ("warnings", self.warnings)):
@@ -242,6 +251,7 @@ def validate(config: Config, workers: int | None = None) -> Report:
                 kept.append(sample)
         samples[main.id] = hold_out(config, kept)
     report = Report(str(config.config_path), config.train.model_flavour, scans, findings, samples)
+    report.sampling = config.train.conditioning_multidataset_sampling
     report.files, report.decoded = infos, len(todo)
     report.records_current = not todo and infos.keys() == known.keys()
     return report

@@ -21,7 +21,15 @@ from shared.config_files import expand_placeholders, read_config_file
 from shared.errors import UserError
 from shared.flavours import FLAVOURS
 
-BASE_MODEL_PRECISIONS = ("no_change", "int8-quanto", "fp8-quanto", "fp8uz-quanto", "int4-quanto", "int2-quanto")
+BASE_MODEL_PRECISIONS = (
+    "no_change",
+    "int8-quanto",
+    "fp8-quanto",
+    "fp8uz-quanto",
+    "int4-quanto",
+    "int2-quanto",
+    "nf4-bnb",  # bitsandbytes, an optional extra: pip install 'qwen-edit-trainer[bnb]'
+)
 
 
 @dataclass
@@ -73,7 +81,9 @@ class TrainConfig:
     resume_from_checkpoint: str = ""  # "latest" or a checkpoint dir
     overwrite_output_dir: bool = False  # start a new run in an output_dir that holds another run
     max_nonfinite_steps: int = 5  # NaN/inf losses in a row before training stops
-    report_to: str = "none"  # "none" or "tensorboard" (a CSV of every step is always written)
+    report_to: str = "none"  # "none", "tensorboard", "wandb" (optional extra) or "all" (CSVs are always written)
+    tracker_project_name: str = "simpletuner"  # Weights & Biases project and run (SimpleTuner's defaults)
+    tracker_run_name: str = "simpletuner-testing"
     max_grad_norm: float = 2.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -89,7 +99,9 @@ class TrainConfig:
     resolution: float = 1024
     resolution_type: str = "pixel_area"
     minimum_image_size: float = 0
-    conditioning_multidataset_sampling: str = "combined"  # every sample with all its references
+    # "combined": every sample trains with all its references; "random": each train sample with one of them,
+    # picked anew every time it is drawn (prep caches its embeddings per reference). Eval samples: all.
+    conditioning_multidataset_sampling: str = "combined"
     eval_holdout: int = 4  # no eval_dataset_id: samples held out of the training data (at most 1 in 8 unless set)
     # Previews (train/previews.py) and the held-out loss (train/evaluate.py); prep caches what they need.
     validation_step_interval: int = 100  # previews (and the held-out loss) every n steps; 0: start and end only
@@ -258,12 +270,12 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "quantize_via": ("cpu", "accelerator"),
     "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
     "lora_type": ("standard",),
-    "conditioning_multidataset_sampling": ("combined",),
+    "conditioning_multidataset_sampling": ("combined", "random"),
     "lora_target": ("attention", "attention_image", "attention_mlp"),
     "loss_weighting": ("none", "sigma_sqrt", "cosmap"),
     "optimizer": ("adamw", "bnb-adamw8bit"),
     "ema_device": ("cpu", "accelerator"),
-    "report_to": ("none", "tensorboard"),
+    "report_to": ("none", "tensorboard", "wandb", "all"),
     "dataset_type": ("image", "conditioning", "eval", "text_embeds", "image_embeds", "conditioning_image_embeds"),
     "type": ("local",),
     "caption_strategy": ("textfile", "filename", "instanceprompt", "parquet"),

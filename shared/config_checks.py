@@ -67,6 +67,11 @@ def check_ranges(train: TrainConfig, config_path: Path) -> None:
     for key, ok, allowed in rules:
         if not ok:
             raise UserError(f"{config_path}: key '{key}' is {getattr(train, key)!r}; it must be {allowed}")
+    if train.base_model_precision == "nf4-bnb" and train.blocks_to_swap:
+        raise UserError(
+            f"{config_path}: key 'blocks_to_swap' is {train.blocks_to_swap} with base_model_precision 'nf4-bnb'; "
+            "bitsandbytes' 4-bit blocks cannot be swapped: remove blocks_to_swap, or use int4-quanto with it"
+        )
 
 
 def check_datasets(config: Config) -> None:

@@ -76,6 +76,19 @@ DIFFERENCES = (
         "so a new training seed never re-encodes a cache",
     ),
     Difference(
+        "conditioning_multidataset_sampling",
+        "random (a sample with several reference datasets trains with one of them, picked per sample)",
+        "combined (every sample trains with all its references)",
+        "the Qwen edit guide's multi-reference layout: Plus pipelines take up to 3 pictures at once; "
+        "set random for SimpleTuner's behaviour (it changes nothing with one reference dataset)",
+    ),
+    Difference(
+        "seed",
+        "unset: a new random seed every run (42 in older versions)",
+        "0",
+        "runs repeat exactly unless you set another seed",
+    ),
+    Difference(
         "validation_negative_prompt",
         '"blurry, cropped, ugly"',
         '"" (the empty instruction)',
@@ -107,7 +120,6 @@ SAME_DEFAULTS = {
     "caption_dropout_probability",
     "resolution",
     "resolution_type",
-    "conditioning_multidataset_sampling",
     "crop",
     "crop_style",
     "crop_aspect",
@@ -116,6 +128,15 @@ SAME_DEFAULTS = {
     "ema_device",
     "validation_step_interval",
     "validation_num_inference_steps",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_weight_decay",
+    "adam_epsilon",
+    "ema_decay",
+    "mixed_precision",
+    "report_to",  # "none" in its newest registry ("wandb" in older versions)
+    "tracker_project_name",
+    "tracker_run_name",
 }
 
 # Values SimpleTuner documents that mean the same here.
@@ -127,12 +148,8 @@ REFUSED_VALUES = {
     ("optimizer", "*"): "use adamw (or adamw_bf16, which means it here) or bnb-adamw8bit",
     ("lr_scheduler", "sine"): "use cosine (the nearest: a smooth decay)",
     ("lora_type", "lycoris"): "LyCORIS adapters are not supported yet; use lora_type standard (PEFT LoRA)",
-    ("base_model_precision", "nf4-bnb"): "bitsandbytes NF4 is not supported yet; the nearest is int4-quanto",
-    ("base_model_precision", "*"): "use no_change, int8-quanto, fp8-quanto, fp8uz-quanto, int4-quanto or int2-quanto",
-    ("report_to", "wandb"): "Weights & Biases is not supported yet; use tensorboard (the CSVs and loss.png are always "
-    "written)",
-    ("conditioning_multidataset_sampling", "random"): "edit flavours train every sample with all of its references "
-    "(combined), as the Qwen edit guide describes; remove the key or set it to combined",
+    ("base_model_precision", "*"): "use no_change, int8-quanto, fp8-quanto, fp8uz-quanto, int4-quanto, int2-quanto or "
+    "nf4-bnb",
 }
 
 # Keys we do not use that would change what is trained: reported loudly.

@@ -203,8 +203,7 @@ class CacheReader:
             latents, embeds = Latents.from_bytes(data[LATENTS]), Embeddings.from_bytes(data[EMBEDS])
         except Exception as err:  # noqa: BLE001 - any decoding failure is a corrupt member
             raise CorruptSample(f"does not decode: {err}") from None
-        tensors = [latents.target, *latents.references, *embeds.prompts]
-        tensors += [t for t in (embeds.dropout, embeds.negative) if t is not None]
+        tensors = [latents.target, *latents.references, *embeds.tensors()]
         if not all(bool(torch.isfinite(t).all()) for t in tensors):
             raise CorruptSample("holds NaN or inf values (its encoding went wrong); rebuild it with `prep build-cache`")
         return latents, embeds
@@ -277,21 +276,32 @@ def collate(loaded: list[tuple], rng: random.Random, skipped: list[str], caption
 
     Each sample takes one of its captions, picked by `rng`, or with probability `caption_dropout`
     the cached embedding of the empty instruction (which still sees the sample's references).
+    Samples cached with their references alone (`conditioning_multidataset_sampling: random`) first
+    pick one reference each, as SimpleTuner does; where the picked references' sizes differ (loose
+    references) the whole batch takes the first sample's pick, so the batch still stacks.
     """
+    n_refs = len(loaded[0][1].references)
+    picks = [list(range(n_refs))] * len(loaded)  # the references each sample trains with
+    if loaded[0][2].alone:
+        picks = [[rng.randrange(n_refs)] for _ in loaded]
+        shapes = {tuple(latents.references[p[0]].shape) for (_, latents, _), p in zip(loaded, picks, strict=True)}
+        if len(shapes) > 1:
+            picks = [picks[0]] * len(loaded)
+    references = [[latents.references[j] for j in pick] for (_, latents, _), pick in zip(loaded, picks, strict=True)]
     prompts = []
-    for row, _, embeds in loaded:
+    for (row, _, embeds), pick in zip(loaded, picks, strict=True):
+        source = embeds.alone[pick[0]] if embeds.alone else embeds
         dropped = caption_dropout > 0 and rng.random() < caption_dropout
-        prompts.append(embeds.dropout if dropped else embeds.prompts[rng.randrange(row.n_prompts)])
+        prompts.append(source.dropout if dropped else source.prompts[rng.randrange(row.n_prompts)])
     longest = max(p.shape[0] for p in prompts)
     mask = torch.zeros(len(prompts), longest, dtype=torch.long)
     padded = torch.zeros(len(prompts), longest, prompts[0].shape[1], dtype=prompts[0].dtype)
     for i, p in enumerate(prompts):
         padded[i, : p.shape[0]] = p
         mask[i, : p.shape[0]] = 1
-    n_refs = len(loaded[0][1].references)
     return Batch(
         target=torch.stack([latents.target for _, latents, _ in loaded]),
-        references=[torch.stack([latents.references[j] for _, latents, _ in loaded]) for j in range(n_refs)],
+        references=[torch.stack(refs) for refs in zip(*references, strict=True)],
         prompt=padded,
         prompt_mask=None if bool(mask.all()) else mask,
         sample_ids=[row.sample_id for row, _, _ in loaded],

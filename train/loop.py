@@ -34,11 +34,12 @@ from train.eval_data import EvalSet
 from train.loader import CacheReader, TrainLoader
 from train.memory import MEMORY_KEYS, MemoryPlan
 from train.metrics import StepRecord, TrainMetrics
-from train.model import LORA_TARGETS, check_lora_targets, load_lora_transformer
+from train.model import LORA_TARGETS, check_lora_targets, check_precision_available, load_lora_transformer
 from train.objective import SigmaSchedule, flow_matching_loss
 from train.optim import build_optimizer, build_scheduler, skips_on_device
 from train.output_dir import RunClaim, claim_output_dir
 from train.state import LoraWeights, OptimizerState, Progress, RngState
+from train.trackers import Trackers, check_trackers_available
 from train.validation import Validator, lora_disabled, weights_swapped
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,8 @@ def train(config: Config) -> Path:
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     check_lora_targets(cfg)  # before anything loads: on an empty model built from the config
+    check_precision_available(cfg)
+    check_trackers_available(cfg.report_to)
     claim = claim_on_main(accelerator, output_dir, cfg)  # whose folder is this?
 
     # Data: this rank's share of every batch, in the order fixed by (seed, manifests); the eval split apart.
@@ -156,8 +159,13 @@ def train(config: Config) -> Path:
     )
 
     samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    trackers = None
+    if accelerator.is_main_process and cfg.report_to != "none":
+        settings = {k: v for k, v in vars(cfg).items() if isinstance(v, (str, int, float, bool, list))}
+        project, run = cfg.tracker_project_name, cfg.tracker_run_name
+        trackers = Trackers(cfg.report_to, output_dir, progress.step, project, run, settings)
     metrics = TrainMetrics(
-        output_dir, progress.step, max_steps, cfg.report_to, accelerator.is_main_process, samples_per_step
+        output_dir, progress.step, max_steps, accelerator.is_main_process, samples_per_step, trackers
     )
     # The small-card modes decode previews in tiles: whole 1024² decodes take ~3.5 GiB (bench/RESULTS.md).
     validator = Validator(cfg, eval_set, accelerator, output_dir, schedule, tiled_decode=plan.mode in SMALL_CARD_MODES)

@@ -47,8 +47,11 @@ WEIGHT_BYTES = {
     "fp8uz-quanto": 1.0,
     "int4-quanto": 0.5,
     "int2-quanto": 0.25,
+    "nf4-bnb": 0.5,
 }
-GROUP_SCALE_BYTES = {"int4-quanto": 4 / 128, "int2-quanto": 4 / 128}  # scale + shift per group of 128
+# quanto int4/int2: scale + shift per group of 128. bitsandbytes NF4 with double quantisation: an 8-bit scale per
+# 64 weights, and an fp32 scale per 256 of those.
+GROUP_SCALE_BYTES = {"int4-quanto": 4 / 128, "int2-quanto": 4 / 128, "nf4-bnb": 1 / 64 + 4 / (64 * 256)}
 # Beyond the estimate: allocator slack, the loss tail, cuBLAS workspaces.
 FIXED_MARGIN = 1.0 * GIB
 RELATIVE_MARGIN = 0.05
@@ -192,6 +195,8 @@ def _candidates(
         sizes = [(c, 0) for c in range(n + 1)]  # checkpoint as few blocks as fit
     else:
         sizes = [(n, s) for s in range(n // 2 + 1 if mode == "low" else n + 1)]  # swap as few as fit
+    if config.base_model_precision == "nf4-bnb":  # bitsandbytes' 4-bit blocks cannot be swapped (train/model.py)
+        sizes = [(c, 0) for c, _ in sizes]
     if "blocks_to_swap" in explicit:
         swap = min(max(config.blocks_to_swap, 0), n)
         sizes = [(max(c, swap), swap) for c, _ in sizes]  # swapped blocks are always checkpointed

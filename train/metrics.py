@@ -1,4 +1,5 @@
-"""What a run reports: a progress bar, a CSV of every step, the held-out loss, TensorBoard, and `loss.png`.
+"""What a run reports: a progress bar, a CSV of every step, the held-out loss, the trackers (`train/trackers.py`:
+TensorBoard, Weights & Biases), and `loss.png`.
 
 Every optimizer step records its loss, gradient norm (before clipping) and skip flag as device
 tensors: no host sync. Every `logging_steps` steps (and before a checkpoint, a preview or the end)
@@ -21,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from shared.plot import plot_losses
+from train.trackers import Trackers
 
 COLUMNS = [
     "step",
@@ -54,22 +56,25 @@ class StepRecord:
 
 class TrainMetrics:
     def __init__(
-        self, output_dir: Path, first_step: int, max_steps: int, report_to: str, enabled: bool, samples_per_step: int
+        self,
+        output_dir: Path,
+        first_step: int,
+        max_steps: int,
+        enabled: bool,
+        samples_per_step: int,
+        trackers: Trackers | None = None,
     ):
+        """`enabled`: this is the main process (the only one that writes); `trackers`: where else to report."""
         self.output_dir, self.enabled, self.samples_per_step = Path(output_dir), enabled, samples_per_step
         self.progress = tqdm(total=max_steps, initial=first_step, desc="train", disable=not enabled)
         self.pending: list[StepRecord] = []
         self.last = time.perf_counter()
-        self.tensorboard = None
+        self.trackers = trackers
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._csv = _ContinuedCsv(self.output_dir / CSV_FILE, COLUMNS, first_step)
         self._eval = _ContinuedCsv(self.output_dir / EVAL_CSV_FILE, EVAL_COLUMNS, first_step)
-        if report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=first_step + 1)
 
     def record(self, record: StepRecord) -> None:
         """Keep step `record.step`'s values on the device until the next flush."""
@@ -106,10 +111,9 @@ class TrainMetrics:
                 "skipped": skipped_samples,
             }
             self._csv.write(row)
-            if self.tensorboard is not None:
-                for key in ("loss", "grad_norm", "lr", "s_per_step", "samples_per_s", "peak_gib"):
-                    if math.isfinite(row[key]):
-                        self.tensorboard.add_scalar(f"train/{key}", row[key], record.step)
+            if self.trackers is not None:
+                keys = ("loss", "grad_norm", "lr", "s_per_step", "samples_per_s", "peak_gib")
+                self.trackers.scalars({f"train/{k}": row[k] for k in keys if math.isfinite(row[k])}, record.step)
         self.pending = []
         if self.enabled:
             self._csv.flush()
@@ -128,13 +132,13 @@ class TrainMetrics:
             return
         self._eval.write({"step": step, "heldout_loss": loss})
         self._eval.flush()
-        if self.tensorboard is not None:
-            self.tensorboard.add_scalar("eval/heldout_loss", loss, step)
+        if self.trackers is not None:
+            self.trackers.scalars({"eval/heldout_loss": loss}, step)
 
     def image(self, tag: str, image, step: int) -> None:
-        """A [H, W, 3] uint8 preview grid into TensorBoard (None: nothing was rendered)."""
-        if self.enabled and self.tensorboard is not None and image is not None:
-            self.tensorboard.add_image(tag, image, step, dataformats="HWC")
+        """A [H, W, 3] uint8 preview grid to the trackers (None: nothing was rendered)."""
+        if self.enabled and self.trackers is not None and image is not None:
+            self.trackers.image(tag, image, step)
 
     def close(self) -> list[float]:
         """Finish the files and draw `loss.png`; return every step's loss (NaN for skipped steps)."""
@@ -143,8 +147,8 @@ class TrainMetrics:
             return []
         self._csv.close()
         self._eval.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        if self.trackers is not None:
+            self.trackers.close()
         rows = _ContinuedCsv.read(self.output_dir / CSV_FILE)
         heldout = [
             (int(r["step"]), float(r["heldout_loss"])) for r in _ContinuedCsv.read(self.output_dir / EVAL_CSV_FILE)

@@ -51,6 +51,49 @@ def check_lora_targets(config: TrainConfig) -> None:
         )
 
 
+def check_precision_available(config: TrainConfig) -> None:
+    """`base_model_precision: nf4-bnb` needs bitsandbytes, an optional extra: say so before anything loads."""
+    if config.base_model_precision != "nf4-bnb":
+        return
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "base_model_precision 'nf4-bnb' needs bitsandbytes, which is not installed: "
+            "pip install 'qwen-edit-trainer[bnb]' (or pip install bitsandbytes); without it, int4-quanto is the "
+            "nearest (4-bit weights through optimum-quanto)"
+        ) from None
+
+
+def quantise_nf4(block: torch.nn.Module, device: torch.device) -> None:
+    """Replace every linear layer of `block` with bitsandbytes' 4-bit NormalFloat layer (QLoRA's setting: NF4
+    weights in blocks of 64 with double-quantised scales, bf16 compute), quantised as it moves to `device`."""
+    import bitsandbytes as bnb
+
+    for module in list(block.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            layer = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=torch.bfloat16,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
+            layer.weight = bnb.nn.Params4bit(
+                child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=layer
+            )
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            # bitsandbytes repacks CPU weights for AVX512 inference on the first no-grad call, which fails for
+            # small layers (and previews on a CPU run are no-grad): keep the one packing training uses.
+            layer.support_avx512bf16_for_cpu = False
+            setattr(module, name, layer.to(device))  # Params4bit quantises when it moves to a device
+
+
 def unused_outputs(transformer: torch.nn.Module) -> list[str]:
     """Layers whose output never reaches the loss: the last block's text-stream query, output and MLP.
 
@@ -69,7 +112,8 @@ def unused_outputs(transformer: torch.nn.Module) -> list[str]:
 def place_blocks(
     model: torch.nn.Module, precision: str, device: torch.device, via: str, swap: BlockSwap | None
 ) -> None:
-    """Quantise the frozen blocks with optimum-quanto (unless `no_change`) one at a time, and place each:
+    """Quantise the frozen blocks with optimum-quanto (bitsandbytes for `nf4-bnb`; none for `no_change`) one
+    at a time, and place each:
     on `device`, or, for blocks `swap` names, in pinned host memory behind its GPU slot.
 
     `via` "accelerator" moves each bf16 block to `device` and quantises it there (fast); "cpu"
@@ -88,7 +132,9 @@ def place_blocks(
         "int2-quanto": qint2,
     }.get(precision)
     for index, block in enumerate(model.transformer_blocks):
-        if weights is not None:
+        if precision == "nf4-bnb":  # never swapped: bitsandbytes keeps scales beside the tensor a swap copies
+            quantise_nf4(block, device if via == "accelerator" else torch.device("cpu"))
+        elif weights is not None:
             if via == "accelerator":
                 block.to(device)
             quantize(block, weights=weights, exclude=["*norm*"])
@@ -129,6 +175,8 @@ def prepare_for_lora(
         target_modules=config.lora_target if isinstance(config.lora_target, list) else LORA_TARGETS[config.lora_target],
         exclude_modules=unused_outputs(transformer),
     )
+    # What from_pretrained sets on a bitsandbytes model; peft reads it to wrap NF4 layers with its 4-bit LoRA layer.
+    transformer.is_loaded_in_4bit = config.base_model_precision == "nf4-bnb"
     transformer.add_adapter(lora)
     for param in transformer.parameters():
         if param.requires_grad:

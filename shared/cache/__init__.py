@@ -20,7 +20,11 @@ to 512 bytes; the archive ends with tar's zero blocks.
   (VAE latents, normalised as the pipelines do, bf16).
 - `<id>.embeds.safetensors`: `prompt.0`, `prompt.1`, ... [L, D], one per caption; `dropout`
   [L, D] on train samples (the empty instruction with the sample's references, for caption
-  dropout, always cached); `negative` [L, D] on eval samples (" " with the references). bf16.
+  dropout, always cached); `negative` [L, D] on eval samples (`validation_negative_prompt` with
+  the references). Train samples of a cache built with `conditioning_multidataset_sampling:
+  random` and several reference datasets hold, in place of `prompt.k` and `dropout`,
+  `ref.r.prompt.k` and `ref.r.dropout` per reference r: the same instructions encoded with
+  reference r alone (training picks one reference per sample each time it is drawn). bf16.
   L is each instruction's token count after the template's system prefix is dropped.
 - `<id>.json`: the record's provenance: captions, sizes, crop boxes, seeds, source sha256s.
 
@@ -32,7 +36,8 @@ typed views every reader and writer uses.
 `record_size`, `record_sha256`: the sample's whole byte range in its shard (headers, data,
 padding); per member (`latents_`, `embeds_`, `json_`) `offset`, `size` of its data and its
 `sha256`; then `height`, `width`, `original_size`, `crop_box`, `ref_sizes`, `ref_crop_boxes`,
-`prompt_lens`, `captions`, `source_sha256`. Digests are raw 32-byte sha256 values, except
+`prompt_lens` (per caption; over references cached alone, the longest), `captions`,
+`source_sha256`. Digests are raw 32-byte sha256 values, except
 `source_sha256` (hex). The Parquet schema metadata holds `fingerprint` (hex), `format_version`,
 and `shards`: JSON `{"shards/NAME.tar": {"bytes": n, "sha256": hex}}` for every shard it names,
 recorded when the shard was sealed. `prep verify` checks whole shards against that table, walks
@@ -40,7 +45,8 @@ every tar header, and names the samples whose records changed.
 
 **Fingerprint.** cache.json's `fingerprint` = {`sha256`, `settings`}: everything that changes
 cached bytes (model configs and files, flavour, prompt template, encoder dtype, reference sizing,
-and per dataset: resolution, crop settings; the `crop_seed` only when a dataset crops at random).
+and per dataset: resolution, crop settings; the `crop_seed` only when a dataset crops at random;
+`conditioning_multidataset_sampling` only when it is random with several reference datasets).
 Training-only keys (seed, caption dropout, learning rate, ...) are not in it, so changing them
 never invalidates a cache. The manifest carries the same hash; a reader that finds them unequal
 is looking at a build cut short between the two writes.

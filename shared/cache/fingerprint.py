@@ -59,12 +59,21 @@ def fingerprint(config: Config, main: DatasetConfig, dtype) -> dict:
         "match_target_res": config.train.match_target_res,
         "datasets": [_placement_settings(d) for d in datasets],
     }
+    if references_alone(config, main):
+        settings["conditioning_multidataset_sampling"] = "random"  # train samples: embeddings per reference
     if any(d.crop and d.crop_style == "random" for d in datasets):
         settings["crop_seed"] = config.train.crop_seed  # changes the crops only when they are random
     hashed = dict(settings)
     settings["previews"] = config.train.preview_settings
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()
     return {"sha256": digest, "settings": settings}
+
+
+def references_alone(config: Config, main: DatasetConfig) -> bool:
+    """Whether `main`'s train samples are cached with embeddings per reference (each trains with one reference,
+    picked when drawn): `conditioning_multidataset_sampling: random` with more than one reference dataset (with
+    one, SimpleTuner's random and combined are the same)."""
+    return config.train.conditioning_multidataset_sampling == "random" and len(main.conditioning_data) > 1
 
 
 def _placement_settings(dataset: DatasetConfig) -> dict:

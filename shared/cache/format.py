@@ -93,25 +93,49 @@ class Latents:
 class Embeddings:
     """A record's Qwen2.5-VL embeddings, bf16, each [L, D] (L: that instruction's tokens).
 
-    `prompts`: one per caption. `dropout`: the empty instruction with the sample's references
-    (train samples; what caption dropout trains on). `negative`: " " with the references (eval
-    samples; the true-CFG negative of previews).
+    `prompts`: one per caption, encoded with all of the sample's references. `dropout`: the empty
+    instruction with the references (train samples; what caption dropout trains on). `negative`: the
+    previews' negative instruction with the references (eval samples). `alone` (train samples of a
+    cache built with `conditioning_multidataset_sampling: random`, in place of `prompts`/`dropout`):
+    per reference r, the same prompts and dropout encoded with reference r alone.
     """
 
     prompts: list[torch.Tensor]
     dropout: torch.Tensor | None = None
     negative: torch.Tensor | None = None
+    alone: list[Embeddings] | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor it holds."""
+        own = [*self.prompts, *(t for t in (self.dropout, self.negative) if t is not None)]
+        return own + [t for sub in self.alone or [] for t in sub.tensors()]
 
     def to_bytes(self) -> bytes:
-        tensors = {f"prompt.{i}": p for i, p in enumerate(self.prompts)}
-        tensors.update({k: v for k, v in (("dropout", self.dropout), ("negative", self.negative)) if v is not None})
-        return _save(tensors)
+        return _save(self._named())
+
+    def _named(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        tensors = {f"{prefix}prompt.{i}": p for i, p in enumerate(self.prompts)}
+        for name, value in (("dropout", self.dropout), ("negative", self.negative)):
+            if value is not None:
+                tensors[prefix + name] = value
+        for r, sub in enumerate(self.alone or []):
+            tensors.update(sub._named(f"ref.{r}."))
+        return tensors
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Embeddings:
-        tensors = load_safetensors(data)
-        n_prompts = sum(1 for k in tensors if k.startswith("prompt."))
-        return cls([tensors[f"prompt.{i}"] for i in range(n_prompts)], tensors.get("dropout"), tensors.get("negative"))
+        return cls._from_named(load_safetensors(data))
+
+    @classmethod
+    def _from_named(cls, tensors: dict[str, torch.Tensor], prefix: str = "") -> Embeddings:
+        n_prompts = sum(1 for k in tensors if k.startswith(prefix + "prompt."))
+        n_alone = len({k.split(".")[1] for k in tensors if k.startswith("ref.")}) if not prefix else 0
+        return cls(
+            [tensors[f"{prefix}prompt.{i}"] for i in range(n_prompts)],
+            tensors.get(prefix + "dropout"),
+            tensors.get(prefix + "negative"),
+            [cls._from_named(tensors, f"ref.{r}.") for r in range(n_alone)] or None,
+        )
 
 
 def _save(tensors: dict[str, torch.Tensor]) -> bytes:

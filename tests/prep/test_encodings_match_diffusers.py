@@ -104,6 +104,34 @@ def test_plus_flavour_cache_equals_qwen_image_edit_plus_pipeline(tmp_path, tiny_
             _assert_close(ours, _vae(pipe, image, w, h))
 
 
+def test_random_sampling_caches_each_reference_alone_as_the_plus_pipeline_encodes_it(tmp_path, tiny_models):
+    """SimpleTuner's conditioning_multidataset_sampling random trains a sample with one reference dataset's image:
+    each train sample then holds, per reference, the embeddings the Plus pipeline computes given that one image."""
+    caption = "make picture 1 look like a postcard"
+    data = _dataset(tmp_path / "data", (256, 256), n_refs=2, caption=caption)
+    config = write_config(
+        tmp_path,
+        tiny_models["edit-v2"],
+        "edit-v2",
+        data,
+        n_refs=2,
+        resolution=256,
+        train={"conditioning_multidataset_sampling": "random"},
+    )
+    _, refs, embeds = _cached(config)
+    assert len(refs) == 2 and "prompt.0" not in embeds and "dropout" not in embeds
+
+    pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_models["edit-v2"])
+    for r, folder in enumerate(("reference", "reference2")):
+        image = Image.open(data / folder / "a.png").convert("RGB")
+        cw, ch = v2_dims(CONDITION_IMAGE_SIZE, image.width / image.height)
+        with torch.no_grad():
+            alone, _ = pipe.encode_prompt(caption, image=[pipe.image_processor.resize(image, ch, cw)])
+            empty, _ = pipe.encode_prompt("", image=[pipe.image_processor.resize(image, ch, cw)])
+        _assert_close(embeds[f"ref.{r}.prompt.0"], alone[0])
+        _assert_close(embeds[f"ref.{r}.dropout"], empty[0])
+
+
 def test_batched_vl_encoding_with_padding_equals_one_at_a_time(tiny_models):
     from prep.encode import Encoders
     from shared.flavours import FLAVOURS

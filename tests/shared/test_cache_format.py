@@ -31,6 +31,16 @@ def test_records_round_trip_under_the_documented_tensor_names():
     assert [p.shape[0] for p in embeds.prompts] == [5, 7] and embeds.negative is None
     assert torch.equal(embeds.dropout, dropout.bfloat16())
 
+    # conditioning_multidataset_sampling random: per reference, its own prompts and dropout
+    alone = [Embeddings([torch.randn(4, 8)], dropout=torch.randn(2, 8)) for _ in range(2)]
+    data = Embeddings([], alone=alone).to_bytes()
+    assert set(load_safetensors(data)) == {"ref.0.prompt.0", "ref.0.dropout", "ref.1.prompt.0", "ref.1.dropout"}
+    embeds = Embeddings.from_bytes(data)
+    assert not embeds.prompts and embeds.dropout is None and len(embeds.alone) == 2
+    for ours, theirs in zip(embeds.alone, alone, strict=True):
+        assert torch.equal(ours.prompts[0], theirs.prompts[0].bfloat16()) and ours.alone is None
+        assert torch.equal(ours.dropout, theirs.dropout.bfloat16())
+
 
 def test_another_format_version_is_refused_with_the_command_that_rebuilds(tmp_path):
     (tmp_path / "cache.json").write_text(json.dumps({"format_version": 1}))

@@ -57,9 +57,8 @@ def test_unused_keys_that_change_training_are_reported_loudly(tmp_path):
         ("optimizer", "prodigy", "use adamw .or adamw_bf16, which means it here. or bnb-adamw8bit"),
         ("lr_scheduler", "sine", "use cosine"),
         ("lora_type", "lycoris", "LyCORIS adapters are not supported yet"),
-        ("base_model_precision", "nf4-bnb", "the nearest is int4-quanto"),
-        ("report_to", "wandb", "use tensorboard"),
-        ("conditioning_multidataset_sampling", "random", "all of its references .combined."),
+        ("base_model_precision", "int8-torchao", "use no_change, int8-quanto, .* or nf4-bnb"),
+        ("report_to", "comet_ml", "use one of 'none', 'tensorboard', 'wandb', 'all'"),
     ],
 )
 def test_simpletuner_values_we_do_not_support_name_what_to_write(tmp_path, key, value, message):
@@ -306,3 +305,59 @@ def test_prep_validate_and_train_run_say_which_defaults_differ_from_simpletuner(
     assert lines[0] == "defaults that differ from SimpleTuner's (set the key to choose):"
     assert any(line.startswith("  learning_rate: SimpleTuner 4e-7") for line in lines)
     assert any(line.startswith("  validation_guidance: SimpleTuner 7.5, here 4.0") for line in lines)
+
+
+# SimpleTuner's defaults for the keys we share, as its option registry (field_registry/sections/*.py) and
+# DATALOADER.md give them.
+SIMPLETUNER_DEFAULTS = {
+    "model_type": "lora",
+    "num_train_epochs": 1,
+    "max_train_steps": 0,
+    "gradient_accumulation_steps": 1,
+    "lr_scheduler": "constant_with_warmup",
+    "lr_warmup_steps": 0,
+    "lora_rank": 16,
+    "lora_alpha": 16.0,  # unset: the rank
+    "lora_type": "standard",
+    "checkpointing_steps": 500,
+    "checkpoints_total_limit": 5,
+    "max_grad_norm": 2.0,
+    "flow_schedule_shift": 3.0,
+    "caption_dropout_probability": 0.1,
+    "use_ema": False,
+    "ema_device": "cpu",
+    "ema_decay": 0.995,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_weight_decay": 1e-2,
+    "adam_epsilon": 1e-8,
+    "mixed_precision": "bf16",
+    "report_to": "none",
+    "tracker_project_name": "simpletuner",
+    "tracker_run_name": "simpletuner-testing",
+    "validation_step_interval": 100,
+    "validation_num_inference_steps": 30,
+    # dataset entries
+    "resolution": 1024,
+    "resolution_type": "pixel_area",
+    "crop": False,
+    "crop_style": "random",  # applies only with crop: true
+    "crop_aspect": "square",
+    "repeats": 0,
+}
+
+
+def test_omitted_keys_take_simpletuners_defaults(tmp_path):
+    """Every key we list as sharing SimpleTuner's default resolves to that default when a config omits it, and
+    every default that differs is printed at the start of a run instead."""
+    from shared import simpletuner
+
+    assert simpletuner.SAME_DEFAULTS <= SIMPLETUNER_DEFAULTS.keys()
+    loaded = load_config(_write(tmp_path, {}, BACKEND))
+    main = loaded.main_datasets()[0]
+    for key in simpletuner.SAME_DEFAULTS:
+        value = getattr(loaded.train, key) if hasattr(loaded.train, key) else getattr(main, key)
+        assert value == SIMPLETUNER_DEFAULTS[key], key
+    differing = {d.key for d in simpletuner.DIFFERENCES}
+    assert {"conditioning_multidataset_sampling", "seed", "learning_rate", "train_batch_size"} <= differing
+    assert not differing & simpletuner.SAME_DEFAULTS

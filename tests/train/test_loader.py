@@ -172,3 +172,31 @@ def test_a_cached_sample_holding_nan_is_named_and_replaced(tmp_path, capsys):
     assert all(f"{1:020x}" not in b.sample_ids for b in batches)
     assert all(torch.isfinite(b.target).all() for b in batches)
     assert f"sample {1:020x}: holds NaN or inf values" in capsys.readouterr().out
+
+
+def test_random_conditioning_sampling_trains_each_sample_with_one_reference_and_its_embedding(tmp_path, tiny_models):
+    """`conditioning_multidataset_sampling: random` (SimpleTuner's): each time a sample is drawn it trains with
+    one of its references and the embedding encoded with that reference alone; over an epoch both are used."""
+    data = write_demo_dataset(tmp_path / "data", n_samples=8, n_references=2)
+    train = {"eval_holdout": 0, "conditioning_multidataset_sampling": "random"}
+    config = write_config(tmp_path, tiny_models["edit-v2"], "edit-v2", data, 2, train=train)
+    (cache_dir,) = build_cache(load_config(config), "cpu")
+    reader = CacheReader(cache_dir)
+    cached = {}
+    for index in range(len(reader)):
+        row = reader.row(index)
+        cached[row.sample_id] = reader.load(row)
+
+    loader = TrainLoader([CacheReader(cache_dir)], 2, seed=3, caption_dropout=0.3)
+    picked = []
+    for batch in _take(loader, 3 * loader.batches_per_epoch):
+        assert len(batch.references) == 1  # one reference per sample, not both
+        for i, sample_id in enumerate(batch.sample_ids):
+            latents, embeds = cached[sample_id]
+            (r,) = [r for r, ref in enumerate(latents.references) if torch.equal(ref, batch.references[0][i])]
+            alone = embeds.alone[r]
+            length = int(batch.prompt_mask[i].sum()) if batch.prompt_mask is not None else batch.prompt.shape[1]
+            prompt = batch.prompt[i, :length]
+            assert any(torch.equal(prompt, p) for p in [*alone.prompts, alone.dropout])  # reference r's embedding
+            picked.append(r)
+    assert set(picked) == {0, 1}
