@@ -196,8 +196,13 @@ def test_comfyui_export_has_comfyui_keys_and_the_same_weights_as_diffusers(proje
 def test_each_base_precision_trains_a_step(project, tmp_path, precision, via):
     settings = dict(base_model_precision=precision, quantize_via=via, use_ema=False, lr_warmup_steps=0)
     config = load_config(project(tmp_path / "run", max_train_steps=1, lr_scheduler="constant", **settings))
-    lora = load_file(train(config))
+    lora_path = train(config)
+    lora = load_file(lora_path)
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    # whatever the base precision, the LoRA is a plain one over the bf16 model's names: diffusers loads it
+    pipe = QwenImageEditPipeline.from_pretrained(config.train.pretrained_model_name_or_path)
+    pipe.load_lora_weights(lora_path.parent)
+    assert sum(1 for m in pipe.transformer.modules() if hasattr(m, "lora_A")) == sum("lora_A" in k for k in lora)
 
 
 @pytest.mark.parametrize(
