@@ -83,7 +83,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from accelerate import Accelerator
 
     from shared.config import TrainConfig
-    from train.loader import Batch
+    from train.batch import Batch
     from train.loop import optimizer_step
     from train.memory import GIB, MemoryPlan, choose_plan, step_costs
     from train.model import prepare_for_lora

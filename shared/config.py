@@ -173,14 +173,23 @@ class Config:
     dataset_keys: dict[str, set[str]] = field(default_factory=dict)  # dataset id -> keys its entry sets
 
     def notes(self) -> list[str]:
-        """What SimpleTuner-only dataset entries mean here (one line each)."""
-        return [
+        """What SimpleTuner-only dataset entries and settings mean here (one line each)."""
+        notes = [
             f"note: dataset '{d.id}' ({d.dataset_type}) is not needed here: each main dataset's cache (its "
             "cache_dir or cache_dir_vae) holds its latents and text embeddings together; this entry's cache_dir "
             "is not used"
             for d in self.datasets
             if d.dataset_type in CACHE_ONLY_TYPES and not d.disabled
         ]
+        notes += [  # SimpleTuner refuses captions on reference datasets in combined mode
+            f"note: dataset '{d.id}' sets caption_strategy, which a reference dataset does not use: every sample "
+            "trains with its edit image's captions (remove the key, or set it to null, as SimpleTuner's guides do)"
+            for d in self.datasets
+            if d.dataset_type == "conditioning"
+            and not d.disabled
+            and "caption_strategy" in self.dataset_keys.get(d.id, ())
+        ]
+        return notes
 
     def ignored_report(self) -> list[str]:
         """Lines telling the user which keys were read past (empty when none were): loudly, one per key, those

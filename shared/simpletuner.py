@@ -141,7 +141,6 @@ SAME_DEFAULTS = {
 
 # Values SimpleTuner documents that mean the same here.
 OPTIMIZER_NAMES = {"adamw_bf16": "adamw", "optimi-adamw": "adamw", "bnb-adamw8bit": "bnb-adamw8bit", "adamw": "adamw"}
-PRECISION_NAMES = {"fp8uz-quanto": "fp8uz-quanto"}  # quanto's float8 e4m3fnuz, as SimpleTuner's
 
 # Values SimpleTuner documents that we refuse, with what to write instead.
 REFUSED_VALUES = {

@@ -9,7 +9,7 @@ import torch
 
 from shared.config import TrainConfig
 from shared.packing import pack_latents, token_grid
-from train.loader import Batch
+from train.batch import Batch
 
 
 @dataclass(frozen=True)

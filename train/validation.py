@@ -30,8 +30,8 @@ from accelerate.utils import gather_object
 from shared.config import TrainConfig
 from shared.models import load_vae_decoder
 from shared.preview_grid import sample_row, save_png, step_grid
+from train.batch import Batch
 from train.eval_data import EvalSet
-from train.loader import Batch
 from train.objective import SigmaSchedule, velocity_errors
 from train.previews import Decoder, sample_latents
 

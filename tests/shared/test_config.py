@@ -361,3 +361,18 @@ def test_omitted_keys_take_simpletuners_defaults(tmp_path):
     differing = {d.key for d in simpletuner.DIFFERENCES}
     assert {"conditioning_multidataset_sampling", "seed", "learning_rate", "train_batch_size"} <= differing
     assert not differing & simpletuner.SAME_DEFAULTS
+
+
+def test_captions_set_on_a_reference_dataset_are_named_as_unused(tmp_path):
+    """SimpleTuner refuses captions on reference datasets (combined mode); here they are read past with a note."""
+    backend = [
+        {"id": "edits", "instance_data_dir": "data/edited", "conditioning_data": ["refs"]},
+        {
+            "id": "refs",
+            "instance_data_dir": "data/ref",
+            "conditioning_type": "reference_strict",
+            "caption_strategy": "textfile",
+        },
+    ]
+    (note,) = load_config(_write(tmp_path, {}, backend)).notes()
+    assert note.startswith("note: dataset 'refs' sets caption_strategy, which a reference dataset does not use")

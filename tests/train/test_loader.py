@@ -20,7 +20,8 @@ from shared.demo_data import write_demo_dataset
 from shared.errors import UserError
 from tests.cache_files import manifest_rows
 from tests.conftest import write_config
-from train.loader import Batch, CacheReader, TrainLoader
+from train.batch import Batch
+from train.loader import CacheReader, TrainLoader
 
 
 @pytest.fixture(scope="module")

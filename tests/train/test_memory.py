@@ -9,8 +9,8 @@ from diffusers import QwenImageTransformer2DModel
 
 from shared.config import TrainConfig
 from shared.errors import UserError
+from train.batch import Batch
 from train.blocks import BlockForward, plain_tensors
-from train.loader import Batch
 from train.memory import GIB, MemoryPlan, choose_plan, spread, step_costs
 from train.model import prepare_for_lora
 from train.objective import SigmaSchedule, flow_matching_loss

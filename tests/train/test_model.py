@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from shared.config import TrainConfig
-from train.loader import Batch
+from train.batch import Batch
 from train.model import load_lora_transformer
 from train.objective import SigmaSchedule, flow_matching_loss
 
