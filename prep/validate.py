@@ -250,8 +250,8 @@ def validate(config: Config, workers: int | None = None) -> Report:
             if not mismatched:
                 kept.append(sample)
         samples[main.id] = hold_out(config, kept)
-    report = Report(str(config.config_path), config.train.model_flavour, scans, findings, samples)
-    report.sampling = config.train.conditioning_multidataset_sampling
+    sampling = config.train.conditioning_multidataset_sampling
+    report = Report(str(config.config_path), config.train.model_flavour, scans, findings, samples, sampling=sampling)
     report.files, report.decoded = infos, len(todo)
     report.records_current = not todo and infos.keys() == known.keys()
     return report

@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from shared import simpletuner
+from shared import config_report, simpletuner
 from shared.config import Config, load_config
 from shared.errors import InternalError, UserError
 
@@ -61,11 +61,11 @@ def load_config_and_report(
     differ from SimpleTuner's (`prep validate` and `train run` say them once); `print_config`: every resolved
     setting and where it came from."""
     config = load_config(path, overrides)
-    lines = config.notes() + config.ignored_report()
+    lines = config_report.notes(config) + config_report.ignored_report(config)
     if announce:
         lines = simpletuner.differences_report() + lines
     for line in lines:
         typer.echo(line, err=True)
     if print_config:
-        typer.echo("\n".join(config.resolved()))
+        typer.echo("\n".join(config_report.resolved(config)))
     return config

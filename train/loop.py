@@ -39,7 +39,7 @@ from train.objective import SigmaSchedule, flow_matching_loss
 from train.optim import build_optimizer, build_scheduler, skips_on_device
 from train.output_dir import RunClaim, claim_output_dir
 from train.state import LoraWeights, OptimizerState, Progress, RngState
-from train.trackers import Trackers, check_trackers_available
+from train.trackers import check_trackers_available, open_trackers
 from train.validation import Validator, lora_disabled, weights_swapped
 
 log = logging.getLogger(__name__)
@@ -159,11 +159,7 @@ def train(config: Config) -> Path:
     )
 
     samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    trackers = None
-    if accelerator.is_main_process and cfg.report_to != "none":
-        settings = {k: v for k, v in vars(cfg).items() if isinstance(v, (str, int, float, bool, list))}
-        project, run = cfg.tracker_project_name, cfg.tracker_run_name
-        trackers = Trackers(cfg.report_to, output_dir, progress.step, project, run, settings)
+    trackers = open_trackers(cfg, output_dir, progress.step) if accelerator.is_main_process else None
     metrics = TrainMetrics(
         output_dir, progress.step, max_steps, accelerator.is_main_process, samples_per_step, trackers
     )

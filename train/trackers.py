@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.config import TrainConfig
 from shared.errors import UserError
 
 BACKENDS = {"none": (), "tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ("tensorboard", "wandb")}
@@ -77,3 +78,12 @@ class Trackers:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def open_trackers(config: TrainConfig, output_dir: Path, first_step: int) -> Trackers | None:
+    """The trackers `config.report_to` names (None for "none"), given the run's settings to record."""
+    if config.report_to == "none":
+        return None
+    settings = {k: v for k, v in vars(config).items() if isinstance(v, (str, int, float, bool, list))}
+    project, run = config.tracker_project_name, config.tracker_run_name
+    return Trackers(config.report_to, output_dir, first_step, project, run, settings)

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from shared.config import load_config
+from shared.config_report import ignored_report, notes
 from shared.errors import UserError
 
 
@@ -37,7 +38,7 @@ def test_simpletuner_config_loads_with_unknown_keys_listed(tmp_path):
     assert config.dataset("edits").resolution == 512
     assert any(line.endswith(": push_to_hub") for line in config.ignored)
     assert any("dataset 'refs': vae_cache_clear_each_epoch" in line for line in config.ignored)
-    assert config.ignored_report() == [
+    assert ignored_report(config) == [
         f"ignored 3 key(s) that do not change training: {path}: push_to_hub, {path}: validation_prompt, "
         f"{tmp_path / 'db.json'}: dataset 'refs': vae_cache_clear_each_epoch"
     ]
@@ -45,7 +46,7 @@ def test_simpletuner_config_loads_with_unknown_keys_listed(tmp_path):
 
 def test_unused_keys_that_change_training_are_reported_loudly(tmp_path):
     path = _write(tmp_path, {"snr_gamma": 5, "noise_offset": 0.1, "push_to_hub": True}, BACKEND)
-    report = load_config(path).ignored_report()
+    report = ignored_report(load_config(path))
     assert report[0] == "WARNING: 2 key(s) change what you train in SimpleTuner; we do not support them yet:"
     assert report[1].endswith(": snr_gamma") and report[2].endswith(": noise_offset")
     assert report[3].startswith("ignored 2 key(s) that do not change training:")  # push_to_hub, and one in db.json
@@ -231,7 +232,7 @@ def test_simpletuner_entries_and_defaults_mean_what_they_mean_there(tmp_path):
     assert refs.dataset_type == "conditioning" and refs.caption_strategy == "textfile"
     assert cfg.eval_dataset_id == "held-out" and loaded.dataset("held-out").dataset_type == "image"
     assert [m.id for m in loaded.main_datasets()] == ["edits", "held-out"]  # "old" is disabled
-    (note,) = loaded.notes()
+    (note,) = notes(loaded)
     assert "'text-embeds' (text_embeds) is not needed here" in note
     assert not loaded.ignored or all("default" in line or "type" in line for line in loaded.ignored)
 
@@ -374,5 +375,5 @@ def test_captions_set_on_a_reference_dataset_are_named_as_unused(tmp_path):
             "caption_strategy": "textfile",
         },
     ]
-    (note,) = load_config(_write(tmp_path, {}, backend)).notes()
+    (note,) = notes(load_config(_write(tmp_path, {}, backend)))
     assert note.startswith("note: dataset 'refs' sets caption_strategy, which a reference dataset does not use")
