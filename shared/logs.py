@@ -12,6 +12,9 @@ import logging
 import sys
 
 _HANDLER_NAME = "qwen-edit-trainer"
+# bitsandbytes (the nf4-bnb extra) warns when it is imported, on CPUs with AVX512-bf16, that an optional CPU kernel
+# package is missing: it changes nothing here (training runs on the GPU; CPU runs take its plain path).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class _CurrentStdout(logging.StreamHandler):
