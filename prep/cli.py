@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from shared.cli import load_config_and_report, user_errors
+from shared.cli import leaving_process_group, load_config_and_report, user_errors
 from shared.errors import UserError
 from shared.logs import setup_logging
 
@@ -53,7 +53,7 @@ def build_cache_command(
     """Validate the datasets, then encode VAE latents and Qwen2.5-VL embeddings into the cache."""
     from prep.build import build_cache, default_device
 
-    with user_errors():
+    with user_errors(), leaving_process_group():
         check_build_flags(device, workers, batch_size)
         cfg = load_config_and_report(config)
         caches = build_cache(

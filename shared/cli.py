@@ -1,4 +1,5 @@
-"""What the `prep` and `train` command lines share: one-line errors, and loading the user's config."""
+"""What the `prep` and `train` command lines share: one-line errors, loading the user's config, and leaving
+torch.distributed's process group before the process exits."""
 
 from __future__ import annotations
 
@@ -43,6 +44,22 @@ def user_errors() -> Iterator[None]:
             err=True,
         )
         raise typer.Exit(2) from None
+
+
+@contextmanager
+def leaving_process_group() -> Iterator[None]:
+    """Destroy torch.distributed's process group, if the command joined one, when the command ends, however it
+    ends. A process that exits with it alive can abort at interpreter shutdown (gloo's threads still hold
+    tensors: SIGABRT, "terminate called without an active exception", pytorch/pytorch#190489), which torchrun
+    reports as a failed run after all the work succeeded."""
+    try:
+        yield
+    finally:
+        if "torch.distributed" in sys.modules:  # a command that never imported torch joined nothing
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def write_crash_log() -> Path:

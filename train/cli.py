@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from shared.cli import load_config_and_report, user_errors
+from shared.cli import leaving_process_group, load_config_and_report, user_errors
 from shared.errors import UserError
 from shared.logs import setup_logging
 
@@ -53,14 +53,12 @@ def run_command(
         }.items()
         if v is not None
     }
-    with user_errors():
+    with user_errors(), leaving_process_group():
         cfg = load_config_and_report(config, overrides, announce=not print_config, print_config=print_config)
         if print_config:
             return
         lora = train(cfg)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    if int(os.environ.get("RANK", "0")) == 0:  # one line, also when launched on several processes
         typer.echo(f"LoRA saved: {lora}")
 
 

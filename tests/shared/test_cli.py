@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 import prep.verify
 from prep.cli import app
+from train.cli import app as train_app
 
 
 def test_an_internal_error_is_one_line_naming_a_log_that_holds_the_traceback(tmp_path, monkeypatch):
@@ -64,3 +66,21 @@ def test_ranks_that_disagree_are_reported_as_a_bug_not_as_the_users_mistake(tmp_
     (line,) = result.output.strip().splitlines()
     assert "internal error: the LoRA weights differ between processes" in line
     assert "This is a bug, not your data or config; please report it with" in line
+
+
+@pytest.mark.parametrize("cli", [app, train_app], ids=["prep build-cache", "train run"])
+def test_a_command_leaves_the_process_group_it_ran_in_even_when_it_fails(cli, tmp_path):
+    """Under torchrun, a process that exits with its gloo group alive can abort at shutdown (SIGABRT), and
+    torchrun then reports a run whose work succeeded as failed: both commands leave the group, however they end."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        command = ["build-cache"] if cli is app else ["run"]
+        result = CliRunner().invoke(cli, [*command, "--config", str(tmp_path / "missing.json")])
+        assert result.exit_code == 1 and "missing.json" in result.output
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
