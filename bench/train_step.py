@@ -84,11 +84,11 @@ def run_one(args: argparse.Namespace) -> dict:
 
     from shared.config import TrainConfig
     from train.batch import Batch
-    from train.loop import optimizer_step
     from train.memory import GIB, MemoryPlan, choose_plan, step_costs
     from train.model import prepare_for_lora
     from train.objective import SigmaSchedule
     from train.optim import build_optimizer, build_scheduler
+    from train.step import optimizer_step
 
     if args.device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "1"
@@ -211,10 +211,10 @@ def measure_previews(transformer, batch, schedule, accelerator, args, config) ->
 
     from shared.tiny_model import SCHEDULER_CONFIG
     from train.eval_data import EvalSample
-    from train.loop import SMALL_CARD_MODES
     from train.memory import GIB
     from train.objective import velocity_errors
     from train.previews import Decoder, sample_latents
+    from train.run import SMALL_CARD_MODES
     from train.validation import evaluating, release_memory
 
     device, cuda = accelerator.device, accelerator.device.type == "cuda"

@@ -4,7 +4,9 @@ The diffusers transformer's own forward still runs the model (so training comput
 inference computes); we only replace each block's `forward` with a `BlockForward`, which keeps the
 module's names (LoRA keys and exports are unchanged) and adds, per block:
 
-- `torch.compile` of the block's own forward (compiled graphs are shared between blocks);
+- `torch.compile` of the block's own forward for the training step only (graphs shared between
+  blocks); previews and the held-out loss (no autograd) run the same blocks eagerly, so they can
+  never add graphs to, or evict graphs from, the training step's compiled code;
 - gradient checkpointing (non-reentrant): the block keeps only its inputs and recomputes the rest
   in backward, optionally with those inputs in pinned host memory (`offload_activations`);
 - block swap (`BlockSwap`): the block's frozen weights live in pinned host memory and are copied
@@ -13,6 +15,7 @@ module's names (LoRA keys and exports are unchanged) and adds, per block:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 
@@ -120,11 +123,48 @@ class BlockSwap:
         self.copies += 1
 
 
+def _training_block(forward: Callable, block: torch.nn.Module, *args):
+    """`forward(block, *args)`: the block class's own forward. A function of its own so that Dynamo keeps
+    the training step's graphs in a cache of their own (Dynamo caches per code object)."""
+    return forward(block, *args)
+
+
+# The graphs the training step compiles: one per kind of block (the first, whose input needs no
+# gradient; the middle ones; the last, whose text-stream query is not adapted) and per prompt
+# layout (a padding mask or none), each for any token count (sequence dimensions are dynamic).
+TRAINING_GRAPHS = 3 * 2
+
+
+@functools.cache
+def compile_training_blocks() -> Callable:
+    """The compiled training forward shared by every block. More graphs than `TRAINING_GRAPHS` is an
+    error (`torch._dynamo.exc.FailOnRecompileLimitHit`), never a silent fallback to eager code, which
+    would make a checkpointed block's recomputation differ from its forward."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, TRAINING_GRAPHS)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return torch.compile(_training_block, fullgraph=True)
+
+
+def mark_token_dimensions_dynamic(args: tuple) -> None:
+    """Compile for any token count from the first step on (buckets and prompt lengths vary), instead
+    of for the first shape and then again, dynamically, for the second."""
+    hidden, text, mask, _, rotary, *rest = args + (None,) * (7 - len(args))
+    for tensor, dim in [(hidden, 1), (text, 1), (mask, 1), *[(r, 0) for r in rotary or ()]]:
+        if isinstance(tensor, torch.Tensor):
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    modulate_index = rest[1] if len(rest) > 1 else None
+    if isinstance(modulate_index, torch.Tensor):
+        torch._dynamo.maybe_mark_dynamic(modulate_index, 1)
+
+
 class BlockForward:
     """Replaces `block.forward`: swap in, then run (compiled or not) under checkpointing or not.
 
     Installed as an instance attribute, so `block(...)` (the transformer's own loop) calls it.
     The recomputation in backward calls `run` directly, which is how `run` tells the two apart.
+    Without autograd (previews, held-out loss) the block runs eagerly: see the module docstring.
     """
 
     def __init__(
@@ -136,18 +176,25 @@ class BlockForward:
         compiled: bool,
         swap: BlockSwap | None,
     ):
-        forward: Callable = type(block).forward.__get__(block)  # the class's forward, bound to this block
-        self.signature = inspect.signature(forward)
-        self.forward = torch.compile(forward) if compiled else forward
+        self.eager: Callable = type(block).forward.__get__(block)  # the class's forward, bound to this block
+        self.signature = inspect.signature(self.eager)
+        self.block = block
+        self.compiled = compile_training_blocks() if compiled else None
         self.index, self.checkpointed, self.offload, self.swap = index, checkpointed, offload, swap
         self._in_forward = False
 
     def __call__(self, *args, **kwargs):
-        if not (self.checkpointed and torch.is_grad_enabled()):
-            return self.run(*args, **kwargs)
+        if not torch.is_grad_enabled():  # previews and the held-out loss: eager, whatever the plan
+            if self.swap is not None:
+                self.swap.before(self.index, backward=False)
+            return self.eager(*args, **kwargs)
         # Positional only: checkpoint saves positional tensors through autograd (so save_on_cpu can
         # move them to the host) but would keep tensors passed by keyword on the GPU.
         args = self.signature.bind(*args, **kwargs).args
+        if self.compiled is not None:
+            mark_token_dimensions_dynamic(args)
+        if not self.checkpointed:
+            return self.run(*args)
         self._in_forward = True
         try:
             if self.offload:  # the inputs checkpoint saves go to pinned host memory until backward
@@ -157,11 +204,13 @@ class BlockForward:
         finally:
             self._in_forward = False
 
-    def run(self, *args, **kwargs):
+    def run(self, *args):
         if self.swap is not None:
-            recomputing = self.checkpointed and torch.is_grad_enabled() and not self._in_forward
+            recomputing = self.checkpointed and not self._in_forward
             self.swap.before(self.index, backward=recomputing)
-        return self.forward(*args, **kwargs)
+        if self.compiled is not None:
+            return self.compiled(type(self.block).forward, self.block, *args)
+        return self.eager(*args)
 
 
 def attention_backends(enabled: bool):
@@ -186,6 +235,8 @@ def install(
 ) -> None:
     """Give every block of `transformer` its `BlockForward` (diffusers' own checkpointing stays off)."""
     transformer.gradient_checkpointing = False
+    if compiled:  # graphs of an earlier model in this process (a test, a notebook) would count towards the limit
+        torch._dynamo.reset()
     for index, block in enumerate(transformer.transformer_blocks):
         if swap is not None and index in swap.slot_of and index not in checkpointed:
             raise ValueError(f"block {index} is swapped, so it must be checkpointed")

@@ -40,7 +40,7 @@ def test_ranks_that_disagree_are_reported_as_a_bug_not_as_the_users_mistake(tmp_
     points at the crash log and exits 2, unlike a UserError (exit 1, "error: <what to fix>")."""
     import torch
 
-    import train.loop
+    import train.run
     from shared.errors import InternalError
 
     class TwoRanks:  # what check_ranks_agree sees of accelerate: two processes whose sums differ
@@ -51,7 +51,7 @@ def test_ranks_that_disagree_are_reported_as_a_bug_not_as_the_users_mistake(tmp_
 
     params = {"w": torch.nn.Parameter(torch.ones(2))}
     try:
-        train.loop.check_ranks_agree(TwoRanks(), params)
+        train.run.check_ranks_agree(TwoRanks(), params)
     except InternalError as err:
         raised = err
     assert isinstance(raised, InternalError)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import train.loop as loop_module
+import train.run as run_module
 from shared.config import load_config
 from shared.errors import UserError
 from tests.train.test_training import project  # noqa: F401 - the module-scoped cache and config factory
@@ -30,7 +30,7 @@ def test_a_new_run_into_a_folder_holding_another_run_is_refused_and_overwrite_ke
     old_run = json.loads((out / "run.json").read_text())["run_id"]
 
     with monkeypatch.context() as m:
-        m.setattr(loop_module, "load_lora_transformer", _no_model)
+        m.setattr(run_module, "load_lora_transformer", _no_model)
         with pytest.raises(UserError, match=r"holds another training run .*run\.json.*overwrite_output_dir: true"):
             train(load_config(project(out, max_train_steps=2, learning_rate=5e-4)))
     assert (out / LORA_FILE).read_bytes() == old_lora, "the refused run changed nothing"
@@ -65,7 +65,7 @@ def test_resuming_with_another_rank_or_alpha_is_refused_with_what_differs(
 ):
     out = tmp_path / "run"
     train(load_config(project(out, max_train_steps=2, checkpointing_steps=2)))
-    monkeypatch.setattr(loop_module, "load_lora_transformer", _no_model)
+    monkeypatch.setattr(run_module, "load_lora_transformer", _no_model)
     with pytest.raises(UserError, match=rf"checkpoint-000002 was trained with another LoRA \({says}\)"):
         train(load_config(project(out, max_train_steps=4, resume_from_checkpoint="latest", **change)))
 
@@ -73,7 +73,7 @@ def test_resuming_with_another_rank_or_alpha_is_refused_with_what_differs(
 def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(project, tmp_path, monkeypatch):  # noqa: F811
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    monkeypatch.setattr(loop_module, "load_lora_transformer", _no_model)
+    monkeypatch.setattr(run_module, "load_lora_transformer", _no_model)
     with pytest.raises(UserError, match=r"output_dir .*a-file/run cannot be written"):
         config = load_config(project(tmp_path / "run", max_train_steps=1))
         config.train.output_dir = str(blocker / "run")  # a folder inside a file
@@ -112,7 +112,7 @@ def test_weights_that_went_nan_are_never_saved_and_the_stop_names_a_finite_check
 ):
     import torch
 
-    real = loop_module.optimizer_step
+    real = run_module.optimizer_step
     calls = []
 
     def poisoning(accelerator, transformer, optimizer, scheduler, params, *args, **kwargs):
@@ -123,7 +123,7 @@ def test_weights_that_went_nan_are_never_saved_and_the_stop_names_a_finite_check
                 next(iter(params.values())).fill_(float("nan"))
         return result
 
-    monkeypatch.setattr(loop_module, "optimizer_step", poisoning)
+    monkeypatch.setattr(run_module, "optimizer_step", poisoning)
     out = tmp_path / "run"
     with pytest.raises(UserError, match=r"Last good checkpoint: .*checkpoint-000001\."):
         train(load_config(project(out, max_train_steps=6, checkpointing_steps=1, max_nonfinite_steps=2)))
@@ -168,13 +168,13 @@ def test_training_on_a_cache_built_with_other_prep_settings_is_refused_with_the_
     backend = json.loads(backend_path.read_text())
     backend[0]["resolution"] = 320  # prep would now encode other buckets
     backend_path.write_text(json.dumps(backend))
-    monkeypatch.setattr(loop_module, "load_lora_transformer", _no_model)
+    monkeypatch.setattr(run_module, "load_lora_transformer", _no_model)
     with pytest.raises(UserError, match=r"built with other prep settings .*\(changed: datasets\); rebuild it with "):
         train(load_config(config_path))
 
 
 def test_an_unknown_lora_target_module_is_refused_before_the_model_loads(project, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(loop_module, "load_lora_transformer", _no_model)
+    monkeypatch.setattr(run_module, "load_lora_transformer", _no_model)
     with pytest.raises(UserError, match=r"lora_target names module\(s\) this transformer does not have: attn\.to_qq"):
         train(load_config(project(tmp_path / "run", max_train_steps=1, lora_target=["attn.to_q", "attn.to_qq"])))
 
@@ -185,7 +185,7 @@ def test_a_read_only_disk_at_the_final_export_names_the_checkpoint_to_export(pro
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(loop_module.export, "save", read_only)
+    monkeypatch.setattr(run_module.export, "save", read_only)
     out = tmp_path / "run"
     with pytest.raises(UserError, match=r"cannot write the final LoRA \(Read-only file system\)\. .*checkpoint-000002"):
         train(load_config(project(out, max_train_steps=2, checkpointing_steps=2)))

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import train.loop as loop_module
+import train.step as step_module
 from prep.build import build_cache
 from shared.config import load_config
 from shared.demo_data import write_demo_dataset
@@ -241,7 +241,7 @@ def test_bnb_optimizer_without_bitsandbytes_is_a_clear_error(project, tmp_path, 
 
 
 def test_nonfinite_losses_are_skipped_counted_and_stop_when_persistent(project, tmp_path, monkeypatch, capsys):
-    real = loop_module.flow_matching_loss
+    real = step_module.flow_matching_loss
     calls = {"n": 0}
 
     def loss_with_nans(*args, **kwargs):
@@ -249,7 +249,7 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_when_persistent(project, 
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] in poisoned else loss
 
-    monkeypatch.setattr(loop_module, "flow_matching_loss", loss_with_nans)
+    monkeypatch.setattr(step_module, "flow_matching_loss", loss_with_nans)
     poisoned = {3}  # one micro-batch of the second optimizer step
     out = tmp_path / "skip"
     lora = train(load_config(project(out, max_train_steps=3, use_ema=False)))

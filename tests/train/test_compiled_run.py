@@ -1,0 +1,133 @@
+"""Compiled blocks inside the real run: every memory lever on, previews and the held-out loss before and between
+steps, batches of two with prompts of different lengths. What crashed `train run` in the 24 GB mode on a GPU
+(previews compiled no-grad graphs into the training blocks' cache; the recompile limit sent the checkpointed
+recomputation to other code than its forward) must finish here, with a known set of graphs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from prep.build import build_cache
+from shared.config import load_config
+from shared.demo_data import write_demo_dataset
+from tests.conftest import write_config
+from train.blocks import TRAINING_GRAPHS
+from train.objective import flow_matching_loss
+from train.run import Run
+
+SETTINGS = {
+    "compile_blocks": True,
+    "gradient_checkpointing": True,  # every block checkpointed
+    "offload_activations": True,
+    "blocks_to_swap": 2,
+    "train_batch_size": 2,
+    "max_train_steps": 4,
+    "eval_holdout": 2,
+    "validation_resolution": 192,  # eval samples cached at another size than the 256² training buckets
+    "validation_step_interval": 2,
+    "validation_num_inference_steps": 2,
+    "use_ema": True,
+    "checkpointing_steps": 2,
+    "dataloader_num_workers": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("compiled")
+    data = write_demo_dataset(root / "data", n_samples=10, n_references=1)
+    for i, caption in enumerate(sorted((data / "images").glob("*.txt"))):  # prompts of several lengths
+        caption.write_text(caption.read_text().strip() + " and keep the rest" * (i % 2) + "\n")
+    path = write_config(root, tiny_models["edit-v1"], "edit-v1", data, 1, train=SETTINGS)
+    build_cache(load_config(path), device="cpu")
+    return path
+
+
+def with_settings(path, out, **changes):
+    config = json.loads(path.read_text())
+    config.update(changes, output_dir=str(out))
+    new = out.with_suffix(".json")
+    new.write_text(json.dumps(config))
+    return load_config(new)
+
+
+def graphs_compiled() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def loss_and_gradients(run: Run, batch, seed: int = 3) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    with run.accelerator.autocast():
+        loss = flow_matching_loss(run.transformer, batch, run.schedule, torch.Generator().manual_seed(seed))
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in run.params.items()}
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_compiled_run_with_every_lever_trains_through_previews_on_a_known_set_of_graphs(config_path, tmp_path):
+    torch._dynamo.reset()
+    counters.clear()
+    run = Run(with_settings(config_path, tmp_path / "compiled"))
+    plan = run.plan
+    assert plan.compile_blocks and plan.offload_activations and len(plan.checkpointed) == plan.n_blocks
+    assert len(plan.swapped) == 2
+
+    # Previews (LoRA off, at another resolution) and the held-out loss first: they compile nothing.
+    run.validate(0, baseline=True)
+    assert (tmp_path / "compiled" / "previews" / "step-000000-base.png").is_file()
+    assert graphs_compiled() == 0
+
+    # The step's loss and LoRA gradients equal the eager path's at the same weights, within bf16 rounding.
+    eager = Run(with_settings(config_path, tmp_path / "eager", compile_blocks=False))
+    assert not eager.plan.compile_blocks
+    with torch.no_grad():
+        for name, p in run.params.items():
+            if "lora_B" in name:  # non-zero, so every lora_A gets a gradient too
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
+            eager.params[name].copy_(p)
+    batch = next(run.batches)
+    want_loss, want = loss_and_gradients(eager, batch)
+    loss, grads = loss_and_gradients(run, batch)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-2, atol=0)
+    errors = sorted(((grads[n] - want[n]).norm() / want[n].norm().clamp_min(1e-12)).item() for n in want)
+    assert errors[len(errors) // 2] < 0.02 and errors[-1] < 0.1, errors  # a wrong computation is off by ~100%
+    assert graphs_compiled() > 0
+    with torch.no_grad():
+        for name, p in run.params.items():
+            if "lora_B" in name:
+                p.zero_()  # back to peft's initialisation
+
+    # Training with previews, held-out loss, EMA previews and checkpoints between steps: a graph is compiled
+    # only on the first step of a prompt layout not seen before (padded under a mask, or not), never after.
+    layouts, seen = [], set()
+    batches = run.batches
+
+    def recording():
+        for batch in batches:
+            layouts.append(batch.prompt_mask is not None)
+            yield batch
+
+    run.batches = recording()
+    while run.step_count < run.max_steps:
+        before = graphs_compiled()
+        run.step()
+        step, last = run.step_count, run.step_count == run.max_steps
+        run.flush_metrics()
+        new_layout = layouts[-1] not in seen
+        seen.add(layouts[-1])
+        assert graphs_compiled() == before or new_layout, f"step {step} compiled a graph for a layout seen before"
+        if run.validation_due(step, last):
+            run.validate(step, last)
+        if run.checkpoint_due(step, last):
+            run.save_checkpoint(step)
+    lora = run.finish()
+    assert lora.is_file()
+    assert len(set(layouts)) == 2, "the data should give padded and unpadded batches"
+    assert graphs_compiled() <= TRAINING_GRAPHS
+    previews = tmp_path / "compiled" / "previews"
+    assert {p.name for p in previews.glob("*.png")} >= {"step-000002.png", "step-000004-ema.png"}
+    assert (tmp_path / "compiled" / "checkpoints" / "checkpoint-000004").is_dir()
