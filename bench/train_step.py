@@ -1,4 +1,8 @@
-"""Time the LoRA training step and its peak GPU memory per memory mode, at real Qwen-Image-Edit size.
+"""Kernel-level: time the LoRA training step and its peak GPU memory per memory mode, at real Qwen-Image-Edit size.
+
+The step alone, on synthetic batches: no cache, data loading, previews or held-out loss. What a
+user's `train run` does end to end (and what the README's card table states) is measured by
+bench/product.py.
 
     python bench/train_step.py                                   # every mode, edit-v1 and edit-v2 (3 refs), int8
     python bench/train_step.py --modes baseline fast --flavours edit-v1 --precision no_change

@@ -147,16 +147,24 @@ def compile_training_blocks() -> Callable:
     return torch.compile(_training_block, fullgraph=True)
 
 
-def mark_token_dimensions_dynamic(args: tuple) -> None:
+# The token dimension of each block input: hidden_states [B, N, D] (image tokens: target and references),
+# encoder_hidden_states [B, L, D] and its mask [B, L] (prompt tokens), modulate_index [B, N] (zero_cond_t).
+TOKEN_DIMENSIONS = {
+    "hidden_states": 1,
+    "encoder_hidden_states": 1,
+    "encoder_hidden_states_mask": 1,
+    "modulate_index": 1,
+}
+
+
+def mark_token_dimensions_dynamic(arguments: dict) -> None:
     """Compile for any token count from the first step on (buckets and prompt lengths vary), instead
-    of for the first shape and then again, dynamically, for the second."""
-    hidden, text, mask, _, rotary, *rest = args + (None,) * (7 - len(args))
-    for tensor, dim in [(hidden, 1), (text, 1), (mask, 1), *[(r, 0) for r in rotary or ()]]:
-        if isinstance(tensor, torch.Tensor):
-            torch._dynamo.maybe_mark_dynamic(tensor, dim)
-    modulate_index = rest[1] if len(rest) > 1 else None
-    if isinstance(modulate_index, torch.Tensor):
-        torch._dynamo.maybe_mark_dynamic(modulate_index, 1)
+    of for the first shape and then again, dynamically, for the second. `arguments`: the block's, by name."""
+    for name, dim in TOKEN_DIMENSIONS.items():
+        if isinstance(arguments.get(name), torch.Tensor):
+            torch._dynamo.maybe_mark_dynamic(arguments[name], dim)
+    for freqs in arguments.get("image_rotary_emb") or ():  # RoPE of the image tokens [N, d], of the prompt [L, d]
+        torch._dynamo.maybe_mark_dynamic(freqs, 0)
 
 
 class BlockForward:
@@ -190,9 +198,10 @@ class BlockForward:
             return self.eager(*args, **kwargs)
         # Positional only: checkpoint saves positional tensors through autograd (so save_on_cpu can
         # move them to the host) but would keep tensors passed by keyword on the GPU.
-        args = self.signature.bind(*args, **kwargs).args
+        bound = self.signature.bind(*args, **kwargs)
+        args = bound.args
         if self.compiled is not None:
-            mark_token_dimensions_dynamic(args)
+            mark_token_dimensions_dynamic(bound.arguments)
         if not self.checkpointed:
             return self.run(*args)
         self._in_forward = True

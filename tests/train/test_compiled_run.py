@@ -61,7 +61,8 @@ def graphs_compiled() -> int:
 
 def loss_and_gradients(run: Run, batch, seed: int = 3) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     with run.accelerator.autocast():
-        loss = flow_matching_loss(run.transformer, batch, run.schedule, torch.Generator().manual_seed(seed))
+        noise = torch.Generator(run.accelerator.device).manual_seed(seed)
+        loss = flow_matching_loss(run.transformer, batch, run.schedule, noise)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in run.params.items()}
     run.optimizer.zero_grad(set_to_none=True)
@@ -89,7 +90,7 @@ def test_compiled_run_with_every_lever_trains_through_previews_on_a_known_set_of
             if "lora_B" in name:  # non-zero, so every lora_A gets a gradient too
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
             eager.params[name].copy_(p)
-    batch = next(run.batches)
+    batch = next(run.batches).to(run.accelerator.device)
     want_loss, want = loss_and_gradients(eager, batch)
     loss, grads = loss_and_gradients(run, batch)
     torch.testing.assert_close(loss, want_loss, rtol=1e-2, atol=0)
@@ -131,3 +132,16 @@ def test_compiled_run_with_every_lever_trains_through_previews_on_a_known_set_of
     previews = tmp_path / "compiled" / "previews"
     assert {p.name for p in previews.glob("*.png")} >= {"step-000002.png", "step-000004-ema.png"}
     assert (tmp_path / "compiled" / "checkpoints" / "checkpoint-000004").is_dir()
+
+
+def test_more_graphs_than_planned_is_a_clear_error_not_a_silent_fallback_to_eager_code(config_path, tmp_path):
+    from shared.errors import InternalError
+
+    run = Run(with_settings(config_path, tmp_path / "run", blocks_to_swap=0, offload_activations=False))
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = 1  # as if the blocks needed more graphs than planned
+    try:
+        with pytest.raises(InternalError, match="needed more than the .* graphs planned.*compile_blocks: false"):
+            run.step()
+    finally:
+        torch._dynamo.config.recompile_limit = limit
