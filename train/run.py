@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from peft.utils import get_peft_model_state_dict
 
-from shared.cache.fingerprint import PER_SAMPLE, TRAINING_INDEPENDENT, changed_settings, fingerprint
+from shared.cache.fingerprint import PER_SAMPLE, training_mismatches
 from shared.config import Config, DatasetConfig, TrainConfig
 from shared.errors import InternalError, UserError
 from shared.flavours import FLAVOURS
@@ -263,16 +263,16 @@ def open_caches(config: Config) -> tuple[list[CacheReader], list[CacheReader]]:
 
 
 def check_cache(config: Config, main: DatasetConfig, reader: CacheReader) -> None:
-    """The cache must hold what this config's prep settings would encode (resolution, crops, model, template,
-    ...): otherwise training would silently learn from other data."""
+    """The cache must hold what this config's prep settings would encode (resolution, crops, template, ...)
+    for this transformer and VAE: otherwise training would silently learn from other data. Checked without the
+    text encoder (a training node need not hold it) and wherever the model now lies."""
     if reader.info["flavour"] != config.train.model_flavour:
         raise UserError(
             f"{reader.location}: built for {reader.info['flavour']}, but model_flavour is "
             f"{config.train.model_flavour}; rebuild it with `prep build-cache`"
         )
-    expected = fingerprint(config, main, dtype=None)["settings"]
     built = reader.info.get("fingerprint", {}).get("settings", {})
-    changed = changed_settings(built, expected, ignore=TRAINING_INDEPENDENT)
+    changed = training_mismatches(config, main, built)
     if changed and set(changed) <= set(PER_SAMPLE):
         raise UserError(
             f"{reader.location}: its eval samples were cached with other preview settings "

@@ -44,12 +44,18 @@ recorded when the shard was sealed. `prep verify` checks whole shards against th
 every tar header, and names the samples whose records changed.
 
 **Fingerprint.** cache.json's `fingerprint` = {`sha256`, `settings`}: everything that changes
-cached bytes (model configs and files, flavour, prompt template, encoder dtype, reference sizing,
-and per dataset: resolution, crop settings; the `crop_seed` only when a dataset crops at random;
+cached bytes (the encoders by content: `encoders` maps each file of the model's `vae/`,
+`text_encoder/`, `processor/` and `tokenizer/` to its sha256, never the model's path; the VAE's and
+text encoder's configs; flavour, prompt template, encoder dtype, reference sizing, and per dataset:
+resolution, crop settings; the `crop_seed` only when a dataset crops at random;
 `conditioning_multidataset_sampling` only when it is random with several reference datasets).
 Training-only keys (seed, caption dropout, learning rate, ...) are not in it, so changing them
-never invalidates a cache. The manifest carries the same hash; a reader that finds them unequal
-is looking at a build cut short between the two writes.
+never invalidates a cache. `train run` checks a cache against what training depends on
+(`training_mismatches`: the config's settings, the VAE config, the transformer's input widths
+against the cached latents' channels and embeddings' width), reading only the transformer's and
+VAE's configs: a training node needs no text encoder, and the model may lie anywhere. The
+manifest carries the same hash; a reader that finds them unequal is looking at a build cut short
+between the two writes.
 
 **Writing.** Shards are written as `.tar.tmp`, hashed, fsynced and renamed; their rows go to
 `shards/NAME.index.parquet` (fsynced, atomic) so an interrupted build resumes from the last

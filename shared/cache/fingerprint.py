@@ -1,9 +1,12 @@
 """The cache's fingerprint: every setting that changes cached bytes, and nothing else.
 
 `prep build-cache` stores it in `cache.json` and the manifest, and refuses to mix samples built
-under another one; `train run` recomputes it from its config and refuses a cache built with other
-prep settings, saying what differs and how to rebuild. Computed from the model's config files
-only: no encoder is loaded.
+under another one. The encoders are named by content (each component's config and the sha256 of
+its files), never by the model's path, so a cache travels with its bytes: `train run` on another
+machine, with the model elsewhere and only `transformer/` and `vae/` on disk, checks the cache
+against what training itself depends on (`training_mismatches`): the settings its config gives,
+the VAE's config (the decoder must undo the encoder) and the transformer's input widths.
+Computed from config files and file hashes only: no model is loaded.
 """
 
 from __future__ import annotations
@@ -15,58 +18,74 @@ from pathlib import Path
 from shared.cache.format import FORMAT_VERSION
 from shared.config import Config, DatasetConfig
 from shared.errors import UserError
+from shared.file_hashes import file_sha256
 from shared.flavours import FLAVOURS
 
 TRAINING_INDEPENDENT = ("dtype",)  # the encoders' precision: prep's choice (bf16 on a GPU, fp32 on CPU)
 # Settings recorded here but left out of the hash: they change only the eval samples, whose source hash
 # includes them, so a plain rebuild re-encodes just those (no --force).
 PER_SAMPLE = ("previews",)
+ENCODER_FOLDERS = ("vae", "text_encoder", "processor", "tokenizer")  # what prep reads of the model
 
 
 def fingerprint(config: Config, main: DatasetConfig, dtype) -> dict:
     """Everything that changes the cached bytes (and nothing else), and its hash; computed without
     loading the encoders. Training-only keys are left out, so changing them never invalidates a cache."""
-    from diffusers import AutoencoderKLQwenImage
-    from transformers import AutoConfig
-
     model = config.train.pretrained_model_name_or_path
+    settings = {
+        **config_settings(config, main),
+        "encoders": encoder_files(model),
+        "vae_config": vae_config(model),
+        "text_encoder_config": _text_encoder_config(model),
+        "dtype": str(dtype),
+    }
+    hashed = {k: v for k, v in settings.items() if k not in PER_SAMPLE}
+    digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()
+    return {"sha256": digest, "settings": settings}
+
+
+def config_settings(config: Config, main: DatasetConfig) -> dict:
+    """The fingerprint's settings that the config alone gives (no model file read)."""
     flavour = FLAVOURS[config.train.model_flavour]
-    try:
-        vae_config = dict(AutoencoderKLQwenImage.load_config(model, subfolder="vae"))
-        text_config = AutoConfig.from_pretrained(model, subfolder="text_encoder").to_dict()
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not read the model config of '{model}': {err}") from None
-    weights = (
-        sorted(
-            (str(p.relative_to(model)), p.stat().st_size)
-            for sub in ("vae", "text_encoder", "processor", "tokenizer")
-            for p in (Path(model) / sub).glob("*")
-            if p.is_file()
-        )
-        if Path(model).is_dir()
-        else []
-    )
     datasets = [main, *config.conditioning_for(main)]
     settings = {
         "format_version": FORMAT_VERSION,
-        "model": model,
-        "model_files": weights,
-        "vae_config": {k: v for k, v in vae_config.items() if not k.startswith("_")},
-        "text_encoder_config": {k: v for k, v in text_config.items() if not k.startswith("_")},
         "flavour": flavour.name,
         "prompt_template": flavour.vl_text("{}", len(main.conditioning_data)),
-        "dtype": str(dtype),
         "match_target_res": config.train.match_target_res,
         "datasets": [_placement_settings(d) for d in datasets],
+        "previews": config.train.preview_settings,
     }
     if references_alone(config, main):
         settings["conditioning_multidataset_sampling"] = "random"  # train samples: embeddings per reference
     if any(d.crop and d.crop_style == "random" for d in datasets):
         settings["crop_seed"] = config.train.crop_seed  # changes the crops only when they are random
-    hashed = dict(settings)
-    settings["previews"] = config.train.preview_settings
-    digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()
-    return {"sha256": digest, "settings": settings}
+    return settings
+
+
+def training_mismatches(config: Config, main: DatasetConfig, built: dict) -> list[str]:
+    """What differs between a cache's recorded settings `built` and what training with `config` needs, by
+    setting name: the config's own settings, the VAE's config, the transformer's input widths. Reads only
+    the transformer's and the VAE's config files, so a training node needs no text encoder."""
+    from diffusers import QwenImageTransformer2DModel
+
+    model = config.train.pretrained_model_name_or_path
+    expected = {**config_settings(config, main), "vae_config": vae_config(model)}
+    recorded = {k: built.get(k) for k in expected}
+    changed = changed_settings(recorded, expected)
+    try:
+        transformer = QwenImageTransformer2DModel.load_config(model, subfolder="transformer")
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not read the transformer config of '{model}': {err}") from None
+    text = built.get("text_encoder_config") or {}
+    text_width = (text.get("text_config") or text).get("hidden_size")
+    if text_width is not None and transformer.get("joint_attention_dim") != text_width:
+        width = transformer.get("joint_attention_dim")
+        changed.append(f"transformer joint_attention_dim {width} (cached embeddings: {text_width})")
+    z_dim = (built.get("vae_config") or {}).get("z_dim")
+    if z_dim is not None and transformer.get("in_channels") != 4 * z_dim:
+        changed.append(f"transformer in_channels {transformer.get('in_channels')} (cached latents: 4 x {z_dim})")
+    return changed
 
 
 def references_alone(config: Config, main: DatasetConfig) -> bool:
@@ -92,3 +111,32 @@ def changed_settings(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list
         for k in (set(old) | set(new)) - set(ignore)
         if json.dumps(old.get(k), sort_keys=True, default=str) != json.dumps(new.get(k), sort_keys=True, default=str)
     )
+
+
+def vae_config(model: str) -> dict:
+    from diffusers import AutoencoderKLQwenImage
+
+    try:
+        config = dict(AutoencoderKLQwenImage.load_config(model, subfolder="vae"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not read the VAE config of '{model}': {err}") from None
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _text_encoder_config(model: str) -> dict:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, subfolder="text_encoder").to_dict()
+    except (OSError, ValueError) as err:
+        raise UserError(f"could not read the text encoder config of '{model}': {err}") from None
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def encoder_files(model: str) -> dict[str, str] | str:
+    """{relative path: sha256} of every file of the encoders' folders (a local model), or the hub id."""
+    root = Path(model)
+    if not root.is_dir():
+        return model
+    files = sorted(p for sub in ENCODER_FOLDERS for p in (root / sub).glob("*") if p.is_file())
+    return {str(p.relative_to(root)): file_sha256(p) for p in files}
