@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from shared.cache import CacheStore
+from shared.cache.format import expand_shared_rows
 
 
 def manifest_rows(cache) -> list[dict]:
@@ -17,5 +18,6 @@ def member_bytes(cache, row: dict, member: str) -> bytes:
 
 
 def stored_tensors(data: bytes) -> dict[str, torch.Tensor]:
-    """A safetensors member by the names the format gives its tensors ("target", "ref.0", "prompt.0", ...)."""
-    return load_safetensors(data)
+    """A safetensors member by the names the format gives its tensors ("target", "ref.0", "prompt.0", ...), those
+    stored as the rows after a shared prefix (`NAME.after`) rebuilt whole."""
+    return expand_shared_rows(load_safetensors(data))

@@ -26,6 +26,12 @@ to 512 bytes; the archive ends with tar's zero blocks.
   `ref.r.prompt.k` and `ref.r.dropout` per reference r: the same instructions encoded with
   reference r alone (training picks one reference per sample each time it is drawn). bf16.
   L is each instruction's token count after the template's system prefix is dropped.
+  Stored once: every tensor of a group (the sample's own, or reference r's `ref.r.`) after its
+  `prompt.0` whose leading rows equal `prompt.0`'s bit for bit (instructions share the template
+  and the image tokens; only the instruction's tokens differ) is stored as `NAME.after` (its rows
+  after the shared prefix) and `NAME.shared_rows` (int64 [1], the prefix's length); readers rebuild
+  `NAME` = `prompt.0[:shared_rows]` then `NAME.after` (`Embeddings.from_bytes`). A tensor that shares
+  nothing is stored whole under `NAME`, as every tensor was before (such caches read the same).
 - `<id>.json`: the record's provenance: captions, sizes, crop boxes, seeds, source sha256s.
 
 Tensors are safetensors (loading runs no code). `Latents` and `Embeddings` (format.py) are the

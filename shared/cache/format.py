@@ -23,6 +23,7 @@ LOCK = "build.lock"
 LATENTS, EMBEDS, META = "latents.safetensors", "embeds.safetensors", "json"
 MEMBERS = (LATENTS, EMBEDS, META)  # in this order inside each record
 STORAGE_DTYPE = torch.bfloat16
+STORAGE_BITS = torch.int16  # the same bits as integers: equality that tells -0 from 0 and compares NaNs
 SHARD_NAME = re.compile(r"^(?P<prefix>(?:rank\d+-)?)(?P<number>\d{6})\.tar$")  # e.g. 000003.tar, rank01-000000.tar
 
 SHA256 = pa.binary(32)  # digests are stored as raw bytes (32, not 64 hex characters: memory at 1M rows)
@@ -114,9 +115,19 @@ class Embeddings:
         return _save(self._named())
 
     def _named(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        tensors = {f"{prefix}prompt.{i}": p for i, p in enumerate(self.prompts)}
-        for name, value in (("dropout", self.dropout), ("negative", self.negative)):
-            if value is not None:
+        """Stored tensors by name: each after the group's first prompt as the rows after their shared prefix."""
+        own = [(f"prompt.{i}", p) for i, p in enumerate(self.prompts)]
+        extra = (("dropout", self.dropout), ("negative", self.negative))
+        own += [(name, value) for name, value in extra if value is not None]
+        tensors: dict[str, torch.Tensor] = {}
+        base = self.prompts[0].to(STORAGE_DTYPE) if self.prompts else None  # what the group's others may share
+        for name, value in own:
+            value = value.to(STORAGE_DTYPE)
+            shared = shared_rows(base, value) if base is not None and name != "prompt.0" else 0
+            if shared:
+                tensors[f"{prefix}{name}.after"] = value[shared:]
+                tensors[f"{prefix}{name}.shared_rows"] = torch.tensor([shared], dtype=torch.int64)
+            else:
                 tensors[prefix + name] = value
         for r, sub in enumerate(self.alone or []):
             tensors.update(sub._named(f"ref.{r}."))
@@ -124,7 +135,7 @@ class Embeddings:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Embeddings:
-        return cls._from_named(load_safetensors(data))
+        return cls._from_named(expand_shared_rows(load_safetensors(data)))
 
     @classmethod
     def _from_named(cls, tensors: dict[str, torch.Tensor], prefix: str = "") -> Embeddings:
@@ -138,5 +149,29 @@ class Embeddings:
         )
 
 
+def shared_rows(base: torch.Tensor, other: torch.Tensor) -> int:
+    """How many leading rows of `other` [L, D] equal `base`'s [L', D] bit for bit (both in the storage dtype)."""
+    n = min(base.shape[0], other.shape[0])
+    if n == 0 or base.shape[1:] != other.shape[1:]:
+        return 0
+    bits = STORAGE_BITS
+    equal = (base[:n].contiguous().view(bits) == other[:n].contiguous().view(bits)).all(dim=1)  # [n]
+    return n if bool(equal.all()) else int(equal.int().argmin())  # the first row that differs
+
+
+def expand_shared_rows(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rebuild each `NAME.after` + `NAME.shared_rows` as `NAME`: its group's first prompt's leading rows, then
+    the rows stored after them."""
+    out = {k: v for k, v in tensors.items() if not k.endswith((".after", ".shared_rows"))}
+    for key in (k for k in tensors if k.endswith(".after")):
+        name = key.removesuffix(".after")
+        group = ".".join(name.split(".")[:2]) + "." if name.startswith("ref.") else ""
+        shared = int(tensors[name + ".shared_rows"][0])
+        out[name] = torch.cat([out[group + "prompt.0"][:shared], tensors[key]])
+    return out
+
+
 def _save(tensors: dict[str, torch.Tensor]) -> bytes:
-    return save_safetensors({k: v.to(STORAGE_DTYPE).contiguous().cpu() for k, v in tensors.items()})
+    return save_safetensors(
+        {k: (v if v.dtype == torch.int64 else v.to(STORAGE_DTYPE)).contiguous().cpu() for k, v in tensors.items()}
+    )

@@ -22,7 +22,7 @@ import prep.encode
 import prep.pipeline
 from prep.build import build_cache
 from prep.cli import app
-from shared.cache import MEMBERS, Latents, member_column
+from shared.cache import EMBEDS, MEMBERS, Latents, member_column
 from shared.config import load_config
 from shared.errors import UserError
 from tests.cache_files import manifest_rows, member_bytes, stored_tensors
@@ -39,7 +39,11 @@ HASHES = {"record_sha256", *(member_column(m, "sha256") for m in MEMBERS if m !=
 
 
 def _without_hashes(content: dict) -> dict:
-    return {k: {c: v for c, v in row.items() if c not in HASHES} for k, row in content.items()}
+    """Also without the embeddings' byte sizes (the member's, so the record's): an embedding is stored as the rows
+    after those it shares bit for bit with the caption's (shared/cache/__init__.py), and how many do moves with
+    the float rounding that batching changes, as the tensors themselves do (compared within rounding below)."""
+    drop = HASHES | {member_column(EMBEDS, "size"), "record_size"}
+    return {k: {c: v for c, v in row.items() if c not in drop} for k, row in content.items()}
 
 
 def _tensors(cache, rows):

@@ -7,6 +7,7 @@ import os
 
 import pytest
 from PIL import Image
+from safetensors.torch import load as load_safetensors
 from typer.testing import CliRunner
 
 from prep.build import build_cache
@@ -42,6 +43,10 @@ def test_training_only_keys_never_invalidate_the_cache_and_dropout_is_always_cac
     (cache,) = build_cache(load_config(config_path), device="cpu")
     for row in manifest_rows(cache):
         assert "dropout" in stored_tensors(member_bytes(cache, row, "embeds.safetensors"))
+        # stored once: the rows it shares with the caption's embedding (template, image tokens) are not repeated
+        raw = load_safetensors(member_bytes(cache, row, "embeds.safetensors"))
+        assert set(raw) == {"prompt.0", "dropout.after", "dropout.shared_rows"}
+        assert raw["dropout.after"].shape[0] < 0.05 * raw["prompt.0"].shape[0]
     before = (cache / "manifest.parquet").read_bytes()
 
     _set_keys(config_path, seed=1234, caption_dropout_probability=0.2, learning_rate=3e-4, max_train_steps=7)

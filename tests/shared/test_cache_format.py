@@ -109,3 +109,33 @@ def test_training_keeps_the_manifest_in_columns_of_at_most_200_bytes_per_row(tmp
     assert sum(a.nbytes for a in arrays) / n <= 200
     assert not any(isinstance(v, (list, tuple, dict)) and len(v) >= n for v in vars(reader).values())
     assert len(manifest_rows(tmp_path)) == n and reader.row(n - 1).sample_id == f"{n - 1:020x}"
+
+
+def test_an_embedding_sharing_leading_rows_with_the_first_prompt_is_stored_as_the_rows_after_them():
+    prompt = torch.randn(1000, 64)
+    dropout = torch.cat([prompt[:990], torch.randn(4, 64)])  # same template and image tokens, another instruction
+    second = torch.cat([prompt[:995], torch.randn(12, 64)])
+    negative_unshared = torch.randn(20, 64)
+    data = Embeddings([prompt, second], dropout=dropout).to_bytes()
+    stored = load_safetensors(data)
+    assert set(stored) == {"prompt.0", "prompt.1.after", "prompt.1.shared_rows", "dropout.after", "dropout.shared_rows"}
+    assert stored["dropout.after"].shape == (4, 64) and int(stored["dropout.shared_rows"][0]) == 990
+    assert len(data) < 1.1 * prompt.numel() * 2  # about one prompt's bf16 bytes, not three
+    embeds = Embeddings.from_bytes(data)
+    assert torch.equal(embeds.dropout, dropout.bfloat16()) and torch.equal(embeds.prompts[1], second.bfloat16())
+    assert torch.equal(embeds.prompts[0], prompt.bfloat16())
+
+    # nothing shared: stored whole; a -0 against a 0 is a different bit pattern, so it is not "shared"
+    zero = torch.zeros(6, 64)
+    data = Embeddings([zero], negative=-zero).to_bytes()
+    assert set(load_safetensors(data)) == {"prompt.0", "negative"}
+    assert torch.equal(Embeddings.from_bytes(data).negative.view(torch.int16), (-zero).bfloat16().view(torch.int16))
+    data = Embeddings([prompt], negative=negative_unshared).to_bytes()
+    assert set(load_safetensors(data)) == {"prompt.0", "negative"}
+
+    # per reference, against that reference's own first prompt
+    alone = [Embeddings([p], dropout=torch.cat([p[:7], torch.randn(2, 64)])) for p in torch.randn(2, 9, 64)]
+    data = Embeddings([], alone=alone).to_bytes()
+    assert {k for k in load_safetensors(data) if k.endswith(".after")} == {"ref.0.dropout.after", "ref.1.dropout.after"}
+    for ours, theirs in zip(Embeddings.from_bytes(data).alone, alone, strict=True):
+        assert torch.equal(ours.dropout, theirs.dropout.bfloat16())
