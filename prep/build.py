@@ -9,6 +9,7 @@ shard. A cache built with other settings (the fingerprint) is refused unless `--
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -29,7 +30,7 @@ from prep.pipeline import EncodeStats, encode_into
 from prep.record import SamplePreparer, source_sha256
 from prep.scan import Sample
 from prep.validate import Report, validate
-from shared.cache import CACHE_JSON, FORMAT_VERSION, LOCK, MANIFEST, MANIFEST_SCHEMA, VALIDATION, CacheLock
+from shared.cache import CACHE_JSON, DAMAGED, FORMAT_VERSION, LOCK, MANIFEST, MANIFEST_SCHEMA, VALIDATION, CacheLock
 from shared.cache.fingerprint import changed_settings, fingerprint, references_alone
 from shared.cache.writer import ShardTable, ShardWriter, commit, manifest_fingerprint, read_existing_rows
 from shared.config import Config, DatasetConfig
@@ -66,12 +67,15 @@ def plan_cache(
     cache_dir = config.cache_dir_for(main)
     plan = Plan(main, cache_dir, fingerprint(config, main, dtype))
     built = None if force else read_manifest_ids(cache_dir)  # (fingerprint, sample ids) of the manifest
+    if built is not None and not manifest_as_written(cache_dir):
+        print(f"note: {cache_dir / MANIFEST} differs from the one the build wrote; every sample is encoded again")
+        built, force = None, True
     if built is not None and built[0] != plan.fingerprint["sha256"]:
         raise UserError(_fingerprint_message(cache_dir, plan.fingerprint["settings"]))
     existing, plan.shards = (None, {}) if force else read_existing_rows(cache_dir, plan.fingerprint["sha256"])
     position, source = {}, []
     if existing is not None:  # sample id -> its (last) row, compared by columns: no Python object per row
-        damaged = damaged_shards(cache_dir, plan.shards)
+        damaged = damaged_shards(cache_dir, plan.shards) | verify_found_damaged(cache_dir)
         shards = existing.column("shard").to_pylist()
         position = {i: n for n, i in enumerate(existing.column("sample_id").to_pylist()) if shards[n] not in damaged}
         source = existing.column("source_sha256").to_pylist()
@@ -107,16 +111,38 @@ def read_manifest_ids(cache_dir: Path) -> tuple[str, set[str]] | None:
         return None
 
 
-def _cache_info_fingerprint(cache_dir: Path) -> dict | None:
+def _cache_info(cache_dir: Path) -> dict | None:
     try:
-        return json.loads((cache_dir / CACHE_JSON).read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
+        info = json.loads((cache_dir / CACHE_JSON).read_text())
+    except (OSError, ValueError):
         return None  # missing, empty or damaged: the commit writes it again
+    return info if isinstance(info, dict) else None
+
+
+def _cache_info_fingerprint(cache_dir: Path) -> dict | None:
+    return (_cache_info(cache_dir) or {}).get("fingerprint")
 
 
 def _same(recorded: dict | None, current: dict) -> bool:
     """cache.json records `current` (hash and settings: the per-sample preview settings are not hashed)."""
     return json.dumps(recorded, sort_keys=True, default=str) == json.dumps(current, sort_keys=True, default=str)
+
+
+def manifest_as_written(cache_dir: Path) -> bool:
+    """The manifest's bytes are those the build wrote (cache.json records their sha256; older caches: assumed)."""
+    recorded = (_cache_info(cache_dir) or {}).get("manifest_sha256")
+    return not recorded or hashlib.sha256((cache_dir / MANIFEST).read_bytes()).hexdigest() == recorded
+
+
+def verify_found_damaged(cache_dir: Path) -> set[str]:
+    """The shards `prep verify` found damaged (it leaves their names in damaged.json): encoded again."""
+    try:
+        shards = set(json.loads((cache_dir / DAMAGED).read_text())["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    for shard in sorted(shards):
+        print(f"note: prep verify found {cache_dir / shard} damaged; its samples are encoded again")
+    return shards
 
 
 def damaged_shards(cache_dir: Path, shards: ShardTable) -> set[str]:

@@ -84,7 +84,7 @@ def verify_command(
 
     with user_errors():
         result = verify_cache(cache, quick=quick)
-    for line in result.problems:
+    for line in result.notes + result.problems:
         typer.echo(line)
     status = "intact" if result.intact else f"{len(result.problems)} problem(s)"
     checked = "sizes checked" if quick else f"{result.bytes_checked / 2**20:.1f} MiB checked"

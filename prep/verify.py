@@ -9,13 +9,17 @@ Full check, per shard named by the manifest:
 3. when the shard's hash differs, each record's byte range is hashed to name the samples whose
    bytes changed (and each member's data, to say which part).
 
-Shards in `shards/` that the manifest does not name are reported too. `--quick` checks only
+The manifest itself is checked against the sha256 the build recorded in cache.json. Damaged shards
+are named in `damaged.json` in the cache, so the next `prep build-cache` encodes their samples
+again. Shards in `shards/` that the manifest does not name (a build killed before it switched the manifest:
+the cache is still the generation the manifest names) are noted, and leave the cache intact. `--quick` checks only
 that every shard exists with its recorded size.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import tarfile
 from dataclasses import dataclass, field
 
@@ -23,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shared.cache import MANIFEST, MEMBERS, CacheStore, manifest_metadata, member_column
+from shared.cache import DAMAGED, MANIFEST, MEMBERS, CacheStore, manifest_metadata, member_column
 
 REBUILD = "run `prep build-cache` again to re-encode the samples named"
 
@@ -34,6 +38,8 @@ class VerifyResult:
     shards: int = 0
     bytes_checked: int = 0
     problems: list[str] = field(default_factory=list)  # one line each: where, what, what to do
+    damaged: set[str] = field(default_factory=set)  # shards whose samples must be encoded again
+    notes: list[str] = field(default_factory=list)  # what is worth knowing but leaves the cache intact
 
     @property
     def intact(self) -> bool:
@@ -47,6 +53,12 @@ def verify_cache(location: str, quick: bool = False) -> VerifyResult:
     manifest = store.read_manifest()
     meta = manifest_metadata(manifest.schema)
     result = VerifyResult(samples=manifest.num_rows)
+    recorded_manifest = info.get("manifest_sha256")
+    if recorded_manifest and hashlib.sha256(store.read_file(MANIFEST)).hexdigest() != recorded_manifest:
+        result.problems.append(
+            f"{store.url(MANIFEST)}: differs from the manifest the build wrote (sha256 recorded in cache.json); "
+            "run `prep build-cache` again: it encodes every sample again"
+        )
     if meta["fingerprint"] != info["fingerprint"]["sha256"]:
         result.problems.append(
             f"{store.location}: cache.json and {MANIFEST} disagree on the fingerprint (a build was cut short); "
@@ -55,6 +67,7 @@ def verify_cache(location: str, quick: bool = False) -> VerifyResult:
     by_shard = _group_by_shard(manifest)
     for shard, rows in by_shard.items():
         result.shards += 1
+        found = len(result.problems)
         recorded = meta["shards"].get(shard)
         if recorded is None:
             result.problems.append(f"{store.url(shard)}: no size or sha256 recorded for it in the manifest; {REBUILD}")
@@ -74,14 +87,30 @@ def verify_cache(location: str, quick: bool = False) -> VerifyResult:
                 result.problems += _check_shard(store, shard, rows, recorded["sha256"])
             except OSError as err:  # a read failing past fsspec's retries, or the shard changing under us
                 result.problems.append(f"{store.url(shard)}: cannot be read ({err}); check access and run again")
+                continue
+        if len(result.problems) > found:
+            result.damaged.add(shard)
     named = set(by_shard)
     for extra in store.list_shards():
         if extra not in named:
-            result.problems.append(
-                f"{store.url(extra)}: shard not in the manifest (left by a cut-short build); "
-                "`prep build-cache` reuses or removes it"
+            result.notes.append(
+                f"note: {store.url(extra)}: shard not in the manifest (left by a cut-short build; no reader opens "
+                "it); `prep build-cache` reuses or removes it"
             )
+    record_damage(store, result.damaged)
     return result
+
+
+def record_damage(store: CacheStore, damaged: set[str]) -> None:
+    """Leave the damaged shards' names in the cache (`damaged.json`) for the next `prep build-cache`, which
+    encodes their samples again (it checks only sizes itself: hashing every shard on each build would not
+    scale). Best effort: a cache this process cannot write still gets the report on the screen."""
+    if not damaged:
+        return
+    try:
+        store.write_file(DAMAGED, json.dumps({"shards": sorted(damaged)}).encode())
+    except OSError:
+        pass
 
 
 def _group_by_shard(manifest: pa.Table) -> dict[str, pa.Table]:

@@ -6,11 +6,14 @@ build lock (durable writes: `shared/files.py`).
 
 Layout of one cache dir (one per main dataset)::
 
-    <cache>/cache.json              format_version, flavour, dataset_id, fingerprint, counts, created
+    <cache>/cache.json              format_version, flavour, dataset_id, fingerprint, counts, created,
+                                    manifest_sha256 (the manifest's bytes as written; `prep verify` checks it)
     <cache>/manifest.parquet        one row per sample; shard table and fingerprint in its metadata
     <cache>/shards/000000.tar       webdataset tars (`rankNN-000000.tar` from a distributed build)
     <cache>/validation.parquet      prep only: per-file record of validated images (size, mtime, inode)
     <cache>/build.lock              prep only: held by the running build; names its holder
+    <cache>/damaged.json            prep only: {"shards": [...]} that `prep verify` found damaged; the next
+                                    build encodes their samples again and removes the file
 
 **Shards.** Plain POSIX tars as webdataset writes them: one record per sample, key = sample id
 (20 hex characters), members in this order, each preceded by its 512-byte tar header and padded
@@ -75,6 +78,7 @@ command that rebuilds it.
 
 from shared.cache.format import (
     CACHE_JSON,
+    DAMAGED,
     EMBEDS,
     FORMAT_VERSION,
     LATENTS,
@@ -96,6 +100,7 @@ from shared.files import write_atomic, write_json_atomic
 
 __all__ = [
     "CACHE_JSON",
+    "DAMAGED",
     "EMBEDS",
     "FORMAT_VERSION",
     "LATENTS",

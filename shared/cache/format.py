@@ -19,6 +19,7 @@ MANIFEST = "manifest.parquet"
 SHARDS_DIR = "shards"
 VALIDATION = "validation.parquet"  # prep's per-file record of validated images (not read by train)
 LOCK = "build.lock"
+DAMAGED = "damaged.json"  # prep verify's findings, for the next prep build-cache: {"shards": [...]}
 
 LATENTS, EMBEDS, META = "latents.safetensors", "embeds.safetensors", "json"
 MEMBERS = (LATENTS, EMBEDS, META)  # in this order inside each record

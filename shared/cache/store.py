@@ -88,6 +88,13 @@ class CacheStore:
             raise UserError(f"{self.location}: not a cache (no {CACHE_JSON}); build it with `prep build-cache`")
         return parse_cache_info(self.fs[0].cat_file(self._path(CACHE_JSON)).decode("utf-8"), self.url(CACHE_JSON))
 
+    def read_file(self, relative: str) -> bytes:
+        return self.fs[0].cat_file(self._path(relative))
+
+    def write_file(self, relative: str, data: bytes) -> None:
+        with self.fs[0].open(self._path(relative), "wb") as f:
+            f.write(data)
+
     def read_manifest(self, columns: list[str] | None = None) -> pa.Table:
         """The manifest as an Arrow table (only `columns`, if given), its schema metadata kept."""
         if not self.exists(MANIFEST):

@@ -24,6 +24,7 @@ import webdataset as wds
 
 from shared.cache.format import (
     CACHE_JSON,
+    DAMAGED,
     FORMAT_VERSION,
     MANIFEST,
     MANIFEST_SCHEMA,
@@ -176,15 +177,18 @@ def manifest_fingerprint(manifest: Path) -> str:
     return manifest_metadata(pq.read_schema(manifest))["fingerprint"]
 
 
-def write_rows(rows: list[dict[str, Any]], path: Path, fingerprint: str, shards: ShardTable) -> None:
-    """`rows` as a Parquet file with the manifest's schema; fingerprint and shard table in its metadata."""
+def write_rows(rows: list[dict[str, Any]], path: Path, fingerprint: str, shards: ShardTable) -> str:
+    """`rows` as a Parquet file with the manifest's schema; fingerprint and shard table in its metadata.
+    Returns the file's sha256 (hex)."""
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     table = table.replace_schema_metadata(
         {"fingerprint": fingerprint, "format_version": str(FORMAT_VERSION), "shards": json.dumps(shards)}
     )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    write_atomic(path, sink.getvalue().to_pybytes())
+    data = sink.getvalue().to_pybytes()
+    write_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def commit(cache_dir: Path, rows: list[dict[str, Any]], shards: ShardTable, info: dict[str, Any]) -> None:
@@ -194,8 +198,10 @@ def commit(cache_dir: Path, rows: list[dict[str, Any]], shards: ShardTable, info
     if missing:
         raise RuntimeError(f"no size and sha256 recorded for shard(s) {sorted(missing)}")
     try:
-        write_rows(rows, cache_dir / MANIFEST, info["fingerprint"]["sha256"], {s: shards[s] for s in sorted(live)})
-        write_json_atomic(cache_dir / CACHE_JSON, info)
+        table = {s: shards[s] for s in sorted(live)}
+        digest = write_rows(rows, cache_dir / MANIFEST, info["fingerprint"]["sha256"], table)
+        write_json_atomic(cache_dir / CACHE_JSON, dict(info, manifest_sha256=digest))  # verify checks the manifest
+        (cache_dir / DAMAGED).unlink(missing_ok=True)  # what `prep verify` found is encoded again by now
     except OSError as err:
         raise disk_error(err, cache_dir) from err
     for path in (cache_dir / SHARDS_DIR).iterdir():

@@ -22,6 +22,7 @@ import prep.encode
 import prep.pipeline
 from prep.build import build_cache
 from prep.cli import app
+from prep.verify import verify_cache
 from shared.cache import EMBEDS, MEMBERS, Latents, member_column
 from shared.config import load_config
 from shared.errors import UserError
@@ -190,6 +191,35 @@ def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_build(demo_proj
 
     (rebuilt,) = build_cache(config, device="cpu", max_shard_bytes=1)
     assert _content(manifest_rows(rebuilt)) == expected
+
+
+@pytest.mark.parametrize("new_shards", [1, 4], ids=["after-1-new-shard", "after-4-new-shards"])
+def test_kill_9_during_a_forced_rebuild_leaves_a_cache_verify_passes_old_or_new(demo_project, tmp_path, new_shards):
+    config_path = demo_project("edit-v1", n_samples=6)
+    (cache,) = build_cache(load_config(config_path), device="cpu", max_shard_bytes=1)
+    old = _content(manifest_rows(cache))
+    backend = json.loads((tmp_path / "multidatabackend.json").read_text())
+    backend[0]["resolution"] = 288  # other settings: only --force rebuilds
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
+
+    before = len(list((cache / "shards").glob("*.tar")))
+    script = (
+        "from prep.build import build_cache; from shared.config import load_config;"
+        f"build_cache(load_config({str(config_path)!r}), device='cpu', max_shard_bytes=1, force=True)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((cache / "shards").glob("*.tar"))) < before + new_shards:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    result = verify_cache(str(cache))
+    assert result.intact, result.problems
+    assert _content(manifest_rows(cache)) == old, "the manifest switches only when the new generation is complete"
+    assert result.notes, "the new generation's shards left behind are named"
+    (rebuilt,) = build_cache(load_config(config_path), device="cpu", max_shard_bytes=1, force=True)
+    assert verify_cache(str(rebuilt)).intact and not verify_cache(str(rebuilt)).notes
 
 
 def test_other_settings_are_refused_unless_forced(demo_project, tmp_path):

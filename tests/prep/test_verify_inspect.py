@@ -97,3 +97,50 @@ def test_inspect_prints_counts_buckets_tokens_bytes_and_fingerprint(demo_project
         "VL embedding length (tokens)",
     ):
         assert text in result.output, text
+
+
+def _repair_and_check(cache, config, expected_ids):
+    build_cache(config, device="cpu", max_shard_bytes=1)
+    assert _verify(cache).exit_code == 0, _verify(cache).output
+    assert {r["sample_id"] for r in manifest_rows(cache)} == expected_ids
+    assert not (cache / "damaged.json").exists()
+
+
+def test_what_verify_finds_build_cache_repairs_a_flipped_byte_swapped_shards_a_changed_manifest(demo_project):
+    import pyarrow.parquet as pq
+
+    config = load_config(demo_project("edit-v1", n_samples=4))
+    (cache,) = build_cache(config, device="cpu", max_shard_bytes=1)  # one shard per sample
+    rows = manifest_rows(cache)
+    ids = {r["sample_id"] for r in rows}
+
+    # a flipped byte inside a record's data: same size, so only verify's hashes see it
+    shard = cache / rows[0]["shard"]
+    data = bytearray(shard.read_bytes())
+    data[rows[0][member_column("latents.safetensors", "offset")] + 200] ^= 0x01
+    shard.write_bytes(bytes(data))
+    found = _verify(cache)
+    assert found.exit_code == 1 and rows[0]["shard"] in found.output
+    _repair_and_check(cache, config, ids)
+
+    # two shards of the same size swapped
+    rows = manifest_rows(cache)
+    same = {}
+    for row in rows:
+        same.setdefault((cache / row["shard"]).stat().st_size, []).append(cache / row["shard"])
+    a, b = next(paths for paths in same.values() if len(paths) > 1)[:2]
+    first, second = a.read_bytes(), b.read_bytes()
+    a.write_bytes(second)
+    b.write_bytes(first)
+    assert _verify(cache).exit_code == 1
+    _repair_and_check(cache, config, ids)
+
+    # one changed value in the manifest (a prompt length), written back as valid Parquet
+    table = pq.read_table(cache / "manifest.parquet")
+    lens = table.column("prompt_lens").to_pylist()
+    lens[0] = [lens[0][0] + 1]
+    table = table.set_column(table.schema.get_field_index("prompt_lens"), "prompt_lens", [lens])
+    pq.write_table(table.replace_schema_metadata(table.schema.metadata), cache / "manifest.parquet")
+    found = _verify(cache)
+    assert found.exit_code == 1 and "differs from the manifest the build wrote" in found.output
+    _repair_and_check(cache, config, ids)
