@@ -9,7 +9,6 @@ shard. A cache built with other settings (the fingerprint) is refused unless `--
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -30,7 +29,17 @@ from prep.pipeline import EncodeStats, encode_into
 from prep.record import SamplePreparer, source_sha256
 from prep.scan import Sample
 from prep.validate import Report, validate
-from shared.cache import CACHE_JSON, DAMAGED, FORMAT_VERSION, LOCK, MANIFEST, MANIFEST_SCHEMA, VALIDATION, CacheLock
+from shared.cache import (
+    CACHE_JSON,
+    DAMAGED,
+    FORMAT_VERSION,
+    LOCK,
+    MANIFEST,
+    MANIFEST_SCHEMA,
+    VALIDATION,
+    CacheLock,
+    CacheStore,
+)
 from shared.cache.fingerprint import changed_settings, fingerprint, references_alone
 from shared.cache.writer import ShardTable, ShardWriter, commit, manifest_fingerprint, read_existing_rows
 from shared.config import Config, DatasetConfig
@@ -67,7 +76,7 @@ def plan_cache(
     cache_dir = config.cache_dir_for(main)
     plan = Plan(main, cache_dir, fingerprint(config, main, dtype))
     built = None if force else read_manifest_ids(cache_dir)  # (fingerprint, sample ids) of the manifest
-    if built is not None and not manifest_as_written(cache_dir):
+    if built is not None and not CacheStore(cache_dir).manifest_as_written(_cache_info(cache_dir) or {}):
         print(f"note: {cache_dir / MANIFEST} differs from the one the build wrote; every sample is encoded again")
         built, force = None, True
     if built is not None and built[0] != plan.fingerprint["sha256"]:
@@ -126,12 +135,6 @@ def _cache_info_fingerprint(cache_dir: Path) -> dict | None:
 def _same(recorded: dict | None, current: dict) -> bool:
     """cache.json records `current` (hash and settings: the per-sample preview settings are not hashed)."""
     return json.dumps(recorded, sort_keys=True, default=str) == json.dumps(current, sort_keys=True, default=str)
-
-
-def manifest_as_written(cache_dir: Path) -> bool:
-    """The manifest's bytes are those the build wrote (cache.json records their sha256; older caches: assumed)."""
-    recorded = (_cache_info(cache_dir) or {}).get("manifest_sha256")
-    return not recorded or hashlib.sha256((cache_dir / MANIFEST).read_bytes()).hexdigest() == recorded
 
 
 def verify_found_damaged(cache_dir: Path) -> set[str]:

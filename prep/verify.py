@@ -53,8 +53,7 @@ def verify_cache(location: str, quick: bool = False) -> VerifyResult:
     manifest = store.read_manifest()
     meta = manifest_metadata(manifest.schema)
     result = VerifyResult(samples=manifest.num_rows)
-    recorded_manifest = info.get("manifest_sha256")
-    if recorded_manifest and hashlib.sha256(store.read_file(MANIFEST)).hexdigest() != recorded_manifest:
+    if not store.manifest_as_written(info):
         result.problems.append(
             f"{store.url(MANIFEST)}: differs from the manifest the build wrote (sha256 recorded in cache.json); "
             "run `prep build-cache` again: it encodes every sample again"

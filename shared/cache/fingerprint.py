@@ -18,7 +18,7 @@ from pathlib import Path
 from shared.cache.format import FORMAT_VERSION
 from shared.config import Config, DatasetConfig
 from shared.errors import UserError
-from shared.file_hashes import file_sha256
+from shared.file_hashes import file_sha256s
 from shared.flavours import FLAVOURS
 
 TRAINING_INDEPENDENT = ("dtype",)  # the encoders' precision: prep's choice (bf16 on a GPU, fp32 on CPU)
@@ -139,4 +139,4 @@ def encoder_files(model: str) -> dict[str, str] | str:
     if not root.is_dir():
         return model
     files = sorted(p for sub in ENCODER_FOLDERS for p in (root / sub).glob("*") if p.is_file())
-    return {str(p.relative_to(root)): file_sha256(p) for p in files}
+    return {str(p.relative_to(root)): digest for p, digest in zip(files, file_sha256s(files), strict=True)}

@@ -8,6 +8,7 @@ anything else.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -94,6 +95,12 @@ class CacheStore:
     def write_file(self, relative: str, data: bytes) -> None:
         with self.fs[0].open(self._path(relative), "wb") as f:
             f.write(data)
+
+    def manifest_as_written(self, info: dict[str, Any]) -> bool:
+        """The manifest's bytes are those the build wrote: cache.json (`info`) records their sha256 (caches
+        written before it was recorded: assumed)."""
+        recorded = info.get("manifest_sha256")
+        return not recorded or hashlib.sha256(self.read_file(MANIFEST)).hexdigest() == recorded
 
     def read_manifest(self, columns: list[str] | None = None) -> pa.Table:
         """The manifest as an Arrow table (only `columns`, if given), its schema metadata kept."""
