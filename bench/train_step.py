@@ -88,7 +88,7 @@ def run_one(args: argparse.Namespace) -> dict:
 
     from shared.config import TrainConfig
     from train.batch import Batch
-    from train.memory import GIB, MemoryPlan, choose_plan, step_costs
+    from train.memory import GIB, MemoryPlan, choose_plan, host_swap_budget, step_costs
     from train.model import prepare_for_lora
     from train.objective import SigmaSchedule
     from train.optim import build_optimizer, build_scheduler
@@ -128,7 +128,10 @@ def run_one(args: argparse.Namespace) -> dict:
     else:
         if args.compile is not None:
             config.compile_blocks, explicit = args.compile, {"compile_blocks"}
-        plan = choose_plan(config, costs, budget, explicit)
+        for key, value in (item.split("=", 1) for item in args.set):  # as if set in the user's config
+            setattr(config, key, json.loads(value))
+            explicit.add(key)
+        plan = choose_plan(config, costs, budget, explicit, host_swap_budget())
     torch.manual_seed(0)  # the same LoRA initialisation in every configuration
     transformer = prepare_for_lora(transformer, config, device, plan)
     params = {name: p for name, p in transformer.named_parameters() if p.requires_grad}
@@ -170,6 +173,13 @@ def run_one(args: argparse.Namespace) -> dict:
             warmup_s += elapsed
     times.sort()
     s_per_step = times[len(times) // 2]
+    if args.profile:
+        profile_step(
+            args,
+            lambda: optimizer_step(
+                accelerator, transformer, optimizer, scheduler, params, batches, schedule, g, config
+            ),
+        )
     previews = {}
     if args.preview_steps:
         previews = measure_previews(transformer, batch, schedule, accelerator, args, config)
@@ -188,7 +198,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "mode": (f"auto → {plan.mode}" if args.mode == "auto" else args.mode)
         + ("" if args.cudnn_attention else " (no cuDNN attn)"),
         "plan": f"ckpt {len(plan.checkpointed)}, swap {len(plan.swapped)}, offload {int(plan.offload_activations)}, "
-        f"compile {int(plan.compile_blocks)}",
+        f"compile {int(plan.compile_blocks)}" + "".join(f", {item}" for item in args.set),
         "GPUs": accelerator.num_processes,
         "s/step": s_per_step,
         "samples/s": accelerator.num_processes / s_per_step,
@@ -206,6 +216,25 @@ def run_one(args: argparse.Namespace) -> dict:
     }
     accelerator.end_training()
     return row
+
+
+def profile_step(args: argparse.Namespace, step) -> None:
+    """One more step under torch.profiler: where the GPU's time goes (top kernels and copies), and how
+    much of the step it was busy, to `--profile`/<configuration>.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / 1e6  # seconds of kernels and copies (all streams)
+    table = events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
+    args.profile.mkdir(parents=True, exist_ok=True)
+    path = args.profile / f"{args.one.replace(',', '_')}{'_' + '_'.join(args.set) if args.set else ''}.txt"
+    path.write_text(f"step wall {wall:.3f} s (profiled), device busy {busy:.3f} s summed over streams\n{table}")
 
 
 def measure_previews(transformer, batch, schedule, accelerator, args, config) -> dict:
@@ -338,6 +367,8 @@ def main() -> None:
     parser.add_argument("--preview-steps", type=int, default=0, help="also time a preview of this many steps")
     parser.add_argument("--grads-dir", type=Path, help="save each configuration's gradients here and compare")
     parser.add_argument("--json", type=Path, help="append every row to this JSON-lines file")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON", help="config keys, as a user sets them")
+    parser.add_argument("--profile", type=Path, help="profile one more step; write its top kernels here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "flavour,precision,mode" in this process
     parser.add_argument("--render", type=Path, help="only print the table of a --json file")
     args = parser.parse_args()

@@ -8,7 +8,8 @@ module's names (LoRA keys and exports are unchanged) and adds, per block:
   blocks); previews and the held-out loss (no autograd) run the same blocks eagerly, so they can
   never add graphs to, or evict graphs from, the training step's compiled code;
 - gradient checkpointing (non-reentrant): the block keeps only its inputs and recomputes the rest
-  in backward, optionally with those inputs in pinned host memory (`offload_activations`);
+  in backward, optionally with those inputs in pinned host memory (`HostOffload`,
+  `offload_activations`), copied there and back on a side stream while the GPU computes;
 - block swap (`BlockSwap`): the block's frozen weights live in pinned host memory and are copied
   into one of two GPU slots on a side stream while the block before it computes.
 """
@@ -123,6 +124,40 @@ class BlockSwap:
         self.copies += 1
 
 
+class HostOffload:
+    """Saved-tensor hooks that keep what a checkpointed block saves (its inputs) in pinned host memory.
+
+    Unlike `torch.autograd.graph.save_on_cpu`, whose blocking copy makes the host wait for the GPU
+    at every block (so kernels stop being queued ahead), the copy to the host runs on a side stream
+    that first waits for the compute stream; the host never waits. Backward's copy back is queued on
+    the compute stream after that copy's event. On CPU the tensors are kept as they are.
+    """
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    def pack(self, tensor: torch.Tensor):
+        if self.stream is None or tensor.device.type != "cuda":
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor's producer is queued
+        with torch.cuda.stream(self.stream):
+            host.copy_(tensor, non_blocking=True)
+            tensor.record_stream(self.stream)  # its GPU memory is not reused before the copy is done
+            copied = self.stream.record_event()
+        return tensor.device, host, copied
+
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host, copied = packed
+        torch.cuda.current_stream(device).wait_event(copied)
+        return host.to(device, non_blocking=True)
+
+
 def _training_block(forward: Callable, block: torch.nn.Module, *args):
     """`forward(block, *args)`: the block class's own forward. A function of its own so that Dynamo keeps
     the training step's graphs in a cache of their own (Dynamo caches per code object)."""
@@ -180,7 +215,7 @@ class BlockForward:
         block: torch.nn.Module,
         index: int,
         checkpointed: bool,
-        offload: bool,
+        offload: HostOffload | None,
         compiled: bool,
         swap: BlockSwap | None,
     ):
@@ -206,8 +241,8 @@ class BlockForward:
             return self.run(*args)
         self._in_forward = True
         try:
-            if self.offload:  # the inputs checkpoint saves go to pinned host memory until backward
-                with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            if self.offload is not None:  # the inputs checkpoint saves go to pinned host memory until backward
+                with self.offload.hooks():
                     return checkpoint(self.run, *args, use_reentrant=False)
             return checkpoint(self.run, *args, use_reentrant=False)
         finally:
@@ -242,11 +277,13 @@ def install(
     compiled: bool,
     swap: BlockSwap | None,
 ) -> None:
-    """Give every block of `transformer` its `BlockForward` (diffusers' own checkpointing stays off)."""
+    """Give every block of `transformer` its `BlockForward` (diffusers' own checkpointing stays off);
+    `offload`: checkpointed blocks keep their inputs in pinned host memory."""
     transformer.gradient_checkpointing = False
+    host_offload = HostOffload(next(transformer.parameters()).device) if offload else None
     if compiled:  # graphs of an earlier model in this process (a test, a notebook) would count towards the limit
         torch._dynamo.reset()
     for index, block in enumerate(transformer.transformer_blocks):
         if swap is not None and index in swap.slot_of and index not in checkpointed:
             raise ValueError(f"block {index} is swapped, so it must be checkpointed")
-        block.forward = BlockForward(block, index, index in checkpointed, offload, compiled, swap)
+        block.forward = BlockForward(block, index, index in checkpointed, host_offload, compiled, swap)

@@ -12,7 +12,7 @@ from shared.flavours import FLAVOURS
 from shared.models import load_transformer
 from train import blocks
 from train.blocks import BlockSwap
-from train.memory import MemoryPlan, choose_plan, free_memory, step_costs
+from train.memory import MemoryPlan, choose_plan, free_memory, host_swap_budget, step_costs
 
 _ATTENTION_IMAGE = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
 _ATTENTION_TEXT = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
@@ -154,7 +154,7 @@ def load_lora_transformer(
     zero_cond_t = FLAVOURS[config.model_flavour].zero_cond_t
     transformer = load_transformer(config.pretrained_model_name_or_path, dtype=torch.bfloat16, zero_cond_t=zero_cond_t)
     costs = step_costs(transformer, config, tokens)
-    plan = choose_plan(config, costs, free_memory(device, config), explicit)
+    plan = choose_plan(config, costs, free_memory(device, config), explicit, host_swap_budget())
     return prepare_for_lora(transformer, config, device, plan), plan
 
 
