@@ -57,27 +57,50 @@ class Encoders:
         return ((latents - mean) / std)[:, :, 0]
 
     @torch.no_grad()
-    def encode_vl(self, inputs: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-        """Processor outputs (each batch 1) -> one embedding [L, D] each (D = 3584 real).
+    def encode_images(self, image_sets: list[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, ...]]:
+        """The vision tower, once per set of images, all sets in one call.
 
-        Texts of different lengths are right-padded: attention is causal, so padding after the
-        last token changes no real token's hidden state. L counts the tokens after the system
-        prefix: image tokens, instruction and chat tail.
+        image_sets: the processor's image outputs, each `pixel_values` [patches, F] and `image_grid_thw`
+        [n_images, 3]. Returns per set its images' embeddings, each [tokens, D] (the merged patches the
+        language model reads in place of the image pad tokens). Each image attends only within itself.
         """
-        longest = max(x["input_ids"].shape[1] for x in inputs)
+        pixels = self.to_device(*[s["pixel_values"] for s in image_sets])
+        grids = torch.cat([s["image_grid_thw"] for s in image_sets])
+        per_image = self.text_encoder.get_image_features(pixels, grids.to(self.device), return_dict=True).pooler_output
+        counts = [s["image_grid_thw"].shape[0] for s in image_sets]
+        starts = [sum(counts[:k]) for k in range(len(counts))]
+        return [tuple(per_image[start : start + n]) for start, n in zip(starts, counts, strict=True)]
+
+    @torch.no_grad()
+    def encode_vl(
+        self, texts: list[dict[str, torch.Tensor]], images: list[tuple[torch.Tensor, ...]], grids: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Tokenised instructions (each `input_ids`, `attention_mask` [1, T]) -> one embedding [L, D] each.
+
+        `images[i]` holds the vision tower's embeddings of the images text i shows (`encode_images`) and
+        `grids[i]` their `image_grid_thw`, so texts that share images (a caption, the empty caption, the
+        negative) share one pass of the vision tower. Texts of different lengths are right-padded:
+        attention is causal, so padding after the last token changes no real token's hidden state. L
+        counts the tokens after the system prefix: image tokens, instruction and chat tail.
+        """
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        longest = max(t["input_ids"].shape[1] for t in texts)
         pad_id = self.processor.tokenizer.pad_token_id or 0
 
         def right_pad(t: torch.Tensor, value: int) -> torch.Tensor:
             return torch.nn.functional.pad(t, (0, longest - t.shape[1]), value=value)
 
-        batch = {
-            "input_ids": [right_pad(x["input_ids"], pad_id) for x in inputs],
-            "attention_mask": [right_pad(x["attention_mask"], 0) for x in inputs],
-            "pixel_values": [x["pixel_values"] for x in inputs],  # all images' patches
-            "image_grid_thw": [x["image_grid_thw"] for x in inputs],
-        }
-        lengths = torch.cat(batch["attention_mask"]).sum(dim=1).tolist()  # on the host: no GPU sync
-        batch = {k: self.to_device(*v) for k, v in batch.items()}
-        hidden = self.text_encoder(**batch, output_hidden_states=True).hidden_states[-1]  # [B, T, D]
+        input_ids = self.to_device(*[right_pad(t["input_ids"], pad_id) for t in texts])
+        mask = [right_pad(t["attention_mask"], 0) for t in texts]
+        lengths = torch.cat(mask).sum(dim=1).tolist()  # on the host: no GPU sync
+        vision = BaseModelOutputWithPooling(pooler_output=tuple(e for per_text in images for e in per_text))
+        hidden = self.text_encoder(
+            input_ids=input_ids,
+            attention_mask=self.to_device(*mask),
+            image_grid_thw=torch.cat(grids).to(self.device),
+            mm_encoder_outputs={"image": vision},  # the image pads' embeddings, in order over the batch
+            output_hidden_states=True,
+        ).hidden_states[-1]  # [B, T, D]
         # Right padding: each text's tokens are its first `length` positions.
         return [h[self.flavour.drop_tokens : n].to(self.dtype) for h, n in zip(hidden, lengths, strict=True)]

@@ -46,9 +46,12 @@ class Prepared:
 
     sample: Sample
     vae_pixels: list[torch.Tensor]  # target first, then each reference: [1, 3, 1, H, W] in [-1, 1]
-    # Per caption, then the eval negative or the train dropout (""): with all references; or, for train samples
-    # whose references are cached alone, that list for reference 0, then for reference 1, ...
-    vl_inputs: list[dict[str, torch.Tensor]]
+    # The image sets the VL encoder sees, each processed once (`pixel_values`, `image_grid_thw`): all the
+    # references; or, for train samples whose references are cached alone, each reference alone.
+    vl_images: list[dict[str, torch.Tensor]]
+    # Tokenised instructions (`input_ids`, `attention_mask`, and `images`: the index of their image set):
+    # per caption, then the eval negative or the train dropout (""), for image set 0, then set 1, ...
+    vl_texts: list[dict]
     meta: dict  # the record's <id>.json, without tensors
     row: dict  # the manifest columns that do not depend on the tensors
 
@@ -56,7 +59,7 @@ class Prepared:
     def batch_key(self) -> tuple:
         """Samples with equal keys encode in one batch: same pixel shapes, same VL image layouts."""
         shapes = tuple(tuple(p.shape) for p in self.vae_pixels)
-        return shapes + tuple(vl_layout(x) for x in self.vl_inputs)
+        return shapes + tuple(vl_layout(x) for x in self.vl_images)
 
 
 class SamplePreparer:
@@ -80,10 +83,21 @@ class SamplePreparer:
         self.match_target = match_target
         self.seed = crop_seed  # random crops only
 
-    def vl_inputs(self, instruction: str, vl_images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        text = self.flavour.vl_text(instruction, len(vl_images))
-        # edit-v1's pipeline hands the processor one image, edit-v2's a list; the output is the same.
-        return dict(self.processor(text=[text], images=vl_images, padding=True, return_tensors="pt"))
+    def vl_images(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """The processor's image part, once per image set: `pixel_values` [patches, F], `image_grid_thw` [n, 3].
+        (edit-v1's pipeline hands the processor one image, edit-v2's a list; the output is the same.)"""
+        return dict(self.processor.image_processor(images=images, return_tensors="pt"))
+
+    def vl_text(self, instruction: str, images: dict[str, torch.Tensor], index: int) -> dict:
+        """The processor's text part for `instruction` shown image set `images` (number `index`): each image
+        pad expanded to that image's token count, as the processor does, then tokenised."""
+        pad = self.processor.image_token
+        parts = self.flavour.vl_text(instruction, len(images["image_grid_thw"])).split(pad)
+        expanded = parts[0] + "".join(
+            self.processor.replace_image_token(images, image_idx=i) + part for i, part in enumerate(parts[1:])
+        )
+        tokens = self.processor.tokenizer([expanded], padding=True, return_tensors="pt")
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"], "images": index}
 
     def __call__(self, sample: Sample, main: DatasetConfig, conds: list[DatasetConfig]) -> Prepared:
         if sample.split == "eval" and self.preview["resolution"]:
@@ -130,9 +144,10 @@ class SamplePreparer:
         instructions = sample.captions + extra
         if self.references_alone and sample.split == "train":
             # conditioning_multidataset_sampling random: each reference alone, as a pipeline given only it encodes.
-            vl = [self.vl_inputs(text, [image]) for image in vl_images for text in instructions]
+            image_sets = [self.vl_images([image]) for image in vl_images]
         else:
-            vl = [self.vl_inputs(instruction, vl_images) for instruction in instructions]
+            image_sets = [self.vl_images(vl_images)]
+        texts = [self.vl_text(text, images, k) for k, images in enumerate(image_sets) for text in instructions]
 
         hashes = [file_sha256(sample.image)] + [m["sha256"] for m in ref_meta]
         source_sha = source_sha256(sample, hashes, self.preview)
@@ -167,7 +182,7 @@ class SamplePreparer:
             "captions": sample.captions,
             "source_sha256": source_sha,
         }
-        return Prepared(sample, pixels, vl, meta, row)
+        return Prepared(sample, pixels, image_sets, texts, meta, row)
 
 
 def to_record(prepared: Prepared, latents: list[torch.Tensor], embeds: list[torch.Tensor]) -> tuple[dict, dict]:
@@ -195,7 +210,8 @@ def to_record(prepared: Prepared, latents: list[torch.Tensor], embeds: list[torc
 
 
 def encode_prepared(batch: list[Prepared], encoders: Encoders, max_batch: int = 4) -> list[tuple[list, list]]:
-    """Encode prepared samples: VAE inputs grouped by shape, VL inputs by image layout (texts padded).
+    """Encode prepared samples: VAE inputs grouped by shape; each VL image set through the vision tower
+    once (sets grouped by layout); instructions through the language model grouped by layout (padded).
 
     Returns, per sample, (latents [target, refs...] each [C, h, w], embeds per instruction each [L, D]).
     """
@@ -209,24 +225,37 @@ def encode_prepared(batch: list[Prepared], encoders: Encoders, max_batch: int = 
             out = encoders.encode_pixels(encoders.to_device(*[batch[i].vae_pixels[j] for i, j in chunk]))
             latents.update({key: out[n] for n, key in enumerate(chunk)})
 
-    embeds: dict[tuple[int, int], torch.Tensor] = {}
+    images: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # (sample, image set) -> per-image embeddings
     by_layout: dict[tuple, list[tuple[int, int]]] = {}
     for i, prepared in enumerate(batch):
-        for j, inputs in enumerate(prepared.vl_inputs):
-            by_layout.setdefault(vl_layout(inputs), []).append((i, j))  # same images; texts are padded
+        for k, image_set in enumerate(prepared.vl_images):
+            by_layout.setdefault(vl_layout(image_set), []).append((i, k))
     for keys in by_layout.values():
         for chunk in _chunks(keys, max_batch):
-            out = encoders.encode_vl([batch[i].vl_inputs[j] for i, j in chunk])
+            out = encoders.encode_images([batch[i].vl_images[k] for i, k in chunk])
+            images.update({key: out[n] for n, key in enumerate(chunk)})
+
+    embeds: dict[tuple[int, int], torch.Tensor] = {}
+    by_layout = {}
+    for i, prepared in enumerate(batch):
+        for j, text in enumerate(prepared.vl_texts):
+            by_layout.setdefault(vl_layout(prepared.vl_images[text["images"]]), []).append((i, j))
+    for keys in by_layout.values():
+        for chunk in _chunks(keys, max_batch):
+            texts = [batch[i].vl_texts[j] for i, j in chunk]
+            sets = [(i, batch[i].vl_texts[j]["images"]) for i, j in chunk]
+            grids = [batch[i].vl_images[k]["image_grid_thw"] for i, k in sets]
+            out = encoders.encode_vl(texts, [images[key] for key in sets], grids)
             embeds.update({key: out[n] for n, key in enumerate(chunk)})
     return [
-        ([latents[(i, j)] for j in range(len(p.vae_pixels))], [embeds[(i, j)] for j in range(len(p.vl_inputs))])
+        ([latents[(i, j)] for j in range(len(p.vae_pixels))], [embeds[(i, j)] for j in range(len(p.vl_texts))])
         for i, p in enumerate(batch)
     ]
 
 
-def vl_layout(inputs: dict[str, torch.Tensor]) -> tuple:
-    """The image grids of one VL input: inputs with equal layouts batch together (texts are padded)."""
-    return tuple(inputs["image_grid_thw"].flatten().tolist())
+def vl_layout(images: dict[str, torch.Tensor]) -> tuple:
+    """The image grids of one VL image set: sets (and the texts showing them) with equal layouts batch together."""
+    return tuple(images["image_grid_thw"].flatten().tolist())
 
 
 def _chunks(items: list, size: int) -> list[list]:

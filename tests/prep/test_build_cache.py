@@ -91,6 +91,27 @@ def test_manifest_offsets_and_hashes_locate_each_member(demo_project):
     assert sorted(p.name for p in (cache / "shards").iterdir()) == ["000000.tar"], "temporaries were left behind"
 
 
+@pytest.mark.parametrize("flavour", ["edit-v1", "edit-v2"])
+def test_each_reference_goes_through_the_vision_tower_once_per_sample(demo_project, monkeypatch, flavour):
+    """A sample's instructions (its caption, the empty caption for dropout, an eval sample's negative)
+    share one pass of the processor's image part and of the vision tower."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+
+    seen = {"images": 0, "processed": 0}
+    vision_forward = qwen.Qwen2_5_VisionTransformerPretrainedModel.forward
+
+    def counting_forward(self, hidden_states, grid_thw, **kwargs):
+        seen["images"] += grid_thw.shape[0]
+        return vision_forward(self, hidden_states, grid_thw, **kwargs)
+
+    monkeypatch.setattr(qwen.Qwen2_5_VisionTransformerPretrainedModel, "forward", counting_forward)
+    config = load_config(demo_project(flavour, n_samples=4))
+    (cache,) = build_cache(config, device="cpu")
+    n_refs = 1 if flavour == "edit-v1" else 2
+    assert len(manifest_rows(cache)) == 4
+    assert seen["images"] == 4 * n_refs  # not once per instruction: every sample has two
+
+
 def test_missing_reference_stops_before_encoding(demo_project, tmp_path, monkeypatch):
     config_path = demo_project("edit-v1", n_samples=3)
     missing = tmp_path / "data" / "reference" / "pair_0001.png"

@@ -133,20 +133,33 @@ def test_random_sampling_caches_each_reference_alone_as_the_plus_pipeline_encode
 
 
 def test_batched_vl_encoding_with_padding_equals_one_at_a_time(tiny_models):
+    """Texts of different lengths sharing one pass of the vision tower encode as each would alone
+    through the whole text encoder, as the pipelines call it (processor, then text_encoder)."""
     from prep.encode import Encoders
+    from prep.record import SamplePreparer
     from shared.flavours import FLAVOURS
 
-    encoders = Encoders(str(tiny_models["edit-v2"]), FLAVOURS["edit-v2"], dtype=torch.float32)
+    flavour = FLAVOURS["edit-v2"]
+    encoders = Encoders(str(tiny_models["edit-v2"]), flavour, dtype=torch.float32)
+    preparer = SamplePreparer(flavour, encoders.processor, 8, False, 0, {"negative_prompt": "", "resolution": 0})
     images = [_image(96, 64, seed=3), _image(64, 64, seed=4)]
     texts = ["red", "make the big square in picture 1 look like the colour of picture 2, please"]
-    inputs = [
-        dict(encoders.processor(text=[FLAVOURS["edit-v2"].vl_text(t, 2)], images=images, return_tensors="pt"))
-        for t in texts
-    ]
-    batched = encoders.encode_vl(inputs)
+    image_set = preparer.vl_images(images)
+    tokenised = [preparer.vl_text(t, image_set, 0) for t in texts]
+    vision = encoders.encode_images([image_set])[0]
+    batched = encoders.encode_vl(tokenised, [vision, vision], [image_set["image_grid_thw"]] * 2)
     assert batched[0].shape[0] < batched[1].shape[0]
-    for one, inp in zip(batched, inputs, strict=True):
-        torch.testing.assert_close(one, encoders.encode_vl([inp])[0], rtol=1e-4, atol=1e-4)
+    for one, text, tokens in zip(batched, texts, tokenised, strict=True):
+        # the processor's own output, as the pipelines compute it, equals our split of it
+        full = encoders.processor(text=[flavour.vl_text(text, 2)], images=images, padding=True, return_tensors="pt")
+        assert torch.equal(full["input_ids"], tokens["input_ids"])
+        assert torch.equal(full["attention_mask"], tokens["attention_mask"])
+        assert torch.equal(full["pixel_values"], image_set["pixel_values"])
+        assert torch.equal(full["image_grid_thw"], image_set["image_grid_thw"])
+        with torch.no_grad():  # the call _get_qwen_prompt_embeds makes
+            keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+            hidden = encoders.text_encoder(**{k: full[k] for k in keys}, output_hidden_states=True).hidden_states[-1][0]
+        torch.testing.assert_close(one, hidden[flavour.drop_tokens :], rtol=1e-4, atol=1e-4)
 
 
 def test_eval_sample_negative_equals_the_pipelines_negative_prompt_encoding(tmp_path, tiny_models):
