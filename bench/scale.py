@@ -6,9 +6,10 @@
 Per dataset size N (small edit pairs: 64x64 PNGs, one reference, a caption file each):
 
 - validate, cold: every image decoded (what the first build pays);
-- the cache is then filled as a finished build leaves it: the real `ShardWriter`, `commit` and
-  validation records, with small random tensors in place of encoder outputs (encoding 100k
-  samples is a GPU job and is not what grows here);
+- the cache is then filled as a finished build leaves it: the product's own preparation (decode,
+  place, VL processor, in `--workers` DataLoader workers), records (`to_record`), `ShardWriter`,
+  `commit` and validation records, with small random tensors in place of encoder outputs
+  (encoding 100k samples is a GPU job and is not what grows here);
 - validate, warm: one `stat` per file, no decode; plan: what to reuse and encode;
 - no-change rebuild: `prep build-cache` end to end, which must say "up to date";
 - `prep verify`, full (every shard hashed, every tar header walked) and `--quick` (sizes);
@@ -88,52 +89,51 @@ def write_project(root: Path, model: Path, data: Path) -> Path:
     return root / "config.json"
 
 
-def fill_cache(config, report) -> float:
-    """Write every sample's record as a finished build would (random small tensors for the encodings)."""
+def fill_cache(config, report, workers: int) -> float:
+    """Write every sample's record as a finished build would: the product's own preparation (decode,
+    place, processor), records (`to_record`), shard writer and commit; only the encoders' outputs are
+    small random tensors of the shapes the encoders would return (encoding is a GPU job and is not what
+    grows here). Preparation runs in `workers` DataLoader workers, as in `prep build-cache`."""
     import torch
+    from torch.utils.data import DataLoader
 
-    from prep.build import FLAVOURS, cache_info, plan_cache, save_validation
-    from prep.record import source_sha256
-    from shared.cache import EMBEDS, LATENTS, META, Embeddings, Latents
+    from prep.build import FLAVOURS, cache_info, plan_cache, references_alone, save_validation
+    from prep.pipeline import PreparedSamples
+    from prep.record import SamplePreparer, to_record
     from shared.cache.writer import ShardWriter, commit
+    from shared.models import load_processor
 
     start = time.perf_counter()
     main = config.main_datasets()[0]
+    flavour = FLAVOURS[config.train.model_flavour]
     plan = plan_cache(config, main, report.samples[main.id], report.files, torch.float32, force=False)
+    preparer = SamplePreparer(
+        flavour,
+        load_processor(config.train.pretrained_model_name_or_path),
+        8,  # the VAE's scale factor
+        config.train.match_target_res,
+        config.train.crop_seed,
+        config.train.preview_settings,
+        references_alone(config, main),
+    )
     writer = ShardWriter(plan.cache_dir, plan.fingerprint["sha256"], max_shard_bytes=256 << 20)
     g = torch.Generator().manual_seed(0)
-    for sample in plan.encode:
-        latent = torch.randn(16, 8, 8, generator=g)
-        prompt = torch.randn(12, 32, generator=g)
-        members = {
-            LATENTS: Latents(latent, [latent]).to_bytes(),
-            EMBEDS: Embeddings([prompt], dropout=prompt[:8]).to_bytes(),
-            META: b"{}",
-        }
-        digests = [report.files[p].sha256 for p in [sample.image, *sample.references]]
-        row = {
-            "dataset_id": sample.dataset_id,
-            "relpath": sample.relpath,
-            "split": sample.split,
-            "height": 64,
-            "width": 64,
-            "original_size": [64, 64],
-            "crop_box": [0, 0, 64, 64],
-            "ref_sizes": [[64, 64]],
-            "ref_crop_boxes": [[0, 0, 64, 64]],
-            "prompt_lens": [12],
-            "captions": sample.captions,
-            "source_sha256": source_sha256(sample, digests, {}),
-        }
-        writer.write(sample.sample_id, members, row)
+    samples = PreparedSamples(plan.encode, preparer, main, config.conditioning_for(main))
+    for prepared in DataLoader(samples, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None):
+        latents = [torch.randn(16, p.shape[-2] // 8, p.shape[-1] // 8, generator=g) for p in prepared.vae_pixels]
+        embeds = [
+            torch.randn(t["input_ids"].shape[1] - flavour.drop_tokens, 32, generator=g) for t in prepared.vl_texts
+        ]
+        members, row = to_record(prepared, latents, embeds)
+        writer.write(prepared.sample.sample_id, members, row)
     writer.finish_shard()
     rows = sorted(writer.rows, key=lambda r: (r["relpath"], r["sample_id"]))
-    commit(plan.cache_dir, rows, writer.shards, cache_info(plan, rows, FLAVOURS["edit-v1"], writer.shards))
+    commit(plan.cache_dir, rows, writer.shards, cache_info(plan, rows, flavour, writer.shards))
     save_validation(plan, config, report)
     return time.perf_counter() - start
 
 
-def measure_prep(workdir: Path, model: Path, n: int, warmup: Path) -> dict:
+def measure_prep(workdir: Path, model: Path, n: int, warmup: Path, workers: int) -> dict:
     import torch
 
     from prep.build import build_cache, plan_cache
@@ -152,7 +152,7 @@ def measure_prep(workdir: Path, model: Path, n: int, warmup: Path) -> dict:
     cold = validate(config)
     validate_cold = time.perf_counter() - t
     assert cold.trainable and cold.decoded == 2 * n, (cold.decoded, cold.render())
-    filled = fill_cache(config, cold)
+    filled = fill_cache(config, cold, workers)
 
     t = time.perf_counter()
     warm = validate(config)
@@ -287,13 +287,13 @@ def main() -> None:
         write_tiny_model(model, "edit-v1")
     warmup = args.workdir / "warmup"  # a 20-pair cache every loader probe loads first
     if not (warmup / "cache").exists():
-        measure_prep(args.workdir, model, 20, warmup=None)
+        measure_prep(args.workdir, model, 20, warmup=None, workers=args.workers)
         shutil.rmtree(warmup, ignore_errors=True)
         shutil.copytree(args.workdir / "pairs-20", warmup)
     warmup = warmup / "cache"
     results = []
     for n in args.pairs:
-        results.append(measure_prep(args.workdir, model, n, warmup))
+        results.append(measure_prep(args.workdir, model, n, warmup, args.workers))
         print(json.dumps(results[-1]), flush=True)
     if args.manifest_rows:
         small = args.workdir / f"pairs-{args.pairs[0]}" / "cache"

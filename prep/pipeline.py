@@ -26,7 +26,9 @@ from shared.cache.writer import ShardWriter
 from shared.config import DatasetConfig
 
 
-class _PreparedSamples(Dataset):
+class PreparedSamples(Dataset):
+    """Samples prepared for the encoders (decode, place, processor), one per item: what DataLoader workers run."""
+
     def __init__(self, samples: list[Sample], preparer: SamplePreparer, main: DatasetConfig, conds: list):
         self.samples, self.preparer, self.main, self.conds = samples, preparer, main, conds
 
@@ -147,7 +149,7 @@ def encode_into(
     if workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked processes
     loader = DataLoader(
-        _PreparedSamples(samples, preparer, main, conds),
+        PreparedSamples(samples, preparer, main, conds),
         batch_size=None,  # one Prepared at a time; batching by shape happens below
         num_workers=workers,
         prefetch_factor=4 if workers else None,
