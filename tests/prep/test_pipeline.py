@@ -6,7 +6,9 @@ from prep.record import Prepared
 
 def _prepared(name: str, height: int, width: int) -> Prepared:
     grid = torch.tensor([[1, height // 14, width // 14]])
-    return Prepared(name, [torch.zeros(1, 3, 1, height, width)], [{"image_grid_thw": grid}], {}, {})
+    images = [{"image_grid_thw": grid}]
+    texts = [{"images": 0}, {"images": 0}]  # a caption and the empty caption, both showing image set 0
+    return Prepared(name, [torch.zeros(1, 3, 1, height, width)], images, texts, {}, {})
 
 
 def test_pool_hands_out_full_batches_of_one_shape_and_loses_no_sample():
