@@ -105,15 +105,15 @@ def real_components(tokenizer) -> dict:
     return {"transformer": transformer, "vae": AutoencoderKLQwenImage(), "text_encoder": text_encoder}
 
 
-def write_dataset(root: Path, n: int, n_refs: int, side: int, seed: int = 0) -> Path:
-    """`n` edit pairs of about `side`² pixels in three aspect buckets, captions of 4 to 30 words, `n_refs`
-    references each (references after the first at other sizes)."""
+def write_dataset(root: Path, n: int, n_refs: int, side: int, seed: int = 0, buckets: int = 3) -> Path:
+    """`n` edit pairs of about `side`² pixels in `buckets` (up to three) aspect buckets, captions of 4 to 30
+    words, `n_refs` references each (references after the first at other sizes, when there are several)."""
     from PIL import Image
 
     if (root / "images").is_dir():
         return root
     rng = np.random.default_rng(seed)
-    shapes = [(side, side), (side * 7 // 8, side * 9 // 8), (side * 9 // 8, side * 7 // 8)]
+    shapes = [(side, side), (side * 7 // 8, side * 9 // 8), (side * 9 // 8, side * 7 // 8)][:buckets]
 
     def picture(width: int, height: int) -> Image.Image:  # smooth random colours: compresses, looks like a photo
         small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)

@@ -1,27 +1,26 @@
-"""Kernel-level: time the LoRA training step and its peak GPU memory per memory mode, at real Qwen-Image-Edit size.
-
-The step alone, on synthetic batches: no cache, data loading, previews or held-out loss. What a
-user's `train run` does end to end (and what the README's card table states) is measured by
-bench/product.py.
+"""Kernel-level: the training step alone, per memory mode, timed on the product's own `Run`, at real size.
 
     python bench/train_step.py                                   # every mode, edit-v1 and edit-v2 (3 refs), int8
     python bench/train_step.py --modes baseline fast --flavours edit-v1 --precision no_change
     python bench/train_step.py --modes auto --budget-gib 21.5 --cap-gib 23.5   # as a 24 GB card
+    python bench/train_step.py --modes low --set offload_activations=true      # a key as a user sets it
     python bench/train_step.py --gpus 1 2 4 --modes fast                        # DDP through accelerate
     python bench/train_step.py --size tiny --device cpu --modes baseline fast   # anywhere
 
-Each configuration runs in its own process (so peak memory is its own), through accelerate and
-the loop's own `optimizer_step` (loss under bf16 autocast, backward, the all-rank finite check,
-clipping, AdamW, the LR schedule), on the real transformer shapes (60 blocks, 3072 wide, 20B
-parameters) with random weights, built on the host in bf16 and placed block by block as `train run`
-places a loaded checkpoint. `baseline` is the path before memory modes: every block checkpointed,
-eager, nothing offloaded. Modes size themselves to `--budget-gib` (default: the free memory);
-`--cap-gib` makes the allocator refuse more than that, as a smaller card would.
+Once per work folder (`--work`) it writes what bench/product.py writes: a random Qwen-Image-Edit
+checkpoint on disk (`--size real`: the real transformer, 60 blocks 3072 wide, 20B parameters, and
+VAE; a two-layer Qwen2.5-VL of real widths) and, per flavour, edit pairs of one shape
+(`--resolution`² target and references, captions of 4 to 30 words) cached by `prep build-cache`'s
+own `build_cache`. Each configuration then runs in its own process (so peak memory is its own) as
+`train run` would: `Run(config)` (accelerate, the caches, the model loaded, quantised and placed by
+the memory plan, LoRA, AdamW, the schedule) and `run.step()` timed between host syncs; no eval
+samples, previews, held-out loss or checkpoints (bench/product.py measures those through the
+command line). `baseline` is the path before memory modes: every block checkpointed, eager,
+nothing offloaded or swapped. Modes size themselves to `--budget-gib` (`memory_budget_gib`; default:
+the free memory); `--cap-gib` makes the allocator refuse more than that, as a smaller card would.
 
-Shapes: edit-v1 is a 1024² target with one 1024² reference (4096 + 4096 image tokens); edit-v2 has
-three 1024² references (16384 image tokens); both with a 1400-token VL embedding, one sample per GPU.
 Useful FLOPs count the linear layers' forward and input gradients and attention's forward and
-backward (no recomputation); MFU divides by the card's dense bf16 peak.
+backward (no recomputation) for the largest batch's tokens; MFU divides by the card's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -39,105 +38,79 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SIZES = {
-    "real": dict(
-        num_layers=60,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=3584,
-        axes_dims_rope=(16, 56, 56),
-    ),
-    "tiny": dict(
-        num_layers=4, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)
-    ),
-}
 REFERENCES = {"edit-v1": 1, "edit-v2": 3}
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense, SXM
+PAIRS = 8  # the steps cycle through them
+# Every configuration's run: no eval split, previews, held-out loss or checkpoints (the caches are built with it too).
+RUN_KEYS = {"eval_holdout": 0, "validation_step_interval": 0, "checkpointing_steps": 0, "logging_steps": 1000}
 
 
-def build_transformer(size: str, device: torch.device) -> torch.nn.Module:
-    """The transformer at `size` in bf16 on the host, as `from_pretrained` leaves a checkpoint; random
-    weights (std 0.02) drawn on `device` block by block, so building 20B parameters takes seconds."""
-    from accelerate import init_empty_weights
-    from diffusers import QwenImageTransformer2DModel
-
-    with init_empty_weights():  # parameters on the meta device; buffers (RoPE tables) real
-        model = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, **SIZES[size])
-    generator = torch.Generator(device=device).manual_seed(0)
-    for module in model.modules():
-        for name, param in module._parameters.items():
-            if param is not None:
-                value = torch.randn(param.shape, generator=generator, device=device, dtype=torch.bfloat16) * 0.02
-                module._parameters[name] = torch.nn.Parameter(value.cpu(), requires_grad=False)
-    return model
-
-
-def useful_flops(config: dict, image_tokens: int, text_tokens: int) -> float:
-    """FLOPs a step must do: per block, each stream's linear layers forward and input gradient
-    (2 x 2 x tokens x in x out) and joint attention forward + backward (4 T² d, backward 2.5x)."""
-    d = config["num_attention_heads"] * config["attention_head_dim"]
+def useful_flops(config, tokens: int) -> float:
+    """FLOPs a step must do for `tokens` (image and text) tokens: per block, each stream's linear layers
+    forward and input gradient (2 x 2 x tokens x in x out) and joint attention forward + backward (4 T² d,
+    backward 2.5x). `config`: the transformer's."""
+    d = config.num_attention_heads * config.attention_head_dim
     per_token_linear = 4 * d * d + 2 * 4 * d * d  # q, k, v, out; MLP 4x up and down
-    linear = 2 * 2 * (image_tokens + text_tokens) * per_token_linear
-    attention = 4 * (image_tokens + text_tokens) ** 2 * d * 3.5
-    return config["num_layers"] * (linear + attention)
+    linear = 2 * 2 * tokens * per_token_linear
+    attention = 4 * tokens**2 * d * 3.5
+    return config.num_layers * (linear + attention)
 
 
-def run_one(args: argparse.Namespace) -> dict:
-    """One configuration in this process (or these accelerate processes); returns its row."""
-    from accelerate import Accelerator
+def prepare(args: argparse.Namespace, flavour: str) -> Path:
+    """The checkpoint, dataset, config.json and cache of `flavour` in `--work` (each made once); the config's path."""
+    from bench.product import write_config, write_dataset, write_model
+    from prep.build import build_cache
+    from shared.config import load_config
 
-    from shared.config import TrainConfig
-    from train.batch import Batch
-    from train.memory import GIB, MemoryPlan, choose_plan, host_swap_budget, step_costs
-    from train.model import prepare_for_lora
-    from train.objective import SigmaSchedule
-    from train.optim import build_optimizer, build_scheduler
-    from train.step import optimizer_step
+    model = write_model(args.work / f"model-{args.size}", args.size)
+    n_refs = REFERENCES[flavour]
+    data = write_dataset(args.work / f"data-{n_refs}ref-{args.resolution}", PAIRS, n_refs, args.resolution, buckets=1)
+    settings = argparse.Namespace(resolution=args.resolution, steps=2, preview_steps=1)  # no previews: RUN_KEYS
+    path = write_config(args.work, f"{flavour}:card", model, data, n_refs, settings)
+    build_cache(load_config(path, RUN_KEYS), device=args.device)  # "up to date" after the first time
+    return path
 
-    if args.device == "cpu":
-        os.environ["ACCELERATE_USE_CPU"] = "1"
-    accelerator = Accelerator(mixed_precision="bf16")
-    device = accelerator.device
-    cuda = device.type == "cuda"
-    if cuda and args.cap_gib:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(args.cap_gib * GIB / total, torch.cuda.current_device())
-    n_refs = REFERENCES[args.flavour]
-    latent = args.resolution // 8
-    image_tokens = (1 + n_refs) * (latent // 2) ** 2
-    tokens = image_tokens + args.text_tokens
-    config = TrainConfig(
+
+def configuration(args: argparse.Namespace) -> dict:
+    """The config keys of this process's configuration, as a user would set them in config.json."""
+    keys = dict(
+        RUN_KEYS,
+        output_dir=str(args.work / "runs" / args.one.replace(",", "-")),
+        max_train_steps=args.warmup + args.steps + 2,
         base_model_precision=args.precision,
-        quantize_via="accelerator",
         lora_rank=args.rank,
         lora_alpha=args.rank,
         lora_target=args.target,
-        memory_mode="auto" if args.mode in ("auto", "baseline") else args.mode,
         memory_budget_gib=args.budget_gib,
-        prefer_cudnn_attention=args.cudnn_attention,
     )
-    t0 = time.perf_counter()
-    transformer = build_transformer(args.size, device)
-    costs = step_costs(transformer, config, tokens)
-    budget = args.budget_gib * GIB if args.budget_gib else (torch.cuda.mem_get_info(device)[0] if cuda else 0.0)
-    explicit = set()
-    if args.mode == "baseline":
-        n = costs.n_blocks
-        estimate = costs.estimate(n, 0, False, False)
-        plan = MemoryPlan("baseline", n, frozenset(range(n)), (), False, False, estimate, budget)
+    if args.mode == "baseline":  # the path before memory modes
+        keys.update(gradient_checkpointing=True, compile_blocks=False, offload_activations=False, blocks_to_swap=0)
     else:
-        if args.compile is not None:
-            config.compile_blocks, explicit = args.compile, {"compile_blocks"}
-        for key, value in (item.split("=", 1) for item in args.set):  # as if set in the user's config
-            setattr(config, key, json.loads(value))
-            explicit.add(key)
-        plan = choose_plan(config, costs, budget, explicit, host_swap_budget())
-    torch.manual_seed(0)  # the same LoRA initialisation in every configuration
-    transformer = prepare_for_lora(transformer, config, device, plan)
-    params = {name: p for name, p in transformer.named_parameters() if p.requires_grad}
-    optimizer = build_optimizer(list(params.values()), config)
-    scheduler = build_scheduler(optimizer, config, args.warmup + args.steps)
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)  # the schedule counts optimizer steps
+        keys["memory_mode"] = args.mode
+    if args.compile is not None:
+        keys["compile_blocks"] = args.compile
+    keys.update({key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)})
+    return keys
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """One configuration in this process (or these accelerate processes): `Run(config)`, then timed steps."""
+    import shutil
+
+    from shared.config import load_config
+    from train.memory import GIB
+    from train.run import Run
+
+    if args.device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "1"
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    if cuda and args.cap_gib:
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.cap_gib * GIB / total, torch.cuda.current_device())
+    keys = configuration(args)
+    shutil.rmtree(keys["output_dir"], ignore_errors=True)  # a fresh run, never a resume
+    t0 = time.perf_counter()
+    run = Run(load_config(args.config, keys))
     if cuda:
         # Peaks of the steps only: the bf16 blocks pass through the GPU once while being quantised.
         torch.cuda.synchronize()
@@ -145,25 +118,14 @@ def run_one(args: argparse.Namespace) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     setup = time.perf_counter() - t0
-    text_dim = accelerator.unwrap_model(transformer).config.joint_attention_dim
-    g = torch.Generator(device=device).manual_seed(accelerator.process_index)
-    batch = Batch(
-        target=torch.randn(1, 16, latent, latent, device=device, generator=g).bfloat16(),
-        references=[torch.randn(1, 16, latent, latent, device=device, generator=g).bfloat16() for _ in range(n_refs)],
-        prompt=torch.randn(1, args.text_tokens, text_dim, device=device, generator=g).bfloat16(),
-        prompt_mask=None,
-    )
-    batches = itertools.repeat(batch)
-    schedule = SigmaSchedule(shift=1.73)
-    transformer.train()
     if args.grads_dir:
-        save_gradients(transformer, params, batch, schedule, accelerator, args.grads_dir / f"{args.one}.safetensors")
-    times, warmup_s = [], 0.0
+        save_gradients(run, args.grads_dir / f"{args.one}.safetensors")
+    times, warmup_s, loss = [], 0.0, float("nan")
     for step in range(args.warmup + args.steps):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = optimizer_step(accelerator, transformer, optimizer, scheduler, params, batches, schedule, g, config)[0]
+        loss = run.step().loss
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
@@ -174,47 +136,34 @@ def run_one(args: argparse.Namespace) -> dict:
     times.sort()
     s_per_step = times[len(times) // 2]
     if args.profile:
-        profile_step(
-            args,
-            lambda: optimizer_step(
-                accelerator, transformer, optimizer, scheduler, params, batches, schedule, g, config
-            ),
-        )
-    previews = {}
-    if args.preview_steps:
-        previews = measure_previews(transformer, batch, schedule, accelerator, args, config)
-        # a training step after the previews: it must still fit, at its usual peak
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        optimizer_step(accelerator, transformer, optimizer, scheduler, params, batches, schedule, g, config)
-        if cuda:
-            previews["step after previews peak alloc GiB"] = torch.cuda.max_memory_allocated(device) / GIB
-    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+        profile_step(args, run.step)
+    plan = run.plan
+    tokens = run.loader.largest_batch_tokens(run.cfg.train_batch_size)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
-    tflops = useful_flops(SIZES[args.size], image_tokens, args.text_tokens) / s_per_step / 1e12
+    tflops = useful_flops(run.model.config, tokens) / s_per_step / 1e12
     row = {
-        "flavour": f"{args.flavour} ({n_refs} ref)",
+        "flavour": f"{args.flavour} ({REFERENCES[args.flavour]} ref)",
         "precision": args.precision,
-        "mode": (f"auto → {plan.mode}" if args.mode == "auto" else args.mode)
-        + ("" if args.cudnn_attention else " (no cuDNN attn)"),
+        "mode": f"auto → {plan.mode}" if args.mode == "auto" else args.mode,
         "plan": f"ckpt {len(plan.checkpointed)}, swap {len(plan.swapped)}, offload {int(plan.offload_activations)}, "
         f"compile {int(plan.compile_blocks)}" + "".join(f", {item}" for item in args.set),
-        "GPUs": accelerator.num_processes,
+        "GPUs": run.accelerator.num_processes,
+        "tokens": tokens,
         "s/step": s_per_step,
-        "samples/s": accelerator.num_processes / s_per_step,
+        "samples/s": run.accelerator.num_processes / s_per_step,
         "TFLOP/s": tflops,
         "MFU": tflops / peak_tflops,
         "model GiB": weights if cuda else float("nan"),
-        "peak alloc GiB": torch.cuda.max_memory_allocated(device) / GIB if cuda else float("nan"),
-        "peak reserved GiB": torch.cuda.max_memory_reserved(device) / GIB if cuda else float("nan"),
+        "peak alloc GiB": torch.cuda.max_memory_allocated() / GIB if cuda else float("nan"),
+        "peak reserved GiB": torch.cuda.max_memory_reserved() / GIB if cuda else float("nan"),
         "estimate GiB": plan.estimate_bytes / GIB,
         "warmup s": warmup_s,
         "setup s": setup,
         "loss": float(loss),
         "card": name,
-        **previews,
     }
-    accelerator.end_training()
+    run.accelerator.end_training()
     return row
 
 
@@ -237,83 +186,23 @@ def profile_step(args: argparse.Namespace, step) -> None:
     path.write_text(f"step wall {wall:.3f} s (profiled), device busy {busy:.3f} s summed over streams\n{table}")
 
 
-def measure_previews(transformer, batch, schedule, accelerator, args, config) -> dict:
-    """Time one preview (sampling with true CFG, then decoding with a real-size VAE decoder, random weights) and
-    the held-out loss of one sample at 8 σ values, as `train run` does between steps; peak memory of each."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
-
-    from shared.tiny_model import SCHEDULER_CONFIG
-    from train.eval_data import EvalSample
-    from train.memory import GIB
-    from train.objective import velocity_errors
-    from train.previews import Decoder, sample_latents
-    from train.run import SMALL_CARD_MODES
-    from train.validation import evaluating, release_memory
-
-    device, cuda = accelerator.device, accelerator.device.type == "cuda"
-    model = accelerator.unwrap_model(transformer)
-    scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)  # the checkpoints' settings
-    vae = AutoencoderKLQwenImage()  # diffusers' defaults are Qwen-Image's VAE (base_dim 96, z_dim 16)
-    vae.decoder.to(device, torch.bfloat16)
-    vae.post_quant_conv.to(device, torch.bfloat16)
-    decoder = Decoder(vae, device, tiled=args.mode in SMALL_CARD_MODES)  # as train run decodes in that mode
-    sample = EvalSample(
-        0,
-        "0" * 20,
-        "bench",
-        "bench",
-        batch.target[0].cpu(),
-        [r[0].cpu() for r in batch.references],
-        batch.prompt[0].cpu(),
-        batch.prompt[0, :16].cpu(),
-    )
-    out = {}
-
-    def measured(name, fn):
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        result = fn()
-        if cuda:
-            torch.cuda.synchronize()
-            out[f"{name} peak alloc GiB"] = torch.cuda.max_memory_allocated(device) / GIB
-            out[f"{name} peak reserved GiB"] = torch.cuda.max_memory_reserved(device) / GIB
-        out[f"{name} s"] = time.perf_counter() - start
-        return result
-
-    def heldout():
-        sigmas = schedule.quantiles(8, batch.target[0, 0].numel() // 4)
-        with evaluating(model):
-            noise = torch.randn((1, batch.target[0, 0].numel() // 4, 64), device=device)
-            return [velocity_errors(model, batch, s.reshape(1).to(device), noise) for s in sigmas]
-
-    with accelerator.autocast():
-        with evaluating(model):
-            args_ = (model, scheduler, sample, args.preview_steps, 4.0, 0, device)
-            measured("first preview sampling", lambda: sample_latents(*args_))  # compiles the no-grad blocks
-            latents = measured("preview sampling", lambda: sample_latents(*args_))
-        measured("preview decode", lambda: decoder(latents))
-        measured("held-out loss", heldout)
-    release_memory()
-    out["preview steps"] = args.preview_steps
-    return out
-
-
-def save_gradients(transformer, params: dict, batch, schedule, accelerator, path: Path) -> None:
-    """Loss and LoRA gradients of one fixed batch and σ, saved for `compare_gradients` (lora_B is made
-    non-zero first, so lora_A gets a gradient too). Nothing is stepped."""
+def save_gradients(run, path: Path) -> None:
+    """Loss and LoRA gradients of the run's first batch at a fixed σ, saved for `compare_gradients` (lora_B
+    is made non-zero first, so lora_A gets a gradient too). Nothing is stepped."""
     from safetensors.torch import save_file
 
     from train.objective import flow_matching_loss
 
+    accelerator, params = run.accelerator, run.params
     generator = torch.Generator(device=accelerator.device).manual_seed(1)
     with torch.no_grad():
         for name, p in params.items():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=generator, device=p.device) * 1e-3)
+    batch = next(run.batches)  # the first batch of the order: the same in every configuration
+    noise = torch.Generator(accelerator.device).manual_seed(2)
     with accelerator.autocast():
-        loss = flow_matching_loss(transformer, batch, schedule, torch.Generator(accelerator.device).manual_seed(2))
+        loss = flow_matching_loss(run.transformer, batch, run.schedule, noise)
     accelerator.backward(loss)
     grads = {name: p.grad.detach().float().cpu() for name, p in params.items()}
     grads["loss"] = loss.detach().float().cpu().reshape(1)
@@ -347,7 +236,8 @@ def compare_gradients(directory: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=list(SIZES), default="real")
+    parser.add_argument("--size", choices=["real", "tiny"], default="real")
+    parser.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[1] / ".bench" / "train_step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     parser.add_argument("--flavours", nargs="+", default=list(REFERENCES), choices=list(REFERENCES))
     parser.add_argument("--modes", nargs="+", default=["baseline", "fast", "balanced", "low", "minimal"])
@@ -355,21 +245,19 @@ def main() -> None:
     parser.add_argument("--budget-gib", type=float, default=0.0, help="memory budget the modes size to (0: free)")
     parser.add_argument("--cap-gib", type=float, default=0.0, help="refuse allocations beyond this (a smaller card)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="override compile")
-    parser.add_argument("--cudnn-attention", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts; > 1 runs under accelerate launch")
     parser.add_argument("--resolution", type=int, default=1024, help="target and reference side, pixels")
-    parser.add_argument("--text-tokens", type=int, default=1400, help="VL embedding length")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--target", default="attention")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
-    parser.add_argument("--preview-steps", type=int, default=0, help="also time a preview of this many steps")
     parser.add_argument("--grads-dir", type=Path, help="save each configuration's gradients here and compare")
     parser.add_argument("--json", type=Path, help="append every row to this JSON-lines file")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON", help="config keys, as a user sets them")
     parser.add_argument("--profile", type=Path, help="profile one more step; write its top kernels here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "flavour,precision,mode" in this process
+    parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)  # internal: the flavour's config.json
     parser.add_argument("--render", type=Path, help="only print the table of a --json file")
     args = parser.parse_args()
     if args.render:
@@ -383,12 +271,14 @@ def main() -> None:
         return
 
     rows = []
+    configs = {flavour: prepare(args, flavour) for flavour in args.flavours}
     passthrough = [a for a in sys.argv[1:] if not a.startswith("--one")]
     for flavour, precision, mode, gpus in itertools.product(args.flavours, args.precision, args.modes, args.gpus):
         launcher = [sys.executable]
         if gpus > 1:
             launcher += ["-m", "accelerate.commands.launch", "--num_processes", str(gpus)]
-        command = launcher + [__file__, *passthrough, "--one", f"{flavour},{precision},{mode}"]
+        one = ["--one", f"{flavour},{precision},{mode}", "--config", str(configs[flavour])]
+        command = launcher + [__file__, *passthrough, *one]
         env = dict(os.environ)
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `train run` sets it
         try:
@@ -416,7 +306,7 @@ def main() -> None:
 
 def print_table(rows: list[dict]) -> None:
     """The rows as a Markdown table (failed configurations say why)."""
-    keys = ["flavour", "precision", "mode", "plan", "GPUs", "s/step", "samples/s", "TFLOP/s", "MFU"]
+    keys = ["flavour", "precision", "mode", "plan", "GPUs", "tokens", "s/step", "samples/s", "TFLOP/s", "MFU"]
     keys += ["peak alloc GiB", "peak reserved GiB", "estimate GiB", "model GiB", "card"]
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
