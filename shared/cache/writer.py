@@ -1,7 +1,8 @@
 """Writing a cache dir so that a kill or a power loss at any moment loses at most the shard in progress.
 
-- A shard is written as `shards/NAME.tar.tmp`; when complete it is hashed (whole file, each
-  record, each member), fsynced and renamed to `shards/NAME.tar`.
+- A shard is written as `shards/NAME.tar.tmp`, hashed as it is written (the whole file and each
+  record: its bytes are never read back); when complete its members are located (a walk over the
+  tar headers), it is fsynced and renamed to `shards/NAME.tar`.
 - Then `shards/NAME.index.parquet` records its rows, the fingerprint they were encoded under and
   the shard's size and sha256 (fsynced, atomic). A rerun reuses these rows instead of re-encoding.
 - `commit` writes `manifest.parquet` (rows + fingerprint + the table of live shards in its schema
@@ -15,6 +16,7 @@ import errno
 import hashlib
 import json
 import tarfile
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,51 @@ def index_path(shard: Path) -> Path:
     return shard.with_name(shard.name.removesuffix(".tar") + ".index.parquet")
 
 
+class HashingFile:
+    """A file written front to back that hashes the bytes passing through: the whole file, and each
+    record (`end_record` gives where one ends; records follow one another from offset 0).
+
+    The tar stream buffers what it writes, so a record's bytes may arrive before or after its end is
+    known; bytes past every known end belong to the record being written.
+    """
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")  # noqa: SIM115 -- closed by `close`, after the tar stream's last flush
+        self.whole = hashlib.sha256()
+        self.position = 0  # bytes written so far
+        self.ends: deque[int] = deque()  # record ends not reached yet
+        self.record = hashlib.sha256()
+        self.records: list[bytes] = []  # sha256 of each finished record, in order
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.file.write(view)
+        self.whole.update(view)
+        while len(view):
+            take = min(len(view), self.ends[0] - self.position) if self.ends else len(view)
+            self.record.update(view[:take])
+            self.position += take
+            view = view[take:]
+            self._finish_reached()
+        return len(data)
+
+    def end_record(self, offset: int) -> None:
+        self.ends.append(offset)
+        self._finish_reached()
+
+    def _finish_reached(self) -> None:
+        if self.ends and self.position == self.ends[0]:
+            self.ends.popleft()
+            self.records.append(self.record.digest())
+            self.record = hashlib.sha256()
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class ShardWriter:
     """Append records to new shards `shards/[rankNN-]NNNNNN.tar`, starting a new one past `max_shard_bytes`."""
 
@@ -63,6 +110,7 @@ class ShardWriter:
         self.shards: ShardTable = {}
         self._pending: list[dict[str, Any]] = []
         self._tar: wds.TarWriter | None = None
+        self._file: HashingFile | None = None
         self._name = ""
         self._bytes = 0
 
@@ -72,13 +120,17 @@ class ShardWriter:
             if self._tar is None:
                 self._name = f"{SHARDS_DIR}/{self.prefix}{self._next:06d}.tar"
                 self._next += 1
+                self._file = HashingFile(self.cache_dir / (self._name + ".tmp"))
                 # mtime 0: the same records give byte-identical shards, whenever they are built.
-                self._tar = wds.TarWriter(str(self.cache_dir / (self._name + ".tmp")), mtime=0)
+                self._tar = wds.TarWriter(self._file, mtime=0)
                 self._bytes = 0
+            start = self._tar.tarstream.offset
             self._tar.write({"__key__": sample_id, **{m: members[m] for m in MEMBERS}})
+            end = self._tar.tarstream.offset  # past the record's last padding
+            self._file.end_record(end)
         except OSError as err:
             raise disk_error(err, self.cache_dir) from err
-        row = dict(row, sample_id=sample_id, shard=self._name)
+        row = dict(row, sample_id=sample_id, shard=self._name, record_offset=start, record_size=end - start)
         for member in MEMBERS:
             row[member_column(member, "sha256")] = hashlib.sha256(members[member]).digest()
         self._pending.append(row)
@@ -87,30 +139,23 @@ class ShardWriter:
             self.finish_shard()
 
     def finish_shard(self) -> None:
-        """Close the open shard: locate and hash its records, make it durable, then write its index file."""
+        """Close the open shard: locate its members, make it durable, then write its index file."""
         if self._tar is None:
             return
         try:
-            self._tar.close()
-            self._tar = None
+            self._tar.close()  # writes the end-of-archive blocks and flushes the stream into the file
+            self._file.close()
+            file, self._tar, self._file = self._file, None, None
             final = self.cache_dir / self._name
             tmp = final.with_name(final.name + ".tmp")
-            layout = tar_layout(tmp)
-            with open(tmp, "rb") as f:
-                for row in self._pending:
-                    start, end = layout.records[row["sample_id"]]
-                    f.seek(start)
-                    row["record_offset"], row["record_size"] = start, end - start
-                    row["record_sha256"] = hashlib.sha256(f.read(end - start)).digest()
-                    for member in MEMBERS:
-                        offset, size = layout.members[f"{row['sample_id']}.{member}"]
-                        row[member_column(member, "offset")] = offset
-                        row[member_column(member, "size")] = size
-                f.seek(0)
-                whole = hashlib.sha256()
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    whole.update(chunk)
-                shard = {"bytes": f.tell(), "sha256": whole.hexdigest()}
+            layout = tar_layout(tmp)  # headers only: member data is never read back
+            for row, digest in zip(self._pending, file.records, strict=True):
+                row["record_sha256"] = digest
+                for member in MEMBERS:
+                    offset, size = layout.members[f"{row['sample_id']}.{member}"]
+                    row[member_column(member, "offset")] = offset
+                    row[member_column(member, "size")] = size
+            shard = {"bytes": file.position, "sha256": file.whole.hexdigest()}
             publish(tmp, final)
             write_rows(self._pending, index_path(final), self.fingerprint, {self._name: shard})
         except OSError as err:
@@ -121,22 +166,18 @@ class ShardWriter:
 
 
 class TarLayout:
-    """Where each member's data and each record's bytes lie in a tar (offsets in bytes)."""
+    """Where each member's data lies in a tar (offsets in bytes)."""
 
     def __init__(self):
         self.members: dict[str, tuple[int, int]] = {}  # member name -> (data offset, data size)
-        self.records: dict[str, tuple[int, int]] = {}  # key -> [start, end): first header to last padding
 
 
 def tar_layout(path: Path) -> TarLayout:
+    """Walk the tar's headers (seeking past the data, never reading it)."""
     layout = TarLayout()
     with tarfile.open(path) as tar:
         for m in tar.getmembers():
             layout.members[m.name] = (m.offset_data, m.size)
-            key = m.name.split(".", 1)[0]
-            end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-            start = layout.records.get(key, (m.offset, end))[0]
-            layout.records[key] = (start, end)
     return layout
 
 

@@ -139,3 +139,33 @@ def test_an_embedding_sharing_leading_rows_with_the_first_prompt_is_stored_as_th
     assert {k for k in load_safetensors(data) if k.endswith(".after")} == {"ref.0.dropout.after", "ref.1.dropout.after"}
     for ours, theirs in zip(Embeddings.from_bytes(data).alone, alone, strict=True):
         assert torch.equal(ours.dropout, theirs.dropout.bfloat16())
+
+
+def test_a_shard_is_hashed_as_it_is_written_and_every_recorded_span_and_hash_matches_its_bytes(tmp_path):
+    """Offsets, sizes and sha256s come from the writer's stream, never from reading the shard back: they must
+    equal what the finished file holds, for records smaller and larger than the tar stream's buffer."""
+    import hashlib
+
+    from shared.cache import MEMBERS, member_column
+    from shared.cache.writer import ShardWriter
+
+    writer = ShardWriter(tmp_path, "fp", max_shard_bytes=1 << 30)
+    sizes = [1, 700, 9_000, 40_000, 3, 25_000]  # the stream buffers 10 KiB: records end inside and across chunks
+    for n, size in enumerate(sizes):
+        members = {m: bytes([n + k]) * (size + k) for k, m in enumerate(MEMBERS)}
+        writer.write(f"sample{n:02d}", members, {"relpath": f"{n}.png"})
+    writer.finish_shard()
+
+    ((name, shard),) = writer.shards.items()
+    data = (tmp_path / name).read_bytes()
+    assert shard == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    for n, row in enumerate(writer.rows):
+        start, size = row["record_offset"], row["record_size"]
+        assert row["record_sha256"] == hashlib.sha256(data[start : start + size]).digest()
+        for k, member in enumerate(MEMBERS):
+            offset, length = row[member_column(member, "offset")], row[member_column(member, "size")]
+            assert start <= offset and offset + length <= start + size
+            assert data[offset : offset + length] == bytes([n + k]) * (sizes[n] + k)
+    assert writer.rows[0]["record_offset"] == 0
+    for before, after in zip(writer.rows[:-1], writer.rows[1:], strict=True):
+        assert after["record_offset"] == before["record_offset"] + before["record_size"]  # records follow each other
