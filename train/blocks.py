@@ -9,7 +9,7 @@ module's names (LoRA keys and exports are unchanged) and adds, per block:
   never add graphs to, or evict graphs from, the training step's compiled code;
 - gradient checkpointing (non-reentrant): the block keeps only its inputs and recomputes the rest
   in backward, optionally with those inputs in pinned host memory (`HostOffload`,
-  `offload_activations`), copied there and back on a side stream while the GPU computes;
+  `offload_activations`), copied there on a side stream while the GPU computes;
 - block swap (`BlockSwap`): the block's frozen weights live in pinned host memory and are copied
   into one of two GPU slots on a side stream while the block before it computes.
 """
