@@ -9,7 +9,10 @@ interleaved), times the encoders alone on full batches of each shape (after a wa
 the whole build (validation, DataLoader workers, batched encoders, shard writer) and reports
 samples/s, the encoders' own seconds per sample, their ratio (pipeline efficiency: 1.0 = the
 encoders never wait), the same after the first quarter of the samples (steady state: worker
-start-up and warm-up excluded), GPU peak memory and cache bytes per sample. Under torchrun every
+start-up and warm-up excluded), GPU peak memory and cache bytes per sample. Then where the
+encoders' time goes: per part (VAE, vision tower, language model) its seconds per sample (timed alone,
+host-synced around each call), the TFLOP/s its counted FLOPs (torch.utils.flop_counter) make, and
+their share of the card's dense bf16 peak, so the next lever is visible. Under torchrun every
 rank encodes its share and rank 0 prints the total rate; efficiency is then per GPU.
 
 `--size real` builds the Qwen-Image VAE and Qwen2.5-VL-7B with random weights directly on the
@@ -41,6 +44,9 @@ from shared.models import load_processor
 from shared.tiny_model import write_tiny_model
 
 SIZES = [(1024, 1024), (1184, 896), (896, 1184)]
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense, SXM
+# The encoders' three parts, by the `Encoders` method that runs each.
+COMPONENTS = {"encode_pixels": "VAE", "encode_images": "vision tower", "encode_vl": "language model"}
 WORDS = "make turn add remove the a red blue sky hat car into painting bigger left of picture 2 style".split()
 
 
@@ -164,8 +170,9 @@ def run(args: argparse.Namespace, flavour: str, work: Path, modules, ranks: Rank
         prepared = preparer(sample, main, config.conditioning_for(main))
         groups.setdefault(prepared.batch_key, []).append(prepared)
     batches = [group[: args.batch_size] for group in groups.values()]
-    for batch in batches:
-        encode_prepared(batch, encoders, args.batch_size)
+    with ComponentTimes(encoders, count_flops=True) as counted:  # also the warm-up
+        for batch in batches:
+            encode_prepared(batch, encoders, args.batch_size)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -176,6 +183,18 @@ def run(args: argparse.Namespace, flavour: str, work: Path, modules, ranks: Rank
     if device.type == "cuda":
         torch.cuda.synchronize()
     encoder_s = (time.perf_counter() - t0) / (2 * sum(len(b) for b in batches))
+    with ComponentTimes(encoders) as parts:  # each part alone, synced around every call: where the time goes
+        for batch in batches:
+            encode_prepared(batch, encoders, args.batch_size)
+    n_prepared = sum(len(b) for b in batches)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), float("nan"))
+    components = {}
+    for label, seconds in parts.seconds.items():
+        tflops = counted.flops[label] / max(seconds, 1e-9) / 1e12
+        components[f"{label} s/sample"] = seconds / n_prepared
+        components[f"{label} TFLOP/s"] = tflops
+        components[f"{label} of bf16 peak"] = tflops / peak
 
     stats = []
     t0 = time.perf_counter()
@@ -209,7 +228,49 @@ def run(args: argparse.Namespace, flavour: str, work: Path, modules, ranks: Rank
         "GPU peak GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
         "KiB/sample": info["counts"]["shard_bytes"] / samples / 1024,
         "validate+plan s": total_s - s.seconds,
+        **components,
     }
+
+
+class ComponentTimes:
+    """While installed (`with`), each of the encoders' parts is timed per call between host syncs, and with
+    `count_flops` its FLOPs are counted (torch.utils.flop_counter: matmuls, convolutions, attention)."""
+
+    def __init__(self, encoders: Encoders, count_flops: bool = False):
+        self.encoders, self.count_flops = encoders, count_flops
+        self.seconds = dict.fromkeys(COMPONENTS.values(), 0.0)
+        self.flops = dict.fromkeys(COMPONENTS.values(), 0)
+
+    def __enter__(self) -> ComponentTimes:
+        for method, label in COMPONENTS.items():
+            setattr(self.encoders, method, self._timed(label, getattr(self.encoders, method)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for method in COMPONENTS:
+            delattr(self.encoders, method)  # the class's method again
+
+    def _timed(self, label: str, method):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        cuda = self.encoders.device.type == "cuda"
+
+        def timed(*args, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            if self.count_flops:
+                with FlopCounterMode(display=False) as counter:
+                    out = method(*args, **kwargs)
+                self.flops[label] += counter.get_total_flops()
+            else:
+                out = method(*args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            self.seconds[label] += time.perf_counter() - start
+            return out
+
+        return timed
 
 
 def main() -> None:
