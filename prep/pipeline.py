@@ -56,7 +56,7 @@ class BackgroundWriter:
         self._queue.put((prepared, latents, embeds, ready))
 
     def close(self) -> None:
-        """Write everything queued; re-raise the thread's error, if any."""
+        """Write everything queued and seal the open shard; re-raise the thread's error, if any."""
         self._queue.put(None)
         self._thread.join()
         if self.error:
@@ -72,6 +72,11 @@ class BackgroundWriter:
                     ready.synchronize()  # the GPU-to-host copies were queued without waiting
                 members, row = to_record(prepared, latents, embeds)
                 self.writer.write(prepared.sample.sample_id, members, row)
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                self.error = err
+        if self.error is None:
+            try:  # the last shard is sealed here too, off the encoding thread, even when encoding stopped early
+                self.writer.finish_shard()
             except BaseException as err:  # noqa: BLE001 - handed to the main thread
                 self.error = err
 
@@ -199,7 +204,6 @@ def encode_into(
             encode(batch)
     finally:
         progress.close()
-        background.close()
-    writer.finish_shard()
+        background.close()  # every finished sample is in a sealed shard, even after an error or interrupt
     stats.seconds = time.perf_counter() - start
     return stats

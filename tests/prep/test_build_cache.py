@@ -191,6 +191,32 @@ def test_crash_mid_build_keeps_the_old_cache_and_a_rerun_finishes(demo_project, 
     assert sorted(p.name for p in (cache / "shards").iterdir()) == [f"{i:06d}.tar" for i in range(5)]
 
 
+def test_an_interrupted_build_keeps_every_finished_sample_of_its_open_shard(demo_project, tmp_path, monkeypatch):
+    """Ctrl-C mid-shard: the samples already encoded are sealed into their shard, and a rerun encodes only the rest."""
+    config = load_config(demo_project("edit-v1", n_samples=5))
+    expected = _content(manifest_rows(build_cache(config, device="cpu")[0]))
+    shutil.rmtree(config.cache_dir_for(config.main_datasets()[0]))
+
+    calls = []
+    real = prep.pipeline.encode_prepared
+
+    def interrupt_on_fourth(batch, *args, **kwargs):
+        calls.extend(batch)
+        if len(calls) >= 4:
+            raise KeyboardInterrupt("Ctrl-C")
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(prep.pipeline, "encode_prepared", interrupt_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(config, device="cpu")  # one shard of up to 1 GB: still open when interrupted
+    monkeypatch.undo()
+
+    encoded = _count_encodes(monkeypatch)
+    (cache,) = build_cache(config, device="cpu")
+    assert len(encoded) == 2, "the three samples encoded before the interrupt must be kept"
+    assert _content(manifest_rows(cache)) == expected
+
+
 def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_build(demo_project, tmp_path):
     config_path = demo_project("edit-v1", n_samples=6)
     config = load_config(config_path)
