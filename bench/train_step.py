@@ -29,6 +29,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -95,8 +96,6 @@ def configuration(args: argparse.Namespace) -> dict:
 
 def run_one(args: argparse.Namespace) -> dict:
     """One configuration in this process (or these accelerate processes): `Run(config)`, then timed steps."""
-    import shutil
-
     from shared.config import load_config
     from train.memory import GIB
     from train.run import Run
@@ -105,10 +104,10 @@ def run_one(args: argparse.Namespace) -> dict:
         os.environ["ACCELERATE_USE_CPU"] = "1"
     cuda = args.device != "cpu" and torch.cuda.is_available()
     if cuda and args.cap_gib:
-        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        torch.cuda.set_per_process_memory_fraction(args.cap_gib * GIB / total, torch.cuda.current_device())
-    keys = configuration(args)
-    shutil.rmtree(keys["output_dir"], ignore_errors=True)  # a fresh run, never a resume
+        gpu = int(os.environ.get("LOCAL_RANK", "0"))  # this process's GPU under accelerate launch
+        total = torch.cuda.get_device_properties(gpu).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.cap_gib * GIB / total, gpu)
+    keys = configuration(args)  # its output_dir was emptied by the parent: a fresh run, never a resume
     t0 = time.perf_counter()
     run = Run(load_config(args.config, keys))
     if cuda:
@@ -172,6 +171,8 @@ def profile_step(args: argparse.Namespace, step) -> None:
     much of the step it was busy, to `--profile`/<configuration>.txt."""
     from torch.profiler import ProfilerActivity, profile
 
+    if not torch.cuda.is_available():
+        raise SystemExit("--profile needs a GPU")
     torch.cuda.synchronize()
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -278,6 +279,7 @@ def main() -> None:
         if gpus > 1:
             launcher += ["-m", "accelerate.commands.launch", "--num_processes", str(gpus)]
         one = ["--one", f"{flavour},{precision},{mode}", "--config", str(configs[flavour])]
+        shutil.rmtree(args.work / "runs" / one[1].replace(",", "-"), ignore_errors=True)  # once, before any rank
         command = launcher + [__file__, *passthrough, *one]
         env = dict(os.environ)
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `train run` sets it

@@ -28,6 +28,7 @@ over the mode's choice.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -179,7 +180,9 @@ def choose_plan(
     compiled = config.compile_blocks if "compile_blocks" in explicit else torch.cuda.is_available()
     named = _simpletuner_blocks(costs.n_blocks, config, explicit)
     modes = MODES if config.memory_mode == "auto" else (config.memory_mode,)
-    max_swapped = int(min(costs.n_blocks, host_budget // costs.block_weights))  # inf // x is inf
+    max_swapped = costs.n_blocks
+    if math.isfinite(host_budget) and costs.block_weights > 0:
+        max_swapped = min(costs.n_blocks, int(host_budget // costs.block_weights))
     for mode in modes:
         for checkpointed, swapped, offload in _candidates(mode, costs.n_blocks, config, explicit, named, max_swapped):
             plan = _plan(mode, costs, checkpointed, swapped, offload, compiled, budget, named)
@@ -263,18 +266,42 @@ def _plan(
 
 
 def host_swap_budget() -> float:
-    """Bytes of pinned host memory `low` may give swapped weights: half the host's memory (its cgroup
-    limit inside a container, if lower); pinned pages cannot be paged out."""
+    """Bytes of pinned host memory `low` may give swapped weights: half the host's memory, or of the
+    smallest memory limit of this process's cgroups (v1 or v2, each level up to the root), if lower.
+    Pinned pages cannot be paged out."""
     import os
+
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    for path in _cgroup_limit_files():
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # v2 writes "max" when there is no limit
+            limits.append(int(text))
+    return min(limits) / 2
+
+
+def _cgroup_limit_files() -> list:
+    """The memory-limit files of this process's cgroup and of each cgroup above it."""
     from pathlib import Path
 
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    files = []
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # cgroup v2; "max" when unlimited
-        total = min(total, int(limit)) if limit.isdigit() else total
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
-        pass
-    return total / 2
+        return files
+    for line in lines:  # "hierarchy-id:controllers:path"
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            root, name = Path("/sys/fs/cgroup"), "memory.max"
+        elif "memory" in controllers.split(","):  # cgroup v1
+            root, name = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        folder = root / path.lstrip("/")
+        files += [directory / name for directory in (folder, *folder.parents) if directory.is_relative_to(root)]
+    return files
 
 
 def free_memory(device: torch.device, config: TrainConfig) -> float:

@@ -129,6 +129,7 @@ class ShardWriter:
             end = self._tar.tarstream.offset  # past the record's last padding
             self._file.end_record(end)
         except OSError as err:
+            self._abandon_shard()  # it may end in half a record: never sealed; a rerun encodes its samples again
             raise disk_error(err, self.cache_dir) from err
         row = dict(row, sample_id=sample_id, shard=self._name, record_offset=start, record_size=end - start)
         for member in MEMBERS:
@@ -137,6 +138,13 @@ class ShardWriter:
         self._bytes += sum(len(b) for b in members.values())
         if self._bytes >= self.max_shard_bytes:
             self.finish_shard()
+
+    def _abandon_shard(self) -> None:
+        """Drop the open shard: its file (`.tmp`) and the rows it was to hold."""
+        if self._file is not None:
+            self._file.close()
+            (self.cache_dir / (self._name + ".tmp")).unlink(missing_ok=True)
+        self._tar, self._file, self._pending = None, None, []
 
     def finish_shard(self) -> None:
         """Close the open shard: locate its members, make it durable, then write its index file."""

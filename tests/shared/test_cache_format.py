@@ -169,3 +169,29 @@ def test_a_shard_is_hashed_as_it_is_written_and_every_recorded_span_and_hash_mat
     assert writer.rows[0]["record_offset"] == 0
     for before, after in zip(writer.rows[:-1], writer.rows[1:], strict=True):
         assert after["record_offset"] == before["record_offset"] + before["record_size"]  # records follow each other
+
+
+def test_a_disk_error_mid_record_drops_the_open_shard_and_the_writer_starts_a_clean_one(tmp_path, monkeypatch):
+    """A full disk while a record is half written: that shard is never sealed (it would hold half a record);
+    the next shard is written and sealed whole."""
+    import errno
+    import hashlib
+
+    from shared.cache import MEMBERS
+    from shared.cache.writer import HashingFile, ShardWriter
+
+    writer = ShardWriter(tmp_path, "fp", max_shard_bytes=1 << 30)
+    members = {m: b"x" * 30_000 for m in MEMBERS}
+    writer.write("a", members, {})
+    real_write = HashingFile.write
+    monkeypatch.setattr(HashingFile, "write", lambda self, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(UserError, match="disk is full"):
+        writer.write("b", members, {})
+    monkeypatch.setattr(HashingFile, "write", real_write)
+    assert not list((tmp_path / "shards").glob("*.tmp")), "the half-written shard must not stay"
+
+    writer.write("c", members, {})
+    writer.finish_shard()
+    assert [r["sample_id"] for r in writer.rows] == ["c"]
+    ((name, shard),) = writer.shards.items()
+    assert shard["sha256"] == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
