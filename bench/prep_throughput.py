@@ -44,7 +44,7 @@ from shared.models import load_processor
 from shared.tiny_model import write_tiny_model
 
 SIZES = [(1024, 1024), (1184, 896), (896, 1184)]
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense, SXM
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense, SXM (as bench/train_step.py)
 # The encoders' three parts, by the `Encoders` method that runs each.
 COMPONENTS = {"encode_pixels": "VAE", "encode_images": "vision tower", "encode_vl": "language model"}
 WORDS = "make turn add remove the a red blue sky hat car into painting bigger left of picture 2 style".split()

@@ -67,9 +67,8 @@ class Encoders:
         pixels = self.to_device(*[s["pixel_values"] for s in image_sets])
         grids = torch.cat([s["image_grid_thw"] for s in image_sets])
         per_image = self.text_encoder.get_image_features(pixels, grids.to(self.device), return_dict=True).pooler_output
-        counts = [s["image_grid_thw"].shape[0] for s in image_sets]
-        starts = [sum(counts[:k]) for k in range(len(counts))]
-        return [tuple(per_image[start : start + n]) for start, n in zip(starts, counts, strict=True)]
+        remaining = iter(per_image)
+        return [tuple(next(remaining) for _ in range(len(s["image_grid_thw"]))) for s in image_sets]
 
     @torch.no_grad()
     def encode_vl(

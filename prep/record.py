@@ -215,38 +215,27 @@ def encode_prepared(batch: list[Prepared], encoders: Encoders, max_batch: int = 
 
     Returns, per sample, (latents [target, refs...] each [C, h, w], embeds per instruction each [L, D]).
     """
-    latents: dict[tuple[int, int], torch.Tensor] = {}
-    by_shape: dict[tuple, list[tuple[int, int]]] = {}
-    for i, prepared in enumerate(batch):
-        for j, pixels in enumerate(prepared.vae_pixels):
-            by_shape.setdefault(tuple(pixels.shape), []).append((i, j))
-    for keys in by_shape.values():
-        for chunk in _chunks(keys, max_batch):
-            out = encoders.encode_pixels(encoders.to_device(*[batch[i].vae_pixels[j] for i, j in chunk]))
-            latents.update({key: out[n] for n, key in enumerate(chunk)})
+    latents: dict[tuple[int, int], torch.Tensor] = {}  # (sample, image) -> [C, h, w]; image 0 is the target
+    pixels = ((tuple(x.shape), (i, j)) for i, p in enumerate(batch) for j, x in enumerate(p.vae_pixels))
+    for chunk in _grouped_chunks(pixels, max_batch):
+        out = encoders.encode_pixels(encoders.to_device(*[batch[i].vae_pixels[j] for i, j in chunk]))
+        latents.update({key: out[n] for n, key in enumerate(chunk)})
 
     images: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # (sample, image set) -> per-image embeddings
-    by_layout: dict[tuple, list[tuple[int, int]]] = {}
-    for i, prepared in enumerate(batch):
-        for k, image_set in enumerate(prepared.vl_images):
-            by_layout.setdefault(vl_layout(image_set), []).append((i, k))
-    for keys in by_layout.values():
-        for chunk in _chunks(keys, max_batch):
-            out = encoders.encode_images([batch[i].vl_images[k] for i, k in chunk])
-            images.update({key: out[n] for n, key in enumerate(chunk)})
+    sets = ((vl_layout(x), (i, k)) for i, p in enumerate(batch) for k, x in enumerate(p.vl_images))
+    for chunk in _grouped_chunks(sets, max_batch):
+        out = encoders.encode_images([batch[i].vl_images[k] for i, k in chunk])
+        images.update({key: out[n] for n, key in enumerate(chunk)})
 
-    embeds: dict[tuple[int, int], torch.Tensor] = {}
-    by_layout = {}
-    for i, prepared in enumerate(batch):
-        for j, text in enumerate(prepared.vl_texts):
-            by_layout.setdefault(vl_layout(prepared.vl_images[text["images"]]), []).append((i, j))
-    for keys in by_layout.values():
-        for chunk in _chunks(keys, max_batch):
-            texts = [batch[i].vl_texts[j] for i, j in chunk]
-            sets = [(i, batch[i].vl_texts[j]["images"]) for i, j in chunk]
-            grids = [batch[i].vl_images[k]["image_grid_thw"] for i, k in sets]
-            out = encoders.encode_vl(texts, [images[key] for key in sets], grids)
-            embeds.update({key: out[n] for n, key in enumerate(chunk)})
+    embeds: dict[tuple[int, int], torch.Tensor] = {}  # (sample, instruction) -> [L, D]
+    texts = (
+        (vl_layout(p.vl_images[t["images"]]), (i, j)) for i, p in enumerate(batch) for j, t in enumerate(p.vl_texts)
+    )
+    for chunk in _grouped_chunks(texts, max_batch):
+        shown = [(i, batch[i].vl_texts[j]["images"]) for i, j in chunk]  # the image set each text shows
+        grids = [batch[i].vl_images[k]["image_grid_thw"] for i, k in shown]
+        out = encoders.encode_vl([batch[i].vl_texts[j] for i, j in chunk], [images[key] for key in shown], grids)
+        embeds.update({key: out[n] for n, key in enumerate(chunk)})
     return [
         ([latents[(i, j)] for j in range(len(p.vae_pixels))], [embeds[(i, j)] for j in range(len(p.vl_texts))])
         for i, p in enumerate(batch)
@@ -256,6 +245,14 @@ def encode_prepared(batch: list[Prepared], encoders: Encoders, max_batch: int = 
 def vl_layout(images: dict[str, torch.Tensor]) -> tuple:
     """The image grids of one VL image set: sets (and the texts showing them) with equal layouts batch together."""
     return tuple(images["image_grid_thw"].flatten().tolist())
+
+
+def _grouped_chunks(keyed, size: int) -> list[list]:
+    """(group, key) pairs -> the keys of each group (a shape, an image layout) in chunks of at most `size`."""
+    groups: dict = {}
+    for group, key in keyed:
+        groups.setdefault(group, []).append(key)
+    return [chunk for keys in groups.values() for chunk in _chunks(keys, size)]
 
 
 def _chunks(items: list, size: int) -> list[list]:

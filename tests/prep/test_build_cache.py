@@ -73,6 +73,20 @@ def _count_encodes(monkeypatch):
     return encoded
 
 
+def _interrupt_at_fourth_sample(monkeypatch):
+    """Make encoding stop with a KeyboardInterrupt (a Ctrl-C, a kill) when the fourth sample comes to it."""
+    calls = []
+    real = prep.pipeline.encode_prepared
+
+    def interrupting(batch, *args, **kwargs):
+        calls.extend(batch)
+        if len(calls) >= 4:
+            raise KeyboardInterrupt("interrupted")
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(prep.pipeline, "encode_prepared", interrupting)
+
+
 def test_manifest_offsets_and_hashes_locate_each_member(demo_project):
     config = load_config(demo_project("edit-v1", n_samples=3))
     (cache,) = build_cache(config, device="cpu")
@@ -169,16 +183,7 @@ def test_crash_mid_build_keeps_the_old_cache_and_a_rerun_finishes(demo_project, 
     expected = _content(manifest_rows(reference_cache))
     shutil.move(reference_cache, tmp_path / "uninterrupted")
 
-    calls = []
-    real = prep.pipeline.encode_prepared
-
-    def crash_on_fourth(batch, *args, **kwargs):
-        calls.extend(batch)
-        if len(calls) >= 4:
-            raise KeyboardInterrupt("killed")
-        return real(batch, *args, **kwargs)
-
-    monkeypatch.setattr(prep.pipeline, "encode_prepared", crash_on_fourth)
+    _interrupt_at_fourth_sample(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         build_cache(config, device="cpu", max_shard_bytes=1)
     assert not (config.cache_dir_for(config.main_datasets()[0]) / "manifest.parquet").exists()
@@ -197,16 +202,7 @@ def test_an_interrupted_build_keeps_every_finished_sample_of_its_open_shard(demo
     expected = _content(manifest_rows(build_cache(config, device="cpu")[0]))
     shutil.rmtree(config.cache_dir_for(config.main_datasets()[0]))
 
-    calls = []
-    real = prep.pipeline.encode_prepared
-
-    def interrupt_on_fourth(batch, *args, **kwargs):
-        calls.extend(batch)
-        if len(calls) >= 4:
-            raise KeyboardInterrupt("Ctrl-C")
-        return real(batch, *args, **kwargs)
-
-    monkeypatch.setattr(prep.pipeline, "encode_prepared", interrupt_on_fourth)
+    _interrupt_at_fourth_sample(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         build_cache(config, device="cpu")  # one shard of up to 1 GB: still open when interrupted
     monkeypatch.undo()
