@@ -85,7 +85,10 @@ def configuration(args: argparse.Namespace) -> dict:
         memory_budget_gib=args.budget_gib,
     )
     if args.mode == "baseline":  # the path before memory modes
-        keys.update(gradient_checkpointing=True, compile_blocks=False, offload_activations=False, blocks_to_swap=0)
+        keys.update(
+            gradient_checkpointing=True, selective_checkpointing=False, compile_blocks=False, offload_activations=False
+        )
+        keys.update(blocks_to_swap=0)
     else:
         keys["memory_mode"] = args.mode
     if args.compile is not None:
@@ -145,7 +148,8 @@ def run_one(args: argparse.Namespace) -> dict:
         "flavour": f"{args.flavour} ({REFERENCES[args.flavour]} ref)",
         "precision": args.precision,
         "mode": f"auto → {plan.mode}" if args.mode == "auto" else args.mode,
-        "plan": f"ckpt {len(plan.checkpointed)}, swap {len(plan.swapped)}, offload {int(plan.offload_activations)}, "
+        "plan": f"ckpt {len(plan.checkpointed)}{' sel' if plan.selective else ''}, swap {len(plan.swapped)}, "
+        f"offload {int(plan.offload_activations)}, "
         f"compile {int(plan.compile_blocks)}" + "".join(f", {item}" for item in args.set),
         "GPUs": run.accelerator.num_processes,
         "tokens": tokens,

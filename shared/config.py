@@ -57,6 +57,7 @@ class TrainConfig:
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = False  # set: every block (SimpleTuner's meaning); unset: memory_mode decides
     gradient_checkpointing_interval: int = 1  # checkpoint every n-th block (SimpleTuner's meaning)
+    selective_checkpointing: bool = True  # checkpointed blocks keep attention outputs; unset: on when it fits
     memory_mode: str = "auto"  # "auto", "fast", "balanced", "low", "minimal" (train/memory.py)
     memory_budget_gib: float = 0.0  # GPU memory the step may use; 0: what is free at start
     blocks_to_swap: int = 0  # blocks whose frozen weights stay in pinned host memory; unset: memory_mode decides

@@ -4,14 +4,18 @@ The diffusers transformer's own forward still runs the model (so training comput
 inference computes); we only replace each block's `forward` with a `BlockForward`, which keeps the
 module's names (LoRA keys and exports are unchanged) and adds, per block:
 
-- `torch.compile` of the block's own forward for the training step only (graphs shared between
-  blocks); previews and the held-out loss (no autograd) run the same blocks eagerly, so they can
-  never add graphs to, or evict graphs from, the training step's compiled code;
 - gradient checkpointing (non-reentrant): the block keeps only its inputs and recomputes the rest
-  in backward, optionally with those inputs in pinned host memory (`HostOffload`,
-  `offload_activations`), copied there on a side stream while the GPU computes;
+  in backward; `selective`: it also keeps its attention outputs, so backward recomputes only the
+  linear layers and element-wise work, not attention (torchtitan's op-level selective checkpointing);
+  optionally with what it keeps in pinned host memory (`HostOffload`, `offload_activations`),
+  copied there on a side stream while the GPU computes;
+- `torch.compile` of the checkpointed (or plain) block for the training step, wrapped in that order
+  as torchtitan does, so the recomputation lives inside the compiled backward; graphs are shared
+  between blocks. Previews and the held-out loss (no autograd) run the same blocks eagerly, so they
+  can never add graphs to, or evict graphs from, the training step's compiled code;
 - block swap (`BlockSwap`): the block's frozen weights live in pinned host memory and are copied
-  into one of two GPU slots on a side stream while the block before it computes.
+  into one of two GPU slots on a side stream while the block before it computes; in backward, a
+  hook on the block's output gradients copies them in again before the block's backward runs.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from shared.errors import UserError
 
@@ -51,10 +56,12 @@ class BlockSwap:
     and shapes never change, so compiled code and LoRA layers see ordinary GPU parameters.
 
     While swapped block k runs, the next swapped block in the direction of travel (k + 1 in
-    forward, k - 1 in the backward pass's recomputation) is copied into the other slot. The copy
-    waits for everything already queued on the compute stream, so it never overwrites weights a
-    queued kernel still reads; the block waits for its copy before it runs. Swapped blocks must be
-    checkpointed: otherwise autograd would keep slot weights for backward that a later copy overwrites.
+    forward, k - 1 in backward) is copied into the other slot. The copy waits for everything
+    already queued on the compute stream, so it never overwrites weights a queued kernel still
+    reads; the block waits for its copy before it runs. Backward reads a block's weights again
+    (its input gradients; its recomputation when checkpointed), long since overwritten in its slot:
+    `BlockForward` calls `before(k, backward=True)` from a hook on block k's output gradients,
+    which autograd runs before block k's backward. Weights only ever travel host -> GPU.
     """
 
     def __init__(self, swapped: list[int], device: torch.device):
@@ -109,7 +116,9 @@ class BlockSwap:
 
     def _load(self, index: int) -> None:
         slot = self.slot_of[index]
-        destination = [t for p in self.slots[slot] for t in plain_tensors(p)]
+        # `.data`: a view with a version counter of its own. Autograd saved these tensors for the backward of
+        # a block that ran from this slot before; that backward copies its weights back in before it runs.
+        destination = [t.data for p in self.slots[slot] for t in plain_tensors(p)]
         if self.stream is None:  # CPU: a plain copy, in order
             for dst, src in zip(destination, self.host[index], strict=True):
                 dst.copy_(src)
@@ -125,22 +134,27 @@ class BlockSwap:
 
 
 class HostOffload:
-    """Saved-tensor hooks that keep what a checkpointed block saves (its inputs) in pinned host memory.
+    """Saved-tensor hooks that keep what a checkpointed block saves (its inputs, and its attention
+    outputs when selective) in pinned host memory.
 
     Unlike `torch.autograd.graph.save_on_cpu`, whose blocking copy makes the host wait for the GPU
     at every block (so kernels stop being queued ahead), the copy to the host runs on a side stream
     that first waits for the compute stream; the host never waits. Backward's copy back is queued on
-    the compute stream after that copy's event. On CPU the tensors are kept as they are.
+    the compute stream after that copy's event. The frozen weights a compiled block saves for its
+    backward stay where they are (`weights`: their storages). On CPU the tensors are kept as they are.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, weights: set[int]):
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.weights = weights  # data pointers of the frozen weights' storages
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def pack(self, tensor: torch.Tensor):
         if self.stream is None or tensor.device.type != "cuda":
+            return tensor
+        if tensor.untyped_storage().data_ptr() in self.weights:
             return tensor
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor's producer is queued
@@ -158,28 +172,54 @@ class HostOffload:
         return host.to(device, non_blocking=True)
 
 
-def _training_block(forward: Callable, block: torch.nn.Module, *args):
-    """`forward(block, *args)`: the block class's own forward. A function of its own so that Dynamo keeps
-    the training step's graphs in a cache of their own (Dynamo caches per code object)."""
+# The attention kernels SDPA dispatches to. Their outputs (per block: [B, heads, tokens, head_dim] bf16,
+# and a float32 log-sum-exp per head and token) are what a selectively checkpointed block keeps.
+ATTENTION_OPS = {
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing's policy: keep attention's outputs, recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_selective_contexts = functools.partial(create_selective_checkpoint_contexts, _keep_attention)
+
+
+# The training step's block functions; `forward(block, *args)` is the block class's own forward. Each is
+# a function of its own so that Dynamo keeps its graphs in a cache of their own (it caches per code
+# object): previews never touch them, and checkpointed and plain blocks never share a recompile limit.
+def _plain_block(forward: Callable, block: torch.nn.Module, *args):
     return forward(block, *args)
 
 
-# The graphs the training step compiles: one per kind of block (the first, whose input needs no
-# gradient; the middle ones; the last, whose text-stream query is not adapted) and per prompt
-# layout (a padding mask or none), each for any token count (sequence dimensions are dynamic).
+def _checkpointed_block(forward: Callable, block: torch.nn.Module, *args):
+    return checkpoint(forward, block, *args, use_reentrant=False)
+
+
+def _selectively_checkpointed_block(forward: Callable, block: torch.nn.Module, *args):
+    return checkpoint(forward, block, *args, use_reentrant=False, context_fn=_selective_contexts)
+
+
+# The graphs each of those functions compiles: one per kind of block (the first, whose input needs no
+# gradient; the middle ones; the last, whose text-stream query is not adapted) and per prompt layout
+# (a padding mask or none), each for any token count (sequence dimensions are dynamic).
 TRAINING_GRAPHS = 3 * 2
 
 
 @functools.cache
-def compile_training_blocks() -> Callable:
-    """The compiled training forward shared by every block. More graphs than `TRAINING_GRAPHS` is an
-    error (`torch._dynamo.exc.FailOnRecompileLimitHit`), never a silent fallback to eager code, which
-    would make a checkpointed block's recomputation differ from its forward."""
+def compiled(function: Callable) -> Callable:
+    """`function` compiled for the training step. More graphs than `TRAINING_GRAPHS` is an error
+    (`torch._dynamo.exc.FailOnRecompileLimitHit`), never a silent fallback to eager code."""
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, TRAINING_GRAPHS)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    return torch.compile(_training_block, fullgraph=True)
+    return torch.compile(function, fullgraph=True)
 
 
 # The token dimension of each block input: hidden_states [B, N, D] (image tokens: target and references),
@@ -203,10 +243,9 @@ def mark_token_dimensions_dynamic(arguments: dict) -> None:
 
 
 class BlockForward:
-    """Replaces `block.forward`: swap in, then run (compiled or not) under checkpointing or not.
+    """Replaces `block.forward`: swap in, then run this block's training function (compiled or not).
 
     Installed as an instance attribute, so `block(...)` (the transformer's own loop) calls it.
-    The recomputation in backward calls `run` directly, which is how `run` tells the two apart.
     Without autograd (previews, held-out loss) the block runs eagerly: see the module docstring.
     """
 
@@ -215,53 +254,47 @@ class BlockForward:
         block: torch.nn.Module,
         index: int,
         checkpointed: bool,
+        selective: bool,
         offload: HostOffload | None,
-        compiled: bool,
+        compile_block: bool,
         swap: BlockSwap | None,
     ):
         self.eager: Callable = type(block).forward.__get__(block)  # the class's forward, bound to this block
         self.signature = inspect.signature(self.eager)
         self.block = block
-        self.compiled = compile_training_blocks() if compiled else None
-        self.index, self.checkpointed, self.offload, self.swap = index, checkpointed, offload, swap
-        self._in_forward = False
+        function = _plain_block
+        if checkpointed:
+            function = _selectively_checkpointed_block if selective else _checkpointed_block
+        self.train = compiled(function) if compile_block else function
+        self.compile_block = compile_block
+        self.index, self.swap = index, swap
+        self.offload = offload if checkpointed else None
 
     def __call__(self, *args, **kwargs):
-        if not torch.is_grad_enabled():  # previews and the held-out loss: eager, whatever the plan
-            if self.swap is not None:
-                self.swap.before(self.index, backward=False)
-            return self.eager(*args, **kwargs)
-        # Positional only: checkpoint saves positional tensors through autograd (so save_on_cpu can
-        # move them to the host) but would keep tensors passed by keyword on the GPU.
-        bound = self.signature.bind(*args, **kwargs)
-        args = bound.args
-        if self.compiled is not None:
-            mark_token_dimensions_dynamic(bound.arguments)
-        if not self.checkpointed:
-            return self.run(*args)
-        self._in_forward = True
-        try:
-            if self.offload is not None:  # the inputs checkpoint saves go to pinned host memory until backward
-                with self.offload.hooks():
-                    return checkpoint(self.run, *args, use_reentrant=False)
-            return checkpoint(self.run, *args, use_reentrant=False)
-        finally:
-            self._in_forward = False
-
-    def run(self, *args):
         if self.swap is not None:
-            recomputing = self.checkpointed and not self._in_forward
-            self.swap.before(self.index, backward=recomputing)
-        if self.compiled is not None:
-            return self.compiled(type(self.block).forward, self.block, *args)
-        return self.eager(*args)
+            self.swap.before(self.index, backward=False)
+        if not torch.is_grad_enabled():  # previews and the held-out loss: eager, whatever the plan
+            return self.eager(*args, **kwargs)
+        # Positional only: checkpoint saves positional tensors through autograd (so the offload hooks
+        # can move them to the host) but would keep tensors passed by keyword on the GPU.
+        bound = self.signature.bind(*args, **kwargs)
+        if self.compile_block:
+            mark_token_dimensions_dynamic(bound.arguments)
+        with self.offload.hooks() if self.offload is not None else nullcontext():
+            outputs = self.train(type(self.block).forward, self.block, *bound.args)
+        if self.swap is not None:  # backward reads the weights again: load them when it reaches this block
+            needing_grad = [t for t in outputs if isinstance(t, torch.Tensor) and t.requires_grad]
+            if needing_grad:
+                torch.autograd.graph.register_multi_grad_hook(needing_grad, self._before_backward, mode="any")
+        return outputs
+
+    def _before_backward(self, grad: torch.Tensor) -> None:
+        self.swap.before(self.index, backward=True)
 
 
 def attention_backends(enabled: bool):
     """Prefer cuDNN's fused attention, then flash attention, for every SDPA call in this context; a
     no-op context when not `enabled`. (On an H100 it changed nothing measurable: bench/RESULTS.md.)"""
-    from contextlib import nullcontext
-
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if not enabled:
@@ -273,17 +306,21 @@ def attention_backends(enabled: bool):
 def install(
     transformer: torch.nn.Module,
     checkpointed: set[int],
+    selective: bool,
     offload: bool,
-    compiled: bool,
+    compile_blocks: bool,
     swap: BlockSwap | None,
 ) -> None:
-    """Give every block of `transformer` its `BlockForward` (diffusers' own checkpointing stays off);
-    `offload`: checkpointed blocks keep their inputs in pinned host memory."""
+    """Give every block of `transformer` its `BlockForward` (diffusers' own checkpointing stays off).
+    `selective`: checkpointed blocks keep their attention outputs; `offload`: checkpointed blocks keep
+    what they save in pinned host memory."""
     transformer.gradient_checkpointing = False
-    host_offload = HostOffload(next(transformer.parameters()).device) if offload else None
-    if compiled:  # graphs of an earlier model in this process (a test, a notebook) would count towards the limit
+    host_offload = None
+    if offload:
+        weights = {t.untyped_storage().data_ptr() for p in transformer.parameters() for t in plain_tensors(p)}
+        host_offload = HostOffload(next(transformer.parameters()).device, weights)
+    if compile_blocks:  # graphs of an earlier model in this process (a test, a notebook) would count towards the limit
         torch._dynamo.reset()
     for index, block in enumerate(transformer.transformer_blocks):
-        if swap is not None and index in swap.slot_of and index not in checkpointed:
-            raise ValueError(f"block {index} is swapped, so it must be checkpointed")
-        block.forward = BlockForward(block, index, index in checkpointed, host_offload, compiled, swap)
+        is_checkpointed = index in checkpointed
+        block.forward = BlockForward(block, index, is_checkpointed, selective, host_offload, compile_blocks, swap)

@@ -1,12 +1,17 @@
 """Fitting the step to the card: memory modes, the plan they resolve to, and the estimate behind `auto`.
 
 A `MemoryPlan` says, per block, what the step does with memory: how many blocks are gradient-
-checkpointed (the rest keep their activations), whether checkpointed blocks keep their inputs in
-pinned host memory (`offload_activations`), how many blocks keep their frozen weights in pinned host
-memory and are copied in as they run (`blocks_to_swap`), and whether blocks are `torch.compile`d.
+checkpointed (the rest keep their activations), whether checkpointed blocks also keep their
+attention outputs (`selective_checkpointing`: backward then recomputes everything but attention),
+whether checkpointed blocks keep what they save in pinned host memory (`offload_activations`), how
+many blocks keep their frozen weights in pinned host memory and are copied in as they run
+(`blocks_to_swap`), and whether blocks are `torch.compile`d.
 
-Modes are ladders of levers, from fastest to smallest; each sizes its knobs to the memory budget
-(the fewest checkpointed / swapped blocks that fit):
+Modes are ladders of levers, from fastest to smallest; each takes the setting that fits the memory
+budget with the least recomputation, then the fewest swapped blocks. Recomputing a block costs its
+forward; a selectively checkpointed block (attention outputs kept, about 1/15 of a block's
+activations) skips attention, a share T / (T + 6 d) of the forward's FLOPs at T tokens and width d
+(a third at 1024² edit-v1). Swapping is counted as free: its copies overlap compute.
 
 | mode | weights | activations |
 |---|---|---|
@@ -22,8 +27,8 @@ every block checkpointed with 18 swapped ran 1.57 s/step, with 7 swapped and inp
 So `low` swaps and keeps inputs on the GPU; `minimal`, the smallest step, does both.
 
 `auto` takes the first mode that fits. Knobs the user sets in the config (`gradient_checkpointing`,
-`gradient_checkpointing_interval`, `blocks_to_swap`, `offload_activations`, `compile_blocks`) win
-over the mode's choice.
+`gradient_checkpointing_interval`, `selective_checkpointing`, `blocks_to_swap`, `offload_activations`,
+`compile_blocks`) win over the mode's choice.
 """
 
 from __future__ import annotations
@@ -44,8 +49,10 @@ MODES = ("fast", "balanced", "low", "minimal")
 # with bench/train_step.py (edit-v1 1024², no block checkpointed: 0.77 GiB a block on H100 and H200),
 # 30 used. Eager: 44 (1.2 GiB a block at 9592 tokens, issue 10's measurement of the eager stack).
 ACTIVATION_BYTES = {True: 30.0, False: 44.0}
-# What a checkpointed block keeps: its bf16 image and text hidden states.
+# What a checkpointed block keeps: its bf16 image and text hidden states; selective checkpointing
+# adds attention's bf16 output and its float32 log-sum-exp per head (4 bytes x 24 heads / 3072 wide).
 CHECKPOINT_BYTES = 2.0
+SELECTIVE_BYTES = 2.0 + 4 / 128
 # Bytes per frozen weight element, and per output row for the per-row scales (quanto keeps bf16 scales).
 WEIGHT_BYTES = {
     "no_change": 2.0,
@@ -74,6 +81,7 @@ class MemoryPlan:
     swapped: tuple[int, ...]
     offload_activations: bool
     compile_blocks: bool
+    selective: bool = False  # checkpointed blocks keep their attention outputs
     estimate_bytes: float = 0.0
     budget_bytes: float = 0.0
     host_bytes: float = 0.0  # pinned host memory the swapped blocks' weights take
@@ -82,6 +90,7 @@ class MemoryPlan:
         budget = f"{self.budget_bytes / GIB:.1f} GiB budget" if self.budget_bytes else "no budget (CPU)"
         lines = [
             f"memory_mode {self.mode}: {len(self.checkpointed)}/{self.n_blocks} blocks checkpointed"
+            f"{' selectively (attention kept)' if self.selective and self.checkpointed else ''}"
             f"{' (inputs offloaded to host)' if self.offload_activations and self.checkpointed else ''}, "
             f"{len(self.swapped)} swapped to host ({self.host_bytes / GIB:.1f} GiB pinned), "
             f"compile {'on' if self.compile_blocks else 'off'}; estimated peak {self.estimate_bytes / GIB:.1f} GiB "
@@ -104,13 +113,19 @@ class StepCosts:
     other_weights: float  # everything outside the blocks (bf16)
     trainable: float  # LoRA parameters, their gradients, AdamW's moments (and an EMA on the GPU)
     token_width: float  # tokens of the largest batch x model width: activations scale with it
+    attention_share: float = 0.0  # attention's share of a block's forward FLOPs at those tokens
 
-    def estimate(self, checkpointed: int, swapped: int, offload: bool, compiled: bool) -> float:
+    def recomputation(self, checkpointed: int, selective: bool) -> float:
+        """What backward recomputes, in blocks' forwards (selective blocks skip attention)."""
+        return checkpointed * (1.0 - self.attention_share if selective else 1.0)
+
+    def estimate(self, checkpointed: int, swapped: int, offload: bool, compiled: bool, selective: bool) -> float:
         """Peak bytes of a step with this many checkpointed and swapped blocks."""
         resident_blocks = self.n_blocks - swapped + min(swapped, 2)  # swapped blocks share two GPU slots
         block_activations = ACTIVATION_BYTES[compiled] * self.token_width
         kept = (self.n_blocks - checkpointed) * block_activations
-        kept += checkpointed * (0.0 if offload else CHECKPOINT_BYTES * self.token_width)
+        per_checkpoint = CHECKPOINT_BYTES + (SELECTIVE_BYTES if selective else 0.0)
+        kept += checkpointed * (0.0 if offload else per_checkpoint * self.token_width)
         # A block recomputed in backward holds its activations and their gradients' working set:
         # about 1.3x its activations (bench/train_step.py at 9.6k and 17.8k tokens); 1.5x used.
         working = 1.5 * block_activations if checkpointed else 0.0
@@ -147,6 +162,8 @@ def step_costs(transformer: torch.nn.Module, config: TrainConfig, tokens: int) -
         other_weights=other,
         trainable=trainable,
         token_width=float(tokens * width),
+        # attention 4 T² d FLOPs; linear layers 2 T x 12 d² (q, k, v, out: 4 d²; MLP: 8 d²)
+        attention_share=tokens / (tokens + 6 * width),
     )
 
 
@@ -184,11 +201,11 @@ def choose_plan(
     if math.isfinite(host_budget) and costs.block_weights > 0:
         max_swapped = min(costs.n_blocks, int(host_budget // costs.block_weights))
     for mode in modes:
-        for checkpointed, swapped, offload in _candidates(mode, costs.n_blocks, config, explicit, named, max_swapped):
-            plan = _plan(mode, costs, checkpointed, swapped, offload, compiled, budget, named)
+        for candidate in _candidates(mode, costs, config, explicit, named, max_swapped):
+            plan = _plan(mode, costs, *candidate, compiled, budget, named)
             if not budget or plan.estimate_bytes <= budget:
                 return plan
-    last = _candidates(modes[-1], costs.n_blocks, config, explicit, named, max_swapped)[-1]
+    last = _candidates(modes[-1], costs, config, explicit, named, max_swapped)[-1]
     smallest = _plan(modes[-1], costs, *last, compiled, budget, named)
     if config.memory_mode != "auto":  # the user asked for this mode: run its smallest setting, and say so
         return smallest
@@ -201,9 +218,11 @@ def choose_plan(
 
 
 def _candidates(
-    mode: str, n: int, config: TrainConfig, explicit: set[str], named: frozenset[int] | None, max_swapped: int
-) -> list[tuple[int, int, bool]]:
-    """(checkpointed blocks, swapped blocks, offload) settings of `mode`, fastest first."""
+    mode: str, costs: StepCosts, config: TrainConfig, explicit: set[str], named: frozenset[int] | None, max_swapped: int
+) -> list[tuple[int, int, bool, bool]]:
+    """(checkpointed blocks, swapped blocks, offload, selective) settings of `mode`, fastest first: the
+    least recomputation, then the fewest swapped blocks. The last one needs the least memory."""
+    n = costs.n_blocks
     offload = config.offload_activations if "offload_activations" in explicit else mode in ("balanced", "minimal")
     if mode in ("fast", "balanced"):
         sizes = [(c, 0) for c in range(n + 1)]  # checkpoint as few blocks as fit
@@ -213,10 +232,12 @@ def _candidates(
         sizes = [(c, 0) for c, _ in sizes]
     if "blocks_to_swap" in explicit:
         swap = min(max(config.blocks_to_swap, 0), n)
-        sizes = [(max(c, swap), swap) for c, _ in sizes]  # swapped blocks are always checkpointed
-    if named is not None:  # the user named the checkpointed blocks; _plan adds the swapped ones
+        sizes = [(c, swap) for c, _ in sizes]
+    if named is not None:  # the user named the checkpointed blocks
         sizes = [(len(named), s) for _, s in sizes]
-    return [(c, s, offload) for c, s in dict.fromkeys(sizes)]
+    selective = [config.selective_checkpointing] if "selective_checkpointing" in explicit else [True, False]
+    candidates = {(c, s, offload, keep and c > 0) for c, s in sizes for keep in selective}
+    return sorted(candidates, key=lambda c: (costs.recomputation(c[0], c[3]), c[1], -c[3]))
 
 
 def _simpletuner_blocks(n: int, config: TrainConfig, explicit: set[str]) -> frozenset[int] | None:
@@ -232,6 +253,7 @@ def _simpletuner_blocks(n: int, config: TrainConfig, explicit: set[str]) -> froz
 MEMORY_KEYS = (
     "gradient_checkpointing",
     "gradient_checkpointing_interval",
+    "selective_checkpointing",
     "blocks_to_swap",
     "offload_activations",
     "compile_blocks",
@@ -245,24 +267,28 @@ def _plan(
     checkpointed: int,
     swapped: int,
     offload: bool,
+    selective: bool,
     compiled: bool,
     budget: float,
     named: frozenset[int] | None = None,
 ) -> MemoryPlan:
-    """Which blocks: swapped ones spread evenly (so copies overlap the resident blocks' compute), all
-    checkpointed; then the blocks the user `named`, or the other checkpointed blocks spread evenly."""
+    """Which blocks: swapped ones spread evenly (so copies overlap the resident blocks' compute); the
+    blocks the user `named` checkpointed, or else the swapped blocks first (those hold the least on
+    the GPU while their weights travel), then others, each group spread evenly."""
     n = costs.n_blocks
     swapped_blocks = spread(swapped, n)
     if named is not None:
-        chosen = named | set(swapped_blocks)
+        chosen = frozenset(named)
+    elif checkpointed <= len(swapped_blocks):
+        chosen = frozenset(swapped_blocks[i] for i in spread(checkpointed, len(swapped_blocks)))
     else:
         others = [i for i in range(n) if i not in swapped_blocks]
         chosen = frozenset(swapped_blocks) | {
             others[i] for i in spread(checkpointed - len(swapped_blocks), len(others))
         }
-    estimate = costs.estimate(len(chosen), swapped, offload, compiled)
+    estimate = costs.estimate(len(chosen), swapped, offload, compiled, selective)
     host = swapped * costs.block_weights
-    return MemoryPlan(mode, n, frozenset(chosen), tuple(swapped_blocks), offload, compiled, estimate, budget, host)
+    return MemoryPlan(mode, n, chosen, tuple(swapped_blocks), offload, compiled, selective, estimate, budget, host)
 
 
 def host_swap_budget() -> float:

@@ -181,5 +181,7 @@ def prepare_for_lora(
     for param in transformer.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # adapters train in fp32; autocast computes in bf16
-    blocks.install(transformer, set(plan.checkpointed), plan.offload_activations, plan.compile_blocks, swap)
+    blocks.install(
+        transformer, set(plan.checkpointed), plan.selective, plan.offload_activations, plan.compile_blocks, swap
+    )
     return transformer

@@ -47,8 +47,8 @@ def loss_and_gradients(transformer: torch.nn.Module) -> tuple[torch.Tensor, dict
     return loss.detach(), {n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad}
 
 
-def plan(checkpointed=(), swapped=(), offload=False, compiled=False) -> MemoryPlan:
-    return MemoryPlan("test", 4, frozenset(checkpointed) | frozenset(swapped), tuple(swapped), offload, compiled)
+def plan(checkpointed=(), swapped=(), offload=False, compiled=False, selective=False) -> MemoryPlan:
+    return MemoryPlan("test", 4, frozenset(checkpointed), tuple(swapped), offload, compiled, selective)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +65,12 @@ def plain():
     "lever",
     [
         plan(checkpointed={1, 3}),
+        plan(checkpointed={0, 1, 2, 3}, selective=True),
         plan(checkpointed={0, 1, 2, 3}, offload=True),
         plan(swapped=(0, 1, 3)),
-        plan(checkpointed={2}, swapped=(0, 1, 3), offload=True),
+        plan(checkpointed={1, 2}, swapped=(0, 1, 3), offload=True, selective=True),
     ],
-    ids=["checkpoint-some", "checkpoint-all-offload", "swap-3-of-4", "swap-checkpoint-offload"],
+    ids=["checkpoint-some", "checkpoint-all-selective", "checkpoint-all-offload", "swap-3-of-4", "swap-mixed"],
 )
 def test_eager_levers_compute_exactly_the_plain_step(plain, lever):
     transformer = tiny_lora_transformer(lever)
@@ -99,9 +100,17 @@ def test_swapped_blocks_share_two_gpu_slots_and_are_copied_in_as_they_run():
     assert all(torch.equal(a, b) for a, b in zip(first, now, strict=True))  # block 0 is back in slot 0
 
 
-def test_compiled_blocks_keep_loss_and_gradients_within_bf16_rounding(plain):
+@pytest.mark.parametrize(
+    "lever",
+    [
+        plan(checkpointed={0, 2}, compiled=True),
+        plan(checkpointed={0, 1, 2}, swapped=(1, 2, 3), compiled=True, selective=True),
+    ],
+    ids=["checkpoint-some", "selective-and-swapped"],
+)
+def test_compiled_blocks_keep_loss_and_gradients_within_bf16_rounding(plain, lever):
     torch._dynamo.reset()
-    transformer = tiny_lora_transformer(plan(checkpointed={0, 2}, compiled=True))
+    transformer = tiny_lora_transformer(lever)
     loss, grads = loss_and_gradients(transformer)
     want_loss, want = plain
     torch.testing.assert_close(loss, want_loss, rtol=1e-3, atol=0)
@@ -131,10 +140,15 @@ def test_auto_picks_smaller_modes_as_the_card_gets_smaller():
     # low swaps rather than offloads (cheaper per byte freed), within the host's share; minimal does both
     assert not plans[21.5].offload_activations and not plans[15].offload_activations
     assert 0 < len(plans[21.5].swapped) < len(plans[15].swapped) <= host / costs.block_weights
-    assert plans[11].offload_activations and len(plans[11].swapped) > len(plans[15].swapped)
+    assert plans[11].offload_activations and plans[11].swapped
     for gib, chosen in plans.items():
         assert chosen.estimate_bytes <= gib * GIB
-        assert set(chosen.swapped) <= chosen.checkpointed  # a swapped block is always checkpointed
+    # Checkpointed blocks keep their attention outputs (less recomputation) where that fits, at the price
+    # of more blocks swapped; at 28 GiB fast fits only by recomputing attention too.
+    assert all(plans[g].selective for g in (78, 26, 21.5, 15)) and not plans[28].selective
+    config.selective_checkpointing = False
+    recompute_attention = choose_plan(config, costs, 21.5 * GIB, {"selective_checkpointing"}, host)
+    assert recompute_attention.mode == "low" and len(recompute_attention.swapped) < len(plans[21.5].swapped)
     with pytest.raises(UserError, match="smallest memory mode needs"):
         choose_plan(config, costs, 4 * GIB, set())
 
@@ -151,9 +165,13 @@ def test_a_chosen_mode_sizes_itself_and_user_knobs_win():
     chosen = choose_plan(config, costs, 0.0, knobs)
     assert chosen.checkpointed == frozenset(range(0, 60, 3)) and chosen.swapped == ()
     assert not chosen.offload_activations
-    config.blocks_to_swap = 30
+    config.blocks_to_swap = 30  # swapped blocks need not be checkpointed: backward copies them in again
     chosen = choose_plan(config, costs, 0.0, knobs)
-    assert chosen.swapped == tuple(spread(30, 60)) and set(chosen.swapped) <= chosen.checkpointed
+    assert chosen.swapped == tuple(spread(30, 60)) and chosen.checkpointed == frozenset(range(0, 60, 3))
+    config.selective_checkpointing = False
+    assert choose_plan(config, costs, 0.0, knobs).selective and not choose_plan(
+        config, costs, 0.0, knobs | {"selective_checkpointing"}
+    ).selective
 
 
 def test_spread_alternates_blocks():
