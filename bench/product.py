@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,7 +140,8 @@ def write_config(work: Path, case: str, model: Path, data: Path, n_refs: int, ar
     quickstart sets them (int8-quanto, rank 16, shift 1.73), one cache per flavour."""
     flavour, card = case.split(":")
     folder = work / case.replace(":", "-")
-    folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)  # a case starts a new run each time (the model and caches stay)
+    folder.mkdir(parents=True)
     refs = ["reference"] + [f"reference{i + 1}" for i in range(1, n_refs)]
     backend = [
         {
