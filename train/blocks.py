@@ -140,23 +140,29 @@ class HostOffload:
     Unlike `torch.autograd.graph.save_on_cpu`, whose blocking copy makes the host wait for the GPU
     at every block (so kernels stop being queued ahead), the copy to the host runs on a side stream
     that first waits for the compute stream; the host never waits. Backward's copy back is queued on
-    the compute stream after that copy's event. The frozen weights a compiled block saves for its
-    backward stay where they are (`weights`: their storages). On CPU the tensors are kept as they are.
+    the compute stream after that copy's event. The host copy keeps the tensor's strides (compiled
+    backward code checks them: attention's outputs are not contiguous); a tensor that is not dense
+    (an expanded view) stays where it is, as do the frozen weights a compiled block saves for its
+    backward (`weights`: their storages). On CPU the copy is a plain one.
     """
 
     def __init__(self, device: torch.device, weights: set[int]):
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.weights = weights  # data pointers of the frozen weights' storages
+        self.weights = weights  # data pointers of the weights' storages (frozen and LoRA)
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def pack(self, tensor: torch.Tensor):
-        if self.stream is None or tensor.device.type != "cuda":
-            return tensor
         if tensor.untyped_storage().data_ptr() in self.weights:
             return tensor
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        cuda = tensor.device.type == "cuda"
+        host = torch.empty_like(tensor, device="cpu", pin_memory=cuda)  # same strides where the tensor is dense
+        if host.stride() != tensor.stride():
+            return tensor
+        if not cuda:
+            host.copy_(tensor)
+            return tensor.device, host, None
         self.stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the tensor's producer is queued
         with torch.cuda.stream(self.stream):
             host.copy_(tensor, non_blocking=True)
@@ -168,7 +174,8 @@ class HostOffload:
         if isinstance(packed, torch.Tensor):
             return packed
         device, host, copied = packed
-        torch.cuda.current_stream(device).wait_event(copied)
+        if copied is not None:
+            torch.cuda.current_stream(device).wait_event(copied)
         return host.to(device, non_blocking=True)
 
 
@@ -188,6 +195,13 @@ def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 _selective_contexts = functools.partial(create_selective_checkpoint_contexts, _keep_attention)
+# What selective checkpointing keeps goes through the offload hooks too (torch 2.14, pinned; older torch,
+# as on the bench machine, has no such switch and offloads them only when the block is compiled).
+_HOOKED = (
+    {"respect_saved_tensors_hooks": True}
+    if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters
+    else {}
+)
 
 
 # The training step's block functions; `forward(block, *args)` is the block class's own forward. Each is
@@ -202,7 +216,7 @@ def _checkpointed_block(forward: Callable, block: torch.nn.Module, *args):
 
 
 def _selectively_checkpointed_block(forward: Callable, block: torch.nn.Module, *args):
-    return checkpoint(forward, block, *args, use_reentrant=False, context_fn=_selective_contexts)
+    return checkpoint(forward, block, *args, use_reentrant=False, context_fn=_selective_contexts, **_HOOKED)
 
 
 # The graphs each of those functions compiles: one per kind of block (the first, whose input needs no

@@ -7,11 +7,14 @@ whether checkpointed blocks keep what they save in pinned host memory (`offload_
 many blocks keep their frozen weights in pinned host memory and are copied in as they run
 (`blocks_to_swap`), and whether blocks are `torch.compile`d.
 
-Modes are ladders of levers, from fastest to smallest; each takes the setting that fits the memory
-budget with the least recomputation, then the fewest swapped blocks. Recomputing a block costs its
-forward; a selectively checkpointed block (attention outputs kept, about 1/15 of a block's
-activations) skips attention, a share T / (T + 6 d) of the forward's FLOPs at T tokens and width d
-(a third at 1024² edit-v1). Swapping is counted as free: its copies overlap compute.
+Modes are ladders of levers, from fastest to smallest, tried in the order below; within a mode,
+the setting that fits the memory budget with the least recomputation, then the fewest swapped
+blocks. Recomputing a block costs its forward; a selectively checkpointed block (attention outputs
+kept, about 1/15 of a block's activations) skips attention, a share T / (T + 6 d) of the forward's
+FLOPs at T tokens per sample and width d (a third at 1024² edit-v1). Within `low` and `minimal`,
+swapping is counted as free: its copies overlap compute. Across modes the order decides: at 28 GiB
+`fast` recomputes every block whole rather than `balanced` offloading inputs to recompute less
+(offload's copies were measured slower than swapping; this trade is not measured).
 
 | mode | weights | activations |
 |---|---|---|
@@ -158,14 +161,15 @@ def step_costs(transformer: torch.nn.Module, config: TrainConfig, tokens: int) -
     lora = _lora_parameters(transformer, config)
     trainable = lora * (4 + 4 + 8 + (4 if config.use_ema and config.ema_device == "accelerator" else 0))
     width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    sample_tokens = tokens / max(config.train_batch_size, 1)
     return StepCosts(
         n_blocks=len(blocks),
         block_weights=block,
         other_weights=other,
         trainable=trainable,
         token_width=float(tokens * width),
-        # attention 4 T² d FLOPs; linear layers 2 T x 12 d² (q, k, v, out: 4 d²; MLP: 8 d²)
-        attention_share=tokens / (tokens + 6 * width),
+        # per sample of T tokens: attention 4 T² d FLOPs; linear layers 2 T x 12 d² (q, k, v, out: 4 d²; MLP: 8 d²)
+        attention_share=sample_tokens / (sample_tokens + 6 * width),
     )
 
 

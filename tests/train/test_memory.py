@@ -105,8 +105,9 @@ def test_swapped_blocks_share_two_gpu_slots_and_are_copied_in_as_they_run():
     [
         plan(checkpointed={0, 2}, compiled=True),
         plan(checkpointed={0, 1, 2}, swapped=(1, 2, 3), compiled=True, selective=True),
+        plan(checkpointed={0, 1, 2, 3}, offload=True, compiled=True, selective=True),
     ],
-    ids=["checkpoint-some", "selective-and-swapped"],
+    ids=["checkpoint-some", "selective-and-swapped", "selective-offloaded"],
 )
 def test_compiled_blocks_keep_loss_and_gradients_within_bf16_rounding(plain, lever):
     torch._dynamo.reset()
@@ -117,6 +118,29 @@ def test_compiled_blocks_keep_loss_and_gradients_within_bf16_rounding(plain, lev
     errors = sorted(((grads[n] - want[n]).norm() / want[n].norm().clamp_min(1e-12)).item() for n in want)
     # inductor rounds bf16 intermediates differently; a wrong computation would be off by ~100%
     assert errors[len(errors) // 2] < 0.02 and errors[-1] < 0.1, errors
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_offload_moves_what_selective_checkpointing_keeps_and_never_the_weights(compiled):
+    """Offloaded: a checkpointed block's inputs and kept attention outputs (their strides as they were,
+    which compiled backward code checks), not the weights the block saves for backward."""
+    torch._dynamo.reset()
+    transformer = tiny_lora_transformer(
+        plan(checkpointed={0, 1, 2, 3}, offload=True, compiled=compiled, selective=True)
+    )
+    offload = transformer.transformer_blocks[0].forward.offload
+    packed = []
+    pack = offload.pack
+    offload.pack = lambda tensor: packed.append(result := pack(tensor)) or result
+    loss_and_gradients(transformer)
+    moved = [p[1] for p in packed if isinstance(p, tuple)]
+    kept = [p for p in packed if isinstance(p, torch.Tensor)]
+    heads, head_dim = TINY["num_attention_heads"], TINY["attention_head_dim"]
+    attention = [t for t in moved if t.dim() == 4 and t.shape[-1] == head_dim and heads in t.shape[1:3]]
+    assert len(attention) >= 4, [tuple(t.shape) for t in moved]  # one attention output per block at least
+    if compiled:  # inductor saves it as [B, T, heads, d] strides over [B, heads, T, d] and checks them in backward
+        assert any(not t.is_contiguous() for t in attention)
+    assert all(t.untyped_storage().data_ptr() in offload.weights for t in kept)
 
 
 def real_size_costs(config: TrainConfig, tokens: int):

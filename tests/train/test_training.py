@@ -299,7 +299,10 @@ def test_two_process_ddp_run_ends_with_identical_weights(project, tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "LoRA weights identical on 2 processes" in result.stdout
-    assert "2/2 blocks checkpointed (inputs offloaded to host), 1 swapped to host" in result.stdout
+    assert (
+        "2/2 blocks checkpointed selectively (attention kept) (inputs offloaded to host), 1 swapped to host"
+        in result.stdout
+    )
     final = list_checkpoints(tmp_path / "ddp")[-1]
     assert {p.name for p in final.glob("rng-rank*")} == {"rng-rank00.safetensors", "rng-rank01.safetensors"}
     assert (tmp_path / "ddp" / LORA_FILE).is_file() and (tmp_path / "ddp" / COMFYUI_FILE).is_file()
