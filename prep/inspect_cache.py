@@ -10,7 +10,9 @@ from shared.cache import CacheStore
 def describe_cache(cache_dir: str, bins: int = 8) -> str:
     store = CacheStore(cache_dir)
     info = store.read_info()
-    rows = store.read_manifest(columns=["split", "prompt_lens", "width", "height", "ref_sizes"]).to_pylist()
+    manifest = store.read_manifest()
+    wanted = ["split", "prompt_lens", "width", "height", "ref_sizes", "embeds_form"]
+    rows = manifest.select([c for c in wanted if c in manifest.column_names]).to_pylist()
     counts = info["counts"]
     settings = info["fingerprint"]["settings"]
     n = max(len(rows), 1)
@@ -21,6 +23,12 @@ def describe_cache(cache_dir: str, bins: int = 8) -> str:
         f"eval {sum(r['split'] == 'eval' for r in rows)}); captions: {sum(len(r['prompt_lens']) for r in rows)}",
         f"shards: {counts.get('shards', '?')}, {counts['shard_bytes'] / 2**20:.1f} MiB, "
         f"{counts['shard_bytes'] / n / 1024:.1f} KiB/sample",
+        "embeddings stored: "
+        + (
+            ", ".join(
+                f"{form or 'form not recorded'} {c}" for form, c in Counter(r.get("embeds_form") for r in rows).items()
+            )
+        ),
         f"fingerprint: {info['fingerprint']['sha256'][:16]} (model {settings.get('model')}, "
         f"dtype {settings.get('dtype')}, built {info.get('created')})",
         "buckets (target width x height: samples):",

@@ -200,12 +200,13 @@ def to_record(prepared: Prepared, latents: list[torch.Tensor], embeds: list[torc
             negative=embeds[n_captions] if eval_sample else None,
         )
         prompt_lens = [e.shape[0] for e in embeds[:n_captions]]
+    embeds_bytes, embeds_form = typed.stored()
     members = {
         LATENTS: Latents(latents[0], latents[1:]).to_bytes(),
-        EMBEDS: typed.to_bytes(),
+        EMBEDS: embeds_bytes,
         META: json.dumps(prepared.meta, sort_keys=True, ensure_ascii=False).encode(),
     }
-    row = dict(prepared.row, prompt_lens=prompt_lens)
+    row = dict(prepared.row, prompt_lens=prompt_lens, embeds_form=embeds_form)
     return members, row
 
 

@@ -45,7 +45,9 @@ typed views every reader and writer uses.
 `record_size`, `record_sha256`: the sample's whole byte range in its shard (headers, data,
 padding); per member (`latents_`, `embeds_`, `json_`) `offset`, `size` of its data and its
 `sha256`; then `height`, `width`, `original_size`, `crop_box`, `ref_sizes`, `ref_crop_boxes`,
-`prompt_lens` (per caption; over references cached alone, the longest), `captions`,
+`prompt_lens` (per caption; over references cached alone, the longest), `embeds_form`
+(`whole`: every embedding stored whole; `shared_prefix`: some stored as `NAME.after`, see above;
+null in manifests written before the column existed, which read the same), `captions`,
 `source_sha256`. Digests are raw 32-byte sha256 values, except
 `source_sha256` (hex). The Parquet schema metadata holds `fingerprint` (hex), `format_version`,
 and `shards`: JSON `{"shards/NAME.tar": {"bytes": n, "sha256": hex}}` for every shard it names,

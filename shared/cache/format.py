@@ -27,6 +27,10 @@ STORAGE_DTYPE = torch.bfloat16
 STORAGE_BITS = torch.int16  # the same bits as integers: equality that tells -0 from 0 and compares NaNs
 SHARD_NAME = re.compile(r"^(?P<prefix>(?:rank\d+-)?)(?P<number>\d{6})\.tar$")  # e.g. 000003.tar, rank01-000000.tar
 
+# How a record's embeddings member stores its tensors (the manifest's `embeds_form`): every tensor
+# whole, or some as the rows after the prefix they share with their group's first prompt.
+EMBEDS_WHOLE, EMBEDS_SHARED_PREFIX = "whole", "shared_prefix"
+
 SHA256 = pa.binary(32)  # digests are stored as raw bytes (32, not 64 hex characters: memory at 1M rows)
 
 
@@ -55,6 +59,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("ref_sizes", pa.list_(pa.list_(pa.int32()))),  # [[height, width] per reference], VAE pixels
         ("ref_crop_boxes", pa.list_(pa.list_(pa.int32()))),  # per reference: the box (strict) or [] (loose)
         ("prompt_lens", pa.list_(pa.int32())),  # tokens per cached caption embedding
+        ("embeds_form", pa.string()),  # EMBEDS_WHOLE or EMBEDS_SHARED_PREFIX; null in caches that predate it
         ("captions", pa.list_(pa.string())),
         ("source_sha256", pa.string()),  # hex, over the image, references, captions and split
     ]
@@ -113,7 +118,13 @@ class Embeddings:
         return own + [t for sub in self.alone or [] for t in sub.tensors()]
 
     def to_bytes(self) -> bytes:
-        return _save(self._named())
+        return self.stored()[0]
+
+    def stored(self) -> tuple[bytes, str]:
+        """The member's bytes and its form (EMBEDS_WHOLE or EMBEDS_SHARED_PREFIX)."""
+        named = self._named()
+        shared = any(name.endswith(".after") for name in named)
+        return _save(named), EMBEDS_SHARED_PREFIX if shared else EMBEDS_WHOLE
 
     def _named(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """Stored tensors by name: each after the group's first prompt as the rows after their shared prefix."""

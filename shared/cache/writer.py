@@ -219,7 +219,8 @@ def read_existing_rows(cache_dir: Path, fingerprint: str) -> tuple[pa.Table, Sha
             shards.update(meta["shards"])
     if not tables:
         return MANIFEST_SCHEMA.empty_table(), shards
-    return pa.concat_tables([t.replace_schema_metadata(None) for t in tables]), shards
+    # promote: a manifest written before a column was added (embeds_form) reads it as null
+    return pa.concat_tables([t.replace_schema_metadata(None) for t in tables], promote_options="default"), shards
 
 
 def manifest_fingerprint(manifest: Path) -> str:

@@ -8,6 +8,7 @@ from prep.build import build_cache
 from prep.cli import app
 from shared.cache import member_column
 from shared.config import load_config
+from shared.demo_data import write_demo_dataset
 from tests.cache_files import manifest_rows
 
 
@@ -95,8 +96,36 @@ def test_inspect_prints_counts_buckets_tokens_bytes_and_fingerprint(demo_project
         "256x256: 1",
         "288x224: 1",
         "VL embedding length (tokens)",
+        "embeddings stored: shared_prefix 3",  # train samples share the template and images with their dropout
     ):
         assert text in result.output, text
+
+
+def test_a_manifest_from_before_the_embeds_form_column_reads_and_updates(demo_project, tmp_path):
+    """Caches written before `embeds_form` existed: their rows are kept (the column reads null), new samples
+    get it, and inspect says the form was not recorded."""
+    import hashlib
+    import json
+
+    import pyarrow.parquet as pq
+
+    path = demo_project("edit-v1", n_samples=3)
+    config = load_config(path)
+    (cache,) = build_cache(config, device="cpu")
+    old = pq.read_table(cache / "manifest.parquet")
+    pq.write_table(
+        old.drop_columns(["embeds_form"]).replace_schema_metadata(old.schema.metadata), cache / "manifest.parquet"
+    )
+    info = json.loads((cache / "cache.json").read_text())
+    info["manifest_sha256"] = hashlib.sha256((cache / "manifest.parquet").read_bytes()).hexdigest()
+    (cache / "cache.json").write_text(json.dumps(info))
+    assert "form not recorded 3" in CliRunner().invoke(app, ["inspect", str(cache)]).output
+
+    write_demo_dataset(tmp_path / "data", n_samples=4, n_references=1)  # the same three pairs, and a fourth
+    build_cache(load_config(path), device="cpu")
+    forms = [r["embeds_form"] for r in manifest_rows(cache)]
+    assert len(forms) == 4 and None in forms and "shared_prefix" in forms  # kept rows, and the new one
+    assert _verify(cache).exit_code == 0
 
 
 def _repair_and_check(cache, config, expected_ids):

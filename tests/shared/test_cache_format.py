@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from shared.cache import CacheStore, Embeddings, Latents, check_shard_path
+from shared.cache.format import EMBEDS_SHARED_PREFIX, EMBEDS_WHOLE
 from shared.errors import UserError
 
 
@@ -132,6 +133,10 @@ def test_an_embedding_sharing_leading_rows_with_the_first_prompt_is_stored_as_th
     assert torch.equal(Embeddings.from_bytes(data).negative.view(torch.int16), (-zero).bfloat16().view(torch.int16))
     data = Embeddings([prompt], negative=negative_unshared).to_bytes()
     assert set(load_safetensors(data)) == {"prompt.0", "negative"}
+
+    # the form the manifest records (embeds_form)
+    assert Embeddings([prompt, second], dropout=dropout).stored()[1] == EMBEDS_SHARED_PREFIX
+    assert Embeddings([prompt], negative=negative_unshared).stored()[1] == EMBEDS_WHOLE
 
     # per reference, against that reference's own first prompt
     alone = [Embeddings([p], dropout=torch.cat([p[:7], torch.randn(2, 64)])) for p in torch.randn(2, 9, 64)]
