@@ -115,6 +115,7 @@ class StepCosts:
 
     n_blocks: int
     block_weights: float  # one block's frozen weights at the base precision
+    block_pinned: float  # the pinned host memory they take when swapped (see `pinned_bytes`)
     other_weights: float  # everything outside the blocks (bf16)
     trainable: float  # LoRA parameters, their gradients, AdamW's moments (and an EMA on the GPU)
     token_width: float  # tokens of the largest batch x model width: activations scale with it
@@ -146,15 +147,15 @@ def step_costs(transformer: torch.nn.Module, config: TrainConfig, tokens: int) -
     blocks = transformer.transformer_blocks
     precision = config.base_model_precision
     per_weight = WEIGHT_BYTES[precision] + GROUP_SCALE_BYTES.get(precision, 0.0)
-    block = 0.0
+    tensors: list[float] = []  # bytes of each of a block's tensors (weight data, scales, biases, norms)
     for name, module in blocks[0].named_modules():
         if isinstance(module, torch.nn.Linear):
             quantised = precision != "no_change" and "norm" not in name
-            block += module.weight.numel() * (per_weight if quantised else 2.0)
-            block += module.out_features * 2.0 * quantised  # per-row scales
-            block += 2.0 * (module.bias.numel() if module.bias is not None else 0)
+            tensors.append(module.weight.numel() * (per_weight if quantised else 2.0))
+            tensors.append(module.out_features * 2.0 * quantised)  # per-row scales
+            tensors.append(2.0 * (module.bias.numel() if module.bias is not None else 0))
         elif not list(module.children()):  # norms
-            block += 2.0 * sum(p.numel() for p in module.parameters(recurse=False))
+            tensors += [2.0 * p.numel() for p in module.parameters(recurse=False)]
     total = sum(p.numel() for p in transformer.parameters())
     per_block_params = sum(p.numel() for p in blocks[0].parameters())
     other = 2.0 * (total - len(blocks) * per_block_params)
@@ -164,13 +165,21 @@ def step_costs(transformer: torch.nn.Module, config: TrainConfig, tokens: int) -
     sample_tokens = tokens / max(config.train_batch_size, 1)
     return StepCosts(
         n_blocks=len(blocks),
-        block_weights=block,
+        block_weights=sum(tensors),
+        block_pinned=sum(pinned_bytes(t) for t in tensors),
         other_weights=other,
         trainable=trainable,
         token_width=float(tokens * width),
         # per sample of T tokens: attention 4 T² d FLOPs; linear layers 2 T x 12 d² (q, k, v, out: 4 d²; MLP: 8 d²)
         attention_share=sample_tokens / (sample_tokens + 6 * width),
     )
+
+
+def pinned_bytes(nbytes: float) -> float:
+    """Pinned host memory torch takes for a tensor of `nbytes`: its host allocator rounds every request up
+    to a power of two (ATen/core/CachingHostAllocator.h; `pinned_max_round_threshold_mb` is unset). A 20B
+    int8 block's 0.33 GB of tensors take 0.5 GiB."""
+    return float(2 ** math.ceil(math.log2(nbytes))) if nbytes >= 1 else 0.0
 
 
 def _lora_parameters(transformer: torch.nn.Module, config: TrainConfig) -> int:
@@ -204,8 +213,8 @@ def choose_plan(
     named = _simpletuner_blocks(costs.n_blocks, config, explicit)
     modes = MODES if config.memory_mode == "auto" else (config.memory_mode,)
     max_swapped = costs.n_blocks
-    if math.isfinite(host_budget) and costs.block_weights > 0:
-        max_swapped = min(costs.n_blocks, int(host_budget // costs.block_weights))
+    if math.isfinite(host_budget) and costs.block_pinned > 0:
+        max_swapped = min(costs.n_blocks, int(host_budget // costs.block_pinned))
     for mode in modes:
         for candidate in _candidates(mode, costs, config, explicit, named, max_swapped):
             plan = _plan(mode, costs, *candidate, compiled, budget, named)
@@ -293,7 +302,7 @@ def _plan(
             others[i] for i in spread(checkpointed - len(swapped_blocks), len(others))
         }
     estimate = costs.estimate(len(chosen), swapped, offload, compiled, selective)
-    host = swapped * costs.block_weights
+    host = swapped * costs.block_pinned
     return MemoryPlan(mode, n, chosen, tuple(swapped_blocks), offload, compiled, selective, estimate, budget, host)
 
 

@@ -156,24 +156,30 @@ def test_auto_picks_smaller_modes_as_the_card_gets_smaller():
     config = TrainConfig(base_model_precision="int8-quanto")
     costs = real_size_costs(config, EDIT_V1_TOKENS)
     assert 0.3 * GIB < costs.block_weights < 0.35 * GIB  # a block of the 20B model in int8
-    host = 16 * GIB  # a 32 GiB host: low pins at most 16 GiB of swapped weights
-    plans = {gib: choose_plan(config, costs, gib * GIB, set(), host) for gib in (78, 28, 26, 21.5, 15, 11)}
+    assert 0.5 * GIB <= costs.block_pinned < 0.51 * GIB  # pinned, each tensor rounded up to a power of two
+    host = 32 * GIB  # a 64 GiB host: low pins at most 32 GiB of swapped weights
+    plans = {gib: choose_plan(config, costs, gib * GIB, set(), host) for gib in (78, 28, 26, 21.5, 15, 8)}
     assert [plans[g].mode for g in plans] == ["fast", "fast", "balanced", "low", "low", "minimal"]
     assert plans[78].swapped == () and len(plans[78].checkpointed) < len(plans[28].checkpointed)
     assert plans[26].offload_activations and not plans[28].offload_activations
     # low swaps rather than offloads (cheaper per byte freed), within the host's share; minimal does both
     assert not plans[21.5].offload_activations and not plans[15].offload_activations
-    assert 0 < len(plans[21.5].swapped) < len(plans[15].swapped) <= host / costs.block_weights
-    assert plans[11].offload_activations and plans[11].swapped
+    assert 0 < len(plans[21.5].swapped) < len(plans[15].swapped) <= host / costs.block_pinned
+    assert plans[15].host_bytes <= host and plans[8].offload_activations and plans[8].swapped
     for gib, chosen in plans.items():
         assert chosen.estimate_bytes <= gib * GIB
     # Checkpointed blocks keep their attention outputs (less recomputation) where that fits, at the price
-    # of more blocks swapped; at 28 GiB fast fits only by recomputing attention too, and at 15 GiB the
-    # extra swaps would pass the host's share, so low recomputes attention instead.
-    assert all(plans[g].selective for g in (78, 26, 21.5)) and not plans[28].selective and not plans[15].selective
+    # of more blocks swapped; at 28 GiB fast fits only by recomputing attention too.
+    assert all(plans[g].selective for g in (78, 26, 21.5, 15)) and not plans[28].selective
     config.selective_checkpointing = False
     recompute_attention = choose_plan(config, costs, 21.5 * GIB, {"selective_checkpointing"}, host)
     assert recompute_attention.mode == "low" and len(recompute_attention.swapped) < len(plans[21.5].swapped)
+    config.selective_checkpointing = True
+    # On a 32 GiB host (16 GiB to pin) the extra swaps do not fit: low recomputes attention instead, and at
+    # 15 GiB only minimal (inputs offloaded too) fits.
+    small = {gib: choose_plan(config, costs, gib * GIB, set(), 16 * GIB) for gib in (21.5, 15)}
+    assert small[21.5].mode == "low" and not small[21.5].selective and small[21.5].host_bytes <= 16 * GIB
+    assert small[15].mode == "minimal"
     with pytest.raises(UserError, match="smallest memory mode needs"):
         choose_plan(config, costs, 4 * GIB, set())
 
@@ -215,6 +221,6 @@ def test_the_plan_says_what_it_costs_and_warns_when_a_forced_mode_will_not_fit()
     config.memory_mode = "auto"
     fits = choose_plan(config, costs, 21.5 * GIB, set())
     assert "warning" not in fits.describe()
-    assert f"{len(fits.swapped)} swapped to host ({len(fits.swapped) * costs.block_weights / GIB:.1f} GiB pinned)" in (
+    assert f"{len(fits.swapped)} swapped to host ({len(fits.swapped) * costs.block_pinned / GIB:.1f} GiB pinned)" in (
         fits.describe()
     )
