@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 
@@ -84,7 +85,8 @@ class BlockSwap:
         try:
             self.host[index] = [t.pin_memory() if self.device.type == "cuda" else t.clone() for t in host]
         except RuntimeError as err:  # pinned (page-locked) memory is limited by the OS and the container
-            needed = len(self.order) * sum(t.numel() * t.element_size() for t in host) / 2**30
+            rounded = sum(2 ** math.ceil(math.log2(max(t.numel() * t.element_size(), 1))) for t in host)
+            needed = len(self.order) * rounded / 2**30  # torch's pinned allocator rounds up to powers of two
             raise UserError(
                 f"could not keep swapped block {index} in pinned host memory ({err}); {len(self.order)} swapped "
                 f"blocks need about {needed:.1f} GiB of it. Lower blocks_to_swap, or free host memory."

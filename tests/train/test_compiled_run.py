@@ -75,6 +75,7 @@ def test_compiled_run_with_every_lever_trains_through_previews_on_a_known_set_of
     run = Run(with_settings(config_path, tmp_path / "compiled"))
     plan = run.plan
     assert plan.compile_blocks and plan.offload_activations and len(plan.checkpointed) == plan.n_blocks
+    assert plan.selective  # checkpointed blocks keep their attention outputs (offloaded with the inputs)
     assert len(plan.swapped) == 2
 
     # Previews (LoRA off, at another resolution) and the held-out loss first: they compile nothing.
