@@ -10,9 +10,9 @@ from shared.cache import CacheStore
 def describe_cache(cache_dir: str, bins: int = 8) -> str:
     store = CacheStore(cache_dir)
     info = store.read_info()
-    manifest = store.read_manifest()
     wanted = ["split", "prompt_lens", "width", "height", "ref_sizes", "embeds_form"]
-    rows = manifest.select([c for c in wanted if c in manifest.column_names]).to_pylist()
+    present = store.manifest_columns()
+    rows = store.read_manifest(columns=[c for c in wanted if c in present]).to_pylist()
     counts = info["counts"]
     settings = info["fingerprint"]["settings"]
     n = max(len(rows), 1)

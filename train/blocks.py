@@ -48,6 +48,13 @@ def frozen_parameters(block: torch.nn.Module) -> Iterator[tuple[torch.nn.Module,
                 yield module, name, param
 
 
+def pinned_bytes(nbytes: float) -> float:
+    """Pinned host memory torch takes for a tensor of `nbytes`: its host allocator rounds every request up
+    to a power of two (ATen/core/CachingHostAllocator.h; `pinned_max_round_threshold_mb` is unset). A 20B
+    int8 block's 0.33 GB of tensors take 0.5 GiB."""
+    return float(2 ** math.ceil(math.log2(nbytes))) if nbytes >= 1 else 0.0
+
+
 class BlockSwap:
     """Frozen weights of some blocks in pinned host memory; two GPU slots hold the ones about to run.
 
@@ -85,8 +92,7 @@ class BlockSwap:
         try:
             self.host[index] = [t.pin_memory() if self.device.type == "cuda" else t.clone() for t in host]
         except RuntimeError as err:  # pinned (page-locked) memory is limited by the OS and the container
-            rounded = sum(2 ** math.ceil(math.log2(max(t.numel() * t.element_size(), 1))) for t in host)
-            needed = len(self.order) * rounded / 2**30  # torch's pinned allocator rounds up to powers of two
+            needed = len(self.order) * sum(pinned_bytes(t.numel() * t.element_size()) for t in host) / 2**30
             raise UserError(
                 f"could not keep swapped block {index} in pinned host memory ({err}); {len(self.order)} swapped "
                 f"blocks need about {needed:.1f} GiB of it. Lower blocks_to_swap, or free host memory."

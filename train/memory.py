@@ -43,6 +43,7 @@ import torch
 
 from shared.config import TrainConfig
 from shared.errors import UserError
+from train.blocks import pinned_bytes
 
 GIB = 2**30
 MODES = ("fast", "balanced", "low", "minimal")
@@ -115,7 +116,7 @@ class StepCosts:
 
     n_blocks: int
     block_weights: float  # one block's frozen weights at the base precision
-    block_pinned: float  # the pinned host memory they take when swapped (see `pinned_bytes`)
+    block_pinned: float  # the pinned host memory they take when swapped (see `train.blocks.pinned_bytes`)
     other_weights: float  # everything outside the blocks (bf16)
     trainable: float  # LoRA parameters, their gradients, AdamW's moments (and an EMA on the GPU)
     token_width: float  # tokens of the largest batch x model width: activations scale with it
@@ -173,13 +174,6 @@ def step_costs(transformer: torch.nn.Module, config: TrainConfig, tokens: int) -
         # per sample of T tokens: attention 4 T² d FLOPs; linear layers 2 T x 12 d² (q, k, v, out: 4 d²; MLP: 8 d²)
         attention_share=sample_tokens / (sample_tokens + 6 * width),
     )
-
-
-def pinned_bytes(nbytes: float) -> float:
-    """Pinned host memory torch takes for a tensor of `nbytes`: its host allocator rounds every request up
-    to a power of two (ATen/core/CachingHostAllocator.h; `pinned_max_round_threshold_mb` is unset). A 20B
-    int8 block's 0.33 GB of tensors take 0.5 GiB."""
-    return float(2 ** math.ceil(math.log2(nbytes))) if nbytes >= 1 else 0.0
 
 
 def _lora_parameters(transformer: torch.nn.Module, config: TrainConfig) -> int:

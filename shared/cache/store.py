@@ -102,6 +102,13 @@ class CacheStore:
         recorded = info.get("manifest_sha256")
         return not recorded or hashlib.sha256(self.read_file(MANIFEST)).hexdigest() == recorded
 
+    def manifest_columns(self) -> list[str]:
+        """The manifest's column names (caches written before a column existed lack it)."""
+        if not self.exists(MANIFEST):
+            raise UserError(f"{self.location}: no {MANIFEST}; build the cache first with `prep build-cache`")
+        with self.fs[0].open(self._path(MANIFEST), "rb") as f:
+            return pq.read_schema(f).names
+
     def read_manifest(self, columns: list[str] | None = None) -> pa.Table:
         """The manifest as an Arrow table (only `columns`, if given), its schema metadata kept."""
         if not self.exists(MANIFEST):

@@ -156,11 +156,11 @@ class ShardWriter:
             file, self._tar, self._file = self._file, None, None
             final = self.cache_dir / self._name
             tmp = final.with_name(final.name + ".tmp")
-            layout = tar_layout(tmp)  # headers only: member data is never read back
+            members = tar_members(tmp)
             for row, digest in zip(self._pending, file.records, strict=True):
                 row["record_sha256"] = digest
                 for member in MEMBERS:
-                    offset, size = layout.members[f"{row['sample_id']}.{member}"]
+                    offset, size = members[f"{row['sample_id']}.{member}"]
                     row[member_column(member, "offset")] = offset
                     row[member_column(member, "size")] = size
             shard = {"bytes": file.position, "sha256": file.whole.hexdigest()}
@@ -173,20 +173,10 @@ class ShardWriter:
         self._pending = []
 
 
-class TarLayout:
-    """Where each member's data lies in a tar (offsets in bytes)."""
-
-    def __init__(self):
-        self.members: dict[str, tuple[int, int]] = {}  # member name -> (data offset, data size)
-
-
-def tar_layout(path: Path) -> TarLayout:
-    """Walk the tar's headers (seeking past the data, never reading it)."""
-    layout = TarLayout()
+def tar_members(path: Path) -> dict[str, tuple[int, int]]:
+    """Member name -> (data offset, data size) in a tar, from its headers (seeking past the data, never reading it)."""
     with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            layout.members[m.name] = (m.offset_data, m.size)
-    return layout
+        return {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
 
 
 def read_existing_rows(cache_dir: Path, fingerprint: str) -> tuple[pa.Table, ShardTable]:
