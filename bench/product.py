@@ -12,14 +12,16 @@ of edit pairs of ~1 MP in three aspect buckets, captions of varied length, 1 ref
 3 of different sizes (edit-v2). Then, per case, as a user would: `prep build-cache`, then `train run`
 with eval samples held out (held-out loss and previews at step 0 and at the end), a checkpoint half
 way, and `train export` of the last checkpoint; one case (`--resume-case`) is killed (-9) after its
-checkpoint and run again, which resumes.
+checkpoint and run again, which resumes; one (`--rerun-case`) is run a second time from scratch into a
+new output folder, as a user's second run of a config, and stopped after its checkpoint.
 
 Smaller cards are emulated: the case sets `memory_budget_gib` (what `auto` plans for) and the
 allocator refuses more than the card (`torch.cuda.set_per_process_memory_fraction`, set before
-`train run` starts). Every number comes from the run's own `run_stats.json` (train/timing.py): time
-from the command to its first finished step, steady s/step, peak GPU memory reserved per phase, host
-peak RSS. Each case compiles into its own empty compile caches (inductor's and Triton's); the resumed
-rerun reuses them: its time to the first step is that of a second run of the same config.
+`train run` starts); the offloading modes `balanced` and `minimal`, which `auto` picks only where
+they are the first mode that fits, are asked for by name. Every number comes from the run's own
+`run_stats.json` (train/timing.py): time from the command to its first finished step, steady s/step,
+peak GPU memory reserved per phase, host peak RSS. Each case compiles into its own empty compile
+caches (inductor's and Triton's); the resumed run and the second run reuse them.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ CARDS = {
     "card": ({}, 0.0),
     "24gb": ({"memory_budget_gib": 21.5}, 23.5),
     "16gb": ({"memory_budget_gib": 15.0}, 15.5),
+    # the two offloading modes, asked for by name (auto picks them only where they are the first that fits)
+    "balanced": ({"memory_mode": "balanced", "memory_budget_gib": 40.0}, 42.0),
+    "minimal": ({"memory_mode": "minimal", "memory_budget_gib": 15.0}, 15.5),
     "cpu": ({}, 0.0),
 }
 DEFAULT_CASES = ["edit-v1:card", "edit-v1:24gb", "edit-v1:16gb", "edit-v2:24gb"]
@@ -238,9 +243,25 @@ def train_case(case: str, config: Path, args) -> dict:
     if rc != 0:
         row["error"] = tail(log)
         return row
+    if case == args.rerun_case:
+        row.update(second_run(config, cap, env, args))
     last = folder / "output" / "checkpoints" / f"checkpoint-{args.steps:06d}"
     row["export rc"], _ = run(command("train", "export", str(last), "--format", "comfyui"), log, env)
     return row
+
+
+def second_run(config: Path, cap: float, env: dict, args) -> dict:
+    """The same config again into a new output folder, compile caches as the first run left them: a user's
+    second run. Stopped (-9) after its checkpoint half way; its stats go up to there."""
+    settings = json.loads(config.read_text())
+    settings["output_dir"] = str(config.parent / "output-second")
+    second = config.with_name("config-second.json")
+    second.write_text(json.dumps(settings, indent=1))
+    halfway = config.parent / "output-second" / "checkpoints" / f"checkpoint-{args.steps // 2:06d}"
+    log = config.parent / "train-second.log"
+    rc, seconds = run(command("train", "run", "--config", str(second), cap_gib=cap), log, env, kill_when=halfway)
+    stats = read_stats(config.parent / "output-second") or {}
+    return {"second rc": rc, **{f"second {k}": v for k, v in stats.items()}}
 
 
 def read_stats(output_dir: Path) -> dict | None:
@@ -273,6 +294,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="max_train_steps (a checkpoint and a kill half way)")
     parser.add_argument("--preview-steps", type=int, default=8, help="validation_num_inference_steps")
     parser.add_argument("--resume-case", default="edit-v1:24gb", help="the case killed half way and resumed")
+    parser.add_argument("--rerun-case", default="none", help="the case run a second time from scratch (warm caches)")
     parser.add_argument("--json", type=Path, help="append every row to this JSON-lines file")
     args = parser.parse_args()
     work = args.work
