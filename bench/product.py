@@ -201,8 +201,9 @@ def write_config(work: Path, case: str, model: Path, data: Path, n_refs: int, ar
 def command(app: str, *args: str, cap_gib: float = 0.0) -> list[str]:
     """`prep ...` / `train ...` as the installed scripts run them; with `cap_gib`, on a card of that size."""
     cap = ""
-    if cap_gib:
+    if cap_gib:  # the cap starts CUDA, so first the allocator setting `train run` makes before CUDA starts
         cap = (
+            "from train.cli import use_expandable_segments; use_expandable_segments(); "
             "import torch; torch.cuda.set_per_process_memory_fraction("
             f"{cap_gib * 2**30} / torch.cuda.get_device_properties(0).total_memory); "
         )

@@ -275,6 +275,8 @@ def main() -> None:
             print("ROW " + json.dumps(row), flush=True)
         return
 
+    from train.cli import use_expandable_segments
+
     rows = []
     configs = {flavour: prepare(args, flavour) for flavour in args.flavours}
     passthrough = [a for a in sys.argv[1:] if not a.startswith("--one")]
@@ -285,8 +287,8 @@ def main() -> None:
         one = ["--one", f"{flavour},{precision},{mode}", "--config", str(configs[flavour])]
         shutil.rmtree(args.work / "runs" / one[1].replace(",", "-"), ignore_errors=True)  # once, before any rank
         command = launcher + [__file__, *passthrough, *one]
+        use_expandable_segments()  # as `train run` sets it, before its child starts CUDA
         env = dict(os.environ)
-        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as `train run` sets it
         try:
             result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
             out = result.stdout + result.stderr

@@ -20,6 +20,14 @@ def _main() -> None:
     setup_logging()
 
 
+def use_expandable_segments() -> None:
+    """Let CUDA memory segments grow instead of caching fixed blocks: peak reserved memory then stays near
+    peak allocated, which the memory modes size against (fixed blocks of varying shapes fragment: a
+    card 5 GiB short of its budget can still fail to find 400 MiB). CUDA reads this setting when it
+    starts, so call this before the first CUDA call; a PYTORCH_CUDA_ALLOC_CONF the user set wins."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
 @app.command("run")
 def run_command(
     config: Path = typer.Option(..., "--config", help="config.json (the same one prep build-cache used)"),
@@ -36,9 +44,7 @@ def run_command(
     ),
 ) -> None:
     """Train a LoRA; it is saved in <output_dir> in diffusers and ComfyUI formats (and <output_dir>/ema)."""
-    # Grow memory segments instead of caching fixed blocks: peak reserved stays near peak allocated,
-    # which the memory modes size against. Must be set before CUDA starts; the user's setting wins.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    use_expandable_segments()
     from train.loop import train
 
     overrides = {
