@@ -38,6 +38,7 @@ from prep.distributed import Ranks, init_ranks
 from prep.encode import Encoders
 from prep.record import SamplePreparer, encode_prepared
 from prep.validate import validate
+from shared.cache import needs_dropout
 from shared.config import load_config
 from shared.flavours import FLAVOURS
 from shared.models import load_processor
@@ -162,9 +163,9 @@ def run(args: argparse.Namespace, flavour: str, work: Path, modules, ranks: Rank
     # The encoders alone, on full batches of one shape prepared beforehand (the best they do):
     # once to warm up, then timed.
     main = config.main_datasets()[0]
-    preparer = SamplePreparer(
-        FLAVOURS[flavour], encoders.processor, encoders.scale, False, 0, {"negative_prompt": "", "resolution": 0}
-    )
+    preview = {"negative_prompt": "", "resolution": 0}
+    dropout = needs_dropout(config.train.caption_dropout_probability)  # as the build decides it
+    preparer = SamplePreparer(FLAVOURS[flavour], encoders.processor, encoders.scale, False, 0, preview, dropout=dropout)
     groups: dict[tuple, list] = {}
     for sample in validate(config).samples[main.id][: len(SIZES) * args.batch_size]:
         prepared = preparer(sample, main, config.conditioning_for(main))

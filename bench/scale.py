@@ -100,7 +100,8 @@ def fill_cache(config, report, workers: int) -> float:
     from prep.build import FLAVOURS, cache_info, plan_cache, references_alone, save_validation
     from prep.pipeline import PreparedSamples
     from prep.record import SamplePreparer, to_record
-    from shared.cache.writer import ShardWriter, commit
+    from shared.cache import DROPOUT
+    from shared.cache.writer import ShardWriter, attach_dropout, commit
     from shared.models import load_processor
 
     start = time.perf_counter()
@@ -115,8 +116,10 @@ def fill_cache(config, report, workers: int) -> float:
         config.train.crop_seed,
         config.train.preview_settings,
         references_alone(config, main),
+        dropout=plan.dropout,
     )
     writer = ShardWriter(plan.cache_dir, plan.fingerprint["sha256"], max_shard_bytes=256 << 20)
+    dropout_writer = ShardWriter(plan.cache_dir, plan.fingerprint["sha256"], max_shard_bytes=256 << 20, dropout=True)
     g = torch.Generator().manual_seed(0)
     samples = PreparedSamples(plan.encode, preparer, main, config.conditioning_for(main))
     for prepared in DataLoader(samples, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None):
@@ -124,11 +127,16 @@ def fill_cache(config, report, workers: int) -> float:
         embeds = [
             torch.randn(t["input_ids"].shape[1] - flavour.drop_tokens, 32, generator=g) for t in prepared.vl_texts
         ]
-        members, row = to_record(prepared, latents, embeds)
+        members, row, dropout = to_record(prepared, latents, embeds)
         writer.write(prepared.sample.sample_id, members, row)
+        if dropout is not None:
+            dropout_writer.write(prepared.sample.sample_id, {DROPOUT: dropout}, {"source_sha256": row["source_sha256"]})
     writer.finish_shard()
+    dropout_writer.finish_shard()
     rows = sorted(writer.rows, key=lambda r: (r["relpath"], r["sample_id"]))
-    commit(plan.cache_dir, rows, writer.shards, cache_info(plan, rows, flavour, writer.shards))
+    attach_dropout(rows, dropout_writer.rows)
+    shards = {**writer.shards, **dropout_writer.shards}
+    commit(plan.cache_dir, rows, shards, cache_info(plan, rows, flavour, shards))
     save_validation(plan, config, report)
     return time.perf_counter() - start
 

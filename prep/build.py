@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -26,12 +27,14 @@ from prep.distributed import init_ranks
 from prep.encode import Encoders
 from prep.file_records import FileRecord, save_records
 from prep.pipeline import EncodeStats, encode_into
-from prep.record import SamplePreparer, source_sha256
+from prep.record import CachedEmbeds, SamplePreparer, source_sha256
 from prep.scan import Sample
 from prep.validate import Report, validate
 from shared.cache import (
     CACHE_JSON,
     DAMAGED,
+    DROPOUT_COLUMNS,
+    DROPOUT_SHARD,
     FORMAT_VERSION,
     LOCK,
     MANIFEST,
@@ -39,9 +42,17 @@ from shared.cache import (
     VALIDATION,
     CacheLock,
     CacheStore,
+    needs_dropout,
 )
 from shared.cache.fingerprint import changed_settings, fingerprint, references_alone
-from shared.cache.writer import ShardTable, ShardWriter, commit, manifest_fingerprint, read_existing_rows
+from shared.cache.writer import (
+    ShardTable,
+    ShardWriter,
+    attach_dropout,
+    commit,
+    manifest_fingerprint,
+    read_existing_rows,
+)
 from shared.config import Config, DatasetConfig
 from shared.errors import UserError
 from shared.flavours import FLAVOURS
@@ -59,11 +70,14 @@ class Plan:
     encode: list[Sample] = field(default_factory=list)
     removed: int = 0  # rows of samples no longer in the dataset
     manifest_current: bool = False  # the manifest holds exactly the reused rows, under this fingerprint
+    dropout: bool = False  # training reads dropout records (caption dropout is on): new train samples get one
+    add_dropout: list[Sample] = field(default_factory=list)  # reused train samples that lack their dropout record
+    embeds_spans: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # theirs: (shard, offset, size)
 
     @property
     def up_to_date(self) -> bool:
-        """Nothing to encode or remove, and the manifest already says exactly this."""
-        return not self.encode and not self.removed and self.manifest_current
+        """Nothing to encode, add or remove, and the manifest already says exactly this."""
+        return not self.encode and not self.add_dropout and not self.removed and self.manifest_current
 
 
 def plan_cache(
@@ -85,6 +99,7 @@ def plan_cache(
     position, source = {}, []
     if existing is not None:  # sample id -> its (last) row, compared by columns: no Python object per row
         damaged = damaged_shards(cache_dir, plan.shards) | verify_found_damaged(cache_dir)
+        existing = without_dropout_records_in(existing, damaged)
         shards = existing.column("shard").to_pylist()
         position = {i: n for n, i in enumerate(existing.column("sample_id").to_pylist()) if shards[n] not in damaged}
         source = existing.column("source_sha256").to_pylist()
@@ -99,11 +114,36 @@ def plan_cache(
             plan.encode.append(sample)
     if reuse:
         plan.reuse = existing.take(pa.array(reuse, type=pa.int64()))
+    plan.dropout = needs_dropout(config.train.caption_dropout_probability)
+    if plan.dropout:
+        plan_added_dropout(plan, {s.sample_id: s for s in samples})
     if built is not None:
         plan.removed = len(built[1] - current)
         kept = set(plan.reuse.column("sample_id").to_pylist())
         plan.manifest_current = built[1] == kept and _same(_cache_info_fingerprint(cache_dir), plan.fingerprint)
     return plan
+
+
+def without_dropout_records_in(table: pa.Table, damaged: set[str]) -> pa.Table:
+    """`table` with the dropout columns emptied where the dropout record lies in a `damaged` shard (the plan
+    then adds those records again)."""
+    hit = pc.fill_null(pc.is_in(table.column(DROPOUT_SHARD), pa.array(sorted(damaged), pa.string())), False)
+    if not pc.any(hit).as_py():
+        return table
+    for column in DROPOUT_COLUMNS:
+        kept = pc.if_else(hit, pa.nulls(table.num_rows, table.schema.field(column).type), table.column(column))
+        table = table.set_column(table.schema.get_field_index(column), column, kept)
+    return table
+
+
+def plan_added_dropout(plan: Plan, samples: dict[str, Sample]) -> None:
+    """The reused train samples without a dropout record: only that record is encoded for them (their
+    images' VL pass, no VAE), into new shards; their main records stay as they are."""
+    reuse = plan.reuse
+    lacking = reuse.filter(pc.and_(pc.equal(reuse.column("split"), "train"), pc.is_null(reuse.column(DROPOUT_SHARD))))
+    for row in lacking.select(["sample_id", "shard", "embeds_offset", "embeds_size"]).to_pylist():
+        plan.add_dropout.append(samples[row["sample_id"]])
+        plan.embeds_spans[row["sample_id"]] = (row["shard"], row["embeds_offset"], row["embeds_size"])
 
 
 def read_manifest_ids(cache_dir: Path) -> tuple[str, set[str]] | None:
@@ -227,8 +267,12 @@ def build_cache(
                     print(f"cache {plan.cache_dir}: up to date ({plan.reuse.num_rows} samples)")
                 continue
             start = time.perf_counter()
-            mine = ranks.share(plan.encode)
-            writer = ShardWriter(plan.cache_dir, plan.fingerprint["sha256"], max_shard_bytes, ranks.shard_prefix)
+            mine = ranks.share(plan.encode + plan.add_dropout)
+            fingerprint_hash = plan.fingerprint["sha256"]
+            writer = ShardWriter(plan.cache_dir, fingerprint_hash, max_shard_bytes, ranks.shard_prefix)
+            dropout_writer = ShardWriter(
+                plan.cache_dir, fingerprint_hash, max_shard_bytes, ranks.shard_prefix, dropout=True
+            )
             if mine and encoders is None:
                 print(f"loading encoders from {config.train.pretrained_model_name_or_path} on {device} ({torch_dtype})")
                 encoders = Encoders(config.train.pretrained_model_name_or_path, flavour, device, torch_dtype)
@@ -241,6 +285,8 @@ def build_cache(
                     config.train.crop_seed,
                     config.train.preview_settings,
                     references_alone(config, plan.main),
+                    dropout=plan.dropout,
+                    dropout_only=CachedEmbeds(CacheStore(plan.cache_dir), plan.embeds_spans),
                 )
                 stats = encode_into(
                     writer,
@@ -252,6 +298,7 @@ def build_cache(
                     workers=workers,
                     batch_size=batch_size,
                     show_progress=ranks.is_main,
+                    dropout_writer=dropout_writer,
                 )
                 if on_stats:
                     on_stats(stats)
@@ -260,16 +307,20 @@ def build_cache(
                     f"({stats.samples / max(stats.seconds, 1e-9):.2f} samples/s)"
                 )
             encoded = [row for rows in ranks.gather(writer.rows) for row in rows]
-            shards = {name: s for table in ranks.gather(writer.shards) for name, s in table.items()}
+            dropouts = [row for rows in ranks.gather(dropout_writer.rows) for row in rows]
+            sealed = ranks.gather({**writer.shards, **dropout_writer.shards})
+            shards = {name: s for table in sealed for name, s in table.items()}
             if ranks.is_main:
                 rows = sorted(plan.reuse.to_pylist() + encoded, key=lambda r: (r["relpath"], r["sample_id"]))
+                attach_dropout(rows, dropouts)
                 info = cache_info(plan, rows, flavour, {**plan.shards, **shards})
                 commit(plan.cache_dir, rows, {**plan.shards, **shards}, info)
                 save_validation(plan, config, report)
                 n = max(len(rows), 1)
                 print(
                     f"cache {plan.cache_dir}: {len(rows)} samples ({len(encoded)} encoded by {ranks.world} "
-                    f"process(es), {plan.reuse.num_rows} reused, {plan.removed} removed), "
+                    f"process(es), {plan.reuse.num_rows} reused ({len(plan.add_dropout)} given dropout embeddings), "
+                    f"{plan.removed} removed), "
                     f"{info['counts']['shard_bytes'] / n / 1024:.1f} KiB/sample, {time.perf_counter() - start:.1f} s"
                 )
             ranks.barrier()
@@ -292,8 +343,9 @@ def plan_build(config: Config, report: Report, dtype: torch.dtype, force: bool) 
     """Plan each cache: what to reuse, what to encode (the caches are locked)."""
     plans = [plan_cache(config, m, report.samples[m.id], report.files, dtype, force) for m in config.main_datasets()]
     for plan in plans:
+        added = f", {len(plan.add_dropout)} to give dropout embeddings (caption dropout)" if plan.add_dropout else ""
         print(
-            f"cache {plan.cache_dir}: {plan.reuse.num_rows} up to date, {len(plan.encode)} to encode, "
+            f"cache {plan.cache_dir}: {plan.reuse.num_rows} up to date{added}, {len(plan.encode)} to encode, "
             f"{plan.removed} removed"
         )
     return plans
@@ -310,7 +362,7 @@ def save_validation(plan: Plan, config: Config, report: Report) -> None:
 
 def cache_info(plan: Plan, rows: list[dict], flavour, shard_table: ShardTable) -> dict:
     """The contents of cache.json for a cache holding `rows`."""
-    shards = {r["shard"] for r in rows}
+    shards = {r["shard"] for r in rows} | {r[DROPOUT_SHARD] for r in rows if r.get(DROPOUT_SHARD)}
     return {
         "format_version": FORMAT_VERSION,
         "flavour": flavour.name,
@@ -320,6 +372,7 @@ def cache_info(plan: Plan, rows: list[dict], flavour, shard_table: ShardTable) -
             "samples": len(rows),
             "train": sum(r["split"] == "train" for r in rows),
             "eval": sum(r["split"] == "eval" for r in rows),
+            "dropout": sum(bool(r.get(DROPOUT_SHARD)) for r in rows),  # train samples with a dropout record
             "shards": len(shards),
             "shard_bytes": sum(shard_table[s]["bytes"] for s in shards),
         },

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 
-from shared.cache import CacheStore
+from shared.cache import DROPOUT_SHARD, CacheStore
 
 
 def describe_cache(cache_dir: str, bins: int = 8) -> str:
     store = CacheStore(cache_dir)
     info = store.read_info()
-    wanted = ["split", "prompt_lens", "width", "height", "ref_sizes", "embeds_form"]
+    wanted = ["split", "prompt_lens", "width", "height", "ref_sizes", "embeds_form", DROPOUT_SHARD]
     present = store.manifest_columns()
     rows = store.read_manifest(columns=[c for c in wanted if c in present]).to_pylist()
     counts = info["counts"]
@@ -29,6 +29,7 @@ def describe_cache(cache_dir: str, bins: int = 8) -> str:
                 f"{form or 'form not recorded'} {c}" for form, c in Counter(r.get("embeds_form") for r in rows).items()
             )
         ),
+        _dropout_line(rows, DROPOUT_SHARD in present),
         f"fingerprint: {info['fingerprint']['sha256'][:16]} (model {settings.get('model')}, "
         f"dtype {settings.get('dtype')}, built {info.get('created')})",
         "buckets (target width x height: samples):",
@@ -50,3 +51,13 @@ def describe_cache(cache_dir: str, bins: int = 8) -> str:
             bar = "#" * max(1 if histogram[b] else 0, round(30 * histogram[b] / peak))
             lines.append(f"  {start:>6}-{start + width - 1:<6} {histogram[b]:>6} {bar}")
     return "\n".join(lines)
+
+
+def _dropout_line(rows: list[dict], recorded: bool) -> str:
+    """How many train samples hold the empty-instruction embedding caption dropout trains on."""
+    if not recorded:
+        return "dropout embeddings: inside each train sample's embeddings (a cache from before dropout records)"
+    train = [r for r in rows if r["split"] == "train"]
+    held = sum(bool(r.get(DROPOUT_SHARD)) for r in train)
+    why = "" if held == len(train) else " (caption dropout needs all: `prep build-cache` adds them)"
+    return f"dropout embeddings: {held} of {len(train)} train samples{why}"

@@ -3,7 +3,8 @@
 ```
 workers (processes)      main thread (GPU)                      writer thread
 decode, place, resize -> batch by shape / sequence layout ->  serialise (safetensors, json),
-VL processor             VAE + Qwen2.5-VL, copy to host        append to shards, finish shards
+VL processor             VAE + Qwen2.5-VL, copy to host        append to shards (dropout records
+                                                               to their own), finish shards
 ```
 """
 
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from prep.encode import Encoders
 from prep.record import Prepared, SamplePreparer, encode_prepared, to_record
 from prep.scan import Sample
+from shared.cache import DROPOUT
 from shared.cache.writer import ShardWriter
 from shared.config import DatasetConfig
 
@@ -40,10 +42,12 @@ class PreparedSamples(Dataset):
 
 
 class BackgroundWriter:
-    """Serialise and write records on a thread, so the GPU never waits for tar or Parquet I/O."""
+    """Serialise and write records on a thread, so the GPU never waits for tar or Parquet I/O: main records
+    to `writer`, dropout records to `dropout_writer`."""
 
-    def __init__(self, writer: ShardWriter, depth: int = 16):
+    def __init__(self, writer: ShardWriter, dropout_writer: ShardWriter | None = None, depth: int = 16):
         self.writer = writer
+        self.dropout_writer = dropout_writer
         self.error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
@@ -70,13 +74,19 @@ class BackgroundWriter:
                 prepared, latents, embeds, ready = item
                 if ready is not None:
                     ready.synchronize()  # the GPU-to-host copies were queued without waiting
-                members, row = to_record(prepared, latents, embeds)
-                self.writer.write(prepared.sample.sample_id, members, row)
+                members, row, dropout = to_record(prepared, latents, embeds)
+                sample_id = prepared.sample.sample_id
+                if members is not None:
+                    self.writer.write(sample_id, members, row)
+                if dropout is not None:
+                    self.dropout_writer.write(sample_id, {DROPOUT: dropout}, {"source_sha256": row["source_sha256"]})
             except BaseException as err:  # noqa: BLE001 - handed to the main thread
                 self.error = err
         if self.error is None:
-            try:  # the last shard is sealed here too, off the encoding thread, even when encoding stopped early
+            try:  # the last shards are sealed here too, off the encoding thread, even when encoding stopped early
                 self.writer.finish_shard()
+                if self.dropout_writer is not None:
+                    self.dropout_writer.finish_shard()
             except BaseException as err:  # noqa: BLE001 - handed to the main thread
                 self.error = err
 
@@ -149,8 +159,10 @@ def encode_into(
     workers: int = 0,
     batch_size: int = 1,
     show_progress: bool = True,
+    dropout_writer: ShardWriter | None = None,
 ) -> EncodeStats:
-    """Encode `samples` into `writer`'s shards; samples finished before an error or interrupt are kept."""
+    """Encode `samples` into `writer`'s shards (their dropout records into `dropout_writer`'s); samples
+    finished before an error or interrupt are kept."""
     if workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked processes
     loader = DataLoader(
@@ -162,7 +174,7 @@ def encode_into(
         # (bench/prep_throughput.py); the encoders' outputs are copied back through pinned memory instead.
         pin_memory=False,
     )
-    background = BackgroundWriter(writer)
+    background = BackgroundWriter(writer, dropout_writer)
     stats = EncodeStats()
     progress = tqdm(
         total=len(samples), desc=f"encoding {main.id}", unit="sample", disable=not show_progress or not samples

@@ -20,7 +20,7 @@ from prep.encode import Encoders
 from prep.file_records import file_sha256
 from prep.images import load_rgb
 from prep.scan import Sample
-from shared.cache import EMBEDS, LATENTS, META, Embeddings, Latents
+from shared.cache import EMBEDS, LATENTS, META, CacheStore, Embeddings, Latents
 from shared.config import DatasetConfig
 from shared.flavours import Flavour
 
@@ -50,10 +50,14 @@ class Prepared:
     # references; or, for train samples whose references are cached alone, each reference alone.
     vl_images: list[dict[str, torch.Tensor]]
     # Tokenised instructions (`input_ids`, `attention_mask`, and `images`: the index of their image set):
-    # per caption, then the eval negative or the train dropout (""), for image set 0, then set 1, ...
+    # per caption, then the eval negative or the train dropout ("", when the build caches it), for image
+    # set 0, then set 1, ...; for a dropout record alone, only the dropout per image set.
     vl_texts: list[dict]
     meta: dict  # the record's <id>.json, without tensors
     row: dict  # the manifest columns that do not depend on the tensors
+    # A sample whose main record is cached and which needs only its dropout record: that record's
+    # embeddings member (its dropout is stored after the rows it shares with their `prompt.0`).
+    cached_embeds: bytes | None = None
 
     @property
     def batch_key(self) -> tuple:
@@ -62,8 +66,24 @@ class Prepared:
         return shapes + tuple(vl_layout(x) for x in self.vl_images)
 
 
+@dataclass
+class CachedEmbeds:
+    """The embeddings members of cached samples that need only a dropout record added: where each lies."""
+
+    store: CacheStore
+    spans: dict[str, tuple[str, int, int]]  # sample id -> (shard, offset, size) of its embeddings member
+
+    def read(self, sample_id: str) -> bytes:
+        shard, offset, size = self.spans[sample_id]
+        return self.store.read_range(shard, offset, offset + size)
+
+
 class SamplePreparer:
-    """Decode, place and preprocess samples exactly as the pipelines do, with no model: runs in workers."""
+    """Decode, place and preprocess samples exactly as the pipelines do, with no model: runs in workers.
+
+    `dropout`: train samples also get the empty instruction (their dropout record). Samples in
+    `dropout_only` get only that: no VAE input, one instruction per image set.
+    """
 
     def __init__(
         self,
@@ -74,8 +94,12 @@ class SamplePreparer:
         crop_seed: int,
         preview: dict,
         references_alone: bool = False,
+        dropout: bool = True,
+        dropout_only: CachedEmbeds | None = None,
     ):
         self.flavour = flavour
+        self.dropout = dropout
+        self.dropout_only = dropout_only
         self.references_alone = references_alone  # train samples: embeddings per reference (random sampling)
         self.preview = preview  # TrainConfig.preview_settings: eval samples' negative instruction and resolution
         self.processor = processor
@@ -104,10 +128,11 @@ class SamplePreparer:
             # Eval samples are previewed at validation_resolution: target and references sized for it.
             main = replace(main, resolution=self.preview["resolution"], resolution_type="pixel_area")
             conds = [replace(c, resolution=self.preview["resolution"], resolution_type="pixel_area") for c in conds]
+        only_dropout = self.dropout_only is not None and sample.sample_id in self.dropout_only.spans
         source = load_rgb(sample.image, main.max_image_pixels)
         placement = plan_placement(*source.size, main, self.seed, sample.sample_id)
         width, height = placement.size
-        pixels = [self.image_processor.preprocess(placement.apply(source), height, width).unsqueeze(2)]
+        pixels = [] if only_dropout else [self.image_processor.preprocess(placement.apply(source), height, width)]
 
         ref_sizes, ref_boxes, vl_images, ref_meta = [], [], [], []
         for cond, path in zip(conds, sample.references, strict=True):
@@ -121,7 +146,8 @@ class SamplePreparer:
             # A loose reference is not cropped: like the pipelines, it is resized to its own size.
             vae_w, vae_h = reference_vae_size(self.flavour, cond, reference.size, (width, height), self.match_target)
             vl_w, vl_h = calculate_dimensions(self.flavour.vl_area, reference.width / reference.height)
-            pixels.append(self.image_processor.preprocess(reference, vae_h, vae_w).unsqueeze(2))
+            if not only_dropout:
+                pixels.append(self.image_processor.preprocess(reference, vae_h, vae_w))
             vl_images.append(self.image_processor.resize(reference, vl_h, vl_w))
             ref_sizes.append([vae_h, vae_w])
             ref_boxes.append(box or [])
@@ -138,10 +164,10 @@ class SamplePreparer:
                 }
             )
         # Eval samples get the true-CFG negative of previews (validation_negative_prompt, with the
-        # references, as the pipelines encode negative_prompt); train samples always get the empty
-        # instruction (with their references), so caption dropout can be turned on later without re-encoding.
-        extra = [self.preview["negative_prompt"]] if sample.split == "eval" else [""]
-        instructions = sample.captions + extra
+        # references, as the pipelines encode negative_prompt); train samples the empty instruction (with
+        # their references) when caption dropout needs it.
+        extra = [self.preview["negative_prompt"]] if sample.split == "eval" else [""] if self.dropout else []
+        instructions = [""] if only_dropout else sample.captions + extra
         if self.references_alone and sample.split == "train":
             # conditioning_multidataset_sampling random: each reference alone, as a pipeline given only it encodes.
             image_sets = [self.vl_images([image]) for image in vl_images]
@@ -182,32 +208,48 @@ class SamplePreparer:
             "captions": sample.captions,
             "source_sha256": source_sha,
         }
-        return Prepared(sample, pixels, image_sets, texts, meta, row)
+        pixels = [x.unsqueeze(2) for x in pixels]  # [1, 3, 1, H, W]: one frame
+        cached = self.dropout_only.read(sample.sample_id) if only_dropout else None
+        return Prepared(sample, pixels, image_sets, texts, meta, row, cached)
 
 
-def to_record(prepared: Prepared, latents: list[torch.Tensor], embeds: list[torch.Tensor]) -> tuple[dict, dict]:
-    """The record members and manifest row of a sample, from its encodings (target latent first)."""
+def to_record(
+    prepared: Prepared, latents: list[torch.Tensor], embeds: list[torch.Tensor]
+) -> tuple[dict | None, dict, bytes | None]:
+    """The record members and manifest row of a sample, from its encodings (target latent first), and its
+    dropout member's bytes (None when none was encoded). For a sample that needed only its dropout record
+    (`cached_embeds`): no members, the row's `source_sha256`, and that dropout member."""
+    n_sets = len(prepared.vl_images)  # several: train samples whose references are cached alone
+    per_set = len(embeds) // n_sets
+    groups = [embeds[i : i + per_set] for i in range(0, len(embeds), per_set)]
+    if prepared.cached_embeds is not None:  # each group is its dropout; it shares rows with the cached prompt.0
+        cached = Embeddings.from_bytes(prepared.cached_embeds)
+        firsts = [c.prompts[:1] for c in cached.alone] if cached.alone else [cached.prompts[:1]]
+        subs = [Embeddings(first, dropout=group[0]) for first, group in zip(firsts, groups, strict=True)]
+        typed = Embeddings([], alone=subs) if cached.alone else subs[0]
+        return None, {"source_sha256": prepared.row["source_sha256"]}, typed.stored()[2]
     n_captions = len(prepared.sample.captions)
+    extra = per_set > n_captions  # the eval negative, or the train dropout
     eval_sample = prepared.sample.split == "eval"
-    if len(embeds) > n_captions + 1:  # references alone: (captions, dropout) per reference
-        groups = [embeds[i : i + n_captions + 1] for i in range(0, len(embeds), n_captions + 1)]
-        typed = Embeddings([], alone=[Embeddings(g[:n_captions], dropout=g[n_captions]) for g in groups])
+    if n_sets > 1:  # references alone: (captions, dropout) per reference
+        subs = [Embeddings(g[:n_captions], dropout=g[n_captions] if extra else None) for g in groups]
+        typed = Embeddings([], alone=subs)
         prompt_lens = [max(g[k].shape[0] for g in groups) for k in range(n_captions)]  # the longest per caption
     else:
         typed = Embeddings(
             embeds[:n_captions],
-            dropout=None if eval_sample else embeds[n_captions],
-            negative=embeds[n_captions] if eval_sample else None,
+            dropout=embeds[n_captions] if extra and not eval_sample else None,
+            negative=embeds[n_captions] if extra and eval_sample else None,
         )
         prompt_lens = [e.shape[0] for e in embeds[:n_captions]]
-    embeds_bytes, embeds_form = typed.stored()
+    embeds_bytes, embeds_form, dropout = typed.stored()
     members = {
         LATENTS: Latents(latents[0], latents[1:]).to_bytes(),
         EMBEDS: embeds_bytes,
         META: json.dumps(prepared.meta, sort_keys=True, ensure_ascii=False).encode(),
     }
     row = dict(prepared.row, prompt_lens=prompt_lens, embeds_form=embeds_form)
-    return members, row
+    return members, row, dropout
 
 
 def encode_prepared(batch: list[Prepared], encoders: Encoders, max_batch: int = 4) -> list[tuple[list, list]]:

@@ -1,6 +1,6 @@
 """`prep verify CACHE`: is every byte of every shard the byte the build sealed? (local dir or fsspec URL)
 
-Full check, per shard named by the manifest:
+Full check, per shard named by the manifest (samples' records, and their dropout records in `dropout-` shards):
 
 1. its size and whole-file sha256 against the shard table recorded when it was sealed: any
    changed, missing or extra byte (tar header, padding, data, end-of-archive blocks) shows here;
@@ -27,9 +27,34 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shared.cache import DAMAGED, MANIFEST, MEMBERS, CacheStore, manifest_metadata, member_column
+from shared.cache import (
+    DAMAGED,
+    DROPOUT,
+    DROPOUT_SHARD,
+    MANIFEST,
+    MEMBERS,
+    CacheStore,
+    manifest_metadata,
+    member_column,
+)
 
 REBUILD = "run `prep build-cache` again to re-encode the samples named"
+
+
+@dataclass(frozen=True)
+class RecordKind:
+    """Where the manifest puts one kind of record: the column naming its shard, its members, and the
+    columns of its byte range and sha256 (a dropout record: its one member's data)."""
+
+    shard: str
+    members: tuple[str, ...]
+    record: tuple[str, str, str]  # offset, size, sha256
+
+
+SAMPLE_RECORDS = RecordKind("shard", MEMBERS, ("record_offset", "record_size", "record_sha256"))
+DROPOUT_RECORDS = RecordKind(
+    DROPOUT_SHARD, (DROPOUT,), tuple(member_column(DROPOUT, k) for k in ("offset", "size", "sha256"))
+)
 
 
 @dataclass
@@ -63,33 +88,14 @@ def verify_cache(location: str, quick: bool = False) -> VerifyResult:
             f"{store.location}: cache.json and {MANIFEST} disagree on the fingerprint (a build was cut short); "
             "run `prep build-cache` again"
         )
-    by_shard = _group_by_shard(manifest)
-    for shard, rows in by_shard.items():
-        result.shards += 1
-        found = len(result.problems)
-        recorded = meta["shards"].get(shard)
-        if recorded is None:
-            result.problems.append(f"{store.url(shard)}: no size or sha256 recorded for it in the manifest; {REBUILD}")
-            continue
-        size = store.shard_size(shard)
-        if size is None:
-            result.problems.append(f"{store.url(shard)}: missing ({rows.num_rows} samples: {_names(rows)}); {REBUILD}")
-        elif size != recorded["bytes"]:
-            what = "truncated" if size < recorded["bytes"] else f"{size - recorded['bytes']} extra bytes"
-            result.problems.append(
-                f"{store.url(shard)}: {size} bytes, {recorded['bytes']} when sealed ({what}); "
-                f"{_affected(rows, size)}; {REBUILD}"
-            )
-        elif not quick:
-            result.bytes_checked += size
-            try:
-                result.problems += _check_shard(store, shard, rows, recorded["sha256"])
-            except OSError as err:  # a read failing past fsspec's retries, or the shard changing under us
-                result.problems.append(f"{store.url(shard)}: cannot be read ({err}); check access and run again")
-                continue
-        if len(result.problems) > found:
-            result.damaged.add(shard)
-    named = set(by_shard)
+    kinds = [SAMPLE_RECORDS] + ([DROPOUT_RECORDS] if DROPOUT_SHARD in manifest.column_names else [])
+    named = set()
+    for kind in kinds:
+        rows_of_kind = manifest.filter(pc.is_valid(manifest.column(kind.shard)))
+        by_shard = _group_by_shard(rows_of_kind, kind.shard)
+        named |= set(by_shard)
+        for shard, rows in by_shard.items():
+            _check_one_shard(store, shard, rows, kind, meta, quick, result)
     for extra in store.list_shards():
         if extra not in named:
             result.notes.append(
@@ -98,6 +104,37 @@ def verify_cache(location: str, quick: bool = False) -> VerifyResult:
             )
     record_damage(store, result.damaged)
     return result
+
+
+def _check_one_shard(
+    store: CacheStore, shard: str, rows: pa.Table, kind: RecordKind, meta: dict, quick: bool, result: VerifyResult
+) -> None:
+    """Size, and unless `quick` every byte, of one shard holding `rows`' records of `kind`."""
+    result.shards += 1
+    found = len(result.problems)
+    recorded = meta["shards"].get(shard)
+    if recorded is None:
+        result.problems.append(f"{store.url(shard)}: no size or sha256 recorded for it in the manifest; {REBUILD}")
+        result.damaged.add(shard)
+        return
+    size = store.shard_size(shard)
+    if size is None:
+        result.problems.append(f"{store.url(shard)}: missing ({rows.num_rows} samples: {_names(rows)}); {REBUILD}")
+    elif size != recorded["bytes"]:
+        what = "truncated" if size < recorded["bytes"] else f"{size - recorded['bytes']} extra bytes"
+        result.problems.append(
+            f"{store.url(shard)}: {size} bytes, {recorded['bytes']} when sealed ({what}); "
+            f"{_affected(rows, size, kind)}; {REBUILD}"
+        )
+    elif not quick:
+        result.bytes_checked += size
+        try:
+            result.problems += _check_shard(store, shard, rows, recorded["sha256"], kind)
+        except OSError as err:  # a read failing past fsspec's retries, or the shard changing under us
+            result.problems.append(f"{store.url(shard)}: cannot be read ({err}); check access and run again")
+            return
+    if len(result.problems) > found:
+        result.damaged.add(shard)
 
 
 def record_damage(store: CacheStore, damaged: set[str]) -> None:
@@ -112,35 +149,35 @@ def record_damage(store: CacheStore, damaged: set[str]) -> None:
         pass
 
 
-def _group_by_shard(manifest: pa.Table) -> dict[str, pa.Table]:
-    """Shard name -> its rows, in name order (one sort, not one pass over the manifest per shard)."""
-    encoded = pc.dictionary_encode(manifest.column("shard")).combine_chunks()
+def _group_by_shard(manifest: pa.Table, column: str) -> dict[str, pa.Table]:
+    """Shard name (in `column`) -> its rows, in name order (one sort, not one pass over the manifest per shard)."""
+    encoded = pc.dictionary_encode(manifest.column(column)).combine_chunks()
     names, codes = encoded.dictionary.to_pylist(), encoded.indices.to_numpy()
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(len(names) + 1))
     return {names[k]: manifest.take(order[bounds[k] : bounds[k + 1]]) for k in np.argsort(names, kind="stable")}
 
 
-def _check_shard(store: CacheStore, shard: str, rows: pa.Table, sha256: str) -> list[str]:
+def _check_shard(store: CacheStore, shard: str, rows: pa.Table, sha256: str, kind: RecordKind) -> list[str]:
     """Problems of one shard of the recorded size: whole-file hash, tar headers, then which records changed."""
     problems = []
     digest = hashlib.sha256()
     with store.open_shard(shard) as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
-    problems += _walk_headers(store, shard, rows)
+    problems += _walk_headers(store, shard, rows, kind.members)
     if digest.hexdigest() != sha256:
-        changed = _changed_records(store, shard, rows)
+        changed = _changed_records(store, shard, rows, kind)
         where = f"samples whose bytes changed: {', '.join(changed)}" if changed else "outside every record"
         problems.append(f"{store.url(shard)}: sha256 differs from the one recorded when sealed; {where}; {REBUILD}")
     return problems
 
 
-def _walk_headers(store: CacheStore, shard: str, rows: pa.Table) -> list[str]:
+def _walk_headers(store: CacheStore, shard: str, rows: pa.Table, members: tuple[str, ...]) -> list[str]:
     """Read every tar header and compare member names and data offsets with the manifest."""
     expected = {}
-    for row in rows.select(["sample_id", *[member_column(m, "offset") for m in MEMBERS]]).to_pylist():
-        for m in MEMBERS:
+    for row in rows.select(["sample_id", *[member_column(m, "offset") for m in members]]).to_pylist():
+        for m in members:
             expected[f"{row['sample_id']}.{m}"] = row[member_column(m, "offset")]
     problems, seen = [], set()
     try:
@@ -171,18 +208,19 @@ def _walk_headers(store: CacheStore, shard: str, rows: pa.Table) -> list[str]:
     return problems
 
 
-def _changed_records(store: CacheStore, shard: str, rows: pa.Table) -> list[str]:
+def _changed_records(store: CacheStore, shard: str, rows: pa.Table, kind: RecordKind) -> list[str]:
     """'sample (relpath): member[s]' for each record whose bytes no longer hash to the manifest's."""
-    columns = ["sample_id", "relpath", "record_offset", "record_size", "record_sha256"]
-    columns += [member_column(m, k) for m in MEMBERS for k in ("offset", "size", "sha256")]
+    offset_column, size_column, sha_column = kind.record
+    columns = ["sample_id", "relpath", *kind.record]
+    columns += [member_column(m, k) for m in kind.members for k in ("offset", "size", "sha256")]
     changed = []
-    for row in rows.select(columns).to_pylist():
-        start = row["record_offset"]
-        data = store.read_range(shard, start, start + row["record_size"])
-        if hashlib.sha256(data).digest() == row["record_sha256"]:
+    for row in rows.select(list(dict.fromkeys(columns))).to_pylist():
+        start = row[offset_column]
+        data = store.read_range(shard, start, start + row[size_column])
+        if hashlib.sha256(data).digest() == row[sha_column]:
             continue
         parts = []
-        for m in MEMBERS:
+        for m in kind.members:
             offset = row[member_column(m, "offset")] - start
             if (
                 hashlib.sha256(data[offset : offset + row[member_column(m, "size")]]).digest()
@@ -193,9 +231,9 @@ def _changed_records(store: CacheStore, shard: str, rows: pa.Table) -> list[str]
     return changed
 
 
-def _affected(rows: pa.Table, size: int) -> str:
+def _affected(rows: pa.Table, size: int, kind: RecordKind) -> str:
     """The samples whose records reach past `size` bytes (the ones a truncation lost)."""
-    ends = pc.add(rows.column("record_offset"), rows.column("record_size"))
+    ends = pc.add(rows.column(kind.record[0]), rows.column(kind.record[1]))
     lost = rows.filter(pc.greater(ends, size))
     return f"samples past the end: {_names(lost)}" if lost.num_rows else "every record is complete"
 

@@ -27,7 +27,18 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shared.cache import EMBEDS, LATENTS, TRAIN_COLUMNS, CacheStore, Embeddings, Latents, member_column
+from shared.cache import (
+    DROPOUT,
+    DROPOUT_COLUMNS,
+    DROPOUT_SHARD,
+    EMBEDS,
+    LATENTS,
+    TRAIN_COLUMNS,
+    CacheStore,
+    Embeddings,
+    Latents,
+    member_column,
+)
 from shared.errors import UserError
 from train.batch import Batch, collate
 from train.sampler import Slot, Source, TrainOrder
@@ -47,6 +58,7 @@ class Row:
     shard: str
     spans: dict[str, tuple[int, int, bytes]]  # member -> (offset, size, sha256)
     n_prompts: int
+    dropout: tuple[str, int, int, bytes] | None = None  # its dropout record: (shard, offset, size, sha256)
 
 
 SAMPLE_ID_BYTES = 10  # a sample id is 20 hex characters (prep.scan.Sample.sample_id): kept as its 10 bytes
@@ -74,18 +86,30 @@ def sample_id_text(packed: np.void) -> str:
 class CacheReader:
     """The training rows of one cache (local dir or fsspec URL) and a way to load any of them.
 
-    The manifest stays in NumPy columns (about 130 bytes per row; no Python object per row), which
-    forked DataLoader workers share with this process instead of copying.
+    The manifest stays in NumPy columns (about 130 bytes per row, 48 more with `dropout`; no Python
+    object per row), which forked DataLoader workers share with this process instead of copying.
+    With `dropout` (caption dropout is on), each row's dropout record is read too, and a cache whose
+    train samples lack them is refused with the command that adds them.
     """
 
     def __init__(
-        self, location: str, name: str = "", repeats: int = 0, probability: float | None = None, split: str = "train"
+        self,
+        location: str,
+        name: str = "",
+        repeats: int = 0,
+        probability: float | None = None,
+        split: str = "train",
+        dropout: bool = False,
     ):
         self.split = split  # the rows this reader holds: "train", or "eval" (previews and the held-out loss)
         self.store = CacheStore(location)
         self.location = self.store.location
         self.info = self.store.read_info()
         self.name = name or self.info["dataset_id"]  # seeds this dataset's order: the same wherever it is read from
+        # Caches written before dropout records had their own shards hold the dropout in the embeddings member.
+        records = DROPOUT_SHARD in self.store.manifest_columns()
+        self.dropout = dropout and records  # read each row's dropout record
+        self.serves_dropout = self.dropout or not records  # its samples come with their dropout embedding
         self._load_columns(repeats, probability)
 
     def _load_columns(self, repeats: int, probability: float | None) -> None:
@@ -94,7 +118,8 @@ class CacheReader:
         joined: dict[str, np.ndarray] = {}
         shard_names: dict[str, int] = {}
         n = 0  # training rows so far
-        for total, batch in self.store.iter_manifest(list(TRAIN_COLUMNS)):
+        wanted = list(TRAIN_COLUMNS) + (list(DROPOUT_COLUMNS) if self.dropout else [])
+        for total, batch in self.store.iter_manifest(wanted):
             batch = batch.filter(pc.equal(batch.column("split"), self.split))
             shards = pc.dictionary_encode(batch.column("shard"))
             names = shards.dictionary.to_pylist()
@@ -109,11 +134,18 @@ class CacheReader:
                 else [],
                 "shape": self._shape_matrix(batch),
             }
-            for member in (LATENTS, EMBEDS):
+            if self.dropout:  # a row without a dropout record (train refuses such caches first) gets index -1
+                dropout_shards = pc.dictionary_encode(batch.column(DROPOUT_SHARD))
+                names = dropout_shards.dictionary.to_pylist()
+                to_global = np.array([shard_names.setdefault(name, len(shard_names)) for name in names] + [-1])
+                indices = dropout_shards.indices.fill_null(-1).to_numpy()
+                columns["dropout_shard_index"] = to_global[indices].astype(np.int32)
+            for member in (LATENTS, EMBEDS, DROPOUT) if self.dropout else (LATENTS, EMBEDS):
                 digests = batch.column(member_column(member, "sha256"))  # fixed_size_binary(32)
                 raw = np.frombuffer(digests.buffers()[1], dtype=np.uint8)[digests.offset * 32 :][: 32 * len(digests)]
-                columns[f"{member}:offset"] = batch.column(member_column(member, "offset")).to_numpy()
-                columns[f"{member}:size"] = batch.column(member_column(member, "size")).to_numpy().astype(np.int32)
+                columns[f"{member}:offset"] = batch.column(member_column(member, "offset")).fill_null(0).to_numpy()
+                sizes = batch.column(member_column(member, "size")).fill_null(0)
+                columns[f"{member}:size"] = sizes.to_numpy().astype(np.int32)
                 columns[f"{member}:sha256"] = raw.reshape(-1, 32)
             for name, values in columns.items():
                 values = np.asarray(values)
@@ -133,6 +165,9 @@ class CacheReader:
         self.n_prompts = joined["n_prompts"]  # [N] captions per row
         # member -> (offsets [N] int64, sizes [N] int32 (a member is MBs), sha256 [N, 32] uint8)
         self.spans = {m: tuple(joined[f"{m}:{k}"] for k in ("offset", "size", "sha256")) for m in (LATENTS, EMBEDS)}
+        if self.dropout:  # [N] into shard_names, and (offsets, sizes, sha256) as for the other members
+            self.dropout_shard_index = joined["dropout_shard_index"]
+            self.dropout_span = tuple(joined[f"{DROPOUT}:{k}"] for k in ("offset", "size", "sha256"))
         shape = joined["shape"]  # [N, 2 + 2 x refs]: height, width, then each reference's
         # Shape ids by hashing each row's shape (Arrow's dictionary encoding: linear, unlike a row sort).
         packed = np.ascontiguousarray(shape, dtype=np.int32)
@@ -164,7 +199,12 @@ class CacheReader:
     def row(self, index: int) -> Row:
         spans = {m: (int(o[index]), int(n[index]), d[index].tobytes()) for m, (o, n, d) in self.spans.items()}
         sample_id = sample_id_text(self.sample_ids[index])
-        return Row(sample_id, self.shard_names[self.shard_index[index]], spans, int(self.n_prompts[index]))
+        dropout = None
+        if self.dropout:
+            offsets, sizes, digests = self.dropout_span
+            shard = self.shard_names[self.dropout_shard_index[index]] if self.dropout_shard_index[index] >= 0 else ""
+            dropout = (shard, int(offsets[index]), int(sizes[index]), digests[index].tobytes())
+        return Row(sample_id, self.shard_names[self.shard_index[index]], spans, int(self.n_prompts[index]), dropout)
 
     def load(self, row: Row) -> tuple[Latents, Embeddings]:
         """The latents and embeddings of one row.
@@ -185,8 +225,19 @@ class CacheReader:
                 raise CorruptSample(f"{member} truncated ({len(data[member])} of {size} bytes)")
             if hashlib.sha256(data[member]).digest() != sha256:
                 raise CorruptSample(f"{member} does not match the manifest's sha256")
+        dropout = None
+        if row.dropout is not None:  # its own record, in a dropout shard: one more ranged read
+            shard, offset, size, sha256 = row.dropout
+            if not shard:
+                raise CorruptSample("has no dropout record (the manifest was changed after the build)")
+            try:
+                dropout = self.store.read_range(shard, offset, offset + size)
+            except (OSError, ValueError) as err:
+                raise CorruptSample(f"cannot read its dropout record: {err}") from None
+            if len(dropout) != size or hashlib.sha256(dropout).digest() != sha256:
+                raise CorruptSample(f"{DROPOUT} truncated or does not match the manifest's sha256")
         try:
-            latents, embeds = Latents.from_bytes(data[LATENTS]), Embeddings.from_bytes(data[EMBEDS])
+            latents, embeds = Latents.from_bytes(data[LATENTS]), Embeddings.from_bytes(data[EMBEDS], dropout)
         except Exception as err:  # noqa: BLE001 - any decoding failure is a corrupt member
             raise CorruptSample(f"does not decode: {err}") from None
         tensors = [latents.target, *latents.references, *embeds.tensors()]
@@ -276,7 +327,9 @@ class TrainLoader:
         caption_dropout: float = 0.0,
     ):
         self.readers, self.rank, self.workers, self.prefetch = readers, rank, workers, prefetch
-        self.caption_dropout = caption_dropout  # every train record holds its empty-instruction embedding
+        if caption_dropout > 0 and not all(reader.serves_dropout for reader in readers):
+            raise ValueError("caption dropout needs readers opened with dropout=True (CacheReader)")
+        self.caption_dropout = caption_dropout
         self.order = TrainOrder([r.source for r in readers], batch_size, world_size, seed)
         self.position = 0  # batches handed out so far (the same on every rank)
         self.skipped = 0  # samples replaced because they could not be read

@@ -19,11 +19,13 @@ import logging
 import math
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from peft.utils import get_peft_model_state_dict
 
+from shared.cache import DROPOUT_SHARD, CacheStore, needs_dropout
 from shared.cache.fingerprint import PER_SAMPLE, training_mismatches
 from shared.config import Config, DatasetConfig, TrainConfig
 from shared.errors import InternalError, UserError
@@ -256,10 +258,32 @@ def open_caches(config: Config) -> tuple[list[CacheReader], list[CacheReader]]:
     for main in config.main_datasets():
         location = config.cache_location_for(main)
         if main.id != config.train.eval_dataset_id:
-            train_readers.append(CacheReader(location, main.id, main.repeats, main.probability or None))
+            dropout = needs_dropout(config.train.caption_dropout_probability)
+            if dropout:
+                check_dropout_records(config, location)
+            reader = CacheReader(location, main.id, main.repeats, main.probability or None, dropout=dropout)
+            train_readers.append(reader)
         eval_readers.append(CacheReader(location, main.id, split="eval"))
         check_cache(config, main, eval_readers[-1])
     return train_readers, eval_readers
+
+
+def check_dropout_records(config: Config, location: str) -> None:
+    """Caption dropout trains on each sample's empty-instruction embedding: refuse a cache whose train samples
+    lack it (built with caption dropout off), with the command that adds only those."""
+    store = CacheStore(location)
+    if DROPOUT_SHARD not in store.manifest_columns():
+        return  # written before dropout records had shards of their own: the embeddings member holds them
+    rows = store.read_manifest(["split", DROPOUT_SHARD])
+    train = rows.filter(pc.equal(rows.column("split"), "train"))
+    lacking = train.column(DROPOUT_SHARD).null_count
+    if lacking:
+        raise UserError(
+            f"{location}: caption_dropout_probability is {config.train.caption_dropout_probability}, but "
+            f"{lacking} of its {train.num_rows} training samples have no empty-instruction embedding (the cache "
+            f"was built with caption dropout off). Run `prep build-cache --config {config.config_path}`: it adds "
+            "them alone (the images' VL pass, no VAE; no shard is rewritten). Or set caption_dropout_probability 0."
+        )
 
 
 def check_cache(config: Config, main: DatasetConfig, reader: CacheReader) -> None:

@@ -10,6 +10,7 @@ Layout of one cache dir (one per main dataset)::
                                     manifest_sha256 (the manifest's bytes as written; `prep verify` checks it)
     <cache>/manifest.parquet        one row per sample; shard table and fingerprint in its metadata
     <cache>/shards/000000.tar       webdataset tars (`rankNN-000000.tar` from a distributed build)
+    <cache>/shards/dropout-000000.tar   dropout records (`rankNN-dropout-000000.tar`), see below
     <cache>/validation.parquet      prep only: per-file record of validated images (size, mtime, inode)
     <cache>/build.lock              prep only: held by the running build; names its holder
     <cache>/damaged.json            prep only: {"shards": [...]} that `prep verify` found damaged; the next
@@ -21,13 +22,11 @@ to 512 bytes; the archive ends with tar's zero blocks.
 
 - `<id>.latents.safetensors`: `target` [C, H/8, W/8] and `ref.0`, `ref.1`, ... [C, h/8, w/8]
   (VAE latents, normalised as the pipelines do, bf16).
-- `<id>.embeds.safetensors`: `prompt.0`, `prompt.1`, ... [L, D], one per caption; `dropout`
-  [L, D] on train samples (the empty instruction with the sample's references, for caption
-  dropout, always cached); `negative` [L, D] on eval samples (`validation_negative_prompt` with
-  the references). Train samples of a cache built with `conditioning_multidataset_sampling:
-  random` and several reference datasets hold, in place of `prompt.k` and `dropout`,
-  `ref.r.prompt.k` and `ref.r.dropout` per reference r: the same instructions encoded with
-  reference r alone (training picks one reference per sample each time it is drawn). bf16.
+- `<id>.embeds.safetensors`: `prompt.0`, `prompt.1`, ... [L, D], one per caption; `negative`
+  [L, D] on eval samples (`validation_negative_prompt` with the references). Train samples of a
+  cache built with `conditioning_multidataset_sampling: random` and several reference datasets
+  hold, in place of `prompt.k`, `ref.r.prompt.k` per reference r: the same instructions encoded
+  with reference r alone (training picks one reference per sample each time it is drawn). bf16.
   L is each instruction's token count after the template's system prefix is dropped.
   Stored once: every tensor of a group (the sample's own, or reference r's `ref.r.`) after its
   `prompt.0` whose leading rows equal `prompt.0`'s bit for bit (instructions share the template
@@ -36,6 +35,18 @@ to 512 bytes; the archive ends with tar's zero blocks.
   `NAME` = `prompt.0[:shared_rows]` then `NAME.after` (`Embeddings.from_bytes`). A tensor that shares
   nothing is stored whole under `NAME`, as every tensor was before (such caches read the same).
 - `<id>.json`: the record's provenance: captions, sizes, crop boxes, seeds, source sha256s.
+
+**Dropout records** (optional; caption dropout trains on them): a train sample's empty instruction
+encoded with its references, `dropout` [L, D] (`ref.r.dropout` per reference where the embeddings
+member holds `ref.r.`), alone in a record `<id>.dropout.safetensors` in a `dropout-` shard, stored
+as the rows after those it shares with the embeddings member's `prompt.0` (`dropout.after`,
+`dropout.shared_rows`: the reader needs both members). Which optional records a config needs is
+decided in one place, `format.needs_dropout` (caption_dropout_probability > 0): a build with
+caption dropout off encodes none (one language-model pass per sample less); a later build that
+needs them encodes only those (the images' VL pass, no VAE) into new `dropout-` shards, never
+rewriting a shard; `train run` refuses a cache whose train samples lack them, naming the key and
+that command. Caches written before these records existed (no `dropout_shard` column) hold
+`dropout` in the embeddings member, and read the same.
 
 Tensors are safetensors (loading runs no code). `Latents` and `Embeddings` (format.py) are the
 typed views every reader and writer uses.
@@ -47,12 +58,14 @@ padding); per member (`latents_`, `embeds_`, `json_`) `offset`, `size` of its da
 `sha256`; then `height`, `width`, `original_size`, `crop_box`, `ref_sizes`, `ref_crop_boxes`,
 `prompt_lens` (per caption; over references cached alone, the longest), `embeds_form`
 (`whole`: every embedding stored whole; `shared_prefix`: some stored as `NAME.after`, see above;
-null in manifests written before the column existed, which read the same), `captions`,
-`source_sha256`. Digests are raw 32-byte sha256 values, except
-`source_sha256` (hex). The Parquet schema metadata holds `fingerprint` (hex), `format_version`,
-and `shards`: JSON `{"shards/NAME.tar": {"bytes": n, "sha256": hex}}` for every shard it names,
-recorded when the shard was sealed. `prep verify` checks whole shards against that table, walks
-every tar header, and names the samples whose records changed.
+null in manifests written before the column existed, which read the same), `dropout_shard`,
+`dropout_offset`, `dropout_size`, `dropout_sha256` (the dropout record's shard and its member's
+data; null where the sample has none), `captions`, `source_sha256`. Digests are raw 32-byte
+sha256 values, except `source_sha256` (hex). The Parquet schema metadata holds `fingerprint`
+(hex), `format_version`, and `shards`: JSON `{"shards/NAME.tar": {"bytes": n, "sha256": hex}}` for
+every shard it names (dropout shards too), recorded when the shard was sealed. `prep verify` checks
+whole shards against that table, walks every tar header, and names the samples whose records
+changed.
 
 **Fingerprint.** cache.json's `fingerprint` = {`sha256`, `settings`}: everything that changes
 cached bytes (the encoders by content: `encoders` maps each file of the model's `vae/`,
@@ -81,6 +94,9 @@ command that rebuilds it.
 from shared.cache.format import (
     CACHE_JSON,
     DAMAGED,
+    DROPOUT,
+    DROPOUT_COLUMNS,
+    DROPOUT_SHARD,
     EMBEDS,
     FORMAT_VERSION,
     LATENTS,
@@ -95,6 +111,7 @@ from shared.cache.format import (
     Embeddings,
     Latents,
     member_column,
+    needs_dropout,
 )
 from shared.cache.lock import CacheLock
 from shared.cache.store import CacheStore, check_shard_path, manifest_metadata, parse_cache_info
@@ -103,6 +120,9 @@ from shared.files import write_atomic, write_json_atomic
 __all__ = [
     "CACHE_JSON",
     "DAMAGED",
+    "DROPOUT",
+    "DROPOUT_COLUMNS",
+    "DROPOUT_SHARD",
     "EMBEDS",
     "FORMAT_VERSION",
     "LATENTS",
@@ -121,6 +141,7 @@ __all__ = [
     "check_shard_path",
     "manifest_metadata",
     "member_column",
+    "needs_dropout",
     "parse_cache_info",
     "write_atomic",
     "write_json_atomic",

@@ -23,9 +23,14 @@ DAMAGED = "damaged.json"  # prep verify's findings, for the next prep build-cach
 
 LATENTS, EMBEDS, META = "latents.safetensors", "embeds.safetensors", "json"
 MEMBERS = (LATENTS, EMBEDS, META)  # in this order inside each record
+# The optional member: train samples' empty-instruction embeddings (caption dropout), in records of their
+# own in `dropout-` shards, so a later build adds them without touching a sample's main record.
+DROPOUT = "dropout.safetensors"
+DROPOUT_PREFIX = "dropout-"
 STORAGE_DTYPE = torch.bfloat16
 STORAGE_BITS = torch.int16  # the same bits as integers: equality that tells -0 from 0 and compares NaNs
-SHARD_NAME = re.compile(r"^(?P<prefix>(?:rank\d+-)?)(?P<number>\d{6})\.tar$")  # e.g. 000003.tar, rank01-000000.tar
+# e.g. 000003.tar, rank01-000000.tar, dropout-000000.tar, rank01-dropout-000000.tar
+SHARD_NAME = re.compile(r"^(?P<prefix>(?:rank\d+-)?(?:dropout-)?)(?P<number>\d{6})\.tar$")
 
 # How a record's embeddings member stores its tensors (the manifest's `embeds_form`): every tensor
 # whole, or some as the rows after the prefix they share with their group's first prompt.
@@ -37,6 +42,15 @@ SHA256 = pa.binary(32)  # digests are stored as raw bytes (32, not 64 hex charac
 def member_column(member: str, what: str) -> str:
     """Manifest column of a member's offset/size/sha256, e.g. (LATENTS, "offset") -> "latents_offset"."""
     return f"{member.split('.')[0]}_{what}"
+
+
+DROPOUT_SHARD = "dropout_shard"  # manifest column: the shard of a row's dropout record (null: none cached)
+DROPOUT_COLUMNS = (DROPOUT_SHARD, *[member_column(DROPOUT, k) for k in ("offset", "size", "sha256")])
+
+
+def needs_dropout(caption_dropout_probability: float) -> bool:
+    """Whether training reads the dropout member: the one place that decides which optional member a run needs."""
+    return caption_dropout_probability > 0
 
 
 MANIFEST_SCHEMA = pa.schema(
@@ -60,6 +74,12 @@ MANIFEST_SCHEMA = pa.schema(
         ("ref_crop_boxes", pa.list_(pa.list_(pa.int32()))),  # per reference: the box (strict) or [] (loose)
         ("prompt_lens", pa.list_(pa.int32())),  # tokens per cached caption embedding
         ("embeds_form", pa.string()),  # EMBEDS_WHOLE or EMBEDS_SHARED_PREFIX; null in caches that predate it
+        # The dropout record (train rows; null where none is cached, and in caches that predate the column,
+        # whose embeddings member holds the dropout itself).
+        (DROPOUT_SHARD, pa.string()),
+        (member_column(DROPOUT, "offset"), pa.int64()),
+        (member_column(DROPOUT, "size"), pa.int64()),
+        (member_column(DROPOUT, "sha256"), SHA256),
         ("captions", pa.list_(pa.string())),
         ("source_sha256", pa.string()),  # hex, over the image, references, captions and split
     ]
@@ -118,13 +138,17 @@ class Embeddings:
         return own + [t for sub in self.alone or [] for t in sub.tensors()]
 
     def to_bytes(self) -> bytes:
-        return self.stored()[0]
+        """Every tensor in one safetensors blob (the dropout included; `stored` splits it off)."""
+        return _save(self._named())
 
-    def stored(self) -> tuple[bytes, str]:
-        """The member's bytes and its form (EMBEDS_WHOLE or EMBEDS_SHARED_PREFIX)."""
+    def stored(self) -> tuple[bytes, str, bytes | None]:
+        """The embeddings member's bytes, its form (EMBEDS_WHOLE or EMBEDS_SHARED_PREFIX), and the dropout
+        member's bytes (the `dropout` tensors; None when there are none)."""
         named = self._named()
-        shared = any(name.endswith(".after") for name in named)
-        return _save(named), EMBEDS_SHARED_PREFIX if shared else EMBEDS_WHOLE
+        dropout = {name: t for name, t in named.items() if _is_dropout(name)}
+        main = {name: t for name, t in named.items() if name not in dropout}
+        shared = any(name.endswith(".after") for name in main)
+        return _save(main), EMBEDS_SHARED_PREFIX if shared else EMBEDS_WHOLE, _save(dropout) if dropout else None
 
     def _named(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """Stored tensors by name: each after the group's first prompt as the rows after their shared prefix."""
@@ -146,8 +170,13 @@ class Embeddings:
         return tensors
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Embeddings:
-        return cls._from_named(expand_shared_rows(load_safetensors(data)))
+    def from_bytes(cls, data: bytes, dropout: bytes | None = None) -> Embeddings:
+        """From an embeddings member and, if given, the sample's dropout member (whose tensors may be stored
+        as the rows after the embeddings member's `prompt.0`)."""
+        tensors = load_safetensors(data)
+        if dropout is not None:
+            tensors.update(load_safetensors(dropout))
+        return cls._from_named(expand_shared_rows(tensors))
 
     @classmethod
     def _from_named(cls, tensors: dict[str, torch.Tensor], prefix: str = "") -> Embeddings:
@@ -159,6 +188,12 @@ class Embeddings:
             tensors.get(prefix + "negative"),
             [cls._from_named(tensors, f"ref.{r}.") for r in range(n_alone)] or None,
         )
+
+
+def _is_dropout(name: str) -> bool:
+    """A stored tensor name of a dropout embedding: `dropout`, `dropout.after`, `ref.1.dropout.shared_rows`, ..."""
+    parts = name.split(".")
+    return parts[2 if parts[0] == "ref" else 0] == "dropout"
 
 
 def shared_rows(base: torch.Tensor, other: torch.Tensor) -> int:

@@ -16,9 +16,10 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from shared.cache.format import CACHE_JSON, FORMAT_VERSION, MANIFEST, SHARD_NAME, SHARDS_DIR
+from shared.cache.format import CACHE_JSON, DROPOUT, DROPOUT_SHARD, FORMAT_VERSION, MANIFEST, SHARD_NAME, SHARDS_DIR
 from shared.errors import UserError
 
 REBUILD = "rebuild it with `prep build-cache --config ... --force`"
@@ -46,6 +47,14 @@ def check_shard_path(shard: str, where: str) -> str:
             f"the manifest was altered: {REBUILD}"
         )
     return shard
+
+
+def check_shard_paths(table: pa.Table | pa.RecordBatch, where: str) -> None:
+    """`check_shard_path` for every shard a manifest table (or batch) names: its records' and dropout records'."""
+    for column in ("shard", DROPOUT_SHARD):
+        if column in table.schema.names:
+            for shard in pc.unique(table.column(column)).drop_null().to_pylist():
+                check_shard_path(shard, where)
 
 
 def manifest_metadata(schema: pa.Schema) -> dict[str, Any]:
@@ -116,8 +125,7 @@ class CacheStore:
         fs, _ = self.fs
         with fs.open(self._path(MANIFEST), "rb") as f:
             table = pq.read_table(f, columns=columns)
-        for shard in table.column("shard").unique().to_pylist() if "shard" in table.column_names else []:
-            check_shard_path(shard, self.url(MANIFEST))
+        check_shard_paths(table, self.url(MANIFEST))
         return table
 
     def iter_manifest(self, columns: list[str], rows_per_batch: int = 65_536) -> Iterator[tuple[int, pa.RecordBatch]]:
@@ -129,9 +137,7 @@ class CacheStore:
         with fs.open(self._path(MANIFEST), "rb") as f:
             parquet = pq.ParquetFile(f)
             for batch in parquet.iter_batches(batch_size=rows_per_batch, columns=columns):
-                if "shard" in batch.schema.names:
-                    for shard in batch.column("shard").unique().to_pylist():
-                        check_shard_path(shard, self.url(MANIFEST))
+                check_shard_paths(batch, self.url(MANIFEST))
                 yield parquet.metadata.num_rows, batch
 
     def read_range(self, shard: str, start: int, end: int) -> bytes:
@@ -141,7 +147,8 @@ class CacheStore:
     def read_member(self, row: dict[str, Any], member: str) -> bytes:
         """One member's bytes of a manifest row (as `read_manifest().to_pylist()` gives rows)."""
         offset, size = row[f"{member.split('.')[0]}_offset"], row[f"{member.split('.')[0]}_size"]
-        return self.read_range(row["shard"], offset, offset + size)
+        shard = row[DROPOUT_SHARD] if member == DROPOUT else row["shard"]
+        return self.read_range(shard, offset, offset + size)
 
     def shard_size(self, shard: str) -> int | None:
         """Bytes of `shard`, or None when it is missing."""

@@ -5,6 +5,8 @@
   tar headers), it is fsynced and renamed to `shards/NAME.tar`.
 - Then `shards/NAME.index.parquet` records its rows, the fingerprint they were encoded under and
   the shard's size and sha256 (fsynced, atomic). A rerun reuses these rows instead of re-encoding.
+  A dropout writer's rows (`dropout-` shards) hold only the dropout columns and the sample's
+  `source_sha256`; `attach_dropout` joins them to the sample's main row.
 - `commit` writes `manifest.parquet` (rows + fingerprint + the table of live shards in its schema
   metadata), then `cache.json`, both fsynced and atomic, then deletes what the manifest no longer
   references. Until the new manifest lands, the old one and every shard it names are untouched.
@@ -21,12 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import webdataset as wds
 
 from shared.cache.format import (
     CACHE_JSON,
     DAMAGED,
+    DROPOUT,
+    DROPOUT_COLUMNS,
+    DROPOUT_PREFIX,
+    DROPOUT_SHARD,
     FORMAT_VERSION,
     MANIFEST,
     MANIFEST_SCHEMA,
@@ -35,7 +42,7 @@ from shared.cache.format import (
     SHARDS_DIR,
     member_column,
 )
-from shared.cache.store import check_shard_path, manifest_metadata
+from shared.cache.store import check_shard_paths, manifest_metadata
 from shared.errors import UserError
 from shared.files import publish, write_atomic, write_json_atomic
 
@@ -92,18 +99,29 @@ class HashingFile:
 
 
 class ShardWriter:
-    """Append records to new shards `shards/[rankNN-]NNNNNN.tar`, starting a new one past `max_shard_bytes`."""
+    """Append records to new shards `shards/[rankNN-]NNNNNN.tar`, starting a new one past `max_shard_bytes`;
+    with `dropout`, dropout records (the DROPOUT member alone) to `shards/[rankNN-]dropout-NNNNNN.tar`."""
 
-    def __init__(self, cache_dir: Path, fingerprint: str, max_shard_bytes: int = 1_000_000_000, prefix: str = ""):
+    def __init__(
+        self,
+        cache_dir: Path,
+        fingerprint: str,
+        max_shard_bytes: int = 1_000_000_000,
+        prefix: str = "",
+        dropout: bool = False,
+    ):
         self.cache_dir = cache_dir
         self.fingerprint = fingerprint
         self.max_shard_bytes = max_shard_bytes
-        self.prefix = prefix  # "rankNN-" in a distributed build, so ranks never pick the same name
+        self.dropout = dropout
+        self.members = (DROPOUT,) if dropout else MEMBERS
+        # "rankNN-" in a distributed build, so ranks never pick the same name; then "dropout-" for dropout records
+        self.prefix = prefix + (DROPOUT_PREFIX if dropout else "")
         (cache_dir / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         taken = [
             int(m["number"])
             for p in (cache_dir / SHARDS_DIR).iterdir()
-            if (m := SHARD_NAME.match(p.name.removesuffix(".tmp"))) and m["prefix"] == prefix
+            if (m := SHARD_NAME.match(p.name.removesuffix(".tmp"))) and m["prefix"] == self.prefix
         ]
         self._next = max(taken, default=-1) + 1  # never reuse a name: old shards stay until commit
         self.rows: list[dict[str, Any]] = []
@@ -115,7 +133,8 @@ class ShardWriter:
         self._bytes = 0
 
     def write(self, sample_id: str, members: dict[str, bytes], row: dict[str, Any]) -> None:
-        """Add one record; `members` maps each name in MEMBERS to its bytes, `row` holds the other columns."""
+        """Add one record; `members` maps each of this writer's members to its bytes, `row` holds the other
+        columns (a dropout record's: `source_sha256`)."""
         try:
             if self._tar is None:
                 self._name = f"{SHARDS_DIR}/{self.prefix}{self._next:06d}.tar"
@@ -125,14 +144,17 @@ class ShardWriter:
                 self._tar = wds.TarWriter(self._file, mtime=0)
                 self._bytes = 0
             start = self._tar.tarstream.offset
-            self._tar.write({"__key__": sample_id, **{m: members[m] for m in MEMBERS}})
+            self._tar.write({"__key__": sample_id, **{m: members[m] for m in self.members}})
             end = self._tar.tarstream.offset  # past the record's last padding
             self._file.end_record(end)
         except OSError as err:
             self._abandon_shard()  # it may end in half a record: never sealed; a rerun encodes its samples again
             raise disk_error(err, self.cache_dir) from err
-        row = dict(row, sample_id=sample_id, shard=self._name, record_offset=start, record_size=end - start)
-        for member in MEMBERS:
+        if self.dropout:
+            row = dict(row, sample_id=sample_id, **{DROPOUT_SHARD: self._name})
+        else:
+            row = dict(row, sample_id=sample_id, shard=self._name, record_offset=start, record_size=end - start)
+        for member in self.members:
             row[member_column(member, "sha256")] = hashlib.sha256(members[member]).digest()
         self._pending.append(row)
         self._bytes += sum(len(b) for b in members.values())
@@ -158,8 +180,9 @@ class ShardWriter:
             tmp = final.with_name(final.name + ".tmp")
             members = tar_members(tmp)
             for row, digest in zip(self._pending, file.records, strict=True):
-                row["record_sha256"] = digest
-                for member in MEMBERS:
+                if not self.dropout:
+                    row["record_sha256"] = digest
+                for member in self.members:
                     offset, size = members[f"{row['sample_id']}.{member}"]
                     row[member_column(member, "offset")] = offset
                     row[member_column(member, "size")] = size
@@ -192,8 +215,7 @@ def read_existing_rows(cache_dir: Path, fingerprint: str) -> tuple[pa.Table, Sha
     if table is not None and manifest_metadata(table.schema)["fingerprint"] == fingerprint:
         tables.append(table)
         shards.update(manifest_metadata(table.schema)["shards"])
-        for name in table.column("shard").unique().to_pylist():
-            check_shard_path(name, str(manifest))
+        check_shard_paths(table, str(manifest))
     directory = cache_dir / SHARDS_DIR
     for index in sorted(directory.glob("*.index.parquet")) if directory.is_dir() else []:
         shard = index.with_name(index.name.removesuffix(".index.parquet") + ".tar")
@@ -203,14 +225,29 @@ def read_existing_rows(cache_dir: Path, fingerprint: str) -> tuple[pa.Table, Sha
             continue  # an index cut short by a kill: its shard is simply encoded again
         meta = manifest_metadata(table.schema)
         if shard.is_file() and meta["fingerprint"] == fingerprint:
-            for name in table.column("shard").unique().to_pylist():
-                check_shard_path(name, str(index))
+            check_shard_paths(table, str(index))
             tables.append(table)
             shards.update(meta["shards"])
     if not tables:
         return MANIFEST_SCHEMA.empty_table(), shards
-    # promote: a manifest written before a column was added (embeds_form) reads it as null
-    return pa.concat_tables([t.replace_schema_metadata(None) for t in tables], promote_options="default"), shards
+    # promote: a manifest written before a column was added (embeds_form, the dropout columns) reads it as null
+    tables = [MANIFEST_SCHEMA.empty_table(), *(t.replace_schema_metadata(None) for t in tables)]
+    table = pa.concat_tables(tables, promote_options="default")
+    dropout_records = pc.is_null(table.column("shard"))  # rows of a dropout writer's index
+    if pc.any(dropout_records).as_py():
+        rows = table.filter(pc.invert(dropout_records)).to_pylist()
+        attach_dropout(rows, table.filter(dropout_records).to_pylist())
+        table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    return table, shards
+
+
+def attach_dropout(rows: list[dict[str, Any]], dropout_rows: list[dict[str, Any]]) -> None:
+    """Fill `rows`' dropout columns from dropout records of the same sample and sources (a later record wins)."""
+    found = {(r["sample_id"], r["source_sha256"]): r for r in dropout_rows}
+    for row in rows:
+        match = found.get((row["sample_id"], row["source_sha256"]))
+        if match is not None:
+            row.update({column: match[column] for column in DROPOUT_COLUMNS})
 
 
 def manifest_fingerprint(manifest: Path) -> str:
@@ -233,7 +270,7 @@ def write_rows(rows: list[dict[str, Any]], path: Path, fingerprint: str, shards:
 
 def commit(cache_dir: Path, rows: list[dict[str, Any]], shards: ShardTable, info: dict[str, Any]) -> None:
     """Publish `rows` as the cache's manifest, write cache.json, then remove what nothing references."""
-    live = {r["shard"] for r in rows}
+    live = {r["shard"] for r in rows} | {r[DROPOUT_SHARD] for r in rows if r.get(DROPOUT_SHARD)}
     missing = live - set(shards)
     if missing:
         raise RuntimeError(f"no size and sha256 recorded for shard(s) {sorted(missing)}")

@@ -23,12 +23,18 @@ import prep.pipeline
 from prep.build import build_cache
 from prep.cli import app
 from prep.verify import verify_cache
-from shared.cache import EMBEDS, MEMBERS, Latents, member_column
+from shared.cache import DROPOUT, DROPOUT_SHARD, EMBEDS, MEMBERS, Latents, member_column
 from shared.config import load_config
 from shared.errors import UserError
-from tests.cache_files import manifest_rows, member_bytes, stored_tensors
+from tests.cache_files import manifest_rows, member_bytes, sample_embeddings
 
-LOCATION = {"shard", "record_offset", *(member_column(m, k) for m in MEMBERS for k in ("offset", "size"))}
+LOCATION = {
+    "shard",
+    "record_offset",
+    *(member_column(m, k) for m in MEMBERS for k in ("offset", "size")),
+    DROPOUT_SHARD,
+    member_column(DROPOUT, "offset"),
+}
 
 
 def _content(rows):
@@ -36,14 +42,14 @@ def _content(rows):
     return {r["sample_id"]: {k: v for k, v in r.items() if k not in LOCATION} for r in rows}
 
 
-HASHES = {"record_sha256", *(member_column(m, "sha256") for m in MEMBERS if m != "json")}
+HASHES = {"record_sha256", *(member_column(m, "sha256") for m in (*MEMBERS, DROPOUT) if m != "json")}
 
 
 def _without_hashes(content: dict) -> dict:
     """Also without the embeddings' byte sizes (the member's, so the record's): an embedding is stored as the rows
     after those it shares bit for bit with the caption's (shared/cache/__init__.py), and how many do moves with
     the float rounding that batching changes, as the tensors themselves do (compared within rounding below)."""
-    drop = HASHES | {member_column(EMBEDS, "size"), "record_size"}
+    drop = HASHES | {member_column(EMBEDS, "size"), "record_size", member_column(DROPOUT, "size")}
     return {k: {c: v for c, v in row.items() if c not in drop} for k, row in content.items()}
 
 
@@ -56,7 +62,7 @@ def _tensors(cache, rows):
         out[row["sample_id"]] = [
             target,
             *refs,
-            *(v for _, v in sorted(stored_tensors(member_bytes(cache, row, "embeds.safetensors")).items())),
+            *(v for _, v in sorted(sample_embeddings(cache, row).items())),
         ]
     return out
 
@@ -102,7 +108,8 @@ def test_manifest_offsets_and_hashes_locate_each_member(demo_project):
         meta = json.loads(member_bytes(cache, row, "json"))
         assert meta["relpath"] == row["relpath"] and meta["captions"] == row["captions"]
         assert [row["width"], row["height"]] == meta["target"]["size"]
-    assert sorted(p.name for p in (cache / "shards").iterdir()) == ["000000.tar"], "temporaries were left behind"
+    names = sorted(p.name for p in (cache / "shards").iterdir())
+    assert names == ["000000.tar", "dropout-000000.tar"], "temporaries were left behind"
 
 
 @pytest.mark.parametrize("flavour", ["edit-v1", "edit-v2"])
@@ -193,7 +200,8 @@ def test_crash_mid_build_keeps_the_old_cache_and_a_rerun_finishes(demo_project, 
     (cache,) = build_cache(config, device="cpu", max_shard_bytes=1)
     assert len(encoded) == 2, "the three finished shards must be reused, not encoded again"
     assert _content(manifest_rows(cache)) == expected
-    assert sorted(p.name for p in (cache / "shards").iterdir()) == [f"{i:06d}.tar" for i in range(5)]
+    shards = [f"{i:06d}.tar" for i in range(5)] + [f"dropout-{i:06d}.tar" for i in range(5)]  # one record each
+    assert sorted(p.name for p in (cache / "shards").iterdir()) == shards
 
 
 def test_an_interrupted_build_keeps_every_finished_sample_of_its_open_shard(demo_project, tmp_path, monkeypatch):

@@ -6,17 +6,21 @@ import json
 import os
 
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 from typer.testing import CliRunner
 
 from prep.build import build_cache
 from prep.cli import app
+from prep.encode import Encoders
 from prep.validate import validate
-from shared.cache import LOCK, CacheLock
+from prep.verify import verify_cache
+from shared.cache import DROPOUT, DROPOUT_SHARD, LOCK, CacheLock
 from shared.config import load_config
 from shared.errors import UserError
-from tests.cache_files import manifest_rows, member_bytes, stored_tensors
+from tests.cache_files import manifest_rows, member_bytes, sample_embeddings
+from train.run import open_caches
 
 
 def _set_keys(config_path, **keys) -> None:
@@ -38,15 +42,15 @@ def _count_decodes(monkeypatch) -> list[str]:
     return opened
 
 
-def test_training_only_keys_never_invalidate_the_cache_and_dropout_is_always_cached(demo_project, monkeypatch):
-    config_path = demo_project("edit-v1", n_samples=3)
+def test_training_only_keys_never_invalidate_the_cache(demo_project, monkeypatch):
+    config_path = demo_project("edit-v1", n_samples=3)  # caption dropout on (SimpleTuner's default 0.1)
     (cache,) = build_cache(load_config(config_path), device="cpu")
     for row in manifest_rows(cache):
-        assert "dropout" in stored_tensors(member_bytes(cache, row, "embeds.safetensors"))
-        # stored once: the rows it shares with the caption's embedding (template, image tokens) are not repeated
-        raw = load_safetensors(member_bytes(cache, row, "embeds.safetensors"))
-        assert set(raw) == {"prompt.0", "dropout.after", "dropout.shared_rows"}
-        assert raw["dropout.after"].shape[0] < 0.05 * raw["prompt.0"].shape[0]
+        assert ("dropout" in sample_embeddings(cache, row)) == (row["split"] == "train")
+        if row["split"] == "train":  # its own record; stored once: only the rows after those it shares with prompt.0
+            raw = load_safetensors(member_bytes(cache, row, DROPOUT))
+            assert set(raw) == {"dropout.after", "dropout.shared_rows"}
+            assert raw["dropout.after"].shape[0] < 0.05 * sample_embeddings(cache, row)["prompt.0"].shape[0]
     before = (cache / "manifest.parquet").read_bytes()
 
     _set_keys(config_path, seed=1234, caption_dropout_probability=0.2, learning_rate=3e-4, max_train_steps=7)
@@ -54,6 +58,54 @@ def test_training_only_keys_never_invalidate_the_cache_and_dropout_is_always_cac
     build_cache(load_config(config_path), device="cpu")  # no --force: reused as it is
     assert opened == [], "nothing changed that is cached, so no image is decoded or encoded again"
     assert (cache / "manifest.parquet").read_bytes() == before
+
+
+def test_turning_caption_dropout_on_adds_only_dropout_records(demo_project, monkeypatch):
+    """Built with caption dropout off, a cache holds no dropout embedding (no language-model pass spent on
+    it); training with dropout on refuses it, naming the key and the command; that command then adds only
+    the dropout records (no VAE, no shard rewritten), equal to those a build with dropout on writes."""
+    config_path = demo_project("edit-v1", n_samples=3)
+    _set_keys(config_path, caption_dropout_probability=0.0)  # as SimpleTuner's Qwen edit guide advises
+    (cache,) = build_cache(load_config(config_path), device="cpu")
+    train_rows = [r for r in manifest_rows(cache) if r["split"] == "train"]
+    assert train_rows and all(r[DROPOUT_SHARD] is None for r in train_rows)
+    assert not any("dropout" in sample_embeddings(cache, r) for r in train_rows)
+    main_shards = {p.name: (p.read_bytes(), p.stat().st_ino) for p in (cache / "shards").glob("*.tar")}
+    assert main_shards and not any(name.startswith("dropout-") for name in main_shards)
+
+    _set_keys(config_path, caption_dropout_probability=0.1)
+    with pytest.raises(UserError, match=r"caption_dropout_probability.*prep build-cache --config"):
+        open_caches(load_config(config_path))
+
+    vae_calls = []
+    real = Encoders.encode_pixels
+    monkeypatch.setattr(Encoders, "encode_pixels", lambda self, *a: vae_calls.append(1) or real(self, *a))
+    build_cache(load_config(config_path), device="cpu")
+    assert vae_calls == [], "adding dropout records runs no VAE"
+    for name, (data, inode) in main_shards.items():
+        path = cache / "shards" / name
+        assert path.read_bytes() == data and path.stat().st_ino == inode, f"{name} was rewritten"
+    added = [r for r in manifest_rows(cache) if r["split"] == "train"]
+    assert all(r[DROPOUT_SHARD].startswith("shards/dropout-") for r in added)
+    assert verify_cache(str(cache)).intact
+    open_caches(load_config(config_path))  # accepted now
+    opened = _count_decodes(monkeypatch)
+    build_cache(load_config(config_path), device="cpu")
+    assert opened == [], "up to date: nothing decoded"
+
+    # The same embeddings as a build with caption dropout on from the start (bit for bit).
+    _set_keys(config_path, caption_dropout_probability=0.1)
+    fresh_config = load_config(config_path)
+    fresh_dir = cache.parent / "fresh-cache"
+    for dataset in fresh_config.main_datasets():
+        dataset.cache_dir = str(fresh_dir)
+    (fresh,) = build_cache(fresh_config, device="cpu")
+    by_id = {r["sample_id"]: r for r in manifest_rows(fresh)}
+    for row in added:
+        ours, theirs = sample_embeddings(cache, row), sample_embeddings(fresh, by_id[row["sample_id"]])
+        assert ours.keys() == theirs.keys() and "dropout" in ours
+        for name in ours:
+            assert torch.equal(ours[name].view(torch.int16), theirs[name].view(torch.int16)), name
 
 
 def test_random_crops_take_their_seed_from_crop_seed(demo_project, tmp_path):

@@ -14,7 +14,7 @@ from prep.build import build_cache
 from prep.scan import scan_dataset
 from shared.config import DatasetConfig, load_config
 from shared.errors import UserError
-from tests.cache_files import manifest_rows, member_bytes, stored_tensors
+from tests.cache_files import manifest_rows, member_bytes, sample_embeddings, stored_tensors
 from train.eval_data import EvalSet
 from train.run import open_caches
 
@@ -133,7 +133,7 @@ def test_held_out_samples_are_cached_for_previews(demo_project, tmp_path, capsys
     for row in rows:
         pixels = row["height"] * row["width"]
         assert (pixels <= 160 * 160) == (row["split"] == "eval")  # eval at ~128², train at ~256²
-        embeds = stored_tensors(member_bytes(cache, row, "embeds.safetensors"))
+        embeds = sample_embeddings(cache, row)
         assert ("negative" in embeds) == (row["split"] == "eval") == ("dropout" not in embeds)
     train_readers, eval_readers = open_caches(load_config(config_path))
     assert len(train_readers[0]) == 6 and len(EvalSet(eval_readers)) == 2

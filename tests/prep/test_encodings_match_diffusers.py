@@ -16,7 +16,7 @@ from PIL import Image
 from prep.build import build_cache
 from shared.cache import Latents
 from shared.config import load_config
-from tests.cache_files import manifest_rows, member_bytes, stored_tensors
+from tests.cache_files import manifest_rows, member_bytes, sample_embeddings
 from tests.conftest import write_config
 
 
@@ -44,7 +44,7 @@ def _cached(config_path):
     (row,) = manifest_rows(cache)
     latents = Latents.from_bytes(member_bytes(cache, row, "latents.safetensors"))
     target, refs = latents.target, latents.references
-    embeds = stored_tensors(member_bytes(cache, row, "embeds.safetensors"))
+    embeds = sample_embeddings(cache, row)
     return target, refs, embeds
 
 

@@ -19,9 +19,9 @@ def _verify(cache, *flags):
 
 
 def test_verify_catches_any_changed_missing_or_extra_byte_and_names_the_sample(demo_project):
-    (cache,) = build_cache(load_config(demo_project("edit-v1", n_samples=3)), device="cpu")  # one shard
+    (cache,) = build_cache(load_config(demo_project("edit-v1", n_samples=3)), device="cpu")  # one shard + dropout
     ok = _verify(cache)
-    assert ok.exit_code == 0 and "3 samples in 1 shards" in ok.output and "intact" in ok.output
+    assert ok.exit_code == 0 and "3 samples in 2 shards" in ok.output and "intact" in ok.output
 
     rows = manifest_rows(cache)
     shard = cache / rows[0]["shard"]
@@ -96,7 +96,8 @@ def test_inspect_prints_counts_buckets_tokens_bytes_and_fingerprint(demo_project
         "256x256: 1",
         "288x224: 1",
         "VL embedding length (tokens)",
-        "embeddings stored: shared_prefix 3",  # train samples share the template and images with their dropout
+        "embeddings stored: whole 3",  # one caption each; the dropout, sharing its first rows, has its own record
+        "dropout embeddings: 3 of 3 train samples",
     ):
         assert text in result.output, text
 
@@ -124,7 +125,7 @@ def test_a_manifest_from_before_the_embeds_form_column_reads_and_updates(demo_pr
     write_demo_dataset(tmp_path / "data", n_samples=4, n_references=1)  # the same three pairs, and a fourth
     build_cache(load_config(path), device="cpu")
     forms = [r["embeds_form"] for r in manifest_rows(cache)]
-    assert len(forms) == 4 and None in forms and "shared_prefix" in forms  # kept rows, and the new one
+    assert len(forms) == 4 and None in forms and "whole" in forms  # kept rows, and the new one
     assert _verify(cache).exit_code == 0
 
 
@@ -173,3 +174,28 @@ def test_what_verify_finds_build_cache_repairs_a_flipped_byte_swapped_shards_a_c
     found = _verify(cache)
     assert found.exit_code == 1 and "differs from the manifest the build wrote" in found.output
     _repair_and_check(cache, config, ids)
+
+
+def test_a_damaged_dropout_record_is_named_and_only_it_is_encoded_again(demo_project, monkeypatch):
+    from prep.encode import Encoders
+
+    config = load_config(demo_project("edit-v1", n_samples=3))
+    (cache,) = build_cache(config, device="cpu")
+    rows = manifest_rows(cache)
+    victim = next(r for r in rows if r["split"] == "train")
+    shard = cache / victim["dropout_shard"]
+    data = bytearray(shard.read_bytes())
+    data[victim[member_column("dropout.safetensors", "offset")] + 40] ^= 0x01
+    shard.write_bytes(bytes(data))
+    found = _verify(cache)
+    assert found.exit_code == 1 and victim["dropout_shard"] in found.output
+    assert f"{victim['sample_id']} ({victim['relpath']}): dropout.safetensors" in found.output
+
+    vae_calls = []
+    real = Encoders.encode_pixels
+    monkeypatch.setattr(Encoders, "encode_pixels", lambda self, *a: vae_calls.append(1) or real(self, *a))
+    main_shards = {r["shard"]: (cache / r["shard"]).read_bytes() for r in rows}
+    build_cache(config, device="cpu")
+    assert vae_calls == [], "only dropout records are encoded again"
+    assert all((cache / name).read_bytes() == data for name, data in main_shards.items())
+    assert _verify(cache).exit_code == 0

@@ -20,7 +20,7 @@ from prep.build import build_cache
 from shared.config import load_config
 from shared.demo_data import write_demo_dataset
 from shared.errors import UserError
-from tests.cache_files import manifest_rows, member_bytes, stored_tensors
+from tests.cache_files import manifest_rows, sample_embeddings
 from tests.conftest import write_config
 from train.checkpoint import list_checkpoints
 from train.export import COMFYUI_FILE, LORA_FILE
@@ -274,10 +274,10 @@ def test_caption_dropout_uses_the_cached_empty_instruction(project, tmp_path):
     config = load_config(project(tmp_path / "run"))
     cache = config.cache_dir_for(config.main_datasets()[0])
     rows = {r["sample_id"]: r for r in manifest_rows(cache) if r["split"] == "train"}
-    embeds = {i: stored_tensors(member_bytes(cache, r, "embeds.safetensors")) for i, r in rows.items()}
+    embeds = {i: sample_embeddings(cache, r) for i, r in rows.items()}
     assert all("dropout" in e for e in embeds.values())
 
-    loader = TrainLoader([CacheReader(str(cache))], 1, seed=0, caption_dropout=0.5)
+    loader = TrainLoader([CacheReader(str(cache), dropout=True)], 1, seed=0, caption_dropout=0.5)
     batches = iter(loader)
     dropped = 0
     for _ in range(24):
