@@ -39,6 +39,7 @@ from shared.cache import (
     LOCK,
     MANIFEST,
     MANIFEST_SCHEMA,
+    SHARDS_DIR,
     VALIDATION,
     CacheLock,
     CacheStore,
@@ -99,10 +100,13 @@ def plan_cache(
     position, source = {}, []
     if existing is not None:  # sample id -> its (last) row, compared by columns: no Python object per row
         damaged = damaged_shards(cache_dir, plan.shards) | verify_found_damaged(cache_dir)
+        kept_records = existing
         existing = without_dropout_records_in(existing, damaged)
+        dropped_records = existing is not kept_records
         shards = existing.column("shard").to_pylist()
         position = {i: n for n, i in enumerate(existing.column("sample_id").to_pylist()) if shards[n] not in damaged}
         source = existing.column("source_sha256").to_pylist()
+    dropped_records = False
     current, reuse = set(), []
     for sample in samples:
         current.add(sample.sample_id)
@@ -120,7 +124,14 @@ def plan_cache(
     if built is not None:
         plan.removed = len(built[1] - current)
         kept = set(plan.reuse.column("sample_id").to_pylist())
-        plan.manifest_current = built[1] == kept and _same(_cache_info_fingerprint(cache_dir), plan.fingerprint)
+        # Index files are deleted by every commit: any left over hold sealed work the manifest does not list yet.
+        uncommitted = any((cache_dir / SHARDS_DIR).glob("*.index.parquet"))
+        plan.manifest_current = (
+            built[1] == kept
+            and not uncommitted
+            and not dropped_records
+            and _same(_cache_info_fingerprint(cache_dir), plan.fingerprint)
+        )
     return plan
 
 
@@ -372,7 +383,7 @@ def cache_info(plan: Plan, rows: list[dict], flavour, shard_table: ShardTable) -
             "samples": len(rows),
             "train": sum(r["split"] == "train" for r in rows),
             "eval": sum(r["split"] == "eval" for r in rows),
-            "dropout": sum(bool(r.get(DROPOUT_SHARD)) for r in rows),  # train samples with a dropout record
+            "dropout": sum(r.get(DROPOUT_SHARD) is not None for r in rows),  # train samples with a dropout embedding
             "shards": len(shards),
             "shard_bytes": sum(shard_table[s]["bytes"] for s in shards),
         },

@@ -58,6 +58,6 @@ def _dropout_line(rows: list[dict], recorded: bool) -> str:
     if not recorded:
         return "dropout embeddings: inside each train sample's embeddings (a cache from before dropout records)"
     train = [r for r in rows if r["split"] == "train"]
-    held = sum(bool(r.get(DROPOUT_SHARD)) for r in train)
+    held = sum(r.get(DROPOUT_SHARD) is not None for r in train)  # "": inside the embeddings member
     why = "" if held == len(train) else " (caption dropout needs all: `prep build-cache` adds them)"
     return f"dropout embeddings: {held} of {len(train)} train samples{why}"

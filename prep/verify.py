@@ -91,7 +91,8 @@ def verify_cache(location: str, quick: bool = False) -> VerifyResult:
     kinds = [SAMPLE_RECORDS] + ([DROPOUT_RECORDS] if DROPOUT_SHARD in manifest.column_names else [])
     named = set()
     for kind in kinds:
-        rows_of_kind = manifest.filter(pc.is_valid(manifest.column(kind.shard)))
+        # rows with a record of this kind ("" for a dropout kept inside the embeddings member: no record)
+        rows_of_kind = manifest.filter(pc.fill_null(pc.not_equal(manifest.column(kind.shard), ""), False))
         by_shard = _group_by_shard(rows_of_kind, kind.shard)
         named |= set(by_shard)
         for shard, rows in by_shard.items():

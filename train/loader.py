@@ -226,10 +226,8 @@ class CacheReader:
             if hashlib.sha256(data[member]).digest() != sha256:
                 raise CorruptSample(f"{member} does not match the manifest's sha256")
         dropout = None
-        if row.dropout is not None:  # its own record, in a dropout shard: one more ranged read
+        if row.dropout is not None and row.dropout[0]:  # its own record, in a dropout shard: one more ranged read
             shard, offset, size, sha256 = row.dropout
-            if not shard:
-                raise CorruptSample("has no dropout record (the manifest was changed after the build)")
             try:
                 dropout = self.store.read_range(shard, offset, offset + size)
             except (OSError, ValueError) as err:
@@ -240,6 +238,8 @@ class CacheReader:
             latents, embeds = Latents.from_bytes(data[LATENTS]), Embeddings.from_bytes(data[EMBEDS], dropout)
         except Exception as err:  # noqa: BLE001 - any decoding failure is a corrupt member
             raise CorruptSample(f"does not decode: {err}") from None
+        if row.dropout is not None and embeds.dropout is None and not embeds.alone:
+            raise CorruptSample("has no dropout embedding (the manifest was changed after the build)")
         tensors = [latents.target, *latents.references, *embeds.tensors()]
         if not all(bool(torch.isfinite(t).all()) for t in tensors):
             raise CorruptSample("holds NaN or inf values (its encoding went wrong); rebuild it with `prep build-cache`")

@@ -45,6 +45,8 @@ def member_column(member: str, what: str) -> str:
 
 
 DROPOUT_SHARD = "dropout_shard"  # manifest column: the shard of a row's dropout record (null: none cached)
+# `dropout_shard` of a train row written before dropout records existed: its embeddings member holds the dropout.
+DROPOUT_INSIDE = ""
 DROPOUT_COLUMNS = (DROPOUT_SHARD, *[member_column(DROPOUT, k) for k in ("offset", "size", "sha256")])
 
 

@@ -32,6 +32,7 @@ from shared.cache.format import (
     DAMAGED,
     DROPOUT,
     DROPOUT_COLUMNS,
+    DROPOUT_INSIDE,
     DROPOUT_PREFIX,
     DROPOUT_SHARD,
     FORMAT_VERSION,
@@ -231,7 +232,7 @@ def read_existing_rows(cache_dir: Path, fingerprint: str) -> tuple[pa.Table, Sha
     if not tables:
         return MANIFEST_SCHEMA.empty_table(), shards
     # promote: a manifest written before a column was added (embeds_form, the dropout columns) reads it as null
-    tables = [MANIFEST_SCHEMA.empty_table(), *(t.replace_schema_metadata(None) for t in tables)]
+    tables = [MANIFEST_SCHEMA.empty_table(), *(_marked_dropout_inside(t.replace_schema_metadata(None)) for t in tables)]
     table = pa.concat_tables(tables, promote_options="default")
     dropout_records = pc.is_null(table.column("shard"))  # rows of a dropout writer's index
     if pc.any(dropout_records).as_py():
@@ -239,6 +240,16 @@ def read_existing_rows(cache_dir: Path, fingerprint: str) -> tuple[pa.Table, Sha
         attach_dropout(rows, table.filter(dropout_records).to_pylist())
         table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     return table, shards
+
+
+def _marked_dropout_inside(table: pa.Table) -> pa.Table:
+    """Rows written before dropout records existed (no `dropout_shard` column): train rows get DROPOUT_INSIDE (their
+    embeddings member holds the dropout), so they are neither given a second one nor read as lacking it."""
+    if DROPOUT_SHARD in table.column_names:
+        return table
+    train = pc.equal(table.column("split"), "train")
+    marker = pc.if_else(train, pa.scalar(DROPOUT_INSIDE), pa.scalar(None, pa.string()))
+    return table.append_column(DROPOUT_SHARD, marker)
 
 
 def attach_dropout(rows: list[dict[str, Any]], dropout_rows: list[dict[str, Any]]) -> None:

@@ -198,3 +198,28 @@ def test_an_emptied_cache_json_or_a_truncated_manifest_is_repaired_by_the_next_b
     verified = CliRunner().invoke(app, ["verify", str(cache)])
     assert verified.exit_code == 0 and "intact" in verified.output
     assert sorted(r["sample_id"] for r in manifest_rows(cache)) == ids
+
+
+def test_a_dropout_add_stopped_before_its_manifest_is_finished_by_the_rerun(demo_project, monkeypatch):
+    """Dropout records sealed, then the build stops before writing the manifest (a kill, a full disk): the rerun
+    must write the manifest that lists them, not call the cache up to date."""
+    import prep.build
+
+    config_path = demo_project("edit-v1", n_samples=3)
+    _set_keys(config_path, caption_dropout_probability=0.0)
+    (cache,) = build_cache(load_config(config_path), device="cpu")
+    _set_keys(config_path, caption_dropout_probability=0.1)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep.build, "commit", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(load_config(config_path), device="cpu")
+    monkeypatch.undo()
+    assert any((cache / "shards").glob("dropout-*.tar")), "the dropout records were sealed before the stop"
+
+    build_cache(load_config(config_path), device="cpu")
+    assert all(r[DROPOUT_SHARD] for r in manifest_rows(cache) if r["split"] == "train")
+    open_caches(load_config(config_path))  # accepted
+    assert verify_cache(str(cache)).intact
