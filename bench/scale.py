@@ -130,7 +130,7 @@ def fill_cache(config, report, workers: int) -> float:
         members, row, dropout = to_record(prepared, latents, embeds)
         writer.write(prepared.sample.sample_id, members, row)
         if dropout is not None:
-            dropout_writer.write(prepared.sample.sample_id, {DROPOUT: dropout}, {"source_sha256": row["source_sha256"]})
+            dropout_writer.write(prepared.sample.sample_id, {DROPOUT: dropout[0]}, dropout[1])
     writer.finish_shard()
     dropout_writer.finish_shard()
     rows = sorted(writer.rows, key=lambda r: (r["relpath"], r["sample_id"]))

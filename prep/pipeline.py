@@ -79,7 +79,9 @@ class BackgroundWriter:
                 if members is not None:
                     self.writer.write(sample_id, members, row)
                 if dropout is not None:
-                    self.dropout_writer.write(sample_id, {DROPOUT: dropout}, {"source_sha256": row["source_sha256"]})
+                    if self.dropout_writer is None:
+                        raise ValueError("a dropout record was encoded but encode_into was given no dropout_writer")
+                    self.dropout_writer.write(sample_id, {DROPOUT: dropout[0]}, dropout[1])
             except BaseException as err:  # noqa: BLE001 - handed to the main thread
                 self.error = err
         if self.error is None:

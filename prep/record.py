@@ -215,10 +215,13 @@ class SamplePreparer:
 
 def to_record(
     prepared: Prepared, latents: list[torch.Tensor], embeds: list[torch.Tensor]
-) -> tuple[dict | None, dict, bytes | None]:
+) -> tuple[dict | None, dict | None, tuple[bytes, dict] | None]:
     """The record members and manifest row of a sample, from its encodings (target latent first), and its
-    dropout member's bytes (None when none was encoded). For a sample that needed only its dropout record
-    (`cached_embeds`): no members, the row's `source_sha256`, and that dropout member."""
+    dropout record: (member bytes, row) or None when none was encoded. For a sample that needed only its
+    dropout record (`cached_embeds`): no members, no row, and that record.
+
+    A dropout record's row names the embeddings member its rows are shared with (`embeds_sha256`): only
+    joined to that one (`attach_dropout`), never to a re-encoding of the sample."""
     n_sets = len(prepared.vl_images)  # several: train samples whose references are cached alone
     per_set = len(embeds) // n_sets
     groups = [embeds[i : i + per_set] for i in range(0, len(embeds), per_set)]
@@ -227,7 +230,7 @@ def to_record(
         firsts = [c.prompts[:1] for c in cached.alone] if cached.alone else [cached.prompts[:1]]
         subs = [Embeddings(first, dropout=group[0]) for first, group in zip(firsts, groups, strict=True)]
         typed = Embeddings([], alone=subs) if cached.alone else subs[0]
-        return None, {"source_sha256": prepared.row["source_sha256"]}, typed.stored()[2]
+        return None, None, (typed.stored()[2], _dropout_row(prepared, prepared.cached_embeds))
     n_captions = len(prepared.sample.captions)
     extra = per_set > n_captions  # the eval negative, or the train dropout
     eval_sample = prepared.sample.split == "eval"
@@ -249,7 +252,11 @@ def to_record(
         META: json.dumps(prepared.meta, sort_keys=True, ensure_ascii=False).encode(),
     }
     row = dict(prepared.row, prompt_lens=prompt_lens, embeds_form=embeds_form)
-    return members, row, dropout
+    return members, row, None if dropout is None else (dropout, _dropout_row(prepared, embeds_bytes))
+
+
+def _dropout_row(prepared: Prepared, embeds_member: bytes) -> dict:
+    return {"source_sha256": prepared.row["source_sha256"], "embeds_sha256": hashlib.sha256(embeds_member).digest()}
 
 
 def encode_prepared(batch: list[Prepared], encoders: Encoders, max_batch: int = 4) -> list[tuple[list, list]]:

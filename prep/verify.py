@@ -5,7 +5,8 @@ Full check, per shard named by the manifest (samples' records, and their dropout
 1. its size and whole-file sha256 against the shard table recorded when it was sealed: any
    changed, missing or extra byte (tar header, padding, data, end-of-archive blocks) shows here;
 2. every tar header is walked (checksums, names, offsets) and compared with the manifest: a
-   member missing, extra, renamed or moved is named;
+   member missing, extra, renamed or moved is named (members no row names, in a shard whose bytes
+   are those sealed, are records of samples removed since: a note, not damage);
 3. when the shard's hash differs, each record's byte range is hashed to name the samples whose
    bytes changed (and each member's data, to say which part).
 
@@ -130,7 +131,9 @@ def _check_one_shard(
     elif not quick:
         result.bytes_checked += size
         try:
-            result.problems += _check_shard(store, shard, rows, recorded["sha256"], kind)
+            problems, notes = _check_shard(store, shard, rows, recorded["sha256"], kind)
+            result.problems += problems
+            result.notes += notes
         except OSError as err:  # a read failing past fsspec's retries, or the shard changing under us
             result.problems.append(f"{store.url(shard)}: cannot be read ({err}); check access and run again")
             return
@@ -159,34 +162,47 @@ def _group_by_shard(manifest: pa.Table, column: str) -> dict[str, pa.Table]:
     return {names[k]: manifest.take(order[bounds[k] : bounds[k + 1]]) for k in np.argsort(names, kind="stable")}
 
 
-def _check_shard(store: CacheStore, shard: str, rows: pa.Table, sha256: str, kind: RecordKind) -> list[str]:
-    """Problems of one shard of the recorded size: whole-file hash, tar headers, then which records changed."""
-    problems = []
+def _check_shard(
+    store: CacheStore, shard: str, rows: pa.Table, sha256: str, kind: RecordKind
+) -> tuple[list[str], list[str]]:
+    """(problems, notes) of one shard of the recorded size: whole-file hash, tar headers, then which records
+    changed. Members no row names, in a shard whose bytes are those sealed, are a note: records of samples
+    removed or encoded again since, which no reader opens."""
     digest = hashlib.sha256()
     with store.open_shard(shard) as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
-    problems += _walk_headers(store, shard, rows, kind.members)
-    if digest.hexdigest() != sha256:
+    problems, extra = _walk_headers(store, shard, rows, kind.members)
+    intact = digest.hexdigest() == sha256
+    if extra and intact:
+        notes = [
+            f"note: {store.url(shard)}: {len(extra)} member(s) of records no sample uses any more (e.g. '{extra[0]}')"
+        ]
+        return problems, notes
+    problems += [f"{store.url(shard)}: extra tar member '{name}'; {REBUILD}" for name in extra]
+    if not intact:
         changed = _changed_records(store, shard, rows, kind)
         where = f"samples whose bytes changed: {', '.join(changed)}" if changed else "outside every record"
         problems.append(f"{store.url(shard)}: sha256 differs from the one recorded when sealed; {where}; {REBUILD}")
-    return problems
+    return problems, []
 
 
-def _walk_headers(store: CacheStore, shard: str, rows: pa.Table, members: tuple[str, ...]) -> list[str]:
-    """Read every tar header and compare member names and data offsets with the manifest."""
+def _walk_headers(
+    store: CacheStore, shard: str, rows: pa.Table, members: tuple[str, ...]
+) -> tuple[list[str], list[str]]:
+    """Read every tar header and compare member names and data offsets with the manifest: (problems, the
+    names of members no row names)."""
     expected = {}
     for row in rows.select(["sample_id", *[member_column(m, "offset") for m in members]]).to_pylist():
         for m in members:
             expected[f"{row['sample_id']}.{m}"] = row[member_column(m, "offset")]
-    problems, seen = [], set()
+    problems, seen, extra = [], set(), []
     try:
         with store.open_shard(shard) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 seen.add(member.name)
                 if member.name not in expected:
-                    problems.append(f"{store.url(shard)}: extra tar member '{member.name}'; {REBUILD}")
+                    extra.append(member.name)
                 elif member.offset_data != expected[member.name]:
                     problems.append(
                         f"{store.url(shard)}: member '{member.name}' at byte {member.offset_data}, the manifest says "
@@ -195,7 +211,7 @@ def _walk_headers(store: CacheStore, shard: str, rows: pa.Table, members: tuple[
     except tarfile.TarError as err:
         after = sorted(seen)[-1] if seen else "the start"
         problems.append(f"{store.url(shard)}: tar header unreadable after {after} ({err}); {REBUILD}")
-        return problems
+        return problems, extra
     missing = sorted(set(expected) - seen, key=expected.get)
     if missing and all(expected[name] < expected[missing[0]] for name in seen if name in expected):
         # A tar reader stops at the first header it cannot read, so everything after it is lost to it.
@@ -206,7 +222,7 @@ def _walk_headers(store: CacheStore, shard: str, rows: pa.Table, members: tuple[
         )
     elif missing:
         problems.append(f"{store.url(shard)}: tar members missing: {', '.join(missing[:5])}; {REBUILD}")
-    return problems
+    return problems, extra
 
 
 def _changed_records(store: CacheStore, shard: str, rows: pa.Table, kind: RecordKind) -> list[str]:

@@ -5,8 +5,9 @@
   tar headers), it is fsynced and renamed to `shards/NAME.tar`.
 - Then `shards/NAME.index.parquet` records its rows, the fingerprint they were encoded under and
   the shard's size and sha256 (fsynced, atomic). A rerun reuses these rows instead of re-encoding.
-  A dropout writer's rows (`dropout-` shards) hold only the dropout columns and the sample's
-  `source_sha256`; `attach_dropout` joins them to the sample's main row.
+  A dropout writer's rows (`dropout-` shards) hold only the dropout columns, the sample's
+  `source_sha256` and the `embeds_sha256` of the embeddings member the record was stored against;
+  `attach_dropout` joins them to the sample's main row holding that member.
 - `commit` writes `manifest.parquet` (rows + fingerprint + the table of live shards in its schema
   metadata), then `cache.json`, both fsynced and atomic, then deletes what the manifest no longer
   references. Until the new manifest lands, the old one and every shard it names are untouched.
@@ -35,6 +36,7 @@ from shared.cache.format import (
     DROPOUT_INSIDE,
     DROPOUT_PREFIX,
     DROPOUT_SHARD,
+    EMBEDS,
     FORMAT_VERSION,
     MANIFEST,
     MANIFEST_SCHEMA,
@@ -253,10 +255,12 @@ def _marked_dropout_inside(table: pa.Table) -> pa.Table:
 
 
 def attach_dropout(rows: list[dict[str, Any]], dropout_rows: list[dict[str, Any]]) -> None:
-    """Fill `rows`' dropout columns from dropout records of the same sample and sources (a later record wins)."""
-    found = {(r["sample_id"], r["source_sha256"]): r for r in dropout_rows}
+    """Fill `rows`' dropout columns from the dropout records stored against their embeddings member (the same
+    sample id and `embeds_sha256`: a dropout record shares rows with that member's `prompt.0` only)."""
+    key = member_column(EMBEDS, "sha256")
+    found = {(r["sample_id"], r[key]): r for r in dropout_rows}
     for row in rows:
-        match = found.get((row["sample_id"], row["source_sha256"]))
+        match = found.get((row["sample_id"], row[key]))
         if match is not None:
             row.update({column: match[column] for column in DROPOUT_COLUMNS})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -223,3 +224,60 @@ def test_a_dropout_add_stopped_before_its_manifest_is_finished_by_the_rerun(demo
     assert all(r[DROPOUT_SHARD] for r in manifest_rows(cache) if r["split"] == "train")
     open_caches(load_config(config_path))  # accepted
     assert verify_cache(str(cache)).intact
+
+
+def _as_written_before_dropout_records(cache) -> None:
+    """Rewrite `cache` as this project wrote caches before dropout records had shards of their own: each train
+    sample's dropout inside its embeddings member, no dropout columns in the manifest."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from shared.cache import CACHE_JSON, DROPOUT_COLUMNS, EMBEDS, LATENTS, MANIFEST, META, Embeddings
+    from shared.cache.writer import ShardWriter, commit
+
+    rows = manifest_rows(cache)
+    members = {}
+    for row in rows:
+        dropout = member_bytes(cache, row, DROPOUT) if row[DROPOUT_SHARD] else None
+        embeds = Embeddings.from_bytes(member_bytes(cache, row, EMBEDS), dropout).to_bytes()
+        members[row["sample_id"]] = {LATENTS: member_bytes(cache, row, LATENTS), EMBEDS: embeds}
+        members[row["sample_id"]][META] = member_bytes(cache, row, META)
+    info = json.loads((cache / CACHE_JSON).read_text())
+    shutil.rmtree(cache / "shards")
+    writer = ShardWriter(cache, info["fingerprint"]["sha256"])
+    located = ("record_", "latents_", "embeds_", "json_")  # written anew by the writer
+    keep = [c for c in rows[0] if c not in DROPOUT_COLUMNS and not c.startswith(located) and c != "embeds_form"]
+    for row in rows:
+        writer.write(row["sample_id"], members[row["sample_id"]], {c: row[c] for c in keep if c != "shard"})
+    writer.finish_shard()
+    commit(cache, writer.rows, writer.shards, info)
+    table = pq.read_table(cache / MANIFEST)
+    pq.write_table(
+        table.drop_columns(list(DROPOUT_COLUMNS)).replace_schema_metadata(table.schema.metadata), cache / MANIFEST
+    )
+    info["manifest_sha256"] = hashlib.sha256((cache / MANIFEST).read_bytes()).hexdigest()
+    (cache / CACHE_JSON).write_text(json.dumps(info))
+
+
+def test_a_cache_from_before_dropout_records_trains_and_rebuilds_without_encoding(demo_project, monkeypatch):
+    """Caches written before dropout records existed hold the dropout inside each embeddings member: a build
+    adds none (nothing to encode), train accepts them with caption dropout on, and reads that dropout."""
+    config_path = demo_project("edit-v1", n_samples=3)
+    (cache,) = build_cache(load_config(config_path), device="cpu")
+    _as_written_before_dropout_records(cache)
+    assert verify_cache(str(cache)).intact
+    open_caches(load_config(config_path))  # caption dropout on (0.1): accepted
+
+    opened = _count_decodes(monkeypatch)
+    _set_keys(config_path, caption_dropout_probability=0.0)
+    build_cache(load_config(config_path), device="cpu")
+    _set_keys(config_path, caption_dropout_probability=0.1)
+    build_cache(load_config(config_path), device="cpu")
+    assert opened == [], "the dropout is already cached: nothing is decoded or encoded"
+    assert not any((cache / "shards").glob("dropout-*"))
+    assert verify_cache(str(cache)).intact
+    (train_reader,), _ = open_caches(load_config(config_path))
+    for i in range(len(train_reader)):
+        embeds = train_reader.load(train_reader.row(i))[1]
+        assert embeds.dropout is not None

@@ -199,3 +199,17 @@ def test_a_damaged_dropout_record_is_named_and_only_it_is_encoded_again(demo_pro
     assert vae_calls == [], "only dropout records are encoded again"
     assert all((cache / name).read_bytes() == data for name, data in main_shards.items())
     assert _verify(cache).exit_code == 0
+
+
+def test_records_of_removed_samples_in_a_shard_still_used_are_a_note_not_damage(demo_project, tmp_path):
+    config_path = demo_project("edit-v1", n_samples=3)
+    (cache,) = build_cache(load_config(config_path), device="cpu")  # one shard holds all three
+    gone = manifest_rows(cache)[1]["relpath"]
+    for folder in ("images", "reference"):
+        (tmp_path / "data" / folder / gone).unlink()
+    (tmp_path / "data" / "images" / gone).with_suffix(".txt").unlink()
+    build_cache(load_config(config_path), device="cpu")
+    assert len(manifest_rows(cache)) == 2
+    result = _verify(cache)
+    assert result.exit_code == 0, result.output
+    assert "records no sample uses any more" in result.output
