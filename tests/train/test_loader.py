@@ -182,13 +182,13 @@ def test_random_conditioning_sampling_trains_each_sample_with_one_reference_and_
     train = {"eval_holdout": 0, "conditioning_multidataset_sampling": "random"}
     config = write_config(tmp_path, tiny_models["edit-v2"], "edit-v2", data, 2, train=train)
     (cache_dir,) = build_cache(load_config(config), "cpu")
-    reader = CacheReader(cache_dir)
+    reader = CacheReader(cache_dir, dropout=True)
     cached = {}
     for index in range(len(reader)):
         row = reader.row(index)
         cached[row.sample_id] = reader.load(row)
 
-    loader = TrainLoader([CacheReader(cache_dir)], 2, seed=3, caption_dropout=0.3)
+    loader = TrainLoader([CacheReader(cache_dir, dropout=True)], 2, seed=3, caption_dropout=0.3)
     picked = []
     for batch in _take(loader, 3 * loader.batches_per_epoch):
         assert len(batch.references) == 1  # one reference per sample, not both
