@@ -13,8 +13,14 @@ Parts in `PER_RANK` (the RNG) are saved by every rank as `<name>-rankNN.safetens
   optimizer.safetensors      optimizer state tensors ("state.<param index>.<name>")
   rng-rank00.safetensors     each rank's RNG states (torch CPU, CUDA, the noise generator)
   trainer_state.json         {"format": 2, "step", "world_size", "run_id", "flavour", "lora_config",
-                              "parts": {name: the part's state without its tensors}}
+                              "parts": {name: the part's state without its tensors},
+                              "files": {file name: sha256 hex of every other file, as written}}
 ```
+
+Resume and `train export` check every file against its recorded sha256 and the state's values for
+sense (step and counters) before using a checkpoint: a damaged one is skipped with a warning naming
+the file (`latest`) or refused (a checkpoint named explicitly, an export). Checkpoints written before
+`files` was recorded are checked by their safetensors headers and sizes only.
 
 A checkpoint is written under a temporary name and renamed when every file is on disk, so a
 kill at any moment leaves the previous checkpoints intact and no half-written one that looks
@@ -24,6 +30,7 @@ sees); rank 0 renames it and prunes old ones past `checkpoints_total_limit`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +40,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from accelerate.utils import gather_object
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from shared.errors import UserError
 from shared.files import fsync_dir, fsync_file
@@ -102,19 +111,62 @@ def resolve_resume(output_dir: Path, value: str, run_id: str | None = None) -> P
     return path
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """What is unreadable in checkpoint `path` (naming the file), or None when every file reads whole."""
+def checkpoint_problem(path: Path, only: tuple[str, ...] = ()) -> str | None:
+    """What is wrong in checkpoint `path` (naming the file), or None when its state makes sense and every
+    file (or only the files in `only`) holds the bytes recorded when it was written."""
+    state_file = path / "trainer_state.json"
     try:
-        json.loads((path / "trainer_state.json").read_text())
+        state = json.loads(state_file.read_text())
     except (OSError, ValueError) as err:
-        return f"{path / 'trainer_state.json'} is unreadable ({err})"
-    for file in sorted(path.glob("*.safetensors")):
-        problem = safetensors_problem(file)
-        if problem:
-            return f"{file} is damaged ({problem})"
+        return f"{state_file} is unreadable ({err})"
+    problem = state_problem(state)
+    if problem:
+        return f"{state_file} is damaged ({problem})"
     if not (path / "lora.safetensors").is_file():
         return f"{path / 'lora.safetensors'} is missing"
+    recorded = state.get("files")
+    if not isinstance(recorded, dict):  # written before checksums were recorded: headers and sizes only
+        for file in sorted(path.glob("*.safetensors")):
+            if not only or file.name in only:
+                problem = safetensors_problem(file)
+                if problem:
+                    return f"{file} is damaged ({problem})"
+        return None
+    for name in sorted(recorded):
+        if only and name not in only:
+            continue
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file_sha256(file) != recorded[name]:
+            return f"{file} is damaged (its bytes differ from those written: sha256 mismatch)"
     return None
+
+
+def state_problem(state: Any) -> str | None:
+    """Why a trainer state's values cannot be those of a real run (None when they can)."""
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    step, world = state.get("step"), state.get("world_size", 1)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"step {step!r} is not a step count"
+    if not isinstance(world, int) or world < 1:
+        return f"world_size {world!r} is not a process count"
+    counters = (state.get("parts") or {}).get("counters")
+    if isinstance(counters, dict) and counters.get("step", step) != step:
+        return f"its counters say step {counters.get('step')!r}, its step is {step}"
+    files = state.get("files")
+    if files is not None and not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
+        return "its file checksums are not a table of names and sha256s"
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def safetensors_problem(file: Path) -> str | None:
@@ -152,28 +204,35 @@ def save_checkpoint(
         failure = err.strerror or str(err)
     _agree(accelerator, failure, output_dir)
 
+    written: dict[str, str] = {}  # file name -> sha256 of the bytes this rank wrote
+    json_parts = {}
     try:
         for name in PER_RANK:
             if name in parts:
-                _save(parts[name].state_dict(), tmp / f"{name}-rank{accelerator.process_index:02d}.safetensors")
+                file = f"{name}-rank{accelerator.process_index:02d}.safetensors"
+                written[file] = _save(parts[name].state_dict(), tmp / file)
         if accelerator.is_main_process:
-            json_parts = {}
             for name, part in parts.items():
                 if name in PER_RANK:
                     continue
                 tensors, rest = split_tensors(lora if name == "lora" else part.state_dict())
                 if tensors:
-                    _save(tensors, tmp / f"{name}.safetensors")
+                    written[f"{name}.safetensors"] = _save(tensors, tmp / f"{name}.safetensors")
                 if rest is not None:
                     json_parts[name] = rest
-            trainer_state = dict(
-                state, format=FORMAT, step=step, world_size=accelerator.num_processes, parts=json_parts
-            )
-            _write_json(tmp / "trainer_state.json", trainer_state)
     except OSError as err:  # a full or read-only disk: the previous checkpoints are untouched
         failure = err.strerror or str(err)
-        shutil.rmtree(tmp, ignore_errors=True)
-    _agree(accelerator, failure, output_dir)
+    _agree(accelerator, failure, output_dir, tmp)
+    files = {name: digest for table in gather_object([written]) for name, digest in table.items()}
+    try:
+        if accelerator.is_main_process:  # last: the state names every file with the sha256 it was written with
+            trainer_state = dict(
+                state, format=FORMAT, step=step, world_size=accelerator.num_processes, parts=json_parts, files=files
+            )
+            _write_json(tmp / "trainer_state.json", trainer_state)
+    except OSError as err:
+        failure = err.strerror or str(err)
+    _agree(accelerator, failure, output_dir, tmp)
     if accelerator.is_main_process:
         if final.exists():  # the same step saved before a crash and a resume from an earlier one
             shutil.rmtree(final)
@@ -224,13 +283,15 @@ def join_tensors(rest: Any, tensors: dict[str, torch.Tensor], path: str = "") ->
     return rest
 
 
-def _agree(accelerator, failure: str, output_dir: Path) -> None:
+def _agree(accelerator, failure: str, output_dir: Path, tmp: Path | None = None) -> None:
     """Every rank learns whether any rank failed to write (so none waits for the others forever), then all
-    stop with one clear message naming the last complete checkpoint."""
+    stop with one clear message naming the last complete checkpoint (the unfinished one, `tmp`, removed)."""
     failed = torch.tensor([1.0 if failure else 0.0], device=accelerator.device)
     if accelerator.num_processes > 1:
         failed = accelerator.reduce(failed, "max")
     if failed.item():
+        if tmp is not None and accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(output_dir)
         raise UserError(
             f"{output_dir}: cannot write the checkpoint ({failure or 'failed on another process'}). The last complete "
@@ -303,17 +364,20 @@ def read_lora(path: Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], d
     file = path / ("ema.safetensors" if ema else "lora.safetensors")
     if not file.is_file():
         raise UserError(f"{file}: not found" + (" (the run had use_ema off)" if ema else ""))
-    problem = safetensors_problem(file)
+    problem = checkpoint_problem(path, only=(file.name,))
     if problem:
-        raise UserError(f"{file} is damaged ({problem}); export another checkpoint")
+        raise UserError(f"{problem}; export another checkpoint")
     # Parameter names carry peft's adapter name ("...lora_A.default.weight"); exports use none.
     weights = {name.replace(".default.", "."): t for name, t in load_file(str(file)).items()}
     return weights, state["lora_config"], state["flavour"]
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    """Write `tensors` as a safetensors file (fsynced); return the sha256 (hex) of the bytes written."""
+    data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()})
+    path.write_bytes(data)
     fsync_file(path)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _write_json(path: Path, obj: Any) -> None:

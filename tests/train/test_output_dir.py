@@ -105,6 +105,46 @@ def test_a_damaged_latest_checkpoint_is_skipped_saying_so_and_export_names_the_b
     assert f"{damaged} is damaged" in result.stderr
 
 
+def test_a_flipped_byte_or_a_senseless_state_makes_a_checkpoint_damaged_for_resume_and_export(
+    project,  # noqa: F811
+    tmp_path,
+    caplog,
+):
+    """Every file's sha256 is recorded when the checkpoint is written: one flipped byte (the size unchanged, the
+    safetensors header intact) is caught; so is a state no run can have (a negative step)."""
+    import subprocess
+    import sys
+
+    from train.checkpoint import resolve_resume
+
+    out = tmp_path / "run"
+    train(load_config(project(out, max_train_steps=4, checkpointing_steps=2)))
+    first, last = list_checkpoints(out)
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert set(state["files"]) == {p.name for p in last.iterdir() if p.name != "trainer_state.json"}
+    run_id = state["run_id"]
+
+    lora = last / "lora.safetensors"
+    original = lora.read_bytes()
+    flipped = bytearray(original)
+    flipped[-5] ^= 0x01  # inside the last tensor's data: a weight changes, nothing else does
+    lora.write_bytes(bytes(flipped))
+    assert resolve_resume(out, "latest", run_id) == first
+    assert f"{lora} is damaged" in caplog.text and "sha256" in caplog.text
+    with pytest.raises(UserError, match="is damaged"):
+        resolve_resume(out, str(last), run_id)
+    command = [sys.executable, "-m", "train.cli", "export", str(last)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and f"{lora} is damaged" in result.stderr
+
+    lora.write_bytes(original)
+    assert resolve_resume(out, "latest", run_id) == last
+    (last / "trainer_state.json").write_text(json.dumps(dict(state, step=-5)))
+    caplog.clear()
+    assert resolve_resume(out, "latest", run_id) == first
+    assert "step -5 is not a step count" in caplog.text
+
+
 def test_weights_that_went_nan_are_never_saved_and_the_stop_names_a_finite_checkpoint(
     project,  # noqa: F811
     tmp_path,
