@@ -56,3 +56,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, max_s
         num_warmup_steps=config.lr_warmup_steps,
         num_training_steps=max_steps,
     )
+
+
+def apply_resumed_settings(optimizer: torch.optim.Optimizer, scheduler, config: TrainConfig) -> None:
+    """After a resume, the config's learning rate, betas, epsilon and weight decay replace those the
+    checkpoint's optimizer and schedule saved (a loaded state keeps the saved ones); the schedule keeps its
+    position, its shape is already the config's (`lr_scheduler`, `lr_warmup_steps`)."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate may wrap it
+    for group in optimizer.param_groups:
+        group.update(betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+        group.update(weight_decay=config.adam_weight_decay, initial_lr=config.learning_rate)
+    inner.base_lrs = [config.learning_rate for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, inner.lr_lambdas, strict=True):
+        group["lr"] = config.learning_rate * factor(inner.last_epoch)
+    inner._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -5,7 +5,9 @@ and every checkpoint it saves carries that id. A new run into a folder that hold
 files (its `run.json`, checkpoints, LoRA or log) is refused unless it resumes that run or the
 user asks to overwrite (`overwrite_output_dir: true`, `train run --overwrite`); even then, the
 old run's checkpoints are never pruned or resumed by the new run. Resuming checks that the
-LoRA's rank, alpha and targets are the ones the checkpoint was trained with.
+LoRA's rank, alpha and targets are the ones the checkpoint was trained with, and compares every
+other training key with the config the checkpoint's run had: a change the resumed run cannot take
+is refused with its reason (RESUME_REFUSED); every other change is applied and listed.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from shared.config import TrainConfig
 from shared.errors import UserError
@@ -24,6 +27,41 @@ from train.export import LORA_FILE
 from train.metrics import CSV_FILE
 
 RUN_JSON = "run.json"
+
+# Keys a resumed run cannot change, and why: what the checkpoint saved depends on them.
+RESUME_REFUSED = {
+    "optimizer": "the saved optimizer state belongs to the optimizer it was trained with",
+    "train_batch_size": "the data order and the step count are counted in batches of the saved size",
+    "gradient_accumulation_steps": "the data order and the step count are counted in batches of the saved size",
+    "seed": "the saved random state (σ, noise, data order) continues, so a new seed would not be used",
+    "model_flavour": "the LoRA was trained for the saved flavour",
+}
+# Not compared: where things are (a resumed run may find its model, data or folder elsewhere), how to start,
+# and the LoRA's shape (check_same_lora).
+NOT_COMPARED = (
+    "output_dir",
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+    "pretrained_model_name_or_path",
+    "data_backend_config",
+    "lora_rank",
+    "lora_alpha",
+    "lora_target",
+)
+
+
+def training_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The config's training keys as a checkpoint records them (JSON values)."""
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def changed_settings(saved: dict[str, Any] | None, cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, value now) for each compared training key that differs from `saved` (a checkpoint's
+    record of its run's config; None for checkpoints written before it was recorded: nothing to compare)."""
+    if not isinstance(saved, dict):
+        return []
+    now = training_settings(cfg)
+    return [(k, saved[k], now[k]) for k in now if k in saved and k not in NOT_COMPARED and saved[k] != now[k]]
 
 
 @dataclass
@@ -45,6 +83,7 @@ def claim_output_dir(output_dir: Path, cfg: TrainConfig, targets: list[str]) -> 
     shape = lora_shape(cfg, targets)
     if resume is not None:
         check_same_lora(resume, shape)
+        check_resumable_settings(resume, cfg)
         run_id = checkpoint_run_id(resume) or previous.get("run_id") or uuid.uuid4().hex
         if previous.get("run_id") != run_id:
             _write_run(output_dir, run_id, shape)
@@ -89,6 +128,18 @@ def check_same_lora(checkpoint: Path, shape: dict) -> None:
         raise UserError(
             f"{checkpoint} was trained with another LoRA ({'; '.join(differ)}); resume with the checkpoint's "
             "settings, or start a new run in another output_dir"
+        )
+
+
+def check_resumable_settings(checkpoint: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume `checkpoint` with a changed key the resumed run cannot take, naming each and why."""
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("config")
+    refused = [(k, old, new) for k, old, new in changed_settings(saved, cfg) if k in RESUME_REFUSED]
+    if refused:
+        lines = "; ".join(f"{k} {old!r} -> {new!r} ({RESUME_REFUSED[k]})" for k, old, new in refused)
+        raise UserError(
+            f"{checkpoint} cannot be resumed with these changes: {lines}. Resume with the checkpoint's values, "
+            "or start a new run in another output_dir"
         )
 
 

@@ -42,8 +42,8 @@ from train.memory import MEMORY_KEYS, MemoryPlan
 from train.metrics import StepRecord, TrainMetrics
 from train.model import LORA_TARGETS, check_lora_targets, check_precision_available, load_lora_transformer
 from train.objective import SigmaSchedule
-from train.optim import build_optimizer, build_scheduler
-from train.output_dir import RunClaim, claim_output_dir
+from train.optim import apply_resumed_settings, build_optimizer, build_scheduler
+from train.output_dir import RunClaim, changed_settings, claim_output_dir, training_settings
 from train.state import LoraWeights, OptimizerState, Progress, RngState
 from train.step import StepResult, optimizer_step
 from train.trackers import check_trackers_available, open_trackers
@@ -144,10 +144,19 @@ class Run:
         self.transformer.train()
 
     def _resume(self, checkpoint: Path) -> None:
-        _, missing = load_checkpoint(checkpoint, self.accelerator, self.parts)
+        state, missing = load_checkpoint(checkpoint, self.accelerator, self.parts)
         if self.ema is not None and "ema" in missing:  # use_ema turned on for this resume: start the EMA here
             self.ema.load_state_dict(LoraWeights(self.params).state_dict())
+        # The loaded optimizer and schedule hold the saved rate, betas, ...: the config's apply from here on.
+        apply_resumed_settings(self.optimizer.optimizer, self.scheduler, self.cfg)
         log.info("resumed from %s at step %d (epoch %d)", checkpoint, self.progress.step, self.loader.epoch)
+        changed = changed_settings(state.get("config"), self.cfg)  # refused ones stopped the run before loading
+        if changed:
+            log.info(
+                "settings changed since that checkpoint, applied from step %d on: %s",
+                self.progress.step,
+                "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changed),
+            )
 
     @property
     def step_count(self) -> int:
@@ -215,6 +224,7 @@ class Run:
 
     def save_checkpoint(self, step: int) -> None:
         state = {"lora_config": self.lora_config, "flavour": self.cfg.model_flavour, "run_id": self.claim.run_id}
+        state["config"] = training_settings(self.cfg)  # a resume says what changed since
         save_checkpoint(self.output_dir, step, self.accelerator, self.parts, state, self.cfg.checkpoints_total_limit)
 
     def finish(self) -> Path:

@@ -145,6 +145,30 @@ def test_a_flipped_byte_or_a_senseless_state_makes_a_checkpoint_damaged_for_resu
     assert "step -5 is not a step count" in caplog.text
 
 
+def test_resume_applies_and_lists_a_changed_rate_and_refuses_a_changed_batch_size(
+    project,  # noqa: F811
+    tmp_path,
+    caplog,
+):
+    import csv
+    import logging
+
+    out = tmp_path / "run"
+    base = {"lr_scheduler": "constant", "logging_steps": 1, "checkpointing_steps": 2}
+    train(load_config(project(out, max_train_steps=2, learning_rate=1e-4, **base)))
+    with pytest.raises(UserError, match=r"train_batch_size 2 -> 1 \(the data order"):
+        train(load_config(project(out, max_train_steps=3, train_batch_size=1, resume_from_checkpoint="latest", **base)))
+
+    caplog.set_level(logging.INFO)
+    resumed = project(out, max_train_steps=3, learning_rate=5e-4, resume_from_checkpoint="latest", **base)
+    train(load_config(resumed))
+    listed = "settings changed since that checkpoint, applied from step 2 on: learning_rate 0.0001 -> 0.0005"
+    assert listed in caplog.text
+    with open(out / "train_log.csv") as f:
+        rates = {int(row["step"]): float(row["lr"]) for row in csv.DictReader(f)}
+    assert rates[2] == pytest.approx(1e-4) and rates[3] == pytest.approx(5e-4)  # the new rate, not the saved one
+
+
 def test_weights_that_went_nan_are_never_saved_and_the_stop_names_a_finite_checkpoint(
     project,  # noqa: F811
     tmp_path,
