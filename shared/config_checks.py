@@ -63,6 +63,10 @@ def check_ranges(train: TrainConfig, config_path: Path) -> None:
         ("eval_steps_interval", train.eval_steps_interval >= 0, ">= 0 (0: every validation_step_interval)"),
         ("eval_timesteps", train.eval_timesteps >= 1, ">= 1"),
         ("logging_steps", train.logging_steps >= 1, ">= 1"),
+        # torch seeds are 64-bit; each process adds its index, and previews may use the seed as it is
+        ("seed", 0 <= train.seed < 2**63 - 1024, "an integer in [0, 2**63 - 1024)"),
+        ("crop_seed", 0 <= train.crop_seed < 2**63, "an integer in [0, 2**63)"),
+        ("validation_seed", -1 <= train.validation_seed < 2**63 - 1024, "-1 (the seed) or an integer below 2**63"),
     ]
     for key, ok, allowed in rules:
         if not ok:

@@ -28,8 +28,14 @@ class CacheLock:
         self.stale: dict | None = None  # the previous holder, when it was killed mid-build
 
     def __enter__(self) -> CacheLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:  # a read-only disk or folder, or one this user may not write
+            raise UserError(
+                f"{self.path.parent}: cannot write this cache ({err.strerror}). Make the folder writable, or point "
+                "cache_dir (cache_dir_vae) of the dataset at a writable folder"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

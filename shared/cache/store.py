@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
@@ -116,15 +117,26 @@ class CacheStore:
         """The manifest's column names (caches written before a column existed lack it)."""
         if not self.exists(MANIFEST):
             raise UserError(f"{self.location}: no {MANIFEST}; build the cache first with `prep build-cache`")
-        with self.fs[0].open(self._path(MANIFEST), "rb") as f:
+        with self._readable_manifest(), self.fs[0].open(self._path(MANIFEST), "rb") as f:
             return pq.read_schema(f).names
+
+    @contextmanager
+    def _readable_manifest(self) -> Iterator[None]:
+        """A manifest Parquet cannot read (cut short, overwritten) is the user's to repair, with the command."""
+        try:
+            yield
+        except pa.ArrowException as err:
+            raise UserError(
+                f"{self.url(MANIFEST)}: unreadable ({str(err).splitlines()[0]}): cut short or damaged. Run "
+                "`prep build-cache` again: it writes the manifest anew (the sealed shards are reused)"
+            ) from None
 
     def read_manifest(self, columns: list[str] | None = None) -> pa.Table:
         """The manifest as an Arrow table (only `columns`, if given), its schema metadata kept."""
         if not self.exists(MANIFEST):
             raise UserError(f"{self.location}: no {MANIFEST}; build the cache first with `prep build-cache`")
         fs, _ = self.fs
-        with fs.open(self._path(MANIFEST), "rb") as f:
+        with self._readable_manifest(), fs.open(self._path(MANIFEST), "rb") as f:
             table = pq.read_table(f, columns=columns)
         check_shard_paths(table, self.url(MANIFEST))
         return table
@@ -135,7 +147,7 @@ class CacheStore:
         if not self.exists(MANIFEST):
             raise UserError(f"{self.location}: no {MANIFEST}; build the cache first with `prep build-cache`")
         fs, _ = self.fs
-        with fs.open(self._path(MANIFEST), "rb") as f:
+        with self._readable_manifest(), fs.open(self._path(MANIFEST), "rb") as f:
             parquet = pq.ParquetFile(f)
             for batch in parquet.iter_batches(batch_size=rows_per_batch, columns=columns):
                 check_shard_paths(batch, self.url(MANIFEST))

@@ -281,3 +281,27 @@ def test_a_cache_from_before_dropout_records_trains_and_rebuilds_without_encodin
     for i in range(len(train_reader)):
         embeds = train_reader.load(train_reader.row(i))[1]
         assert embeds.dropout is not None
+
+
+def test_an_unwritable_cache_dir_or_a_truncated_manifest_is_one_message_not_an_internal_error(demo_project, tmp_path):
+    config_path = demo_project("edit-v1", n_samples=2)
+    backend_path = tmp_path / "multidatabackend.json"
+    backend = json.loads(backend_path.read_text())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    original = backend[0]["cache_dir_vae"]
+    backend[0]["cache_dir_vae"] = str(blocker / "cache")  # a folder that cannot be made
+    backend_path.write_text(json.dumps(backend))
+    result = CliRunner().invoke(app, ["build-cache", "--config", str(config_path)])
+    assert result.exit_code == 1 and "internal error" not in result.output, result.output
+    assert f"{blocker / 'cache'}: cannot write this cache" in result.output
+
+    backend[0]["cache_dir_vae"] = original
+    backend_path.write_text(json.dumps(backend))
+    (cache,) = build_cache(load_config(config_path), device="cpu")
+    manifest = cache / "manifest.parquet"
+    manifest.write_bytes(manifest.read_bytes()[:-300])
+    with pytest.raises(UserError, match="manifest.parquet: unreadable .*prep build-cache"):
+        open_caches(load_config(config_path))
+    build_cache(load_config(config_path), device="cpu")  # repairs it
+    assert verify_cache(str(cache)).intact

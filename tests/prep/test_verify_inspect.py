@@ -213,3 +213,29 @@ def test_records_of_removed_samples_in_a_shard_still_used_are_a_note_not_damage(
     result = _verify(cache)
     assert result.exit_code == 0, result.output
     assert "records no sample uses any more" in result.output
+
+
+def test_verify_of_a_changed_or_truncated_manifest_exits_1_with_one_message_every_time(demo_project):
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    (cache,) = build_cache(load_config(demo_project("edit-v1", n_samples=3)), device="cpu")
+    manifest = cache / "manifest.parquet"
+    table = pq.read_table(manifest)
+    lens = table.column("prompt_lens").to_pylist()
+    lens[0] = [lens[0][0] + 1]
+    table = table.set_column(table.schema.get_field_index("prompt_lens"), "prompt_lens", [lens])
+    pq.write_table(table.replace_schema_metadata(table.schema.metadata), manifest)
+    command = [sys.executable, "-m", "prep.cli", "verify", str(cache)]
+    for _ in range(3):  # it used to die at exit ("terminate called without an active exception") now and then
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "differs from the manifest the build wrote" in result.stdout + result.stderr
+        assert "terminate called" not in result.stderr and "Traceback" not in result.stderr
+
+    manifest.write_bytes(manifest.read_bytes()[:-200])  # cut short
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "internal error" not in result.stderr
+    assert f"{manifest}: unreadable" in result.stdout + result.stderr

@@ -152,6 +152,8 @@ def test_two_main_datasets_pointed_at_one_cache_dir_are_refused_naming_both(tmp_
         ("lora_dropout", 1.0, r"in \[0, 1\)"),
         ("dataloader_num_workers", -1, ">= 0"),
         ("checkpoints_total_limit", -2, ">= 0"),
+        ("seed", 2**70, r"\[0, 2\*\*63"),  # torch's generators take 64 bits: it used to crash training
+        ("seed", -1, r"\[0, 2\*\*63"),
     ],
 )
 def test_a_value_that_makes_no_sense_is_refused_with_the_key_and_the_allowed_range(tmp_path, key, value, allowed):
