@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
 from shared.cli import leaving_process_group, load_config_and_report, user_errors
-from shared.errors import UserError
+from shared.errors import Stopped, UserError
 from shared.logs import setup_logging
 
 app = typer.Typer(help="Validate edit-pair datasets and build the cache that `train` reads.", no_args_is_help=True)
@@ -53,7 +56,7 @@ def build_cache_command(
     """Validate the datasets, then encode VAE latents and Qwen2.5-VL embeddings into the cache."""
     from prep.build import build_cache, default_device
 
-    with user_errors(), leaving_process_group():
+    with user_errors(), leaving_process_group(), stops_said(config):
         check_build_flags(device, workers, batch_size)
         cfg = load_config_and_report(config)
         caches = build_cache(
@@ -62,6 +65,32 @@ def build_cache_command(
     if int(os.environ.get("RANK", "0")) == 0:  # one line per cache, also when launched on several ranks
         for cache in caches:
             typer.echo(f"cache ready: {cache}")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job), raised where Ctrl-C would be, so the build ends the same way."""
+
+
+@contextmanager
+def stops_said(config: Path) -> Iterator[None]:
+    """Ctrl-C or SIGTERM during a build: the open shard is sealed as the build unwinds (prep/pipeline.py), then
+    one line says what is kept and how to go on."""
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        signum = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
+        raise Stopped(
+            signum,
+            f"stopped by {signal.Signals(signum).name}: every sample encoded so far is kept in sealed shards; run "
+            f"`prep build-cache --config {config}` again to encode only the rest",
+        ) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_build_flags(device: str, workers: int | None, batch_size: int | None) -> None:

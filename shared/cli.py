@@ -16,18 +16,22 @@ import typer
 
 from shared import config_report, simpletuner
 from shared.config import Config, load_config
-from shared.errors import InternalError, UserError
+from shared.errors import InternalError, Stopped, UserError
 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """A `UserError` inside becomes one line on stderr and exit code 1, never a traceback. Anything else
-    is a bug: one line that says so and where the full traceback was written, and exit code 2."""
+    """A `UserError` inside becomes one line on stderr and exit code 1, never a traceback; a `Stopped` its line
+    and 128 + the signal's number. Anything else is a bug: one line that says so and where the full traceback
+    was written, and exit code 2."""
     try:
         yield
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
+    except Stopped as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(err.exit_code) from None
     except (KeyboardInterrupt, SystemExit, typer.Exit):
         raise
     except InternalError as err:

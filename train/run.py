@@ -34,7 +34,7 @@ from shared.logs import setup_logging
 from shared.models import load_scheduler_config
 from train import export
 from train.blocks import TRAINING_GRAPHS, attention_backends
-from train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from train.checkpoint import checkpoint_run_id, list_checkpoints, load_checkpoint, save_checkpoint
 from train.ema import LoraEMA
 from train.eval_data import EvalSet
 from train.loader import CacheReader, TrainLoader
@@ -222,10 +222,23 @@ class Run:
         every = self.cfg.checkpointing_steps
         return bool(every) and (step % every == 0 or last)
 
-    def save_checkpoint(self, step: int) -> None:
+    def save_checkpoint(self, step: int) -> Path | None:
+        """Checkpoint `step`; its directory, or None when the weights were not finite (nothing written)."""
         state = {"lora_config": self.lora_config, "flavour": self.cfg.model_flavour, "run_id": self.claim.run_id}
         state["config"] = training_settings(self.cfg)  # a resume says what changed since
-        save_checkpoint(self.output_dir, step, self.accelerator, self.parts, state, self.cfg.checkpoints_total_limit)
+        limit = self.cfg.checkpoints_total_limit
+        return save_checkpoint(self.output_dir, step, self.accelerator, self.parts, state, limit)
+
+    def last_checkpoint(self) -> Path | None:
+        mine = [p for p in list_checkpoints(self.output_dir) if checkpoint_run_id(p) == self.claim.run_id]
+        return mine[-1] if mine else None
+
+    def resume_line(self, signal_name: str, step: int, checkpoint: Path | None) -> str:
+        """What a stopped run says: where it stopped, what holds its work, and the command that continues it."""
+        kept = checkpoint or self.last_checkpoint()
+        where = f"{kept} holds the work" if kept else "no checkpoint holds the work yet"
+        command = f"train run --config {self.config.config_path} --resume-from-checkpoint latest"
+        return f"stopped by {signal_name} at step {step}: {where}; continue with `{command}`"
 
     def finish(self) -> Path:
         """Close the metrics, check the ranks agree, export the LoRA (and its EMA); the diffusers LoRA's path."""

@@ -314,3 +314,26 @@ def test_workers_and_shape_batches_give_the_same_cache(demo_project):
     for sample_id, tensors in _tensors(cache, rows).items():
         for a, b in zip(tensors, expected_tensors[sample_id], strict=True):
             torch.testing.assert_close(a.float(), b.float(), rtol=1.6e-2, atol=1e-2)
+
+
+def test_sigterm_during_a_build_keeps_what_was_encoded_and_says_how_to_go_on(demo_project, monkeypatch):
+    config_path = demo_project("edit-v1", n_samples=5)
+    calls = []
+    real = prep.pipeline.encode_prepared
+
+    def terminating(batch, *args, **kwargs):
+        calls.extend(batch)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # a scheduler stops the job during the fourth sample
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(prep.pipeline, "encode_prepared", terminating)
+    result = CliRunner().invoke(app, ["build-cache", "--config", str(config_path), "--device", "cpu"])
+    assert result.exit_code == 143, result.output
+    assert "stopped by SIGTERM: every sample encoded so far is kept" in result.output
+    assert f"`prep build-cache --config {config_path}` again" in result.output
+    monkeypatch.undo()
+
+    encoded = _count_encodes(monkeypatch)
+    build_cache(load_config(config_path), device="cpu")
+    assert len(encoded) == 2, "the three samples encoded before the stop are kept"

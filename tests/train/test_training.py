@@ -86,6 +86,44 @@ def test_stop_and_resume_equals_training_straight_through(project, tmp_path, lev
         assert [int(line.split(",")[0]) for line in lines[1:]] == [1, 2, 3, 4, 5, 6]
 
 
+def test_sigterm_stops_after_the_step_with_a_checkpoint_there_and_the_resume_equals_a_straight_run(
+    project, tmp_path, monkeypatch
+):
+    """A scheduler's SIGTERM mid-run: the step finishes, a checkpoint is written at it (step 3: not a checkpoint
+    step), the run ends with the line naming it and the resume command; resuming gives the straight run's LoRA."""
+    import signal
+
+    import train.run as run_module
+    from shared.errors import Stopped
+    from train.checkpoint import checkpoint_problem
+
+    straight = train(load_config(project(tmp_path / "straight", max_train_steps=5)))
+
+    real = run_module.Run.step
+
+    def stepping(self):
+        result = real(self)
+        if self.step_count == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during the step's work, as a scheduler's would
+        return result
+
+    monkeypatch.setattr(run_module.Run, "step", stepping)
+    stopped_dir = tmp_path / "stopped"
+    with pytest.raises(Stopped) as stop:
+        train(load_config(project(stopped_dir, max_train_steps=5)))
+    monkeypatch.undo()
+    kept = stopped_dir / "checkpoints" / "checkpoint-000003"
+    assert stop.value.exit_code == 143
+    assert f"stopped by SIGTERM at step 3: {kept} holds the work" in str(stop.value)
+    assert "--resume-from-checkpoint latest" in str(stop.value)
+    assert checkpoint_problem(kept) is None
+
+    resumed = train(load_config(project(stopped_dir, max_train_steps=5, resume_from_checkpoint="latest")))
+    x, y = load_file(straight), load_file(resumed)
+    for key in x:
+        torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-6)
+
+
 def test_report_to_all_logs_to_tensorboard_and_weights_and_biases_and_a_resume_continues_the_run(
     project, tmp_path, monkeypatch
 ):
