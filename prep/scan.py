@@ -202,6 +202,9 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
     def error(kind: str, dataset_id: str, path, message: str) -> None:
         result.findings.append(Finding("error", kind, dataset_id, str(path), f"{path}: {message}"))
 
+    # Files already named (a broken link, a name that is not UTF-8): not reported again as missing their pair.
+    named: dict[Path, set[str]] = {}
+    folders_missing = False  # a dataset folder missing or empty: pairing would only repeat that, file by file
     for dataset in [main, *conds]:
         root = Path(dataset.instance_data_dir)
         listing = walk_images(root)
@@ -230,7 +233,9 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
             error(
                 "broken symlink", dataset.id, root / name, "a symlink to a file that does not exist; fix or remove it"
             )
+        named[root] = set(listing.broken) | {name for name in listing.images if not _utf8(name)}
         if not root.is_dir():
+            folders_missing = True
             error(
                 "missing folder",
                 dataset.id,
@@ -238,13 +243,14 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
                 f"folder of dataset '{dataset.id}' does not exist; fix instance_data_dir",
             )
         elif not result.listings[root]:
+            folders_missing = True
             error(
                 "empty folder",
                 dataset.id,
                 root,
                 f"no images in dataset '{dataset.id}'; add images or fix instance_data_dir",
             )
-    if any(f.severity == "error" for f in result.findings):
+    if folders_missing:
         return result
 
     table = None
@@ -308,6 +314,8 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
                 references[relpath].append(root / found[0])
                 continue
             references[relpath].append(None)
+            if not found and keys[relpath] in named[root]:
+                continue  # its reference is the broken link (or unusable name) reported above
             if not found:
                 counts.missing += 1
                 near = folded.get(_fold(relpath))
@@ -319,7 +327,10 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
                     f"no reference at {root / relpath}{hint}; "
                     "add it with the same relative path, or remove the edit image",
                 )
+        named_main = {_stem(n) if cond.match == "stem" else n for n in named[main_root]}
         for extra in extras:
+            if (_stem(extra) if cond.match == "stem" else extra) in named_main:
+                continue  # its edit image is the broken link (or unusable name) reported above
             counts.extra += 1
             error(
                 "reference without edit image",

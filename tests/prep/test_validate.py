@@ -210,3 +210,39 @@ def test_a_caption_table_line_that_is_not_an_object_is_reported_with_its_line(de
     report = validate(load_config(config_path))
     assert not report.trainable
     assert any("line 2 is a JSON list, not an object" in f.message for f in report.errors), report.render()
+
+
+def test_unreadable_files_beside_pairing_and_caption_problems_are_all_reported_in_one_pass(demo_project, tmp_path):
+    """A truncated PNG, a 0-byte reference, a text file named .png and a broken link must not hide the pairing and
+    caption problems in the same folders: each of the ten is named in one report."""
+    import os
+    import shutil
+
+    config_path = demo_project("edit-v1", n_samples=10)
+    images, refs = tmp_path / "data" / "images", tmp_path / "data" / "reference"
+    (images / "pair_0000.png").write_bytes((images / "pair_0000.png").read_bytes()[:200])
+    (refs / "pair_0001.png").write_bytes(b"")
+    (images / "pair_0002.png").write_text("not an image")
+    (refs / "pair_0003.png").unlink()
+    os.symlink(tmp_path / "gone.png", refs / "pair_0003.png")
+    (refs / "pair_0004.png").unlink()
+    shutil.copy(refs / "pair_0005.png", refs / "pair_9999.png")
+    (images / "pair_0006.txt").write_text("")
+    (images / "pair_0007.txt").write_text("  \n")
+    (images / "pair_0008.txt").unlink()
+
+    report = validate(load_config(config_path))
+    named = {(f.kind, os.path.basename(f.path)) for f in report.errors}
+    assert named == {
+        ("unreadable image", "pair_0000.png"),
+        ("unreadable image", "pair_0001.png"),
+        ("unreadable image", "pair_0002.png"),
+        ("broken symlink", "pair_0003.png"),
+        ("edit image without reference", "pair_0004.png"),
+        ("reference without edit image", "pair_9999.png"),
+        ("missing caption", "pair_0006.png"),
+        ("missing caption", "pair_0007.png"),
+        ("missing caption", "pair_0008.png"),
+    }
+    assert [s.relpath for s in report.samples["edits"]] == ["pair_0005.png", "pair_0009.png"]
+    assert "10 edit images, 2 usable" in report.render()
