@@ -1,9 +1,11 @@
 """Decode an image file into the 8-bit RGB picture the encoders expect, saying what had to change.
 
-Handled (and noted): EXIF orientation, transparency (flattened onto white), CMYK, 16-bit and
-grayscale (converted to 8-bit RGB). Refused with a message that names the file: empty files,
-files PIL cannot identify, truncated or corrupt data (never half-decoded), and images over a
-pixel-count limit (a guard against decompression bombs).
+Handled (and noted): EXIF orientation, transparency (flattened onto white), CMYK, 16-bit RGB and
+grayscale (reduced to 8 bits), float images (scaled by their real range: [0, 1], [0, 255] or
+[0, 65535]), animation (the first frame). Refused with a message that names the file: empty files,
+files PIL cannot identify, truncated or corrupt data (never half-decoded), float images with values
+outside those ranges or not finite, and images over a pixel-count limit (a guard against
+decompression bombs).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIma
                 width, height = opened.size  # from the header; nothing decoded yet
                 if width * height > max_pixels:
                     raise ImageError(_too_big(path, f"{width}x{height} = {width * height:,} pixels", max_pixels))
+                # PIL holds 16-bit RGB as 8-bit RGB: the file's raw mode says what it was
+                raw_modes = [tile[3] if isinstance(tile[3], str) else tile[3][0] for tile in opened.tile if tile[3]]
+                frames = getattr(opened, "n_frames", 1)
                 opened.load()
                 image = opened.copy()
                 orientation = opened.getexif().get(_EXIF_ORIENTATION, 1)
@@ -62,10 +67,14 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIma
         raise ImageError(f"{path}: truncated or corrupt ({err}); re-export it or remove it") from None
 
     notes = []
+    if frames > 1:
+        notes.append(f"animated ({frames} frames): its first frame is used")
+    if image.mode == "RGB" and any(";16" in str(mode) for mode in raw_modes):
+        notes.append("16-bit RGB reduced to 8 bits per channel")
     if orientation not in (1, None):
         image = ImageOps.exif_transpose(image)
         notes.append(f"rotated upright (EXIF orientation {orientation})")
-    image = _to_rgb8(image, notes)
+    image = _to_rgb8(image, notes, path)
     return DecodedImage(image, notes)
 
 
@@ -74,11 +83,13 @@ def load_rgb(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     return decode_image(path, max_pixels).image
 
 
-def _to_rgb8(image: Image.Image, notes: list[str]) -> Image.Image:
+def _to_rgb8(image: Image.Image, notes: list[str], path: Path) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if mode == "F":
+        return _float_to_rgb8(image, notes, path)
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit grayscale: scale the full range down to 8 bits instead of clipping at 255.
         values = np.asarray(image, dtype=np.float64)
         top = 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0
@@ -97,6 +108,24 @@ def _to_rgb8(image: Image.Image, notes: list[str]) -> Image.Image:
     elif mode != "P":
         notes.append(f"{mode} converted to RGB")
     return image.convert("RGB")
+
+
+def _float_to_rgb8(image: Image.Image, notes: list[str], path: Path) -> Image.Image:
+    """32-bit float grayscale, scaled by the range its values actually use; refused when that range is unclear."""
+    values = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ImageError(f"{path}: float image with NaN or infinite values; re-export it as 8- or 16-bit, or remove it")
+    low, high = float(values.min()), float(values.max())
+    ranges = [(1.0, "[0, 1]"), (255.0, "[0, 255]"), (65535.0, "[0, 65535]")]
+    top, named = next(((t, n) for t, n in ranges if high <= t), (0.0, ""))
+    if low < 0 or not top:
+        raise ImageError(
+            f"{path}: float image with values from {low:g} to {high:g}, outside [0, 1], [0, 255] and [0, 65535], "
+            "so its brightness is unclear; re-export it as 8- or 16-bit, or remove it"
+        )
+    notes.append(f"32-bit float grayscale (F, values in {named}) converted to 8-bit RGB")
+    eight = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(eight, mode="L").convert("RGB")
 
 
 def _too_big(path: Path, size: str, max_pixels: int) -> str:

@@ -22,7 +22,29 @@ import pyarrow.parquet as pq
 
 from shared.config import Config, DatasetConfig
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# Image files this tool does not read: named in the report (never skipped without a word).
+UNSUPPORTED_IMAGE_EXTENSIONS = {
+    ".heic",
+    ".heif",
+    ".avif",
+    ".jxl",
+    ".jp2",
+    ".svg",
+    ".psd",
+    ".ico",
+    ".tga",
+    ".exr",
+    ".hdr",
+    ".dng",
+    ".raw",
+    ".cr2",
+    ".cr3",
+    ".nef",
+    ".arw",
+    ".orf",
+    ".rw2",
+}
 
 
 @dataclass
@@ -78,6 +100,7 @@ class Listing:
     images: list[str] = field(default_factory=list)  # relative POSIX paths, sorted
     loops: list[str] = field(default_factory=list)  # symlinked folders that lead back to a folder already listed
     broken: list[str] = field(default_factory=list)  # image names whose symlink points at nothing
+    unsupported: list[str] = field(default_factory=list)  # image files of a format this tool does not read
 
 
 def list_images(root: Path) -> list[str]:
@@ -106,6 +129,8 @@ def walk_images(root: Path) -> Listing:
                         listing.images.append(prefix + entry.name)
                     elif entry.is_symlink():
                         listing.broken.append(prefix + entry.name)
+                elif os.path.splitext(entry.name)[1].lower() in UNSUPPORTED_IMAGE_EXTENSIONS:
+                    listing.unsupported.append(prefix + entry.name)
 
     if root.is_dir():
         walk(str(root), "")
@@ -232,6 +257,17 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
         for name in listing.broken:
             error(
                 "broken symlink", dataset.id, root / name, "a symlink to a file that does not exist; fix or remove it"
+            )
+        for name in sorted(listing.unsupported):
+            result.findings.append(
+                Finding(
+                    "warning",
+                    "image format not read",
+                    dataset.id,
+                    str(root / name),
+                    f"{root / name}: {os.path.splitext(name)[1]} files are not read, so it is left out; convert it "
+                    "to PNG or JPEG to train on it",
+                )
             )
         named[root] = set(listing.broken) | {name for name in listing.images if not _utf8(name)}
         if not root.is_dir():

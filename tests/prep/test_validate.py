@@ -246,3 +246,58 @@ def test_unreadable_files_beside_pairing_and_caption_problems_are_all_reported_i
     }
     assert [s.relpath for s in report.samples["edits"]] == ["pair_0005.png", "pair_0009.png"]
     assert "10 edit images, 2 usable" in report.render()
+
+
+def _png_16bit_rgb(path, pixels: np.ndarray) -> None:
+    """A 16-bit-per-channel RGB PNG (PIL cannot write one), [H, W, 3] uint16."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    height, width, _ = pixels.shape
+    raw = b"".join(b"\x00" + pixels[y].astype(">u2").tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+
+
+def test_animation_16_bit_rgb_and_float_images_are_converted_by_their_real_range_and_noted(tmp_path):
+    from PIL import Image
+
+    from prep.images import ImageError
+
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]
+    for suffix in ("gif", "webp"):
+        frames[0].save(tmp_path / f"moving.{suffix}", save_all=True, append_images=frames[1:])
+        decoded = decode_image(tmp_path / f"moving.{suffix}")
+        assert decoded.notes == ["animated (2 frames): its first frame is used"]
+        assert np.asarray(decoded.image)[..., 0].mean() > 240  # the red first frame
+    _png_16bit_rgb(tmp_path / "deep.png", np.full((8, 8, 3), 65535, dtype=np.uint16))
+    assert decode_image(tmp_path / "deep.png").notes == ["16-bit RGB reduced to 8 bits per channel"]
+
+    for values, top, named in ((0.5, 1.0, "[0, 1]"), (100.0, 255.0, "[0, 255]"), (30000.0, 65535.0, "[0, 65535]")):
+        Image.fromarray(np.full((8, 8), values, dtype=np.float32), mode="F").save(tmp_path / "float.tif")
+        decoded = decode_image(tmp_path / "float.tif")
+        assert decoded.notes == [f"32-bit float grayscale (F, values in {named}) converted to 8-bit RGB"]
+        assert np.asarray(decoded.image).mean() == pytest.approx(values / top * 255, abs=1)  # never black
+    Image.fromarray(np.full((8, 8), -2.0, dtype=np.float32), mode="F").save(tmp_path / "float.tif")
+    with pytest.raises(ImageError, match="float image with values from -2 to -2"):
+        decode_image(tmp_path / "float.tif")
+
+
+def test_gif_pairs_train_and_formats_not_read_are_named(demo_project, tmp_path):
+    from PIL import Image
+
+    config_path = demo_project("edit-v1", n_samples=2)
+    images, refs = tmp_path / "data" / "images", tmp_path / "data" / "reference"
+    for folder in (images, refs):
+        Image.open(folder / "pair_0001.png").save(folder / "pair_0001.gif")
+        (folder / "pair_0001.png").unlink()
+    (images / "photo.heic").write_bytes(b"\x00" * 64)
+    report = validate(load_config(config_path))
+    assert sorted(s.relpath for s in report.samples["edits"]) == ["pair_0000.png", "pair_0001.gif"]
+    (warning,) = [f for f in report.warnings if f.kind == "image format not read"]
+    assert warning.path == str(images / "photo.heic") and "convert it to PNG or JPEG" in warning.message
