@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prep.buckets import bucket_size, calculate_dimensions, meets_minimum
+from prep.buckets import bucket_size, calculate_dimensions, meets_minimum, plan_placement
 from prep.file_records import FileRecord, file_sha256, load_records, stat_record, unchanged
 from prep.images import ImageError, decode_image
 from prep.scan import Finding, Sample, ScanResult, scan_dataset
@@ -249,12 +249,37 @@ def validate(config: Config, workers: int | None = None) -> Report:
                     )
             if not mismatched:
                 kept.append(sample)
+                crop = crop_warning(sample, (target_w, target_h), main, config.train.crop_seed)
+                if crop:
+                    findings.append(crop)
         samples[main.id] = hold_out(config, kept)
     sampling = config.train.conditioning_multidataset_sampling
     report = Report(str(config.config_path), config.train.model_flavour, scans, findings, samples, sampling=sampling)
     report.files, report.decoded = infos, len(todo)
     report.records_current = not todo and infos.keys() == known.keys()
     return report
+
+
+MAX_CROPPED = 0.5  # share of an image's area its crop may cut away before the report says so
+
+
+def crop_warning(sample: Sample, size: tuple[int, int], main: DatasetConfig, seed: int) -> Finding | None:
+    """A warning when the crop to its bucket cuts away more than half of the edit image (and its strict
+    references, which share its placement)."""
+    placement = plan_placement(*size, main, seed, sample.sample_id)
+    left, top, right, bottom = placement.box
+    kept = (right - left) * (bottom - top) / (placement.scaled[0] * placement.scaled[1])
+    if 1 - kept <= MAX_CROPPED:
+        return None
+    why = "crop_aspect square" if main.crop and main.crop_aspect == "square" else "the bucket's aspect limits"
+    return Finding(
+        "warning",
+        "more than half of the image cropped away",
+        main.id,
+        str(sample.image),
+        f"{sample.image}: {size[0]}x{size[1]} keeps {kept:.0%} of its area in its {placement.size[0]}x"
+        f"{placement.size[1]} bucket ({why}); crop or pad it yourself to choose what stays, or remove it",
+    )
 
 
 def vl_size_problem(width: int, height: int, flavour: Flavour) -> str:

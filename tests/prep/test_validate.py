@@ -301,3 +301,19 @@ def test_gif_pairs_train_and_formats_not_read_are_named(demo_project, tmp_path):
     assert sorted(s.relpath for s in report.samples["edits"]) == ["pair_0000.png", "pair_0001.gif"]
     (warning,) = [f for f in report.warnings if f.kind == "image format not read"]
     assert warning.path == str(images / "photo.heic") and "convert it to PNG or JPEG" in warning.message
+
+
+def test_a_crop_that_cuts_away_more_than_half_is_warned_with_what_stays(demo_project, tmp_path):
+    from PIL import Image
+
+    config_path = demo_project("edit-v1", n_samples=2, resolution=64)
+    for folder in ("images", "reference"):
+        Image.new("RGB", (4000, 64), "white").save(tmp_path / "data" / folder / "pair_0001.png")
+    report = validate(load_config(config_path))
+    assert report.trainable
+    (warning,) = [f for f in report.warnings if f.kind == "more than half of the image cropped away"]
+    assert (
+        warning.path.endswith("pair_0001.png")
+        and "4000x64 keeps 26% of its area in its 512x32 bucket" in warning.message
+    )
+    assert "more than half of the image cropped away (1)" in report.render()
