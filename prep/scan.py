@@ -184,10 +184,14 @@ class CaptionTable:
                 f"set parquet.filename_column / parquet.caption_column of dataset '{dataset_id}'"
             )
         self.captions: dict[str, list[str]] = {}
+        rows_per_name: dict[str, int] = {}
         for row in rows:
             value = row[caption_column]
             captions = value if isinstance(value, list) else [value]
-            self.captions[str(row[filename_column])] = [str(c).strip() for c in captions if c and str(c).strip()]
+            name = str(row[filename_column])
+            rows_per_name[name] = rows_per_name.get(name, 0) + 1
+            self.captions[name] = [str(c).strip() for c in captions if c and str(c).strip()]
+        self.repeated = {name: n for name, n in rows_per_name.items() if n > 1}  # names with several rows
 
     def lookup(self, relpath: str) -> list[str]:
         """Captions of `relpath`, keyed in the table by the relative path, with or without extension, or name."""
@@ -299,6 +303,14 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
                 main.id,
                 main.parquet.get("path", "<no parquet.path>"),
                 f"cannot read captions ({err})",
+            )
+        for name, n in sorted(table.repeated.items()) if table else []:
+            error(
+                "caption table problem",
+                main.id,
+                table.path,
+                f"'{name}' has {n} rows, so which caption it trains with is unclear; keep one row per image "
+                "(several captions go in one row, as a list)",
             )
 
     images = result.listings[main_root]

@@ -142,7 +142,7 @@ def inspect_image(path: Path, record: FileRecord) -> FileRecord:
 def validate(config: Config, workers: int | None = None) -> Report:
     """Check every main dataset of `config` and its references; decode each new or changed image once."""
     scans = [scan_dataset(config, main) for main in config.main_datasets()]
-    findings = [f for scan in scans for f in scan.findings]
+    findings = [f for scan in scans for f in scan.findings] + eval_overlap(config)
 
     # Every image file of every dataset involved, each decoded once (in threads: PIL releases the GIL).
     owners: dict[Path, DatasetConfig] = {}
@@ -258,6 +258,35 @@ def validate(config: Config, workers: int | None = None) -> Report:
     report.files, report.decoded = infos, len(todo)
     report.records_current = not todo and infos.keys() == known.keys()
     return report
+
+
+def eval_overlap(config: Config) -> list[Finding]:
+    """A warning when the eval dataset's folder is a training dataset's, or inside one, or holds one: its
+    held-out loss and previews would then be measured on images the LoRA trains on."""
+    eval_id = config.train.eval_dataset_id
+    mains = config.main_datasets()
+    evals = [m for m in mains if m.id == eval_id]
+    if not evals:
+        return []
+    eval_dir = Path(evals[0].instance_data_dir).resolve()
+    found = []
+    for main in mains:
+        train_dir = Path(main.instance_data_dir).resolve()
+        if main.id != eval_id and (
+            eval_dir == train_dir or train_dir in eval_dir.parents or eval_dir in train_dir.parents
+        ):
+            found.append(
+                Finding(
+                    "warning",
+                    "eval data overlaps training data",
+                    eval_id,
+                    str(eval_dir),
+                    f"{eval_dir}: the eval dataset '{eval_id}' shares its folder with training dataset '{main.id}' "
+                    f"({train_dir}), so the held-out loss and previews are measured on training images; give the "
+                    "eval dataset a folder of its own",
+                )
+            )
+    return found
 
 
 MAX_CROPPED = 0.5  # share of an image's area its crop may cut away before the report says so

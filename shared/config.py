@@ -230,17 +230,30 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def one_spelling_per_key(raw: dict[str, Any], config_path: Path) -> dict[str, Any]:
+    """Keys by the names used here: SimpleTuner's `--name` (command-line form) and older names (`_ALIASES`)
+    read as `name`. One key given under two spellings with different values is refused, naming both."""
+    spelled: dict[str, tuple[str, Any]] = {}  # name used here -> (the spelling the file used, its value)
+    for key, value in raw.items():
+        name = key.removeprefix("--")
+        name = _ALIASES.get(name, name)
+        if name in spelled and spelled[name][1] != value:
+            first, before = spelled[name]
+            raise UserError(
+                f"{config_path}: '{first}' ({json.dumps(before, default=str)}) and '{key}' "
+                f"({json.dumps(value, default=str)}) set the same key to different values; keep one"
+            )
+        spelled.setdefault(name, (key, value))
+    return {name: value for name, (_, value) in spelled.items()}
+
+
 def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
     """Read `config.json` and the `multidatabackend.json` it names.
 
     `overrides` (from CLI flags) replace config keys of the same name for one run.
     """
     config_path = Path(config_path)
-    raw = read_config_file(config_path, expect=dict)
-    raw = {k.removeprefix("--"): v for k, v in raw.items()}
-    for old, new in _ALIASES.items():  # SimpleTuner's older names
-        if old in raw and new not in raw:
-            raw[new] = raw.pop(old)
+    raw = one_spelling_per_key(read_config_file(config_path, expect=dict), config_path)
     raw.update(overrides or {})
     raw = expand_placeholders(raw, str(raw.get("model_family", TrainConfig.model_family)), str(config_path))
     check_validation_resolution(raw.get("validation_resolution"), config_path)

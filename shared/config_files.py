@@ -13,6 +13,19 @@ from shared import simpletuner
 from shared.errors import UserError
 
 
+def _one_value_per_key(pairs: list[tuple[str, Any]], path: Path) -> dict[str, Any]:
+    """A JSON object's keys, refusing one given twice (JSON would keep the last without a word)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise UserError(
+                f"{path}: key '{key}' is given twice in one object ({json.dumps(seen[key])} and {json.dumps(value)}); "
+                "keep the one you mean"
+            )
+        seen[key] = value
+    return seen
+
+
 def read_config_file(path: Path, expect: type) -> Any:
     """A config file as SimpleTuner reads it: JSON (with `//` and `/* */` comments, as its guides write
     them; UTF-8 or UTF-16), TOML for a `.toml` file, or SimpleTuner's `config.env` (`export NAME=value` lines,
@@ -35,7 +48,8 @@ def read_config_file(path: Path, expect: type) -> Any:
         data.update({f"{name} (config.env variable)": None for name in unknown})  # reported as read past
     else:
         try:
-            data = json.loads(strip_json_comments(text))
+            refuse_repeats = lambda pairs: _one_value_per_key(pairs, path)  # noqa: E731
+            data = json.loads(strip_json_comments(text), object_pairs_hook=refuse_repeats)
         except json.JSONDecodeError as err:
             raise UserError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, expect):

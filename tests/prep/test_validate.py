@@ -317,3 +317,26 @@ def test_a_crop_that_cuts_away_more_than_half_is_warned_with_what_stays(demo_pro
         and "4000x64 keeps 26% of its area in its 512x32 bucket" in warning.message
     )
     assert "more than half of the image cropped away (1)" in report.render()
+
+
+def test_two_caption_rows_for_one_image_and_an_eval_dataset_over_the_training_folder_are_named(demo_project, tmp_path):
+    config_path = demo_project("edit-v1", n_samples=3)
+    table = tmp_path / "captions.jsonl"
+    rows = [("pair_0000.png", "make it red"), ("pair_0001.png", "make it blue"), ("pair_0001.png", "make it green")]
+    rows.append(("pair_0002.png", "make it pink"))
+    table.write_text("".join(json.dumps({"filename": f, "caption": c}) + "\n" for f, c in rows))
+    backend_path = tmp_path / "multidatabackend.json"
+    backend = json.loads(backend_path.read_text())
+    backend[0].update(caption_strategy="parquet", parquet={"path": str(table)})
+    backend_path.write_text(json.dumps(backend))
+    report = validate(load_config(config_path))
+    assert any("'pair_0001.png' has 2 rows" in f.message for f in report.errors), report.render()
+
+    held_out = dict(backend[0], id="held-out", conditioning_data=backend[0]["conditioning_data"])
+    held_out["cache_dir_vae"] = str(tmp_path / "eval-cache")
+    backend_path.write_text(json.dumps([*backend, held_out]))
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, eval_dataset_id="held-out")))
+    report = validate(load_config(config_path))
+    (overlap,) = [f for f in report.warnings if f.kind == "eval data overlaps training data"]
+    assert "shares its folder with training dataset 'edits'" in overlap.message

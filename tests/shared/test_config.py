@@ -379,3 +379,20 @@ def test_captions_set_on_a_reference_dataset_are_named_as_unused(tmp_path):
     ]
     (note,) = notes(load_config(_write(tmp_path, {}, backend)))
     assert note.startswith("note: dataset 'refs' sets caption_strategy, which a reference dataset does not use")
+
+
+def test_a_key_given_twice_or_under_two_spellings_with_different_values_is_refused_naming_both(tmp_path):
+    path = _write(tmp_path, {}, BACKEND)
+    text = path.read_text()
+    path.write_text(text[:-1] + ', "lora_rank": 8, "lora_rank": 32}')
+    with pytest.raises(UserError, match=r"key 'lora_rank' is given twice in one object \(8 and 32\)"):
+        load_config(path)
+
+    path = _write(tmp_path, {"lora_rank": 8, "--lora_rank": 32}, BACKEND)
+    with pytest.raises(UserError, match=r"'lora_rank' \(8\) and '--lora_rank' \(32\) set the same key"):
+        load_config(path)
+    path = _write(tmp_path, {"checkpointing_steps": 500, "checkpoint_step_interval": 100}, BACKEND)
+    with pytest.raises(UserError, match=r"'checkpointing_steps' \(500\) and 'checkpoint_step_interval' \(100\)"):
+        load_config(path)
+    same = load_config(_write(tmp_path, {"lora_rank": 8, "--lora_rank": 8, "checkpoint_step_interval": 100}, BACKEND))
+    assert same.train.lora_rank == 8 and same.train.checkpointing_steps == 100  # one value, however spelled
