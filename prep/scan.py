@@ -101,6 +101,8 @@ class Listing:
     loops: list[str] = field(default_factory=list)  # symlinked folders that lead back to a folder already listed
     broken: list[str] = field(default_factory=list)  # image names whose symlink points at nothing
     unsupported: list[str] = field(default_factory=list)  # image files of a format this tool does not read
+    outside: list[str] = field(default_factory=list)  # links leading outside the root (not followed): name -> target
+    targets: dict[str, str] = field(default_factory=dict)  # where each of `outside` leads
 
 
 def list_images(root: Path) -> list[str]:
@@ -108,11 +110,25 @@ def list_images(root: Path) -> list[str]:
     return walk_images(root).images
 
 
-def walk_images(root: Path) -> Listing:
+def outside(path: Path, root: Path) -> bool:
+    """Whether `path`, its links resolved, lies outside `root` (also resolved)."""
+    real, real_root = path.resolve(), root.resolve()
+    return real != real_root and real_root not in real.parents
+
+
+def walk_images(root: Path, allow_outside: bool = False) -> Listing:
     """Every image under `root`: one `scandir` per folder (no `stat` per regular file), symlinked folders
-    followed, each real folder listed once (a link back to a folder already seen is a loop, reported)."""
+    followed, each real folder listed once (a link back to a folder already seen is a loop, reported).
+    A link (folder or image) leading outside `root` is followed only with `allow_outside`."""
     listing = Listing()
     seen: set[tuple[int, int]] = set()
+
+    def leads_outside(entry: os.DirEntry, name: str) -> bool:
+        if allow_outside or not entry.is_symlink() or not outside(Path(entry.path), root):
+            return False
+        listing.outside.append(name)
+        listing.targets[name] = str(Path(entry.path).resolve())
+        return True
 
     def walk(folder: str, prefix: str) -> None:
         st = os.stat(folder)
@@ -123,10 +139,12 @@ def walk_images(root: Path) -> Listing:
         with os.scandir(folder) as entries:
             for entry in entries:
                 if entry.is_dir():  # follows symlinks
-                    walk(entry.path, f"{prefix}{entry.name}/")
+                    if not leads_outside(entry, prefix + entry.name):
+                        walk(entry.path, f"{prefix}{entry.name}/")
                 elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                     if entry.is_file():
-                        listing.images.append(prefix + entry.name)
+                        if not leads_outside(entry, prefix + entry.name):
+                            listing.images.append(prefix + entry.name)
                     elif entry.is_symlink():
                         listing.broken.append(prefix + entry.name)
                 elif os.path.splitext(entry.name)[1].lower() in UNSUPPORTED_IMAGE_EXTENSIONS:
@@ -236,7 +254,7 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
     folders_missing = False  # a dataset folder missing or empty: pairing would only repeat that, file by file
     for dataset in [main, *conds]:
         root = Path(dataset.instance_data_dir)
-        listing = walk_images(root)
+        listing = walk_images(root, dataset.allow_links_outside)
         result.listings[root] = [name for name in listing.images if _utf8(name)]
         for name in listing.images:
             if not _utf8(name):
@@ -273,7 +291,15 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
                     "to PNG or JPEG to train on it",
                 )
             )
-        named[root] = set(listing.broken) | {name for name in listing.images if not _utf8(name)}
+        for name in listing.outside:
+            error(
+                "link outside the dataset folder",
+                dataset.id,
+                root / name,
+                f"a link to {listing.targets[name]}, outside {root}, so it is not read; copy what it holds into "
+                f"the folder, or set allow_links_outside: true on dataset '{dataset.id}'",
+            )
+        named[root] = set(listing.broken) | set(listing.outside) | {name for name in listing.images if not _utf8(name)}
         if not root.is_dir():
             folders_missing = True
             error(
@@ -388,6 +414,17 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
             )
 
     for relpath in images:
+        text_file = (main_root / relpath).with_suffix(".txt")
+        if main.caption_strategy == "textfile" and not main.allow_links_outside and text_file.is_symlink():
+            if outside(text_file, main_root):
+                error(
+                    "link outside the dataset folder",
+                    main.id,
+                    text_file,
+                    f"a caption file linking to {text_file.resolve()}, outside {main_root}, so it is not read; "
+                    f"write the caption there, or set allow_links_outside: true on dataset '{main.id}'",
+                )
+                continue
         captions, source = read_captions(main, main_root / relpath, relpath, table)
         if not captions:
             where = (

@@ -150,6 +150,9 @@ class DatasetConfig:
     parquet: dict = field(default_factory=dict)  # caption_strategy "parquet": path, filename_column, caption_column
     minimum_image_size: float = 0  # in resolution_type units; 0: no minimum
     max_image_pixels: int = 178_956_970  # decompression-bomb guard
+    # Files reached through symbolic links that lead outside instance_data_dir (images, caption files) are
+    # refused unless this is true: a link must not make prep read (and cache) a file from elsewhere by accident.
+    allow_links_outside: bool = False
     crop: bool = False
     crop_style: str = "random"  # SimpleTuner's defaults; both matter only with crop: true
     crop_aspect: str = "square"

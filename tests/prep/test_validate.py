@@ -124,6 +124,13 @@ def test_a_symlinked_folder_is_followed_a_loop_is_reported_and_a_broken_link_is_
     os.rename(data / "images" / "pair_0001.txt", extra / "images" / "pair_0001.txt")
     os.symlink(data / "images", data / "images" / "linked" / "back")  # a loop
     report = validate(load_config(config_path))
+    assert not report.trainable  # links out of the dataset folders are not followed unless allowed
+    linked = {f.path for f in report.errors if f.kind == "link outside the dataset folder"}
+    assert linked == {str(data / "images" / "linked"), str(data / "reference" / "linked")}
+    backend_path = tmp_path / "multidatabackend.json"
+    backend = json.loads(backend_path.read_text())
+    backend_path.write_text(json.dumps([dict(entry, allow_links_outside=True) for entry in backend]))
+    report = validate(load_config(config_path))
     assert report.trainable, report.render()
     assert sorted(s.relpath for s in report.samples["edits"]) == ["linked/pair_0001.png", "pair_0000.png"]
     assert any(f.kind == "symlink loop" and f.path.endswith("linked/back") for f in report.warnings)
@@ -340,3 +347,20 @@ def test_two_caption_rows_for_one_image_and_an_eval_dataset_over_the_training_fo
     report = validate(load_config(config_path))
     (overlap,) = [f for f in report.warnings if f.kind == "eval data overlaps training data"]
     assert "shares its folder with training dataset 'edits'" in overlap.message
+
+
+def test_a_caption_file_linking_outside_the_dataset_is_not_read(demo_project, tmp_path):
+    import os
+
+    config_path = demo_project("edit-v1", n_samples=2)
+    secret = tmp_path / "elsewhere" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("a private note that must not end up in a cache")
+    caption = tmp_path / "data" / "images" / "pair_0001.txt"
+    caption.unlink()
+    os.symlink(secret, caption)
+    report = validate(load_config(config_path))
+    (error,) = [f for f in report.errors if f.kind == "link outside the dataset folder"]
+    assert error.path == str(caption) and str(secret) in error.message
+    assert [s.relpath for s in report.samples["edits"]] == ["pair_0000.png"]
+    assert not any("private note" in c for s in report.samples["edits"] for c in s.captions)
