@@ -118,6 +118,8 @@ def _float_to_rgb8(image: Image.Image, notes: list[str], path: Path) -> Image.Im
     low, high = float(values.min()), float(values.max())
     ranges = [(1.0, "[0, 1]"), (255.0, "[0, 255]"), (65535.0, "[0, 65535]")]
     top, named = next(((t, n) for t, n in ranges if high <= t), (0.0, ""))
+    if 1.0 < high < 2.0:  # [0, 1] with highlights past 1, or a very dark [0, 255]: either reading is a guess
+        top = 0.0
     if low < 0 or not top:
         raise ImageError(
             f"{path}: float image with values from {low:g} to {high:g}, outside [0, 1], [0, 255] and [0, 65535], "

@@ -165,6 +165,11 @@ def _utf8(name: str) -> bool:
     return True
 
 
+def _named(key: str, named: set[str]) -> bool:
+    """Whether `key` (a relative path or stem) is a file already reported, or lies in a folder link refused."""
+    return key in named or any(key.startswith(name + "/") for name in named)
+
+
 def _stem(relpath: str) -> str:
     return str(PurePosixPath(relpath).with_suffix(""))
 
@@ -388,8 +393,8 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
                 references[relpath].append(root / found[0])
                 continue
             references[relpath].append(None)
-            if not found and keys[relpath] in named[root]:
-                continue  # its reference is the broken link (or unusable name) reported above
+            if not found and _named(keys[relpath], named[root]):
+                continue  # its reference is the broken link (or unusable name, or refused link) reported above
             if not found:
                 counts.missing += 1
                 near = folded.get(_fold(relpath))
@@ -403,8 +408,8 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
                 )
         named_main = {_stem(n) if cond.match == "stem" else n for n in named[main_root]}
         for extra in extras:
-            if (_stem(extra) if cond.match == "stem" else extra) in named_main:
-                continue  # its edit image is the broken link (or unusable name) reported above
+            if _named(_stem(extra) if cond.match == "stem" else extra, named_main):
+                continue  # its edit image is the broken link (or unusable name, or refused link) reported above
             counts.extra += 1
             error(
                 "reference without edit image",

@@ -233,17 +233,17 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def one_spelling_per_key(raw: dict[str, Any], config_path: Path) -> dict[str, Any]:
-    """Keys by the names used here: SimpleTuner's `--name` (command-line form) and older names (`_ALIASES`)
+def one_spelling_per_key(raw: dict[str, Any], where: str | Path, aliases: dict[str, str]) -> dict[str, Any]:
+    """Keys by the names used here: SimpleTuner's `--name` (command-line form) and older names (`aliases`)
     read as `name`. One key given under two spellings with different values is refused, naming both."""
     spelled: dict[str, tuple[str, Any]] = {}  # name used here -> (the spelling the file used, its value)
     for key, value in raw.items():
         name = key.removeprefix("--")
-        name = _ALIASES.get(name, name)
+        name = aliases.get(name, name)
         if name in spelled and spelled[name][1] != value:
             first, before = spelled[name]
             raise UserError(
-                f"{config_path}: '{first}' ({json.dumps(before, default=str)}) and '{key}' "
+                f"{where}: '{first}' ({json.dumps(before, default=str)}) and '{key}' "
                 f"({json.dumps(value, default=str)}) set the same key to different values; keep one"
             )
         spelled.setdefault(name, (key, value))
@@ -256,7 +256,7 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
     `overrides` (from CLI flags) replace config keys of the same name for one run.
     """
     config_path = Path(config_path)
-    raw = one_spelling_per_key(read_config_file(config_path, expect=dict), config_path)
+    raw = one_spelling_per_key(read_config_file(config_path, expect=dict), config_path, _ALIASES)
     raw.update(overrides or {})
     raw = expand_placeholders(raw, str(raw.get("model_family", TrainConfig.model_family)), str(config_path))
     check_validation_resolution(raw.get("validation_resolution"), config_path)
@@ -280,11 +280,9 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not entry.get("id"):
             raise UserError(f"{backend_path}: entry {index} has no 'id'; every dataset needs a unique id")
-        entry = {k.removeprefix("--"): v for k, v in entry.items()}
-        entry = expand_placeholders(entry, train.model_family, f"{backend_path}: dataset '{entry['id']}'")
-        for old, new in _DATASET_ALIASES.items():
-            if old in entry and new not in entry:
-                entry[new] = entry.pop(old)
+        where = f"{backend_path}: dataset '{entry['id']}'"
+        entry = one_spelling_per_key(entry, where, _DATASET_ALIASES)
+        entry = expand_placeholders(entry, train.model_family, where)
         if "dataset_type" not in entry and "conditioning_type" in entry:
             entry["dataset_type"] = "conditioning"  # as SimpleTuner's guides write reference datasets
         # Unset dataset settings fall back to the config's global ones, as in SimpleTuner.

@@ -237,8 +237,13 @@ class Run:
         """What a stopped run says: where it stopped, what holds its work, and the command that continues it."""
         kept = checkpoint or self.last_checkpoint()
         where = f"{kept} holds the work" if kept else "no checkpoint holds the work yet"
-        command = f"train run --config {self.config.config_path} --resume-from-checkpoint latest"
-        return f"stopped by {signal_name} at step {step}: {where}; continue with `{command}`"
+        command = f"train run --config {self.config.config_path} --output-dir {self.output_dir}"
+        for key in ("max_train_steps", "memory_mode", "pretrained_model_name_or_path"):  # command-line overrides
+            if key in self.config.overridden:
+                command += f" --{key.replace('_', '-')} {getattr(self.cfg, key)}"
+        command += " --resume-from-checkpoint latest"
+        launch = " (under the same `accelerate launch`)" if self.accelerator.num_processes > 1 else ""
+        return f"stopped by {signal_name} at step {step}: {where}; continue with `{command}`{launch}"
 
     def finish(self) -> Path:
         """Close the metrics, check the ranks agree, export the LoRA (and its EMA); the diffusers LoRA's path."""

@@ -127,6 +127,7 @@ def test_a_symlinked_folder_is_followed_a_loop_is_reported_and_a_broken_link_is_
     assert not report.trainable  # links out of the dataset folders are not followed unless allowed
     linked = {f.path for f in report.errors if f.kind == "link outside the dataset folder"}
     assert linked == {str(data / "images" / "linked"), str(data / "reference" / "linked")}
+    assert {f.kind for f in report.errors} == {"link outside the dataset folder"}  # not again as missing pairs
     backend_path = tmp_path / "multidatabackend.json"
     backend = json.loads(backend_path.read_text())
     backend_path.write_text(json.dumps([dict(entry, allow_links_outside=True) for entry in backend]))
@@ -290,9 +291,10 @@ def test_animation_16_bit_rgb_and_float_images_are_converted_by_their_real_range
         decoded = decode_image(tmp_path / "float.tif")
         assert decoded.notes == [f"32-bit float grayscale (F, values in {named}) converted to 8-bit RGB"]
         assert np.asarray(decoded.image).mean() == pytest.approx(values / top * 255, abs=1)  # never black
-    Image.fromarray(np.full((8, 8), -2.0, dtype=np.float32), mode="F").save(tmp_path / "float.tif")
-    with pytest.raises(ImageError, match="float image with values from -2 to -2"):
-        decode_image(tmp_path / "float.tif")
+    for unclear in (-2.0, 1.5):  # negative; or [0, 1] with highlights past 1 / a very dark [0, 255]: a guess
+        Image.fromarray(np.full((8, 8), unclear, dtype=np.float32), mode="F").save(tmp_path / "float.tif")
+        with pytest.raises(ImageError, match=f"float image with values from {unclear:g} to {unclear:g}"):
+            decode_image(tmp_path / "float.tif")
 
 
 def test_gif_pairs_train_and_formats_not_read_are_named(demo_project, tmp_path):

@@ -396,3 +396,9 @@ def test_a_key_given_twice_or_under_two_spellings_with_different_values_is_refus
         load_config(path)
     same = load_config(_write(tmp_path, {"lora_rank": 8, "--lora_rank": 8, "checkpoint_step_interval": 100}, BACKEND))
     assert same.train.lora_rank == 8 and same.train.checkpointing_steps == 100  # one value, however spelled
+
+
+def test_a_dataset_key_under_two_spellings_with_different_values_is_refused(tmp_path):
+    entry = dict(BACKEND[0], **{"--resolution": 768})
+    with pytest.raises(UserError, match=r"dataset 'edits': 'resolution' \(512\) and '--resolution' \(768\)"):
+        load_config(_write(tmp_path, {}, [entry, *BACKEND[1:]]))

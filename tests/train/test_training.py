@@ -124,6 +124,21 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_there_and_the_resume_equ
         torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-6)
 
 
+def test_a_signal_before_training_begins_stops_at_once_saying_nothing_was_saved(project, tmp_path, monkeypatch):
+    import signal
+
+    import train.run as run_module
+    from shared.errors import Stopped
+
+    def signalled(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # during the step-0 previews: minutes before the first step
+
+    monkeypatch.setattr(run_module.Run, "validate", signalled)
+    with pytest.raises(Stopped, match="stopped by SIGTERM before training began; nothing to save") as stop:
+        train(load_config(project(tmp_path / "early", max_train_steps=3)))
+    assert stop.value.exit_code == 143 and not list_checkpoints(tmp_path / "early")
+
+
 def test_report_to_all_logs_to_tensorboard_and_weights_and_biases_and_a_resume_continues_the_run(
     project, tmp_path, monkeypatch
 ):
