@@ -361,6 +361,36 @@ def test_two_process_ddp_run_ends_with_identical_weights(project, tmp_path):
     assert (tmp_path / "ddp" / LORA_FILE).is_file() and (tmp_path / "ddp" / COMFYUI_FILE).is_file()
 
 
+def test_sigterm_to_a_two_process_run_stops_both_at_one_step_with_a_checkpoint(project, tmp_path):
+    """As a scheduler preempts a node: SIGTERM to the launcher, which passes it to both processes; they agree
+    on one step (through their CPU all-reduce), write one checkpoint there and end saying so."""
+    import signal
+    import time
+
+    from train.checkpoint import checkpoint_problem
+
+    out = tmp_path / "ddp"
+    config = project(out, max_train_steps=40, checkpointing_steps=0, logging_steps=1)
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535"]
+    command += ["-m", "train.cli", "run", "--config", str(config)]
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "train_log.csv"
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and launcher.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 3:  # two steps logged
+            break
+        time.sleep(0.5)
+    launcher.send_signal(signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode != 0, output[-3000:]
+    (checkpoint,) = list_checkpoints(out)
+    step = int(checkpoint.name.split("-")[1])
+    assert 2 <= step < 40 and checkpoint_problem(checkpoint) is None, output[-3000:]
+    assert f"stopped by SIGTERM at step {step}: {checkpoint} holds the work" in output, output[-3000:]
+    assert {p.name for p in checkpoint.glob("rng-rank*")} == {"rng-rank00.safetensors", "rng-rank01.safetensors"}
+
+
 def test_learning_rate_schedule_survives_a_change_of_process_count(project, tmp_path):
     """The schedule counts optimizer steps: a run checkpointed on 1 process and resumed on 2 continues at the
     same learning rate as a run that never stopped (warm-up over 5 steps, so every step's rate differs)."""
