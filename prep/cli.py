@@ -87,7 +87,7 @@ def stops_said(config: Path) -> Iterator[None]:
         raise Stopped(
             signum,
             f"stopped by {signal.Signals(signum).name}: every sample encoded so far is kept in sealed shards; run "
-            f"`prep build-cache --config {config}` again to encode only the rest",
+            f"the same `prep build-cache --config {config} ...` again to encode only the rest",
         ) from None
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -116,14 +116,14 @@ def _float_to_rgb8(image: Image.Image, notes: list[str], path: Path) -> Image.Im
     if not np.isfinite(values).all():
         raise ImageError(f"{path}: float image with NaN or infinite values; re-export it as 8- or 16-bit, or remove it")
     low, high = float(values.min()), float(values.max())
-    ranges = [(1.0, "[0, 1]"), (255.0, "[0, 255]"), (65535.0, "[0, 65535]")]
-    top, named = next(((t, n) for t, n in ranges if high <= t), (0.0, ""))
-    if 1.0 < high < 2.0:  # [0, 1] with highlights past 1, or a very dark [0, 255]: either reading is a guess
-        top = 0.0
+    # (lowest maximum believed, top, name): values up to 1.02 could be [0, 1] with highlights or a black [0, 255];
+    # up to 1000 could be 12-bit, depth or HDR data. Those readings are guesses, so such images are refused.
+    ranges = [(0.0, 1.0, "[0, 1]"), (2.0, 255.0, "[0, 255]"), (4096.0, 65535.0, "[0, 65535]")]
+    top, named = next(((t, n) for least, t, n in ranges if least <= high <= t), (0.0, ""))
     if low < 0 or not top:
         raise ImageError(
-            f"{path}: float image with values from {low:g} to {high:g}, outside [0, 1], [0, 255] and [0, 65535], "
-            "so its brightness is unclear; re-export it as 8- or 16-bit, or remove it"
+            f"{path}: float image with values from {low:g} to {high:g}, which fit none of [0, 1], [0, 255] or "
+            "[0, 65535] clearly, so its brightness is a guess; re-export it as 8- or 16-bit, or remove it"
         )
     notes.append(f"32-bit float grayscale (F, values in {named}) converted to 8-bit RGB")
     eight = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)

@@ -218,11 +218,14 @@ class CaptionTable:
 
     def lookup(self, relpath: str) -> list[str]:
         """Captions of `relpath`, keyed in the table by the relative path, with or without extension, or name."""
+        found = self.keys_for(relpath)
+        return self.captions[found[0]] if found else []
+
+    def keys_for(self, relpath: str) -> list[str]:
+        """The table's names for `relpath`, most specific first (several: rows that name it twice)."""
         name = PurePosixPath(relpath).name
-        for key in (relpath, _stem(relpath), name, PurePosixPath(name).stem):
-            if key in self.captions:
-                return self.captions[key]
-        return []
+        keys = dict.fromkeys((relpath, _stem(relpath), name, PurePosixPath(name).stem))
+        return [key for key in keys if key in self.captions]
 
 
 def read_captions(
@@ -419,6 +422,15 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
             )
 
     for relpath in images:
+        if table is not None and len(spellings := table.keys_for(relpath)) > 1:
+            error(
+                "caption table problem",
+                main.id,
+                table.path,
+                f"rows {', '.join(repr(k) for k in spellings)} all name {relpath}, so which caption it trains with is "
+                "unclear; keep one row per image (several captions go in one row, as a list)",
+            )
+            continue
         text_file = (main_root / relpath).with_suffix(".txt")
         if main.caption_strategy == "textfile" and not main.allow_links_outside and text_file.is_symlink():
             if outside(text_file, main_root):

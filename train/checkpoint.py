@@ -152,9 +152,15 @@ def state_problem(state: Any) -> str | None:
         return f"step {step!r} is not a step count"
     if not isinstance(world, int) or world < 1:
         return f"world_size {world!r} is not a process count"
-    counters = (state.get("parts") or {}).get("counters")
+    parts = state.get("parts") or {}
+    counters, scheduler, loader = (parts.get(name) for name in ("counters", "scheduler", "loader"))
     if isinstance(counters, dict) and counters.get("step", step) != step:
         return f"its counters say step {counters.get('step')!r}, its step is {step}"
+    if state.get("format", 1) >= 2 and isinstance(scheduler, dict) and scheduler.get("last_epoch", step) != step:
+        return f"its learning-rate schedule is at step {scheduler.get('last_epoch')!r}, its step is {step}"
+    accumulation = (state.get("config") or {}).get("gradient_accumulation_steps")
+    if isinstance(loader, dict) and isinstance(accumulation, int) and loader.get("position") != step * accumulation:
+        return f"its data order is at batch {loader.get('position')!r}, step {step} needs {step * accumulation}"
     files = state.get("files")
     if files is not None and not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
         return "its file checksums are not a table of names and sha256s"
@@ -272,8 +278,8 @@ def split_tensors(state: Any, path: str = "") -> tuple[dict[str, torch.Tensor], 
 
 def join_tensors(rest: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
     """The inverse of `split_tensors` (dict keys come back as strings)."""
-    if rest is None:
-        return dict(tensors)
+    if rest is None:  # at the top: a state that was only tensors; deeper: a None value (e.g. AdamW's foreach)
+        return dict(tensors) if not path else None
     if rest == TENSOR:
         return tensors[path]
     if isinstance(rest, dict):

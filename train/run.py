@@ -145,6 +145,11 @@ class Run:
 
     def _resume(self, checkpoint: Path) -> None:
         state, missing = load_checkpoint(checkpoint, self.accelerator, self.parts)
+        if state["step"] >= self.max_steps:
+            raise UserError(
+                f"{checkpoint} is at step {state['step']}, and this run trains {self.max_steps} steps: nothing is "
+                "left to train. Raise max_train_steps (or num_train_epochs) to continue, or `train export` it"
+            )
         if self.ema is not None and "ema" in missing:  # use_ema turned on for this resume: start the EMA here
             self.ema.load_state_dict(LoraWeights(self.params).state_dict())
         # The loaded optimizer and schedule hold the saved rate, betas, ...: the config's apply from here on.

@@ -128,7 +128,8 @@ class CacheStore:
         except pa.ArrowException as err:
             raise UserError(
                 f"{self.url(MANIFEST)}: unreadable ({str(err).splitlines()[0]}): cut short or damaged. Run "
-                "`prep build-cache` again: it writes the manifest anew (the sealed shards are reused)"
+                "`prep build-cache` again: it encodes the samples again (the manifest is what located them) and "
+                "writes a new one"
             ) from None
 
     def read_manifest(self, columns: list[str] | None = None) -> pa.Table:

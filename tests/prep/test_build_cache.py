@@ -331,7 +331,7 @@ def test_sigterm_during_a_build_keeps_what_was_encoded_and_says_how_to_go_on(dem
     result = CliRunner().invoke(app, ["build-cache", "--config", str(config_path), "--device", "cpu"])
     assert result.exit_code == 143, result.output
     assert "stopped by SIGTERM: every sample encoded so far is kept" in result.output
-    assert f"`prep build-cache --config {config_path}` again" in result.output
+    assert f"the same `prep build-cache --config {config_path} ...` again" in result.output
     monkeypatch.undo()
 
     encoded = _count_encodes(monkeypatch)

@@ -291,7 +291,7 @@ def test_animation_16_bit_rgb_and_float_images_are_converted_by_their_real_range
         decoded = decode_image(tmp_path / "float.tif")
         assert decoded.notes == [f"32-bit float grayscale (F, values in {named}) converted to 8-bit RGB"]
         assert np.asarray(decoded.image).mean() == pytest.approx(values / top * 255, abs=1)  # never black
-    for unclear in (-2.0, 1.5):  # negative; or [0, 1] with highlights past 1 / a very dark [0, 255]: a guess
+    for unclear in (-2.0, 1.5, 1000.0):  # negative; [0, 1] with highlights or a dark [0, 255]; 12-bit or depth data
         Image.fromarray(np.full((8, 8), unclear, dtype=np.float32), mode="F").save(tmp_path / "float.tif")
         with pytest.raises(ImageError, match=f"float image with values from {unclear:g} to {unclear:g}"):
             decode_image(tmp_path / "float.tif")
@@ -332,7 +332,7 @@ def test_two_caption_rows_for_one_image_and_an_eval_dataset_over_the_training_fo
     config_path = demo_project("edit-v1", n_samples=3)
     table = tmp_path / "captions.jsonl"
     rows = [("pair_0000.png", "make it red"), ("pair_0001.png", "make it blue"), ("pair_0001.png", "make it green")]
-    rows.append(("pair_0002.png", "make it pink"))
+    rows += [("pair_0002.png", "make it pink"), ("pair_0002", "make it grey")]  # one image, two spellings
     table.write_text("".join(json.dumps({"filename": f, "caption": c}) + "\n" for f, c in rows))
     backend_path = tmp_path / "multidatabackend.json"
     backend = json.loads(backend_path.read_text())
@@ -340,6 +340,7 @@ def test_two_caption_rows_for_one_image_and_an_eval_dataset_over_the_training_fo
     backend_path.write_text(json.dumps(backend))
     report = validate(load_config(config_path))
     assert any("'pair_0001.png' has 2 rows" in f.message for f in report.errors), report.render()
+    assert any("rows 'pair_0002.png', 'pair_0002' all name pair_0002.png" in f.message for f in report.errors)
 
     held_out = dict(backend[0], id="held-out", conditioning_data=backend[0]["conditioning_data"])
     held_out["cache_dir_vae"] = str(tmp_path / "eval-cache")

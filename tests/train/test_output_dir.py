@@ -143,6 +143,18 @@ def test_a_flipped_byte_or_a_senseless_state_makes_a_checkpoint_damaged_for_resu
     caplog.clear()
     assert resolve_resume(out, "latest", run_id) == first
     assert "step -5 is not a step count" in caplog.text
+    parts = dict(state["parts"], scheduler=dict(state["parts"]["scheduler"], last_epoch=9))
+    (last / "trainer_state.json").write_text(json.dumps(dict(state, parts=parts)))
+    caplog.clear()
+    assert resolve_resume(out, "latest", run_id) == first
+    assert "its learning-rate schedule is at step 9, its step is 4" in caplog.text
+    parts = dict(state["parts"], loader=dict(state["parts"]["loader"], position=1))
+    (last / "trainer_state.json").write_text(json.dumps(dict(state, parts=parts)))
+    assert resolve_resume(out, "latest", run_id) == first
+
+    (last / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(UserError, match="is at step 4, and this run trains 3 steps: nothing is left to train"):
+        train(load_config(project(out, max_train_steps=3, checkpointing_steps=2, resume_from_checkpoint="latest")))
 
 
 def test_resume_applies_and_lists_a_changed_rate_and_refuses_a_changed_batch_size(
@@ -164,6 +176,13 @@ def test_resume_applies_and_lists_a_changed_rate_and_refuses_a_changed_batch_siz
     train(load_config(resumed))
     listed = "settings changed since that checkpoint, applied from step 2 on: learning_rate 0.0001 -> 0.0005"
     assert listed in caplog.text
+    from safetensors import safe_open
+
+    def optimizer_keys(step: int) -> set[str]:
+        with safe_open(out / "checkpoints" / f"checkpoint-{step:06d}" / "optimizer.safetensors", "pt") as f:
+            return set(f.keys())
+
+    assert optimizer_keys(3) == optimizer_keys(2)  # a resumed optimizer saves what it loaded, nothing more
     with open(out / "train_log.csv") as f:
         rates = {int(row["step"]): float(row["lr"]) for row in csv.DictReader(f)}
     assert rates[2] == pytest.approx(1e-4) and rates[3] == pytest.approx(5e-4)  # the new rate, not the saved one
