@@ -253,6 +253,7 @@ def validate(config: Config, workers: int | None = None) -> Report:
                 if crop:
                     findings.append(crop)
         samples[main.id] = hold_out(config, kept)
+    findings += eval_copies(config, samples, infos)
     sampling = config.train.conditioning_multidataset_sampling
     report = Report(str(config.config_path), config.train.model_flavour, scans, findings, samples, sampling=sampling)
     report.files, report.decoded = infos, len(todo)
@@ -287,6 +288,32 @@ def eval_overlap(config: Config) -> list[Finding]:
                 )
             )
     return found
+
+
+def eval_copies(config: Config, samples: dict[str, list[Sample]], files: dict[Path, FileRecord]) -> list[Finding]:
+    """A warning when edit images of the eval dataset are byte-identical to training edit images (copied into
+    another folder): the held-out loss would be measured on images the LoRA trains on."""
+    eval_id = config.train.eval_dataset_id
+    if eval_id not in samples:
+        return []
+    trained = {files[s.image].sha256: s.image for m, group in samples.items() if m != eval_id for s in group}
+    copies = [(s.image, trained.get(files[s.image].sha256)) for s in samples[eval_id]]
+    copies = [(image, original) for image, original in copies if original not in (None, image)]  # same file: a
+    # shared folder, which eval_overlap names
+    if not copies:
+        return []
+    first, original = copies[0]
+    return [
+        Finding(
+            "warning",
+            "eval data overlaps training data",
+            eval_id,
+            str(first),
+            f"{first}: {len(copies)} edit image(s) of the eval dataset '{eval_id}' are byte-identical to training "
+            f"images (this one to {original}), so the held-out loss and previews partly measure training images; "
+            "remove them from one of the two",
+        )
+    ]
 
 
 MAX_CROPPED = 0.5  # share of an image's area its crop may cut away before the report says so

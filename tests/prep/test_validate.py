@@ -367,3 +367,22 @@ def test_a_caption_file_linking_outside_the_dataset_is_not_read(demo_project, tm
     assert error.path == str(caption) and str(secret) in error.message
     assert [s.relpath for s in report.samples["edits"]] == ["pair_0000.png"]
     assert not any("private note" in c for s in report.samples["edits"] for c in s.captions)
+
+
+def test_eval_images_copied_from_the_training_images_are_named(demo_project, tmp_path):
+    import shutil
+
+    config_path = demo_project("edit-v1", n_samples=3)
+    backend_path = tmp_path / "multidatabackend.json"
+    backend = json.loads(backend_path.read_text())
+    shutil.copytree(tmp_path / "data" / "images", tmp_path / "eval-images")  # the same files, another folder
+    held_out = dict(backend[0], id="held-out", instance_data_dir=str(tmp_path / "eval-images"))
+    held_out["cache_dir_vae"] = str(tmp_path / "eval-cache")
+    backend_path.write_text(json.dumps([*backend, held_out]))
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, eval_dataset_id="held-out")))
+    report = validate(load_config(config_path))
+    copied = [f for f in report.warnings if f.kind == "eval data overlaps training data"]
+    assert len(copied) == 1, report.render()
+    (copied,) = copied
+    assert "3 edit image(s) of the eval dataset 'held-out' are byte-identical to training images" in copied.message
