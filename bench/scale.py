@@ -97,8 +97,9 @@ def fill_cache(config, report, workers: int) -> float:
     import torch
     from torch.utils.data import DataLoader
 
-    from prep.build import FLAVOURS, cache_info, plan_cache, references_alone, save_validation
+    from prep.build import FLAVOURS, cache_info, references_alone, save_validation
     from prep.pipeline import PreparedSamples
+    from prep.plan import plan_cache
     from prep.record import SamplePreparer, to_record
     from shared.cache import DROPOUT
     from shared.cache.writer import ShardWriter, attach_dropout, commit
@@ -144,7 +145,8 @@ def fill_cache(config, report, workers: int) -> float:
 def measure_prep(workdir: Path, model: Path, n: int, warmup: Path, workers: int) -> dict:
     import torch
 
-    from prep.build import build_cache, plan_cache
+    from prep.build import build_cache
+    from prep.plan import plan_cache
     from prep.validate import validate
     from shared.config import load_config
 

@@ -21,7 +21,7 @@ from shared.cache import DROPOUT, DROPOUT_SHARD, LOCK, CacheLock
 from shared.config import load_config
 from shared.errors import UserError
 from tests.cache_files import manifest_rows, member_bytes, sample_embeddings
-from train.run import open_caches
+from train.caches import open_caches
 
 
 def _set_keys(config_path, **keys) -> None:

@@ -1,0 +1,199 @@
+"""What a cache build has to do: compare the dataset with what the cache holds (rows to reuse, samples to
+encode, dropout records to add, rows to drop), and refuse a cache built with other settings.
+
+Nothing here encodes or writes a shard; `prep/build.py` carries the plan out.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from prep.file_records import FileRecord
+from prep.record import source_sha256
+from prep.scan import Sample
+from shared.cache import (
+    CACHE_JSON,
+    DAMAGED,
+    DROPOUT_COLUMNS,
+    DROPOUT_SHARD,
+    MANIFEST,
+    MANIFEST_SCHEMA,
+    SHARDS_DIR,
+    CacheStore,
+    needs_dropout,
+)
+from shared.cache.fingerprint import changed_settings, fingerprint
+from shared.cache.writer import ShardTable, manifest_fingerprint, read_existing_rows
+from shared.config import Config, DatasetConfig
+from shared.errors import UserError
+
+
+@dataclass
+class Plan:
+    """What one cache needs: rows to keep as they are, samples to encode, and why."""
+
+    main: DatasetConfig
+    cache_dir: Path
+    fingerprint: dict
+    reuse: pa.Table = field(default_factory=MANIFEST_SCHEMA.empty_table)  # manifest rows kept as they are
+    shards: ShardTable = field(default_factory=dict)  # size and sha256 of the shards the reused rows are in
+    encode: list[Sample] = field(default_factory=list)
+    removed: int = 0  # rows of samples no longer in the dataset
+    manifest_current: bool = False  # the manifest holds exactly the reused rows, under this fingerprint
+    dropout: bool = False  # training reads dropout records (caption dropout is on): new train samples get one
+    add_dropout: list[Sample] = field(default_factory=list)  # reused train samples that lack their dropout record
+    embeds_spans: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # theirs: (shard, offset, size)
+
+    @property
+    def up_to_date(self) -> bool:
+        """Nothing to encode, add or remove, and the manifest already says exactly this."""
+        return not self.encode and not self.add_dropout and not self.removed and self.manifest_current
+
+
+def plan_cache(
+    config: Config, main: DatasetConfig, samples: list[Sample], files: dict[Path, FileRecord], dtype, force: bool
+) -> Plan:
+    """Compare the dataset with what the cache holds; refuse a cache built with other settings unless `force`.
+
+    `files` holds each image's content sha256 from validation, so nothing is read again here.
+    """
+    cache_dir = config.cache_dir_for(main)
+    plan = Plan(main, cache_dir, fingerprint(config, main, dtype))
+    built = None if force else read_manifest_ids(cache_dir)  # (fingerprint, sample ids) of the manifest
+    if built is not None and not CacheStore(cache_dir).manifest_as_written(_cache_info(cache_dir) or {}):
+        print(f"note: {cache_dir / MANIFEST} differs from the one the build wrote; every sample is encoded again")
+        built, force = None, True
+    if built is not None and built[0] != plan.fingerprint["sha256"]:
+        raise UserError(_fingerprint_message(cache_dir, plan.fingerprint["settings"]))
+    existing, plan.shards = (None, {}) if force else read_existing_rows(cache_dir, plan.fingerprint["sha256"])
+    position, source = {}, []
+    if existing is not None:  # sample id -> its (last) row, compared by columns: no Python object per row
+        damaged = damaged_shards(cache_dir, plan.shards) | verify_found_damaged(cache_dir)
+        kept_records = existing
+        existing = without_dropout_records_in(existing, damaged)
+        dropped_records = existing is not kept_records
+        shards = existing.column("shard").to_pylist()
+        position = {i: n for n, i in enumerate(existing.column("sample_id").to_pylist()) if shards[n] not in damaged}
+        source = existing.column("source_sha256").to_pylist()
+    dropped_records = False
+    current, reuse = set(), []
+    for sample in samples:
+        current.add(sample.sample_id)
+        n = position.get(sample.sample_id)
+        digests = [files[p].sha256 for p in [sample.image, *sample.references]]
+        if n is not None and source[n] == source_sha256(sample, digests, config.train.preview_settings):
+            reuse.append(n)
+        else:
+            plan.encode.append(sample)
+    if reuse:
+        plan.reuse = existing.take(pa.array(reuse, type=pa.int64()))
+    plan.dropout = needs_dropout(config.train.caption_dropout_probability)
+    if plan.dropout:
+        plan_added_dropout(plan, {s.sample_id: s for s in samples})
+    if built is not None:
+        plan.removed = len(built[1] - current)
+        kept = set(plan.reuse.column("sample_id").to_pylist())
+        # Index files are deleted by every commit: any left over hold sealed work the manifest does not list yet.
+        uncommitted = any((cache_dir / SHARDS_DIR).glob("*.index.parquet"))
+        plan.manifest_current = (
+            built[1] == kept
+            and not uncommitted
+            and not dropped_records
+            and _same(_cache_info_fingerprint(cache_dir), plan.fingerprint)
+        )
+    return plan
+
+
+def without_dropout_records_in(table: pa.Table, damaged: set[str]) -> pa.Table:
+    """`table` with the dropout columns emptied where the dropout record lies in a `damaged` shard (the plan
+    then adds those records again)."""
+    hit = pc.fill_null(pc.is_in(table.column(DROPOUT_SHARD), pa.array(sorted(damaged), pa.string())), False)
+    if not pc.any(hit).as_py():
+        return table
+    for column in DROPOUT_COLUMNS:
+        kept = pc.if_else(hit, pa.nulls(table.num_rows, table.schema.field(column).type), table.column(column))
+        table = table.set_column(table.schema.get_field_index(column), column, kept)
+    return table
+
+
+def plan_added_dropout(plan: Plan, samples: dict[str, Sample]) -> None:
+    """The reused train samples without a dropout record: only that record is encoded for them (their
+    images' VL pass, no VAE), into new shards; their main records stay as they are."""
+    reuse = plan.reuse
+    lacking = reuse.filter(pc.and_(pc.equal(reuse.column("split"), "train"), pc.is_null(reuse.column(DROPOUT_SHARD))))
+    for row in lacking.select(["sample_id", "shard", "embeds_offset", "embeds_size"]).to_pylist():
+        plan.add_dropout.append(samples[row["sample_id"]])
+        plan.embeds_spans[row["sample_id"]] = (row["shard"], row["embeds_offset"], row["embeds_size"])
+
+
+def read_manifest_ids(cache_dir: Path) -> tuple[str, set[str]] | None:
+    """(fingerprint, sample ids) of the cache's manifest; None when there is none or it cannot be read
+    (cut short or damaged: then every sample no sealed shard index holds is encoded again)."""
+    manifest = cache_dir / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        ids = set(pq.read_table(manifest, columns=["sample_id"]).column("sample_id").to_pylist())
+        return manifest_fingerprint(manifest), ids
+    except (OSError, pa.ArrowException) as err:
+        print(f"note: {manifest} cannot be read ({err}); its samples are encoded again")
+        return None
+
+
+def _cache_info(cache_dir: Path) -> dict | None:
+    try:
+        info = json.loads((cache_dir / CACHE_JSON).read_text())
+    except (OSError, ValueError):
+        return None  # missing, empty or damaged: the commit writes it again
+    return info if isinstance(info, dict) else None
+
+
+def _cache_info_fingerprint(cache_dir: Path) -> dict | None:
+    return (_cache_info(cache_dir) or {}).get("fingerprint")
+
+
+def _same(recorded: dict | None, current: dict) -> bool:
+    """cache.json records `current` (hash and settings: the per-sample preview settings are not hashed)."""
+    return json.dumps(recorded, sort_keys=True, default=str) == json.dumps(current, sort_keys=True, default=str)
+
+
+def verify_found_damaged(cache_dir: Path) -> set[str]:
+    """The shards `prep verify` found damaged (it leaves their names in damaged.json): encoded again."""
+    try:
+        shards = set(json.loads((cache_dir / DAMAGED).read_text())["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    for shard in sorted(shards):
+        print(f"note: prep verify found {cache_dir / shard} damaged; its samples are encoded again")
+    return shards
+
+
+def damaged_shards(cache_dir: Path, shards: ShardTable) -> set[str]:
+    """Shards that are missing or not the size they were sealed at (one `stat` each): their samples are
+    encoded again rather than reported up to date. (`prep verify` checks every byte.)"""
+    damaged = set()
+    for name, recorded in shards.items():
+        path = cache_dir / name
+        if not path.is_file() or path.stat().st_size != recorded["bytes"]:
+            damaged.add(name)
+            print(f"note: {path} is missing or damaged; its samples are encoded again")
+    return damaged
+
+
+def _fingerprint_message(cache_dir: Path, settings: dict) -> str:
+    try:
+        changed = changed_settings(
+            json.loads((cache_dir / CACHE_JSON).read_text())["fingerprint"]["settings"], settings
+        )
+    except (OSError, ValueError, KeyError):
+        changed = ["(cache.json unreadable)"]
+    return (
+        f"{cache_dir}: this cache was built with other settings (changed: {', '.join(changed)}); its samples "
+        "cannot be mixed with new ones. Rerun with --force to rebuild it, or point cache_dir elsewhere."
+    )
