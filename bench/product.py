@@ -189,7 +189,6 @@ def write_config(work: Path, case: str, model: Path, data: Path, n_refs: int, ar
         "validation_step_interval": args.steps,
         "validation_num_inference_steps": args.preview_steps,
         "validation_guidance": 4.0,
-        "logging_steps": 1,
         "seed": 1,
         **CARDS[card][0],
     }

@@ -3,8 +3,9 @@
 Build the run once (`train.run.Run`: caches, model, optimizer, registry, validator; resumed when asked),
 preview the base model (step 0), then repeat: the optimizer step (accumulated micro-batches; a
 non-finite loss skips the update on every rank, on the device), the metrics (read back every
-`logging_steps`), the held-out loss and previews when due, the periodic checkpoint, a stop asked for by
-Ctrl-C or SIGTERM (with a checkpoint); at the end export the LoRA (and its EMA) in diffusers and ComfyUI formats.
+`logging_steps`), Python's garbage collection at set steps (train/garbage.py), the held-out loss and
+previews when due, the periodic checkpoint, a stop asked for by Ctrl-C or SIGTERM (with a
+checkpoint); at the end export the LoRA (and its EMA) in diffusers and ComfyUI formats.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from shared.config import Config
 from shared.errors import Stopped
+from train.garbage import StepGarbageCollection
 from train.interrupts import Interrupted, StopSignals
 from train.run import Run
 from train.timing import STATS_FILE, PhaseTimer
@@ -24,7 +26,7 @@ def train(config: Config) -> Path:
     after the current step with a checkpoint there (train/interrupts.py), raising `Stopped`."""
     timer = PhaseTimer()
     run = None
-    with StopSignals() as signals:
+    with StopSignals() as signals, StepGarbageCollection() as garbage:
         try:
             run = Run(config)
             timer.write_to(run.output_dir / STATS_FILE if run.accelerator.is_main_process else None)
@@ -41,6 +43,7 @@ def train(config: Config) -> Path:
                 if flush:  # the one host sync
                     run.flush_metrics()
                 timer.stepped(step, synced=flush)
+                garbage.after_step(step)
                 if validation_due:
                     run.validate(step, last)
                     timer.done("validation", step)
