@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from prep.vision_attention import use_grouped_window_attention
 from shared.flavours import Flavour
 from shared.models import load_processor, load_text_encoder, load_vae, vae_scale_factor
 
@@ -28,6 +29,7 @@ class Encoders:
         vae, text_encoder, self.processor = modules
         self.vae = vae.to(self.device).eval().requires_grad_(False)  # already in `dtype`
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
+        use_grouped_window_attention(self.text_encoder)  # the vision tower's windows batched (same embeddings)
         self.scale = vae_scale_factor(self.vae)  # 8 for the real VAE
         z = self.vae.config.z_dim
         # On the device once: a copy per batch from pageable memory would stall the GPU each time.
