@@ -17,10 +17,16 @@ language model keeps SDPA.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
 NAME = "flash_grouped_sdpa"
+# The grouping of one bounds tensor, kept while the tensor lives: the vision tower passes the same
+# tensor to each of its layers, and reading it back from the GPU is a host sync (as is copying the
+# gather index there), so it is done once per forward instead of once per layer.
+_GROUPS: dict[int, tuple[weakref.ref, list]] = {}  # id(bounds) -> (the tensor, its grouping)
 
 
 def grouped_window_attention(
@@ -38,24 +44,35 @@ def grouped_window_attention(
     [windows + 1] their bounds (int32). Returns the output [1, tokens, heads, head_dim]."""
     if attention_mask is not None or cu_seq_lens_q is None:
         raise ValueError("grouped window attention takes window bounds (cu_seq_lens_q) and no mask")
-    bounds = cu_seq_lens_q.tolist()  # one host sync per layer, as transformers' own per-window split
-    starts_by_length: dict[int, list[int]] = {}
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        if end > start:
-            starts_by_length.setdefault(end - start, []).append(start)
     heads, d = query.shape[1], query.shape[3]
     out = torch.empty_like(query)
-    for length, starts in starts_by_length.items():
-        # token index of every position of every window of this length: [windows * length]
-        index = (torch.tensor(starts)[:, None] + torch.arange(length)).flatten().to(query.device)
+    for count, length, index in _windows_by_length(cu_seq_lens_q):
         q, k, v = (
-            t[0].index_select(1, index).view(heads, len(starts), length, d).transpose(0, 1) for t in (query, key, value)
+            t[0].index_select(1, index).view(heads, count, length, d).transpose(0, 1) for t in (query, key, value)
         )
-        attended = scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout, scale=scaling
-        )  # [windows, heads, length, d]
-        out[0].index_copy_(1, index, attended.transpose(0, 1).reshape(heads, len(starts) * length, d))
+        attended = scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)  # [count, heads, length, d]
+        out[0].index_copy_(1, index, attended.transpose(0, 1).reshape(heads, count * length, d))
     return out.transpose(1, 2), None
+
+
+def _windows_by_length(bounds: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+    """`bounds` [windows + 1] (cu_seqlens) -> per window length: (windows of it, the length, the token index
+    of every position of each of those windows [windows * length], on the bounds' device)."""
+    kept = _GROUPS.get(id(bounds))
+    if kept is not None and kept[0]() is bounds:
+        return kept[1]
+    edges = bounds.tolist()
+    starts_by_length: dict[int, list[int]] = {}
+    for start, end in zip(edges[:-1], edges[1:], strict=True):
+        if end > start:
+            starts_by_length.setdefault(end - start, []).append(start)
+    groups = [
+        (len(starts), length, (torch.tensor(starts)[:, None] + torch.arange(length)).flatten().to(bounds.device))
+        for length, starts in starts_by_length.items()
+    ]
+    key = id(bounds)
+    _GROUPS[key] = (weakref.ref(bounds, lambda _: _GROUPS.pop(key, None)), groups)  # dropped with the tensor
+    return groups
 
 
 def use_grouped_window_attention(text_encoder: torch.nn.Module) -> None:

@@ -33,6 +33,7 @@ def test_grouped_windows_equal_per_window_attention_with_far_fewer_calls(tiny_mo
     assert encoders.text_encoder.config.text_config._attn_implementation == "sdpa"  # the language model unchanged
     got = encoders.encode_images([dict(inputs)])[0]
 
+    assert not vision_attention._GROUPS  # the per-forward grouping went with its bounds tensors
     assert len(got) == len(expected)
     for ours, theirs in zip(got, expected, strict=True):
         assert torch.equal(ours, theirs)
