@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import simpletuner
-from shared.config_checks import check_datasets, check_ranges, check_validation_resolution
+from shared.config_checks import check_datasets, check_ranges, validation_resolution_area
 from shared.config_files import expand_placeholders, read_config_file
 from shared.errors import UserError
 from shared.flavours import FLAVOURS
@@ -175,6 +175,7 @@ class Config:
     explicit: set[str] = field(default_factory=set)  # config.json keys the user set (or overrode)
     overridden: set[str] = field(default_factory=set)  # keys set on the command line
     dataset_keys: dict[str, set[str]] = field(default_factory=dict)  # dataset id -> keys its entry sets
+    differences: list[str] = field(default_factory=list)  # "key: SimpleTuner ..., here ..." for values set
 
     def dataset(self, dataset_id: str) -> DatasetConfig:
         return next(d for d in self.datasets if d.id == dataset_id)
@@ -258,8 +259,12 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
     config_path = Path(config_path)
     raw = one_spelling_per_key(read_config_file(config_path, expect=dict), config_path, _ALIASES)
     raw.update(overrides or {})
-    raw = expand_placeholders(raw, str(raw.get("model_family", TrainConfig.model_family)), str(config_path))
-    check_validation_resolution(raw.get("validation_resolution"), config_path)
+    family = str(raw.get("model_family", TrainConfig.model_family))
+    raw = expand_placeholders(raw, {"model_family": family}, str(config_path))
+    differences: list[str] = []  # where a value means more in SimpleTuner than we do with it
+    if "validation_resolution" in raw:
+        raw["validation_resolution"], note = validation_resolution_area(raw["validation_resolution"], config_path)
+        differences += [note] if note else []
     ignored: list[str] = []
     train = _fill(TrainConfig(), raw, where=str(config_path), ignored=ignored)
     if not train.lora_alpha:
@@ -282,7 +287,8 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
             raise UserError(f"{backend_path}: entry {index} has no 'id'; every dataset needs a unique id")
         where = f"{backend_path}: dataset '{entry['id']}'"
         entry = one_spelling_per_key(entry, where, _DATASET_ALIASES)
-        entry = expand_placeholders(entry, train.model_family, where)
+        variables = {"model_family": train.model_family, "output_dir": train.output_dir, "id": str(entry["id"])}
+        entry = expand_placeholders(entry, variables, where)
         if "dataset_type" not in entry and "conditioning_type" in entry:
             entry["dataset_type"] = "conditioning"  # as SimpleTuner's guides write reference datasets
         # Unset dataset settings fall back to the config's global ones, as in SimpleTuner.
@@ -299,7 +305,9 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
         dataset_keys[dataset.id] = {k for k, v in entry.items() if v is not None}
     _adopt_eval_dataset(train, datasets, backend_path)
     explicit = {k for k, v in raw.items() if k in {f.name for f in fields(TrainConfig)} and v is not None}
-    config = Config(train, datasets, config_path, backend_path, ignored, explicit, set(overrides or {}), dataset_keys)
+    config = Config(
+        train, datasets, config_path, backend_path, ignored, explicit, set(overrides or {}), dataset_keys, differences
+    )
     check_datasets(config)
     return config
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,16 +16,36 @@ if TYPE_CHECKING:
     from shared.config import Config, TrainConfig
 
 
-def check_validation_resolution(value: Any, config_path: Path) -> None:
-    """SimpleTuner also takes "WxH" and comma-separated lists here; previews keep each eval sample's aspect."""
-    if isinstance(value, str):
-        try:
-            float(value)
-        except ValueError:
+def validation_resolution_area(value: Any, config_path: Path) -> tuple[Any, str | None]:
+    """SimpleTuner's `validation_resolution` ("1024", "1024x1024", "1280x768", or several, comma-separated)
+    as the pixel_area resolution previews use, and a note when SimpleTuner would do more than we do.
+
+    For edit models SimpleTuner resizes each eval sample's reference to the area W x H, keeping the
+    reference's aspect ratio (`validation.py`, `calculate_new_size_by_pixel_area`): a pixel_area
+    resolution of int(sqrt(W x H)), the edge of the square of that area, as it computes it. With
+    several it renders every eval sample once per resolution; here each is cached and previewed at
+    one, the first.
+    """
+    if value is None or isinstance(value, int | float):
+        return value, None
+    parts = value if isinstance(value, list) else str(value).split(",")
+    areas = []
+    for part in parts:
+        text = str(part).strip().lower()
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)(?:x(\d+))?", text)
+        if not match:
             raise UserError(
-                f"{config_path}: key 'validation_resolution' is {value!r}; previews keep each eval sample's aspect "
-                "ratio, so give one number, a pixel_area resolution such as 1024 (0: the dataset's resolution)"
-            ) from None
+                f"{config_path}: key 'validation_resolution' is {value!r}; write one number (a pixel_area "
+                "resolution such as 1024), WIDTHxHEIGHT such as 1024x1024, or several, comma-separated"
+            )
+        width, height = float(match[1]), float(match[2] or match[1])
+        areas.append(int(math.sqrt(width * height)))  # SimpleTuner's first step too: int(sqrt(area))
+    if len(areas) == 1:
+        return areas[0], None
+    return areas[0], (
+        f"validation_resolution: SimpleTuner previews every eval sample at each of {value!r}; here each is "
+        f"cached and previewed once, at the first (the area of a {areas[0]}² square, each sample's aspect ratio kept)"
+    )
 
 
 def check_ranges(train: TrainConfig, config_path: Path) -> None:

@@ -102,12 +102,14 @@ def strip_json_comments(text: str) -> str:
     return "".join(out)
 
 
-_PLACEHOLDER = re.compile(r"\{(model_family|env:([A-Za-z_][A-Za-z0-9_]*))\}")
+_PLACEHOLDER = re.compile(r"\{(model_family|output_dir|id|env:([A-Za-z_][A-Za-z0-9_]*))\}")
 
 
-def expand_placeholders(entry: dict, model_family: str, where: str) -> dict:
-    """String values with SimpleTuner's placeholders filled in: `{model_family}` and `{env:NAME}` (an
-    environment variable; unset is an error naming it)."""
+def expand_placeholders(entry: dict, variables: dict[str, str], where: str) -> dict:
+    """String values with SimpleTuner's placeholders filled in: `{env:NAME}` (an environment variable;
+    unset is an error naming it, where SimpleTuner writes "") and those of `variables`, as SimpleTuner
+    fills them (`{model_family}` everywhere; in multidatabackend.json also `{output_dir}` and `{id}`,
+    the dataset's own id). A placeholder `variables` lacks stays as written, as in SimpleTuner."""
 
     def fill(value: Any, key: str) -> Any:
         if isinstance(value, list):
@@ -116,8 +118,8 @@ def expand_placeholders(entry: dict, model_family: str, where: str) -> dict:
             return value
 
         def one(match: re.Match) -> str:
-            if match[1] == "model_family":
-                return model_family
+            if match[2] is None:
+                return variables.get(match[1], match[0])
             if match[2] not in os.environ:
                 raise UserError(f"{where}: key '{key}' uses {{env:{match[2]}}}, but {match[2]} is not set")
             return os.environ[match[2]]

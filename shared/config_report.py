@@ -10,8 +10,10 @@ from shared.config import CACHE_ONLY_TYPES, Config, DatasetConfig, TrainConfig
 
 
 def notes(config: Config) -> list[str]:
-    """What SimpleTuner-only dataset entries and settings mean here (one line each)."""
-    lines = [
+    """What SimpleTuner-only dataset entries and settings mean here (one line each), loudly where a value
+    you set does less here than in SimpleTuner."""
+    lines = [f"WARNING: differs from SimpleTuner: {line}" for line in config.differences]
+    lines += [
         f"note: dataset '{d.id}' ({d.dataset_type}) is not needed here: each main dataset's cache (its "
         "cache_dir or cache_dir_vae) holds its latents and text embeddings together; this entry's cache_dir "
         "is not used"

@@ -178,7 +178,7 @@ def test_a_config_saved_as_utf16_by_a_windows_editor_is_read_and_other_encodings
 
 def test_validation_keys_as_simpletuner_writes_them(tmp_path):
     """`validation_steps` is SimpleTuner's older name of `validation_step_interval`; `validation_seed` defaults
-    to `seed`; a "WxH" validation_resolution is refused with what to write instead."""
+    to `seed`; a validation_resolution that is no resolution is refused with what to write instead."""
     backend = tmp_path / "backend.json"
     entries = [
         {"id": "d", "instance_data_dir": "x", "conditioning_data": ["r"]},
@@ -190,8 +190,8 @@ def test_validation_keys_as_simpletuner_writes_them(tmp_path):
     path.write_text(json.dumps(dict(base, **{"--validation_steps": "250", "validation_guidance": "3.5"})))
     cfg = load_config(path).train
     assert (cfg.validation_step_interval, cfg.validation_guidance, cfg.validation_seed) == (250, 3.5, 5)
-    path.write_text(json.dumps(dict(base, validation_resolution="1024x768")))
-    with pytest.raises(UserError, match="validation_resolution.*give one number"):
+    path.write_text(json.dumps(dict(base, validation_resolution="large")))
+    with pytest.raises(UserError, match="validation_resolution.*WIDTHxHEIGHT such as 1024x1024"):
         load_config(path)
 
 
@@ -335,6 +335,7 @@ SIMPLETUNER_DEFAULTS = {
     "adam_weight_decay": 1e-2,
     "adam_epsilon": 1e-8,
     "mixed_precision": "bf16",
+    "quantize_via": "accelerator",
     "report_to": "none",
     "tracker_project_name": "simpletuner",
     "tracker_run_name": "simpletuner-testing",

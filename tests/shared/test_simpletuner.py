@@ -1,0 +1,54 @@
+"""SimpleTuner's keys, written as its documents write them, mean what they mean there (or the run says so)."""
+
+import json
+import math
+
+import pytest
+
+from shared.config import load_config
+from shared.config_report import notes
+
+EDITS = {"id": "edits", "instance_data_dir": "/data/images", "conditioning_data": ["refs"]}
+REFS = {"id": "refs", "dataset_type": "conditioning", "instance_data_dir": "/data/refs"}
+
+
+def _load(tmp_path, config: dict, backend: list | None = None):
+    (tmp_path / "db.json").write_text(json.dumps(backend or [EDITS, REFS]))
+    (tmp_path / "config.json").write_text(json.dumps({"data_backend_config": str(tmp_path / "db.json"), **config}))
+    return load_config(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize(
+    "value, area",
+    [("1024x1024", 1024.0), ("768x768", 768.0), ("1280x768", int(math.sqrt(1280 * 768))), ("1024", 1024.0), (512, 512)],
+)
+def test_validation_resolution_as_the_quickstart_writes_it_is_the_preview_area(tmp_path, value, area):
+    """SimpleTuner resizes an edit model's eval reference to the area W x H, keeping its aspect ratio: a
+    pixel_area resolution of int(sqrt(W x H)). Nothing differs, so nothing is said."""
+    config = _load(tmp_path, {"validation_resolution": value})
+    assert config.train.validation_resolution == pytest.approx(area)
+    assert not any("validation_resolution" in line for line in notes(config))
+
+
+def test_several_validation_resolutions_preview_at_the_first_and_say_so(tmp_path):
+    config = _load(tmp_path, {"validation_resolution": "768x768, 1024x1024"})
+    assert config.train.validation_resolution == 768
+    loud = [line for line in notes(config) if "validation_resolution" in line]
+    assert len(loud) == 1 and loud[0].startswith("WARNING: differs from SimpleTuner") and "at the first" in loud[0]
+
+
+def test_dataset_placeholders_are_filled_as_simpletuner_fills_them(tmp_path, monkeypatch):
+    """{id}, {output_dir} and {model_family} in multidatabackend.json (SimpleTuner's
+    `fill_variables_in_config_paths`); a placeholder it does not know stays as written."""
+    monkeypatch.setenv("DATA", "/mnt/data")
+    edits = dict(EDITS, cache_dir="{output_dir}/cache/{model_family}/{id}", instance_data_dir="{env:DATA}/{id}")
+    refs = dict(REFS, instance_data_dir="/data/{id}/{unknown}")
+    config = _load(tmp_path, {"output_dir": "/runs/one"}, [edits, refs])
+    assert config.dataset("edits").cache_dir == "/runs/one/cache/qwen_image/edits"
+    assert config.dataset("edits").instance_data_dir == "/mnt/data/edits"
+    assert config.dataset("refs").instance_data_dir == "/data/refs/{unknown}"
+
+
+def test_quantize_via_default_is_simpletuners(tmp_path):
+    config = _load(tmp_path, {})
+    assert config.train.quantize_via == "accelerator"  # SimpleTuner's registry default
