@@ -86,10 +86,15 @@ class TrainConfig:
     tracker_project_name: str = "simpletuner"  # Weights & Biases project and run (SimpleTuner's defaults)
     tracker_run_name: str = "simpletuner-testing"
     max_grad_norm: float = 2.0
+    optimizer_beta1: float = -1.0  # SimpleTuner's: both set (-1: unset) replace the optimizer's betas
+    optimizer_beta2: float = -1.0
+    optimizer_config: str = ""  # SimpleTuner's "eps=1e-6,weight_decay=0.0": the optimizer's other settings
+    # The AdamW settings a run uses, resolved as SimpleTuner resolves them (shared/simpletuner.py,
+    # `optimizer_settings`): not keys of their own (SimpleTuner reads adam_* only under DeepSpeed).
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
+    adam_epsilon: float = 1e-6
     seed: int = 0  # training randomness only (σ, noise, order, dropout); never invalidates a cache
     crop_seed: int = 0  # prep: seeds `crop_style: random` (SimpleTuner uses `seed`; ours is separate so a new
     # training seed never forces a re-encode)
@@ -265,8 +270,17 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
     if "validation_resolution" in raw:
         raw["validation_resolution"], note = validation_resolution_area(raw["validation_resolution"], config_path)
         differences += [note] if note else []
+    optimizer = str(raw.get("optimizer", raw.get("--optimizer")) or simpletuner.DEFAULT_OPTIMIZER)
+    for key in simpletuner.DEEPSPEED_ONLY_KEYS & {k.removeprefix("--") for k in raw}:
+        raw.pop(key, None), raw.pop(f"--{key}", None)
+        differences.append(simpletuner.deepspeed_only_note(key))
     ignored: list[str] = []
     train = _fill(TrainConfig(), raw, where=str(config_path), ignored=ignored)
+    settings, notes = simpletuner.optimizer_settings(
+        optimizer, train.optimizer_beta1, train.optimizer_beta2, train.optimizer_config, str(config_path)
+    )
+    (train.adam_beta1, train.adam_beta2), train.adam_epsilon, train.adam_weight_decay = settings
+    differences += notes
     if not train.lora_alpha:
         train.lora_alpha = float(train.lora_rank)
     if train.validation_seed < 0:

@@ -55,6 +55,8 @@ def resolved(config: Config) -> list[str]:
             source = "command line"
         elif f.name in config.explicit:
             source = config.config_path.name
+        elif f.name in simpletuner.DEEPSPEED_ONLY_KEYS:
+            source = "resolved from optimizer, optimizer_config, optimizer_beta1/2, as SimpleTuner resolves them"
         elif f.name in differ:
             source = f"default; SimpleTuner's is {differ[f.name].simpletuner}"
         elif f.name in simpletuner.SAME_DEFAULTS:

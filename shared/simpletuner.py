@@ -60,7 +60,8 @@ DIFFERENCES = (
     Difference(
         "optimizer",
         "adamw_bf16 (bf16 weights, stochastic rounding)",
-        "adamw (torch's fused AdamW on fp32 LoRA weights)",
+        "adamw (torch's fused AdamW on fp32 LoRA weights, with adamw_bf16's betas (0.9, 0.999), eps 1e-6 and "
+        "weight decay 1e-2)",
         "the same algorithm at higher precision; adamw_bf16 is accepted and means this",
     ),
     Difference(
@@ -122,10 +123,6 @@ SAME_DEFAULTS = {
     "ema_device",
     "validation_step_interval",
     "validation_num_inference_steps",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_weight_decay",
-    "adam_epsilon",
     "ema_decay",
     "mixed_precision",
     "quantize_via",  # accelerator (its registry; the Qwen edit guide sets cpu explicitly)
@@ -135,7 +132,68 @@ SAME_DEFAULTS = {
 }
 
 # Values SimpleTuner documents that mean the same here.
-OPTIMIZER_NAMES = {"adamw_bf16": "adamw", "optimi-adamw": "adamw", "bnb-adamw8bit": "bnb-adamw8bit", "adamw": "adamw"}
+OPTIMIZER_NAMES = {
+    "adamw_bf16": "adamw",
+    "optimi-adamw": "adamw",
+    "torch-adamw": "adamw",
+    "bnb-adamw8bit": "bnb-adamw8bit",
+    "adamw": "adamw",
+}
+DEFAULT_OPTIMIZER = "adamw_bf16"  # SimpleTuner's registry default
+# Each optimizer's own settings in SimpleTuner (`helpers/training/optimizer_param.py`, `default_settings`):
+# (beta1, beta2), eps, weight decay. "adamw" is ours: torch's AdamW with torch-adamw's settings.
+OPTIMIZER_SETTINGS = {
+    "adamw_bf16": ((0.9, 0.999), 1e-6, 1e-2),
+    "optimi-adamw": ((0.9, 0.99), 1e-6, 0.0),
+    "bnb-adamw8bit": ((0.9, 0.999), 1e-6, 1e-2),
+    "torch-adamw": ((0.9, 0.999), 1e-8, 1e-2),
+    "adamw": ((0.9, 0.999), 1e-8, 1e-2),
+}
+# SimpleTuner passes these to DeepSpeed's optimizer only; without DeepSpeed they change nothing there.
+DEEPSPEED_ONLY_KEYS = {"adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon"}
+
+
+def deepspeed_only_note(key: str) -> str:
+    return (
+        f"{key}: SimpleTuner applies it only under DeepSpeed (its optimizer's own setting otherwise); here it is "
+        "not applied either: set optimizer_beta1 and optimizer_beta2, or optimizer_config (eps=..., weight_decay=...)"
+    )
+
+
+def optimizer_settings(
+    name: str, beta1: float, beta2: float, optimizer_config: str, where: str
+) -> tuple[tuple[tuple[float, float], float, float], list[str]]:
+    """((beta1, beta2), eps, weight decay) of optimizer `name` as SimpleTuner resolves them: the optimizer's
+    own settings, `optimizer_config` ("eps=1e-6,weight_decay=0.0") over them, and `optimizer_beta1` with
+    `optimizer_beta2` (only both: -1 is unset) over the betas; and notes on what we do not apply."""
+    from shared.errors import UserError
+
+    betas, eps, weight_decay = OPTIMIZER_SETTINGS.get(name, OPTIMIZER_SETTINGS["adamw"])
+    notes = []
+    for item in filter(None, (part.strip() for part in optimizer_config.split(","))):
+        key, _, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if key.strip() in ("eps", "weight_decay") and number is not None:
+            eps, weight_decay = (number, weight_decay) if key.strip() == "eps" else (eps, number)
+        elif key.strip() in ("eps", "weight_decay"):
+            raise UserError(f"{where}: key 'optimizer_config' sets {key.strip()} to {value!r}; expected a number")
+        else:
+            notes.append(
+                f"optimizer_config: SimpleTuner passes {item!r} to its optimizer; here only eps and weight_decay "
+                "are applied (AdamW has no such setting, or it is fixed)"
+            )
+    if beta1 >= 0 and beta2 >= 0:
+        betas = (beta1, beta2)
+    elif beta1 >= 0 or beta2 >= 0:
+        notes.append(
+            "optimizer_beta1 / optimizer_beta2: SimpleTuner applies them only when both are set; one is, so "
+            f"neither is applied here either (betas {betas})"
+        )
+    return (betas, eps, weight_decay), notes
+
 
 # Values SimpleTuner documents that we refuse, with what to write instead.
 REFUSED_VALUES = {
@@ -177,9 +235,6 @@ TRAINING_KEYS = {
     "lr_end",
     "lr_scale",
     "lr_scale_sqrt",
-    "optimizer_config",
-    "optimizer_beta1",
-    "optimizer_beta2",
     "gradient_precision",
     "masked_loss_probability",
     "ema_update_interval",

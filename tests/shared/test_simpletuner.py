@@ -52,3 +52,39 @@ def test_dataset_placeholders_are_filled_as_simpletuner_fills_them(tmp_path, mon
 def test_quantize_via_default_is_simpletuners(tmp_path):
     config = _load(tmp_path, {})
     assert config.train.quantize_via == "accelerator"  # SimpleTuner's registry default
+
+
+@pytest.mark.parametrize(
+    "keys, betas, eps, weight_decay",
+    [
+        ({}, (0.9, 0.999), 1e-6, 1e-2),  # SimpleTuner's default optimizer, adamw_bf16
+        ({"optimizer": "optimi-adamw"}, (0.9, 0.99), 1e-6, 0.0),
+        ({"optimizer": "bnb-adamw8bit"}, (0.9, 0.999), 1e-6, 1e-2),
+        ({"optimizer": "adamw_bf16", "optimizer_config": "eps=1e-8,weight_decay=0.05"}, (0.9, 0.999), 1e-8, 0.05),
+        ({"optimizer_beta1": 0.8, "optimizer_beta2": 0.95}, (0.8, 0.95), 1e-6, 1e-2),
+    ],
+)
+def test_optimizer_settings_resolve_as_simpletuner_resolves_them(tmp_path, keys, betas, eps, weight_decay):
+    """Each optimizer's own settings (SimpleTuner's optimizer_param.py), then optimizer_config, then both
+    optimizer_beta1 and optimizer_beta2; nothing differs, so nothing is said."""
+    config = _load(tmp_path, keys)
+    train = config.train
+    assert ((train.adam_beta1, train.adam_beta2), train.adam_epsilon, train.adam_weight_decay) == (
+        betas,
+        eps,
+        weight_decay,
+    )
+    assert not [line for line in notes(config) if "optim" in line]
+
+
+def test_optimizer_keys_simpletuner_would_not_apply_are_not_applied_and_said(tmp_path):
+    config = _load(tmp_path, {"adam_beta2": 0.95, "adam_epsilon": 1e-10, "optimizer_beta1": 0.5})
+    train = config.train
+    assert (train.adam_beta1, train.adam_beta2, train.adam_epsilon) == (0.9, 0.999, 1e-6)
+    loud = [line for line in notes(config) if line.startswith("WARNING: differs from SimpleTuner")]
+    assert any("adam_beta2" in line and "DeepSpeed" in line for line in loud)
+    assert any("adam_epsilon" in line for line in loud)
+    assert any("only when both are set" in line for line in loud)
+    config = _load(tmp_path, {"optimizer_config": "eps=1e-7,kahan_sum=True"})
+    assert config.train.adam_epsilon == 1e-7
+    assert any("kahan_sum" in line for line in notes(config))
