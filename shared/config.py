@@ -102,6 +102,7 @@ class TrainConfig:
     dataloader_prefetch_factor: int = 2  # batches each worker reads ahead
     eval_dataset_id: str = ""  # a main dataset held out for evaluation (its samples are cached as "eval")
     # Dataset settings an entry of multidatabackend.json falls back to when it has none (as in SimpleTuner).
+    caption_strategy: str = ""  # "": textfile (SimpleTuner: filename; said at the start of a run)
     resolution: float = 1024
     resolution_type: str = "pixel_area"
     minimum_image_size: float = 0
@@ -311,6 +312,7 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
             resolution=train.resolution,
             resolution_type=train.resolution_type,
             minimum_image_size=train.minimum_image_size,
+            caption_strategy=train.caption_strategy or "textfile",
         )
         dataset = _fill(defaults, entry, where=f"{backend_path}: dataset '{entry['id']}'", ignored=ignored)
         if isinstance(dataset.conditioning_data, str):

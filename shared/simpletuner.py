@@ -32,6 +32,19 @@ class Difference:
 
 # Defaults we deliberately do not share, when the key is omitted.
 DIFFERENCES = (
+    Difference("model_type", "full (a full fine-tune)", "lora", "this trainer trains LoRAs; full is refused"),
+    Difference(
+        "eval_timesteps",
+        "28",
+        "8",
+        "the held-out loss at 8 σ quantiles costs 8 forwards per eval sample instead of 28; set 28 for SimpleTuner's",
+    ),
+    Difference(
+        "caption_strategy",
+        "the global caption_strategy, else filename (captions from file names)",
+        "the global caption_strategy, else textfile (the .txt beside each image)",
+        "edit pairs carry their instruction in a .txt file, as the Qwen edit guide's datasets do",
+    ),
     Difference(
         "learning_rate",
         "4e-7 (a full fine-tune's rate)",
@@ -99,7 +112,6 @@ DIFFERENCES = (
 
 # Keys whose default here is SimpleTuner's (checked against its option registry and guides).
 SAME_DEFAULTS = {
-    "model_type",
     "num_train_epochs",
     "max_train_steps",
     "gradient_accumulation_steps",
@@ -256,6 +268,10 @@ TRAINING_KEYS = {
     "disable_multiline_split",
     "fuse_qkv_projections",
     "tread_config",
+    "is_regularisation_data",  # SimpleTuner's target is then the base model's own prediction
+    "is_regularization_data",
+    "vae_cache_clear_each_epoch",  # SimpleTuner re-encodes (and re-crops) each epoch; a cache here is made once
+    "train_batch_size",  # in a dataset entry: SimpleTuner batches that dataset's samples by it
 }
 
 

@@ -88,3 +88,29 @@ def test_optimizer_keys_simpletuner_would_not_apply_are_not_applied_and_said(tmp
     config = _load(tmp_path, {"optimizer_config": "eps=1e-7,kahan_sum=True"})
     assert config.train.adam_epsilon == 1e-7
     assert any("kahan_sum" in line for line in notes(config))
+
+
+def test_dataset_keys_that_change_training_in_simpletuner_are_said_loudly(tmp_path):
+    """is_regularisation_data (SimpleTuner: the base model's prediction is the target), a dataset's own
+    train_batch_size, vae_cache_clear_each_epoch (re-crops each epoch): none is done here."""
+    from shared.config_report import ignored_report
+
+    edits = dict(EDITS, is_regularisation_data=True, train_batch_size=4)
+    report = ignored_report(_load(tmp_path, {}, [edits, dict(REFS, vae_cache_clear_each_epoch=True)]))
+    assert report[0].startswith("WARNING: 3 key(s) change what you train in SimpleTuner")
+    assert {line.rsplit(": ", 1)[-1] for line in report[1:4]} == {
+        "is_regularisation_data",
+        "train_batch_size",
+        "vae_cache_clear_each_epoch",
+    }
+
+
+def test_a_global_caption_strategy_is_the_datasets_fallback_as_in_simpletuner(tmp_path):
+    config = _load(tmp_path, {"caption_strategy": "filename"}, [EDITS, REFS])
+    assert config.dataset("edits").caption_strategy == "filename"
+    config = _load(tmp_path, {"caption_strategy": "filename"}, [dict(EDITS, caption_strategy="textfile"), REFS])
+    assert config.dataset("edits").caption_strategy == "textfile"
+    assert _load(tmp_path, {}).dataset("edits").caption_strategy == "textfile"  # SimpleTuner: filename (said)
+    from shared import simpletuner
+
+    assert "caption_strategy" in {d.key for d in simpletuner.DIFFERENCES}
