@@ -47,6 +47,8 @@ class TrainConfig:
     learning_rate: float = 1e-4
     lr_scheduler: str = "constant_with_warmup"  # with lr_warmup_steps 0: constant
     lr_warmup_steps: int = 0
+    lr_end: float = 4e-7  # polynomial: the rate it decays to (SimpleTuner's default)
+    lr_power: float = 0.8  # polynomial: its power (SimpleTuner's default)
     max_train_steps: int = 0  # 0: use num_train_epochs
     num_train_epochs: int = 1
     lora_rank: int = 16
@@ -277,6 +279,7 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
         differences.append(simpletuner.deepspeed_only_note(key))
     ignored: list[str] = []
     train = _fill(TrainConfig(), raw, where=str(config_path), ignored=ignored)
+    differences += simpletuner.schedule_notes(train.lr_scheduler)
     settings, notes = simpletuner.optimizer_settings(
         optimizer, train.optimizer_beta1, train.optimizer_beta2, train.optimizer_config, str(config_path)
     )

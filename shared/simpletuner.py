@@ -117,6 +117,8 @@ SAME_DEFAULTS = {
     "gradient_accumulation_steps",
     "lr_scheduler",
     "lr_warmup_steps",
+    "lr_end",
+    "lr_power",
     "lora_rank",
     "lora_alpha",
     "lora_type",
@@ -163,6 +165,18 @@ OPTIMIZER_SETTINGS = {
 }
 # SimpleTuner passes these to DeepSpeed's optimizer only; without DeepSpeed they change nothing there.
 DEEPSPEED_ONLY_KEYS = {"adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon"}
+
+
+def schedule_notes(lr_scheduler: str) -> list[str]:
+    """What SimpleTuner 4.10's schedules of these names do that ours do not (`custom_schedule.py`)."""
+    ours = "here a linear warm-up over lr_warmup_steps, then one cosine decay to 0 over the run"
+    notes = {
+        "cosine": "lr_scheduler cosine: SimpleTuner's has no warm-up and swings between the rate and lr_end with a "
+        "half-period of lr_warmup_steps (1000 when 0), over and over; " + ours,
+        "cosine_with_restarts": "lr_scheduler cosine_with_restarts: SimpleTuner 4.10's keeps the rate constant (it "
+        "warns that it misbehaves); " + ours + " (one cycle)",
+    }
+    return [notes[lr_scheduler]] if lr_scheduler in notes else []
 
 
 def deepspeed_only_note(key: str) -> str:
@@ -243,8 +257,6 @@ TRAINING_KEYS = {
     "train_text_encoder",
     "text_encoder_lr",
     "lr_num_cycles",
-    "lr_power",
-    "lr_end",
     "lr_scale",
     "lr_scale_sqrt",
     "gradient_precision",

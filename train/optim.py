@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, get_scheduler
 
 from shared.config import TrainConfig
 from shared.errors import UserError
@@ -39,7 +39,8 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, max_steps: int):
-    """constant, constant_with_warmup, cosine or polynomial (to 1e-7), with `lr_warmup_steps` of warm-up.
+    """constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial (to `lr_end`, with
+    `lr_power`, as SimpleTuner's), with `lr_warmup_steps` of linear warm-up.
 
     Counted in optimizer steps whatever the number of processes: the loop steps it once per optimizer
     step itself (it is not handed to accelerate, which would step it once per process), so a run
@@ -49,6 +50,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, max_s
         raise UserError(
             f"lr_warmup_steps ({config.lr_warmup_steps}) must be below the number of training steps ({max_steps}) "
             f"for the {config.lr_scheduler} schedule to decay"
+        )
+    if config.lr_scheduler == "polynomial":
+        if not config.lr_end < config.learning_rate:
+            raise UserError(
+                f"lr_end ({config.lr_end}) must be below learning_rate ({config.learning_rate}) for the polynomial "
+                "schedule to decay to it"
+            )
+        return get_polynomial_decay_schedule_with_warmup(
+            optimizer, config.lr_warmup_steps, max_steps, lr_end=config.lr_end, power=config.lr_power
         )
     return get_scheduler(
         config.lr_scheduler,

@@ -337,6 +337,8 @@ SIMPLETUNER_DEFAULTS = {
     "adam_weight_decay": 1e-2,
     "adam_epsilon": 1e-8,
     "mixed_precision": "bf16",
+    "lr_end": 4e-7,
+    "lr_power": 0.8,
     "quantize_via": "accelerator",
     "report_to": "none",
     "tracker_project_name": "simpletuner",

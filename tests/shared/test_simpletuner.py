@@ -114,3 +114,10 @@ def test_a_global_caption_strategy_is_the_datasets_fallback_as_in_simpletuner(tm
     from shared import simpletuner
 
     assert "caption_strategy" in {d.key for d in simpletuner.DIFFERENCES}
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "cosine_with_restarts"])
+def test_cosine_schedules_say_how_simpletuners_differ(tmp_path, schedule):
+    loud = [line for line in notes(_load(tmp_path, {"lr_scheduler": schedule})) if line.startswith("WARNING")]
+    assert len(loud) == 1 and f"lr_scheduler {schedule}: SimpleTuner" in loud[0]
+    assert not [line for line in notes(_load(tmp_path, {"lr_scheduler": "polynomial"})) if "lr_scheduler" in line]
