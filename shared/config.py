@@ -55,7 +55,8 @@ class TrainConfig:
     lora_alpha: float = 0.0  # unset: lora_rank (SimpleTuner's default), so the LoRA's scale is 1
     lora_dropout: float = 0.0  # SimpleTuner: 0.1 (shared/simpletuner.py says why not here)
     lora_type: str = "standard"  # PEFT LoRA (SimpleTuner's "lycoris" is refused)
-    lora_target: str = "attention"  # a preset, or a list of module names (suffixes) to adapt
+    lora_target: str = "attention_image"  # a preset, or a list of module names (suffixes) to adapt; the default
+    # is SimpleTuner's Qwen default: the image stream's to_q, to_k, to_v, to_out.0
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = False  # set: every block (SimpleTuner's meaning); unset: memory_mode decides
     gradient_checkpointing_interval: int = 1  # checkpoint every n-th block (SimpleTuner's meaning)

@@ -44,7 +44,7 @@ def read_config_file(path: Path, expect: type) -> Any:
     if path.suffix == ".toml":
         data = _parse_toml(text, path)
     elif path.suffix == ".env":
-        data, unknown = simpletuner.env_to_config(simpletuner.parse_env_file(text))
+        data, unknown = simpletuner.env_to_config(simpletuner.parse_env_file(text, str(path)))
         data.update({f"{name} (config.env variable)": None for name in unknown})  # reported as read past
     else:
         try:

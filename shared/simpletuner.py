@@ -8,6 +8,8 @@ field_registry/sections/*.py`, and `documentation/OPTIONS.md` / `DATALOADER.md`)
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 
 # Older or alternative SimpleTuner names -> the name used here.
@@ -120,6 +122,7 @@ SAME_DEFAULTS = {
     "lr_end",
     "lr_power",
     "lora_rank",
+    "lora_target",  # the image stream's attention (its Qwen DEFAULT_LORA_TARGET)
     "lora_alpha",
     "lora_type",
     "checkpointing_steps",
@@ -284,6 +287,7 @@ TRAINING_KEYS = {
     "is_regularization_data",
     "vae_cache_clear_each_epoch",  # SimpleTuner re-encodes (and re-crops) each epoch; a cache here is made once
     "train_batch_size",  # in a dataset entry: SimpleTuner batches that dataset's samples by it
+    "layer_freeze_strategy",  # config.env's USE_BITFIT
 }
 
 
@@ -337,12 +341,20 @@ ENV_KEYS = {
     "BASE_MODEL_PRECISION": "base_model_precision",
     "QUANTIZE_VIA": "quantize_via",
     "GRADIENT_ACCUMULATION_STEPS": "gradient_accumulation_steps",
+    "LR_END": "lr_end",
+    "TRACKER_PROJECT_NAME": "tracker_project_name",
+    "TRACKER_RUN_NAME": "tracker_run_name",
+    # SimpleTuner's, not read here but named by their key so that those that change training are said loudly
+    "USE_DORA": "use_dora",
+    "LYCORIS_CONFIG": "lycoris_config",
 }
 
 
-def parse_env_file(text: str) -> dict[str, str]:
+def parse_env_file(text: str, where: str = "config.env") -> dict[str, str]:
     """SimpleTuner's config.env: `[export ]NAME=value` lines (quotes stripped, `#` comments, `NAME+=more`
-    appends words); returns the variables."""
+    appends words); returns the variables. Users source it in a shell, so values are expanded as a shell
+    would (`$NAME`, `${NAME}`, `${NAME:-default}`, `${NAME-default}`, from the file's earlier lines, then
+    the environment; not inside single quotes); a command substitution is refused, never run."""
     variables: dict[str, str] = {}
     for line in text.splitlines():
         line = line.strip()
@@ -351,12 +363,35 @@ def parse_env_file(text: str) -> dict[str, str]:
         line = line.removeprefix("export ").strip()
         append = "+=" in line.split("=", 1)[0] + "="
         name, value = line.split("+=", 1) if append else line.split("=", 1)
-        value = value.strip()
+        name, value = name.strip(), value.strip()
+        literal = len(value) >= 2 and value[0] == value[-1] == "'"
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
-        name = name.strip()
+        if not literal:
+            value = _expand(value, variables, f"{where}: {name}")
         variables[name] = f"{variables[name]} {value}".strip() if append and name in variables else value
     return variables
+
+
+_SHELL_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _expand(value: str, variables: dict[str, str], where: str) -> str:
+    """`value` with shell variables filled in, as `sh` would (an unset one is empty)."""
+    from shared.errors import UserError
+
+    if "$(" in value or "`" in value:
+        raise UserError(f"{where}: the value runs a command ({value!r}); write the value itself")
+
+    def one(match: re.Match) -> str:
+        name = match[1] or match[4]
+        known = name in variables or name in os.environ
+        current = variables.get(name, os.environ.get(name, ""))
+        if match[2] == ":-" and not current or match[2] == "-" and not known:
+            return _expand(match[3], variables, where)
+        return current
+
+    return _SHELL_VARIABLE.sub(one, value)
 
 
 def env_to_config(variables: dict[str, str]) -> tuple[dict, list[str]]:
@@ -364,10 +399,11 @@ def env_to_config(variables: dict[str, str]) -> tuple[dict, list[str]]:
     "false" flag is left out, "true" sets it, TRAINER_EXTRA_ARGS holds `--key=value` / `--flag` words."""
     config, unknown = {}, []
     for name, value in variables.items():
-        if "${" in value:  # shell expansion SimpleTuner skips too
-            continue
         if name == "TRAINER_EXTRA_ARGS":
             config.update(_cli_words(value.split()))
+        elif name == "USE_BITFIT":
+            if value.lower() == "true":
+                config["layer_freeze_strategy"] = "bitfit"
         elif name in ENV_KEYS:
             if value.lower() != "false":
                 config[ENV_KEYS[name]] = True if value.lower() == "true" else value

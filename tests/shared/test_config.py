@@ -338,6 +338,7 @@ SIMPLETUNER_DEFAULTS = {
     "adam_epsilon": 1e-8,
     "mixed_precision": "bf16",
     "lr_end": 4e-7,
+    "lora_target": "attention_image",  # to_q, to_k, to_v, to_out.0 of the image stream
     "lr_power": 0.8,
     "quantize_via": "accelerator",
     "report_to": "none",

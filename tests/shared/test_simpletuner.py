@@ -121,3 +121,34 @@ def test_cosine_schedules_say_how_simpletuners_differ(tmp_path, schedule):
     loud = [line for line in notes(_load(tmp_path, {"lr_scheduler": schedule})) if line.startswith("WARNING")]
     assert len(loud) == 1 and f"lr_scheduler {schedule}: SimpleTuner" in loud[0]
     assert not [line for line in notes(_load(tmp_path, {"lr_scheduler": "polynomial"})) if "lr_scheduler" in line]
+
+
+def test_config_env_values_are_expanded_as_the_shell_that_sources_it_would(tmp_path, monkeypatch):
+    """SimpleTuner's users `source config.env`: ${VAR}, ${VAR:-default}, $VAR, earlier lines, no command run."""
+    from shared.config_report import ignored_report
+    from shared.errors import UserError
+
+    monkeypatch.setenv("HOME", "/home/me")
+    monkeypatch.delenv("STEPS", raising=False)
+    (tmp_path / "db.json").write_text(json.dumps([EDITS, REFS]))
+    env = (
+        f"export DATALOADER_CONFIG='{tmp_path / 'db.json'}'\n"
+        'export OUTPUT_DIR="${HOME}/out"\n'
+        'export MAX_NUM_STEPS="${STEPS:-7}"\n'
+        "RATE=2e-4\n"
+        'export LEARNING_RATE="$RATE"\n'
+        "export VALIDATION_NEGATIVE_PROMPT='${HOME} stays'\n"
+        "export USE_DORA=true\nexport LR_END=1e-6\nexport LYCORIS_CONFIG=config/lycoris.json\n"
+    )
+    (tmp_path / "config.env").write_text(env)
+    config = load_config(tmp_path / "config.env")
+    train = config.train
+    assert (train.output_dir, train.max_train_steps, train.learning_rate) == ("/home/me/out", 7, 2e-4)
+    assert train.validation_negative_prompt == "${HOME} stays"  # single quotes: literal, as in a shell
+    assert train.lr_end == 1e-6
+    loud = ignored_report(config)
+    assert loud[0].startswith("WARNING: 2 key(s) change what you train")
+    assert {line.rsplit(": ", 1)[-1] for line in loud[1:3]} == {"use_dora", "lycoris_config"}
+    (tmp_path / "config.env").write_text(env + 'export OUTPUT_DIR="$(pwd)/out"\n')
+    with pytest.raises(UserError, match="OUTPUT_DIR: the value runs a command"):
+        load_config(tmp_path / "config.env")
