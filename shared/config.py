@@ -377,9 +377,17 @@ def _fill(target: Any, raw: dict, where: str, ignored: list[str]) -> Any:
     return target
 
 
+_SIZE_KEYS = {"resolution", "minimum_image_size"}
+
+
 def _coerce(value: Any, default: Any, key: str, where: str) -> Any:
     """Convert `value` to the type of `default`, accepting the string forms SimpleTuner configs use."""
     try:
+        if key in _SIZE_KEYS:  # pixels, or megapixels with resolution_type "area" (0.5): whole numbers stay ints
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            return int(number) if number.is_integer() else number
         if isinstance(default, bool):
             if isinstance(value, str) and value.lower() in ("true", "false"):
                 return value.lower() == "true"

@@ -152,3 +152,11 @@ def test_config_env_values_are_expanded_as_the_shell_that_sources_it_would(tmp_p
     (tmp_path / "config.env").write_text(env + 'export OUTPUT_DIR="$(pwd)/out"\n')
     with pytest.raises(UserError, match="OUTPUT_DIR: the value runs a command"):
         load_config(tmp_path / "config.env")
+
+
+def test_area_resolutions_in_megapixels_as_simpletuners_dataloader_writes_them(tmp_path):
+    """resolution_type "area": resolution and minimum_image_size in megapixels (0.5, 0.065)."""
+    edits = dict(EDITS, resolution_type="area", resolution=0.5, minimum_image_size="0.065")
+    config = _load(tmp_path, {}, [edits, REFS])
+    assert (config.dataset("edits").resolution, config.dataset("edits").minimum_image_size) == (0.5, 0.065)
+    assert config.dataset("refs").resolution == 1024 and isinstance(config.dataset("refs").resolution, int)
