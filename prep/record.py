@@ -30,12 +30,16 @@ def reference_vae_size(
 ) -> tuple[int, int]:
     """(width, height) the VAE encodes a reference at.
 
-    edit-v1 strict: the target's bucket. The Plus flavours with match_target_res: the target's size.
-    Otherwise the reference is sized on its own at its dataset's resolution (1024 -> ~1 MP, as the
-    pipelines do at inference).
+    The Plus flavours: ~1 MP whatever the datasets' resolution (`QwenImageEditPlusPipeline` encodes every
+    picture at VAE_IMAGE_SIZE, the Qwen edit guide's "1 MP packing"), or the target's size with
+    match_target_res. edit-v1 strict: the target's bucket; edit-v1 loose: its own bucket at its
+    dataset's resolution. A strict reference is cropped with its target's box either way.
     """
-    strict = cond.conditioning_type == "reference_strict"
-    if (not flavour.plus and strict) or (flavour.plus and match_target):
+    if flavour.plus:
+        if match_target:
+            return target_size
+        return calculate_dimensions(flavour.reference_vae_area, ref_size[0] / ref_size[1])
+    if cond.conditioning_type == "reference_strict":
         return target_size
     return bucket_size(ref_size[0], ref_size[1], cond.resolution, cond.resolution_type)
 

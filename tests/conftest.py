@@ -76,6 +76,9 @@ def write_config(
         "base_model_precision": "int8-quanto",
         "seed": 1,
     }
+    if flavour != "edit-v1":  # references at the target's size: the Plus flavours' default ~1 MP references
+        # (tests/prep/test_encodings_match_diffusers.py) would make every CPU test of them 10x longer
+        config["model_kwargs"] = {"match_target_res": True}
     config.update(train or {})
     (root / "multidatabackend.json").write_text(json.dumps(backend, indent=1))
     (root / "config.json").write_text(json.dumps(config, indent=1))

@@ -70,7 +70,9 @@ changed.
 **Fingerprint.** cache.json's `fingerprint` = {`sha256`, `settings`}: everything that changes
 cached bytes (the encoders by content: `encoders` maps each file of the model's `vae/`,
 `text_encoder/`, `processor/` and `tokenizer/` to its sha256, never the model's path; the VAE's and
-text encoder's configs; flavour, prompt template, encoder dtype, reference sizing, and per dataset:
+text encoder's configs; flavour, prompt template, encoder dtype, reference sizing (`match_target_res`;
+`plus_reference_vae_area`: the Plus flavours encode every reference at ~1 MP, recorded where a dataset's
+or the previews' resolution is not 1024, the caches that rule changed), and per dataset:
 resolution, crop settings; the `crop_seed` only when a dataset crops at random;
 `conditioning_multidataset_sampling` only when it is random with several reference datasets).
 Training-only keys (seed, caption dropout, learning rate, ...) are not in it, so changing them

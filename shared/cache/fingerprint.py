@@ -56,6 +56,8 @@ def config_settings(config: Config, main: DatasetConfig) -> dict:
         "datasets": [_placement_settings(d) for d in datasets],
         "previews": config.train.preview_settings,
     }
+    if _plus_references_resized(config, datasets):
+        settings["plus_reference_vae_area"] = flavour.reference_vae_area
     if references_alone(config, main):
         settings["conditioning_multidataset_sampling"] = "random"  # train samples: embeddings per reference
     if any(d.crop and d.crop_style == "random" for d in datasets):
@@ -93,6 +95,17 @@ def references_alone(config: Config, main: DatasetConfig) -> bool:
     picked when drawn): `conditioning_multidataset_sampling: random` with more than one reference dataset (with
     one, SimpleTuner's random and combined are the same)."""
     return config.train.conditioning_multidataset_sampling == "random" and len(main.conditioning_data) > 1
+
+
+def _plus_references_resized(config: Config, datasets: list[DatasetConfig]) -> bool:
+    """Whether a Plus flavour's references are encoded at ~1 MP where caches before that rule (prep/record.py,
+    `reference_vae_size`) encoded them at their datasets' or the eval previews' resolution: only then is the
+    rule in the fingerprint, so that such caches are rebuilt and others (every dataset at 1024) stay current."""
+    if not FLAVOURS[config.train.model_flavour].plus or config.train.match_target_res:
+        return False
+    sizes = {(d.resolution, d.resolution_type) for d in datasets}
+    preview = config.train.validation_resolution
+    return sizes != {(1024, "pixel_area")} or preview not in (0, 1024)
 
 
 def _placement_settings(dataset: DatasetConfig) -> dict:

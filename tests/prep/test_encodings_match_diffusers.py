@@ -83,8 +83,10 @@ def test_plus_flavour_cache_equals_qwen_image_edit_plus_pipeline(tmp_path, tiny_
     caption = "paint the square of picture 1 in the colour of picture 2"
     size = (256, 256)
     data = _dataset(tmp_path / "data", size, n_refs=2, caption=caption)
-    # References at resolution 1024 sized on their own: the pipeline's ~1 MP VAE input.
-    config = write_config(tmp_path, tiny_models[flavour], flavour, data, n_refs=2, resolution=256, ref_resolution=1024)
+    # Every dataset at 256 (strict references): the Plus pipeline still encodes references at ~1 MP.
+    config = write_config(
+        tmp_path, tiny_models[flavour], flavour, data, n_refs=2, resolution=256, train={"model_kwargs": {}}
+    )
     target, refs, embeds = _cached(config)
 
     pipe = QwenImageEditPlusPipeline.from_pretrained(tiny_models[flavour])

@@ -200,3 +200,30 @@ def test_a_disk_error_mid_record_drops_the_open_shard_and_the_writer_starts_a_cl
     assert [r["sample_id"] for r in writer.rows] == ["c"]
     ((name, shard),) = writer.shards.items()
     assert shard["sha256"] == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "flavour, resolution, model_kwargs, recorded",
+    [
+        ("edit-v2", 1024, {}, False),  # at 1024 the ~1 MP rule encodes what caches before it did: still current
+        ("edit-v2", 512, {}, True),  # below it the references are now ~1 MP: such caches must be rebuilt
+        ("edit-v2", 512, {"match_target_res": True}, False),
+        ("edit-v1", 512, {}, False),
+    ],
+)
+def test_the_plus_reference_size_rule_is_in_the_fingerprint_only_where_it_changed_a_cache(
+    tmp_path, flavour, resolution, model_kwargs, recorded
+):
+    from shared.cache.fingerprint import config_settings
+    from shared.config import load_config
+
+    backend = [
+        {"id": "e", "instance_data_dir": "/i", "conditioning_data": ["r"], "resolution": resolution},
+        {"id": "r", "dataset_type": "conditioning", "instance_data_dir": "/r", "resolution": resolution},
+    ]
+    (tmp_path / "db.json").write_text(json.dumps(backend))
+    config = {"data_backend_config": str(tmp_path / "db.json"), "model_flavour": flavour, "model_kwargs": model_kwargs}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_config(tmp_path / "config.json")
+    settings = config_settings(loaded, loaded.main_datasets()[0])
+    assert ("plus_reference_vae_area" in settings) == recorded
