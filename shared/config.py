@@ -169,7 +169,7 @@ class DatasetConfig:
     cache_dir_vae: str = ""
     disabled: bool = False
     repeats: int = 0  # extra passes over this dataset per epoch
-    probability: float = 0.0  # relative weight when mixing datasets; 0 (unset) everywhere: mix by size
+    probability: float = 0.0  # how likely the next batch comes from here (0: unset, 1.0); orders, never repeats
 
 
 @dataclass

@@ -13,8 +13,10 @@ The plan, per epoch:
    bucket smaller than a batch still trains); batches of all buckets are then shuffled together,
    so buckets are drawn in proportion to their sizes.
 2. An epoch takes `quota[s]` global batches from each source's stream: its own batch count x
-   (1 + `repeats`) when mixing by size (the default), or shares of the same total in proportion to
-   each dataset's `probability` when any dataset sets one. The epoch's batches are shuffled.
+   (1 + `repeats`). The epoch's batches are shuffled; when a dataset sets `probability`, they are
+   interleaved instead as SimpleTuner interleaves them: each next batch comes from a source that has
+   batches left, picked with chance in proportion to its `probability` (1.0 where unset), so
+   `probability` changes the order, never how often a dataset is seen per epoch.
 3. Rank r of `world_size` takes samples [r x batch_size, (r + 1) x batch_size) of every global
    batch: every rank gets the same number of batches, all of one shape, and the global sequence
    of samples depends on the global batch size only, not on how it is split across ranks.
@@ -78,18 +80,22 @@ class TrainOrder:
         self.quotas = self._quotas()
         self.per_epoch = sum(self.quotas)  # global batches per epoch = batches per rank per epoch
         parts = [(s.name, s.digest, s.repeats, s.probability) for s in self.sources]
+        if self.weights is not None:
+            parts.append("interleaved by probability")  # since the quotas stopped following it
         # Changes whenever the plan would: rows, shapes, mixing, global batch size, seed.
         self.signature = hashlib.sha256(json.dumps([parts, self.global_batch, seed]).encode()).hexdigest()[:16]
 
     def _quotas(self) -> list[int]:
-        by_size = [n * (1 + s.repeats) for n, s in zip(self.own_counts, self.sources, strict=True)]
-        if all(s.probability is None for s in self.sources):
-            return by_size
-        weights = [1.0 if s.probability is None else s.probability for s in self.sources]
-        if any(w <= 0 for w in weights):
+        if any(s.probability is not None and s.probability <= 0 for s in self.sources):
             raise UserError("every dataset's 'probability' must be positive (leave it out for 1.0)")
-        total = sum(by_size)
-        return [max(1, round(total * w / sum(weights))) for w in weights]
+        return [n * (1 + s.repeats) for n, s in zip(self.own_counts, self.sources, strict=True)]
+
+    @property
+    def weights(self) -> list[float] | None:
+        """Each source's interleaving weight, or None when no dataset sets `probability` (a plain shuffle)."""
+        if all(s.probability is None for s in self.sources):
+            return None
+        return [1.0 if s.probability is None else s.probability for s in self.sources]
 
     def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The global batches of one epoch, in order: (source [n], rows [n, global_batch])."""
@@ -142,5 +148,19 @@ def _epoch(order: TrainOrder, epoch: int) -> tuple[np.ndarray, np.ndarray]:
             take = min(count - first, (epoch + 1) * quota - k)
             rows.append(_own_pass(order, source, n)[first : first + take])
             sources.append(np.full(take, source, dtype=np.int32))
-    permutation = _rng(f"{order.seed}:epoch:{epoch}").permutation(sum(len(s) for s in sources))
-    return np.concatenate(sources)[permutation], np.concatenate(rows)[permutation]
+    sources, rows = np.concatenate(sources), np.concatenate(rows)
+    rng = _rng(f"{order.seed}:epoch:{epoch}")
+    if order.weights is None:
+        permutation = rng.permutation(len(sources))
+    else:
+        # Picking, at each step, a source with batches left with chance proportional to its weight is the
+        # order of arrival times of independent Poisson streams of rate `weight`: the k-th batch of a
+        # source arrives at the sum of k exponential gaps of mean 1 / weight (memorylessness).
+        rate = np.asarray(order.weights)[sources]
+        gaps = rng.exponential(size=len(sources)) / rate
+        arrival = np.zeros(len(sources))
+        for source in range(len(order.quotas)):  # each source's batches keep their own stream order
+            mine = np.flatnonzero(sources == source)
+            arrival[mine] = np.cumsum(gaps[mine])
+        permutation = np.argsort(arrival, kind="stable")
+    return sources[permutation], rows[permutation]

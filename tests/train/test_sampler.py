@@ -64,22 +64,31 @@ def test_order_is_seeded_and_changes_per_epoch():
     assert first != _ids(TrainOrder(sources, 1, 1, seed=1), sources, range(12), 0)
 
 
-def test_datasets_mix_by_size_by_repeats_or_by_probability():
+def test_datasets_mix_by_size_and_repeats_and_probability_only_interleaves_as_in_simpletuner():
     big, small = _source("big", 30), _source("small", 6)
     by_size = TrainOrder([big, small], 1, 1, seed=0)
     assert by_size.quotas == [30, 6]
     assert TrainOrder([big, _source("small", 6, repeats=2)], 1, 1, seed=0).quotas == [30, 18]
 
-    weighted = [_source("big", 30, probability=1.0), _source("small", 6, probability=1.0)]
+    # SimpleTuner's probability picks which dataset the next batch comes from; every sample is still seen
+    # once per epoch (plus repeats).
+    weighted = [_source("big", 30, probability=1.0), _source("small", 6, probability=20.0)]
     order = TrainOrder(weighted, 1, 1, seed=0)
-    assert order.quotas == [18, 18]  # same total (36), equal shares
-    counts = Counter(s.source for p in range(order.per_epoch) for s in order.rank_batch(p, 0))
-    assert counts == {0: 18, 1: 18}
-    # the small dataset's stream runs through 3 passes per epoch, each a full shuffled pass
+    assert order.quotas == [30, 6]
+    drawn = [s.source for p in range(order.per_epoch) for s in order.rank_batch(p, 0)]
+    assert Counter(drawn) == {0: 30, 1: 6}
     small_ids = [
         weighted[1].sample_ids[s.row] for p in range(order.per_epoch) for s in order.rank_batch(p, 0) if s.source == 1
     ]
-    assert Counter(small_ids) == {i: 3 for i in weighted[1].sample_ids}
+    assert sorted(small_ids) == sorted(weighted[1].sample_ids)
+    # weight 20 against 1: the small dataset's batches come first, on average over seeds
+    first_half = [
+        sum(s.source == 1 for p in range(18) for s in TrainOrder(weighted, 1, 1, seed=k).rank_batch(p, 0))
+        for k in range(20)
+    ]
+    assert sum(first_half) / 20 > 5
+    plain = TrainOrder([big, small], 1, 1, seed=0)
+    assert plain.signature != TrainOrder([_source("big", 30, probability=1.0), small], 1, 1, seed=0).signature
 
 
 def test_signature_follows_what_changes_the_plan():
