@@ -19,7 +19,7 @@ from shared import simpletuner
 from shared.config_checks import check_datasets, check_ranges, validation_resolution_area
 from shared.config_files import expand_placeholders, read_config_file
 from shared.errors import UserError
-from shared.flavours import FLAVOURS
+from shared.flavours import FLAVOURS, flavour_of_weights
 
 BASE_MODEL_PRECISIONS = (
     "no_change",
@@ -294,6 +294,15 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
         train.lr_scheduler = "constant_with_warmup"
     if not train.data_backend_config:
         raise UserError(f"{config_path}: key 'data_backend_config' is missing; set it to your multidatabackend.json")
+    weights = flavour_of_weights(train.pretrained_model_name_or_path) if train.pretrained_model_name_or_path else None
+    if weights and "model_flavour" not in raw and "--model_flavour" not in raw:
+        train.model_flavour = weights  # the weights say which they are
+    elif weights and FLAVOURS[weights].plus != FLAVOURS[train.model_flavour].plus:
+        differences.append(
+            f"model_flavour {train.model_flavour}: the weights at {train.pretrained_model_name_or_path} are "
+            f"{FLAVOURS[weights].pipeline_class}'s ({weights}); training would encode and sample as the other "
+            "pipeline does (remove model_flavour to follow the weights)"
+        )
     if not train.pretrained_model_name_or_path:
         train.pretrained_model_name_or_path = FLAVOURS[train.model_flavour].default_model
     check_ranges(train, config_path)

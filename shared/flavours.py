@@ -75,3 +75,23 @@ FLAVOURS["edit-v3"] = replace(
 )
 
 SYSTEM_PREFIX = _SYSTEM  # exposed so the tiny tokenizer can be checked to split it into drop_tokens tokens
+
+
+def flavour_of_weights(model: str) -> str | None:
+    """The flavour a local diffusers folder's weights are: its pipeline class (`model_index.json`) and, for the
+    Plus pipeline, whether its transformer modulates references with timestep 0 (2511: edit-v3). None when
+    `model` is not a local folder that says (a hub id, or an older layout)."""
+    import json
+    from pathlib import Path
+
+    try:
+        index = json.loads((Path(model) / "model_index.json").read_text())
+        transformer = json.loads((Path(model) / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    pipeline = index.get("_class_name") if isinstance(index, dict) else None
+    if pipeline == "QwenImageEditPipeline":
+        return "edit-v1"
+    if pipeline == "QwenImageEditPlusPipeline":
+        return "edit-v3" if isinstance(transformer, dict) and transformer.get("zero_cond_t") else "edit-v2"
+    return None

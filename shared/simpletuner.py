@@ -36,6 +36,12 @@ class Difference:
 DIFFERENCES = (
     Difference("model_type", "full (a full fine-tune)", "lora", "this trainer trains LoRAs; full is refused"),
     Difference(
+        "model_flavour",
+        "v2.1 (Qwen-Image 2.1, text to image)",
+        "what the weights at pretrained_model_name_or_path are (their pipeline class), else edit-v1",
+        "this trainer trains edit models",
+    ),
+    Difference(
         "eval_timesteps",
         "28",
         "8",

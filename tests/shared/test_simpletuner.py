@@ -160,3 +160,14 @@ def test_area_resolutions_in_megapixels_as_simpletuners_dataloader_writes_them(t
     config = _load(tmp_path, {}, [edits, REFS])
     assert (config.dataset("edits").resolution, config.dataset("edits").minimum_image_size) == (0.5, 0.065)
     assert config.dataset("refs").resolution == 1024 and isinstance(config.dataset("refs").resolution, int)
+
+
+@pytest.mark.parametrize("weights", ["edit-v1", "edit-v2", "edit-v3"])
+def test_an_omitted_model_flavour_follows_the_weights_and_a_contradicting_one_is_said(tmp_path, tiny_models, weights):
+    config = _load(tmp_path, {"pretrained_model_name_or_path": str(tiny_models[weights])})
+    assert config.train.model_flavour == weights
+    other = "edit-v1" if weights != "edit-v1" else "edit-v2"
+    keys = {"pretrained_model_name_or_path": str(tiny_models[weights]), "model_flavour": other}
+    config = _load(tmp_path, keys, [EDITS, REFS])
+    assert config.train.model_flavour == other
+    assert any(line.startswith(f"WARNING: differs from SimpleTuner: model_flavour {other}") for line in notes(config))
