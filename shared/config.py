@@ -328,6 +328,12 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
             caption_strategy=train.caption_strategy or "textfile",
         )
         dataset = _fill(defaults, entry, where=f"{backend_path}: dataset '{entry['id']}'", ignored=ignored)
+        for key in _SIZE_KEYS:  # a fraction means megapixels, which only resolution_type "area" counts in
+            if dataset.resolution_type != "area" and not float(getattr(dataset, key)).is_integer():
+                raise UserError(
+                    f"{where}: key '{key}' is {getattr(dataset, key)!r}, a fraction, but resolution_type is "
+                    f"'{dataset.resolution_type}' (pixels); whole pixels, or resolution_type 'area' for megapixels"
+                )
         if isinstance(dataset.conditioning_data, str):
             dataset.conditioning_data = [dataset.conditioning_data]
         datasets.append(dataset)

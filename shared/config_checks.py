@@ -30,9 +30,11 @@ def validation_resolution_area(value: Any, config_path: Path) -> tuple[Any, str 
         return value, None
     parts = value if isinstance(value, list) else str(value).split(",")
     areas = []
+    if not parts:
+        parts = [""]  # refused below, naming the key
     for part in parts:
         text = str(part).strip().lower()
-        match = re.fullmatch(r"(\d+(?:\.\d+)?)(?:x(\d+))?", text)
+        match = re.fullmatch(r"(\d+)(?:x(\d+))?", text)  # SimpleTuner's forms: digits, or digits x digits
         if not match:
             raise UserError(
                 f"{config_path}: key 'validation_resolution' is {value!r}; write one number (a pixel_area "

@@ -222,11 +222,8 @@ def optimizer_settings(
             )
     if beta1 >= 0 and beta2 >= 0:
         betas = (beta1, beta2)
-    elif beta1 >= 0 or beta2 >= 0:
-        notes.append(
-            "optimizer_beta1 / optimizer_beta2: SimpleTuner applies them only when both are set; one is, so "
-            f"neither is applied here either (betas {betas})"
-        )
+    elif beta1 >= 0 or beta2 >= 0:  # SimpleTuner stops too: "Both ... should be provided"
+        raise UserError(f"{where}: set both optimizer_beta1 and optimizer_beta2 (SimpleTuner needs both), or neither")
     return (betas, eps, weight_decay), notes
 
 
@@ -379,25 +376,44 @@ def parse_env_file(text: str, where: str = "config.env") -> dict[str, str]:
     return variables
 
 
-_SHELL_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_BRACED = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)(.*))?", re.S)  # NAME, NAME:-default, NAME-default
 
 
 def _expand(value: str, variables: dict[str, str], where: str) -> str:
-    """`value` with shell variables filled in, as `sh` would (an unset one is empty)."""
+    """`value` with shell variables filled in as `sh` would: `$NAME`, `${NAME}`, `${NAME:-default}` (unset or
+    empty), `${NAME-default}` (unset), defaults nested; an unset variable is empty. Filled-in values are not
+    expanded again. Other `${...}` forms stay as written."""
     from shared.errors import UserError
 
     if "$(" in value or "`" in value:
         raise UserError(f"{where}: the value runs a command ({value!r}); write the value itself")
-
-    def one(match: re.Match) -> str:
-        name = match[1] or match[4]
-        known = name in variables or name in os.environ
-        current = variables.get(name, os.environ.get(name, ""))
-        if match[2] == ":-" and not current or match[2] == "-" and not known:
-            return _expand(match[3], variables, where)
-        return current
-
-    return _SHELL_VARIABLE.sub(one, value)
+    out, i = [], 0
+    while i < len(value):
+        if value.startswith("${", i):
+            depth, j = 1, i + 2
+            while j < len(value) and depth:
+                depth += {"{": 1, "}": -1}.get(value[j], 0)
+                j += 1
+            if depth:
+                raise UserError(f"{where}: '${{' without its '}}' in {value!r}")
+            braced = _BRACED.fullmatch(value[i + 2 : j - 1])
+            if braced is None:
+                out.append(value[i:j])
+            else:
+                name, operator, default = braced.groups()
+                known = name in variables or name in os.environ
+                current = variables.get(name, os.environ.get(name, ""))
+                use_default = operator == ":-" and not current or operator == "-" and not known
+                out.append(_expand(default, variables, where) if use_default else current)
+            i = j
+        elif value[i] == "$" and (name := _NAME.match(value, i + 1)):
+            out.append(variables.get(name[0], os.environ.get(name[0], "")))
+            i = name.end()
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
 
 
 def env_to_config(variables: dict[str, str]) -> tuple[dict, list[str]]:

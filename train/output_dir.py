@@ -25,6 +25,7 @@ from shared.files import write_json_atomic
 from train.checkpoint import checkpoint_run_id, list_checkpoints, resolve_resume
 from train.export import LORA_FILE
 from train.metrics import CSV_FILE
+from train.model import LORA_TARGETS
 
 RUN_JSON = "run.json"
 
@@ -125,9 +126,15 @@ def check_same_lora(checkpoint: Path, shape: dict) -> None:
     names = {"r": "lora_rank", "lora_alpha": "lora_alpha", "target_modules": "lora_target"}
     differ = [f"{names[k]} {before[k]} -> {shape[k]}" for k in shape if before[k] is not None and before[k] != shape[k]]
     if differ:
+        targets_differ = before["target_modules"] and before["target_modules"] != shape["target_modules"]
+        presets = [name for name, modules in LORA_TARGETS.items() if sorted(modules) == before["target_modules"]]
+        presets = presets if targets_differ else []
+        hint = f" (lora_target: {presets[0]})" if presets else ""
+        if presets == ["attention"]:
+            hint = " (lora_target: attention; runs begun before the default became attention_image, SimpleTuner's)"
         raise UserError(
             f"{checkpoint} was trained with another LoRA ({'; '.join(differ)}); resume with the checkpoint's "
-            "settings, or start a new run in another output_dir"
+            f"settings{hint}, or start a new run in another output_dir"
         )
 
 

@@ -332,10 +332,6 @@ SIMPLETUNER_DEFAULTS = {
     "use_ema": False,
     "ema_device": "cpu",
     "ema_decay": 0.995,
-    "adam_beta1": 0.9,
-    "adam_beta2": 0.999,
-    "adam_weight_decay": 1e-2,
-    "adam_epsilon": 1e-8,
     "mixed_precision": "bf16",
     "lr_end": 4e-7,
     "lora_target": "attention_image",  # to_q, to_k, to_v, to_out.0 of the image stream
