@@ -272,3 +272,15 @@ def test_a_read_only_disk_at_the_final_export_names_the_checkpoint_to_export(pro
     out = tmp_path / "run"
     with pytest.raises(UserError, match=r"cannot write the final LoRA \(Read-only file system\)\. .*checkpoint-000002"):
         train(load_config(project(out, max_train_steps=2, checkpointing_steps=2)))
+
+
+def test_a_run_begun_with_both_streams_adapted_is_told_which_lora_target_resumes_it(tmp_path):
+    """Runs that left lora_target unset before it defaulted to SimpleTuner's attention_image trained attention."""
+    from train.model import LORA_TARGETS
+    from train.output_dir import check_same_lora
+
+    state = {"lora_config": {"r": 4, "lora_alpha": 4.0, "target_modules": LORA_TARGETS["attention"]}}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    shape = {"r": 4, "lora_alpha": 4.0, "target_modules": sorted(LORA_TARGETS["attention_image"])}
+    with pytest.raises(UserError, match=r"settings \(lora_target: attention; runs begun before the default"):
+        check_same_lora(tmp_path, shape)
