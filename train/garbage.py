@@ -6,6 +6,8 @@ which can land in the middle of a training step: the host stops launching kernel
 During a run the automatic collector is off; the young generations (where a step's own garbage
 lives) are collected every `every` steps, and validation collects everything before previews
 (train/validation.py). Reference counting frees everything that is not in a cycle as usual.
+DataLoader workers, forked from the training process with its collector off, turn theirs back on
+(`collect_in_worker`): they run no compiled code and would otherwise never free a cycle.
 """
 
 from __future__ import annotations
@@ -48,3 +50,8 @@ class StepGarbageCollection:
         start = time.perf_counter()
         found = gc.collect(generation=1)
         log.debug("garbage collection %s: %d objects, %.3f s", when, found, time.perf_counter() - start)
+
+
+def collect_in_worker(worker_id: int) -> None:
+    """A DataLoader `worker_init_fn`: the worker's own automatic collector on (fork copied it off)."""
+    gc.enable()

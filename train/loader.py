@@ -41,6 +41,7 @@ from shared.cache import (
 )
 from shared.errors import UserError
 from train.batch import Batch, collate
+from train.garbage import collect_in_worker
 from train.sampler import Slot, Source, TrainOrder
 
 log = logging.getLogger(__name__)
@@ -383,6 +384,7 @@ class TrainLoader:
             num_workers=self.workers,
             prefetch_factor=self.prefetch if self.workers else None,
             persistent_workers=False,
+            worker_init_fn=collect_in_worker,  # train/garbage.py: the training process runs without it
             # Its own generator: a DataLoader draws a base seed from the global RNG otherwise, which
             # would shift LoRA dropout after a resume (the global RNG state is part of a checkpoint).
             generator=torch.Generator().manual_seed(self.order.seed),

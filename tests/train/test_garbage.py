@@ -3,6 +3,8 @@
 import gc
 import weakref
 
+import torch
+
 from train.garbage import StepGarbageCollection
 
 
@@ -39,3 +41,19 @@ def test_the_collector_stays_off_after_a_run_if_it_was_off():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+class _CollectorState(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield gc.isenabled()
+
+
+def test_dataloader_workers_collect_their_own_garbage_while_the_training_process_does_not():
+    from train.garbage import collect_in_worker
+
+    with StepGarbageCollection():
+        loader = torch.utils.data.DataLoader(
+            _CollectorState(), batch_size=None, num_workers=1, worker_init_fn=collect_in_worker
+        )
+        assert list(loader) == [True]
+        assert not gc.isenabled()
