@@ -18,6 +18,7 @@ from typing import Any
 from shared import simpletuner
 from shared.config_checks import check_datasets, check_ranges, validation_resolution_area
 from shared.config_files import expand_placeholders, read_config_file
+from shared.config_values import SIZE_KEYS, fill_fields
 from shared.errors import UserError
 from shared.flavours import FLAVOURS, flavour_of_weights
 
@@ -279,7 +280,7 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
         raw.pop(key, None), raw.pop(f"--{key}", None)
         differences.append(simpletuner.deepspeed_only_note(key))
     ignored: list[str] = []
-    train = _fill(TrainConfig(), raw, where=str(config_path), ignored=ignored)
+    train = fill_fields(TrainConfig(), raw, str(config_path), ignored, _CHOICES)
     differences += simpletuner.schedule_notes(train.lr_scheduler)
     settings, notes = simpletuner.optimizer_settings(
         optimizer, train.optimizer_beta1, train.optimizer_beta2, train.optimizer_config, str(config_path)
@@ -327,8 +328,8 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
             minimum_image_size=train.minimum_image_size,
             caption_strategy=train.caption_strategy or "textfile",
         )
-        dataset = _fill(defaults, entry, where=f"{backend_path}: dataset '{entry['id']}'", ignored=ignored)
-        for key in _SIZE_KEYS:  # a fraction means megapixels, which only resolution_type "area" counts in
+        dataset = fill_fields(defaults, entry, where, ignored, _CHOICES)
+        for key in SIZE_KEYS:  # a fraction means megapixels, which only resolution_type "area" counts in
             if dataset.resolution_type != "area" and not float(getattr(dataset, key)).is_integer():
                 raise UserError(
                     f"{where}: key '{key}' is {getattr(dataset, key)!r}, a fraction, but resolution_type is "
@@ -362,86 +363,3 @@ def _adopt_eval_dataset(train: TrainConfig, datasets: list[DatasetConfig], backe
                 f"'{train.eval_dataset_id}'; keep one of the two"
             )
         dataset.dataset_type, train.eval_dataset_id = "image", dataset.id
-
-
-def _fill(target: Any, raw: dict, where: str, ignored: list[str]) -> Any:
-    """Copy the known keys of `raw` onto the dataclass `target`, checking each value's type and choices."""
-    known = {f.name: f for f in fields(target)}
-    for key, value in raw.items():
-        key = key.removeprefix("--")
-        if value is None and key in known:  # JSON null: unset, the default applies (as in SimpleTuner)
-            continue
-        if key not in known:
-            ignored.append(f"{where}: {key}")
-            continue
-        default = getattr(target, key)
-        if key == "lora_target" and isinstance(value, str) and value.strip().startswith("["):
-            value = _json_list(value, key, where)  # SimpleTuner's peft_lora_target_modules: a JSON array
-        if key == "lora_target" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-            setattr(target, key, value)  # an explicit module list instead of a preset
-            continue
-        value = _coerce(value, default, key, where)
-        if key == "optimizer":
-            value = simpletuner.OPTIMIZER_NAMES.get(value, value)  # SimpleTuner's names of the same optimizer
-        setattr(target, key, value)
-        if key in _CHOICES and value not in _CHOICES[key]:
-            refused = simpletuner.REFUSED_VALUES
-            hint = refused.get((key, value)) or refused.get((key, "*"))
-            allowed = ", ".join(repr(c) for c in _CHOICES[key])
-            raise UserError(f"{where}: key '{key}' is {value!r}; " + (hint or f"use one of {allowed}"))
-    return target
-
-
-_SIZE_KEYS = {"resolution", "minimum_image_size"}
-
-
-def _coerce(value: Any, default: Any, key: str, where: str) -> Any:
-    """Convert `value` to the type of `default`, accepting the string forms SimpleTuner configs use."""
-    try:
-        if key in _SIZE_KEYS:  # pixels, or megapixels with resolution_type "area" (0.5): whole numbers stay ints
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-            return int(number) if number.is_integer() else number
-        if isinstance(default, bool):
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            if isinstance(value, bool):
-                return value
-            raise ValueError
-        if isinstance(default, int) and not isinstance(default, bool):
-            if isinstance(value, float):
-                if not value.is_integer():  # 0.5 must not become 0 (checkpointing_steps 0.5 is not "off")
-                    raise ValueError
-                return int(value)
-            if isinstance(value, bool):
-                raise ValueError
-            return int(value)
-        if isinstance(default, float):
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if isinstance(default, list):
-            if isinstance(value, (str, list)):
-                return value
-            raise ValueError
-        if isinstance(default, dict):
-            if isinstance(value, dict):
-                return value
-            raise ValueError
-        if isinstance(value, (dict, list)):
-            raise ValueError
-        return str(value)
-    except (TypeError, ValueError):
-        kind = {"int": "whole number", "float": "number", "bool": "true or false"}.get(type(default).__name__)
-        raise UserError(f"{where}: key '{key}' is {value!r}; expected {kind or type(default).__name__}") from None
-
-
-def _json_list(value: str, key: str, where: str) -> list:
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        raise UserError(f"{where}: key '{key}' is {value!r}; expected a JSON array of module names") from None
-    if not isinstance(parsed, list):
-        raise UserError(f"{where}: key '{key}' is {value!r}; expected a JSON array of module names")
-    return parsed

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from shared import simpletuner
+from shared import config_env
 from shared.errors import UserError
 
 
@@ -44,7 +44,7 @@ def read_config_file(path: Path, expect: type) -> Any:
     if path.suffix == ".toml":
         data = _parse_toml(text, path)
     elif path.suffix == ".env":
-        data, unknown = simpletuner.env_to_config(simpletuner.parse_env_file(text, str(path)))
+        data, unknown = config_env.env_to_config(config_env.parse_env_file(text, str(path)))
         data.update({f"{name} (config.env variable)": None for name in unknown})  # reported as read past
     else:
         try:

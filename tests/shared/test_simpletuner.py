@@ -185,7 +185,7 @@ def test_forms_simpletuner_refuses_are_refused_here_naming_the_key(tmp_path):
 
 
 def test_nested_shell_defaults_in_config_env():
-    from shared.simpletuner import parse_env_file
+    from shared.config_env import parse_env_file
 
     variables = parse_env_file("A=1\nD=${Z:-${A}}\nE=\"$A-x ${A}\"\nF=${UNSET_X-d}\nG='$A'")
     assert (variables["D"], variables["E"], variables["F"], variables["G"]) == ("1", "1-x 1", "d", "$A")
