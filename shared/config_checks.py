@@ -28,10 +28,8 @@ def validation_resolution_area(value: Any, config_path: Path) -> tuple[Any, str 
     """
     if value is None or isinstance(value, int | float):
         return value, None
-    parts = value if isinstance(value, list) else str(value).split(",")
+    parts = (value if isinstance(value, list) else str(value).split(",")) or [""]  # [] is refused below too
     areas = []
-    if not parts:
-        parts = [""]  # refused below, naming the key
     for part in parts:
         text = str(part).strip().lower()
         match = re.fullmatch(r"(\d+)(?:x(\d+))?", text)  # SimpleTuner's forms: digits, or digits x digits
