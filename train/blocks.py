@@ -11,8 +11,9 @@ module's names (LoRA keys and exports are unchanged) and adds, per block:
   copied there on a side stream while the GPU computes;
 - `torch.compile` of the checkpointed (or plain) block for the training step, wrapped in that order
   as torchtitan does, so the recomputation lives inside the compiled backward; graphs are shared
-  between blocks. Previews and the held-out loss (no autograd) run the same blocks eagerly, so they
-  can never add graphs to, or evict graphs from, the training step's compiled code;
+  between blocks. Previews and the held-out loss (no autograd) run the same blocks through a compiled
+  function of their own, so they can never add graphs to, or evict graphs from, the training step's
+  compiled code (Dynamo keeps graphs per code object); each side has a known, bounded set of graphs;
 - block swap (`BlockSwap`): the block's frozen weights live in pinned host memory and are copied
   into one of two GPU slots on a side stream while the block before it computes; in backward, a
   hook on the block's output gradients copies them in again before the block's backward runs.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -30,6 +32,8 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from shared.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -227,21 +231,53 @@ def _selectively_checkpointed_block(forward: Callable, block: torch.nn.Module, *
     return checkpoint(forward, block, *args, use_reentrant=False, context_fn=_selective_contexts, **_HOOKED)
 
 
-# The graphs each of those functions compiles: one per kind of block (the first, whose input needs no
-# gradient; the middle ones; the last, whose text-stream query is not adapted) and per prompt layout
-# (a padding mask or none), each for any token count (sequence dimensions are dynamic).
+# Previews and the held-out loss (no autograd, eval mode): their own function, so their own graphs.
+def _inference_block(forward: Callable, block: torch.nn.Module, *args):
+    return forward(block, *args)
+
+
+# The graphs each of those functions compiles, each for any token count (sequence dimensions are dynamic).
+# Training: one per kind of block (the first, whose input needs no gradient; the middle ones; the last,
+# whose text-stream query is not adapted) and per prompt layout (a padding mask or none).
 TRAINING_GRAPHS = 3 * 2
+# Inference: without autograd the first block is like the middle ones; the last still differs. The base
+# model's previews zero the LoRA instead of switching it off, so they run the same graphs; eval samples
+# come one at a time, never padded.
+INFERENCE_GRAPHS = 2
 
 
 @functools.cache
 def compiled(function: Callable) -> Callable:
-    """`function` compiled for the training step. More graphs than `TRAINING_GRAPHS` is an error
+    """`function` compiled (once per process). More graphs than planned is an error
     (`torch._dynamo.exc.FailOnRecompileLimitHit`), never a silent fallback to eager code."""
     import torch._dynamo
 
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, TRAINING_GRAPHS)
+    limit = max(TRAINING_GRAPHS, INFERENCE_GRAPHS)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     return torch.compile(function, fullgraph=True)
+
+
+class CompiledInference:
+    """The blocks' no-grad function, shared by all of them: compiled, and, should it ever need more graphs
+    than `INFERENCE_GRAPHS`, eager from then on, said once in the log (previews are not worth a stopped run)."""
+
+    def __init__(self):
+        self.function: Callable | None = compiled(_inference_block)
+
+    def __call__(self, forward: Callable, block: torch.nn.Module, *args):
+        if self.function is not None:
+            try:
+                return self.function(forward, block, *args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit as err:
+                log.warning(
+                    "previews and the held-out loss run without compiling from now on: they needed more than the "
+                    "%d graphs planned (%s); training is not affected. Please report it",
+                    INFERENCE_GRAPHS,
+                    str(err).splitlines()[0],
+                )
+                self.function = None
+        return forward(block, *args)
 
 
 # The token dimension of each block input: hidden_states [B, N, D] (image tokens: target and references),
@@ -265,10 +301,10 @@ def mark_token_dimensions_dynamic(arguments: dict) -> None:
 
 
 class BlockForward:
-    """Replaces `block.forward`: swap in, then run this block's training function (compiled or not).
+    """Replaces `block.forward`: swap in, then run this block's training function (compiled or not), or,
+    without autograd (previews, held-out loss), its inference function (`inference`; eager when None).
 
     Installed as an instance attribute, so `block(...)` (the transformer's own loop) calls it.
-    Without autograd (previews, held-out loss) the block runs eagerly: see the module docstring.
     """
 
     def __init__(
@@ -280,6 +316,7 @@ class BlockForward:
         offload: HostOffload | None,
         compile_block: bool,
         swap: BlockSwap | None,
+        inference: CompiledInference | None = None,
     ):
         self.eager: Callable = type(block).forward.__get__(block)  # the class's forward, bound to this block
         self.signature = inspect.signature(self.eager)
@@ -289,19 +326,22 @@ class BlockForward:
             function = _selectively_checkpointed_block if selective else _checkpointed_block
         self.train = compiled(function) if compile_block else function
         self.compile_block = compile_block
+        self.inference = inference
         self.index, self.swap = index, swap
         self.offload = offload if checkpointed else None
 
     def __call__(self, *args, **kwargs):
         if self.swap is not None:
             self.swap.before(self.index, backward=False)
-        if not torch.is_grad_enabled():  # previews and the held-out loss: eager, whatever the plan
+        if not torch.is_grad_enabled() and self.inference is None:
             return self.eager(*args, **kwargs)
         # Positional only: checkpoint saves positional tensors through autograd (so the offload hooks
         # can move them to the host) but would keep tensors passed by keyword on the GPU.
         bound = self.signature.bind(*args, **kwargs)
         if self.compile_block:
             mark_token_dimensions_dynamic(bound.arguments)
+        if not torch.is_grad_enabled():  # previews and the held-out loss
+            return self.inference(type(self.block).forward, self.block, *bound.args)
         with self.offload.hooks() if self.offload is not None else nullcontext():
             outputs = self.train(type(self.block).forward, self.block, *bound.args)
         if self.swap is not None:  # backward reads the weights again: load them when it reaches this block
@@ -341,8 +381,12 @@ def install(
     if offload:
         weights = {t.untyped_storage().data_ptr() for p in transformer.parameters() for t in plain_tensors(p)}
         host_offload = HostOffload(next(transformer.parameters()).device, weights)
+    inference = None
     if compile_blocks:  # graphs of an earlier model in this process (a test, a notebook) would count towards the limit
         torch._dynamo.reset()
+        inference = CompiledInference()
     for index, block in enumerate(transformer.transformer_blocks):
         is_checkpointed = index in checkpointed
-        block.forward = BlockForward(block, index, is_checkpointed, selective, host_offload, compile_blocks, swap)
+        block.forward = BlockForward(
+            block, index, is_checkpointed, selective, host_offload, compile_blocks, swap, inference
+        )

@@ -13,6 +13,7 @@ from shared.models import load_transformer
 from train import blocks
 from train.blocks import BlockSwap
 from train.memory import MemoryPlan, choose_plan, free_memory, host_swap_budget, step_costs
+from train.quantised_linear import use_dequantising_linears
 
 _ATTENTION_IMAGE = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
 _ATTENTION_TEXT = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
@@ -140,6 +141,7 @@ def place_blocks(
             quantize(block, weights=weights, exclude=["*norm*"])
             freeze(block)
             block.requires_grad_(False)  # freeze() makes new Parameters, which default to requires_grad
+            use_dequantising_linears(block)  # quanto's arithmetic, in ops torch.compile fuses
         if swap is not None and index in swap.slot_of:
             swap.adopt(index, block)
         else:

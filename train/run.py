@@ -202,7 +202,8 @@ class Run:
 
     def validate(self, step: int, last: bool = False, baseline: bool = False) -> None:
         """The held-out loss and the previews due after `step`; `baseline`: before training, the base model
-        (LoRA off). Both run without autograd, so the blocks run eagerly (train/blocks.py)."""
+        (LoRA off). Both run without autograd, through the blocks' inference graphs, never the training
+        step's (train/blocks.py)."""
         validator, model, cfg = self.validator, self.model, self.cfg
         with self.accelerator.autocast(), attention_backends(cfg.prefer_cudnn_attention):
             if validator.loss_due(step, last or baseline):
@@ -213,7 +214,7 @@ class Run:
                 return
             if baseline:
                 if not cfg.disable_benchmark:
-                    with lora_disabled(model):
+                    with lora_disabled(self.params):
                         self.metrics.image("previews/base", validator.previews(model, step, "base"), step)
                 return
             self.metrics.image("previews/lora", validator.previews(model, step), step)

@@ -192,13 +192,13 @@ def evaluating(transformer: torch.nn.Module):
 
 
 @contextmanager
-def lora_disabled(transformer: torch.nn.Module):
-    """The base model alone: every LoRA adapter off."""
-    transformer.disable_adapters()
-    try:
+def lora_disabled(params: dict[str, torch.nn.Parameter]):
+    """The base model alone: every adapter's up-projection (`lora_B`) zero inside the block, so each adapter adds
+    exactly 0 (the numbers of peft's `disable_adapters`). Unlike that switch, the model runs the same code as
+    with the LoRA on, so its compiled inference graphs serve both (train/blocks.py)."""
+    zeros = {name: torch.zeros_like(p) for name, p in params.items() if "lora_B" in name}
+    with weights_swapped({name: params[name] for name in zeros}, zeros):
         yield
-    finally:
-        transformer.enable_adapters()
 
 
 @contextmanager

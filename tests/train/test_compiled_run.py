@@ -9,13 +9,14 @@ import json
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
+from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from prep.build import build_cache
 from shared.config import load_config
 from shared.demo_data import write_demo_dataset
 from tests.conftest import write_config
-from train.blocks import TRAINING_GRAPHS
+from train import blocks
+from train.blocks import INFERENCE_GRAPHS, TRAINING_GRAPHS
 from train.objective import flow_matching_loss
 from train.run import Run
 
@@ -55,8 +56,17 @@ def with_settings(path, out, **changes):
     return load_config(new)
 
 
-def graphs_compiled() -> int:
-    return counters["stats"]["unique_graphs"]
+def graphs(*functions) -> int:
+    """Graphs Dynamo holds for these functions (it keeps them per code object)."""
+    return sum(len(_debug_get_cache_entry_list(f.__code__)) for f in functions)
+
+
+def training_graphs() -> int:
+    return graphs(blocks._plain_block, blocks._checkpointed_block, blocks._selectively_checkpointed_block)
+
+
+def inference_graphs() -> int:
+    return graphs(blocks._inference_block)
 
 
 def loss_and_gradients(run: Run, batch, seed: int = 3) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -70,18 +80,17 @@ def loss_and_gradients(run: Run, batch, seed: int = 3) -> tuple[torch.Tensor, di
 
 
 def test_compiled_run_with_every_lever_trains_through_previews_on_a_known_set_of_graphs(config_path, tmp_path):
-    torch._dynamo.reset()
-    counters.clear()
     run = Run(with_settings(config_path, tmp_path / "compiled"))
     plan = run.plan
     assert plan.compile_blocks and plan.offload_activations and len(plan.checkpointed) == plan.n_blocks
     assert plan.selective  # checkpointed blocks keep their attention outputs (offloaded with the inputs)
     assert len(plan.swapped) == 2
 
-    # Previews (LoRA off, at another resolution) and the held-out loss first: they compile nothing.
+    # Previews (LoRA off, at another resolution) and the held-out loss first: they compile a graph of their own,
+    # none of the training step's (every block alike: the default lora_target leaves the text stream alone).
     run.validate(0, baseline=True)
     assert (tmp_path / "compiled" / "previews" / "step-000000-base.png").is_file()
-    assert graphs_compiled() == 0
+    assert training_graphs() == 0 and inference_graphs() == 1
 
     # The step's loss and LoRA gradients equal the eager path's at the same weights, within bf16 rounding.
     eager = Run(with_settings(config_path, tmp_path / "eager", compile_blocks=False))
@@ -91,13 +100,17 @@ def test_compiled_run_with_every_lever_trains_through_previews_on_a_known_set_of
             if "lora_B" in name:  # non-zero, so every lora_A gets a gradient too
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
             eager.params[name].copy_(p)
+    # The held-out loss through the compiled inference graphs equals the eager blocks' (bf16 rounding apart).
+    torch.testing.assert_close(
+        run.validator.heldout_loss(run.model), eager.validator.heldout_loss(eager.model), rtol=1e-2, atol=0
+    )
     batch = next(run.batches).to(run.accelerator.device)
     want_loss, want = loss_and_gradients(eager, batch)
     loss, grads = loss_and_gradients(run, batch)
     torch.testing.assert_close(loss, want_loss, rtol=1e-2, atol=0)
     errors = sorted(((grads[n] - want[n]).norm() / want[n].norm().clamp_min(1e-12)).item() for n in want)
     assert errors[len(errors) // 2] < 0.02 and errors[-1] < 0.1, errors  # a wrong computation is off by ~100%
-    assert graphs_compiled() > 0
+    assert training_graphs() > 0
     with torch.no_grad():
         for name, p in run.params.items():
             if "lora_B" in name:
@@ -115,13 +128,13 @@ def test_compiled_run_with_every_lever_trains_through_previews_on_a_known_set_of
 
     run.batches = recording()
     while run.step_count < run.max_steps:
-        before = graphs_compiled()
+        before = training_graphs()
         run.step()
         step, last = run.step_count, run.step_count == run.max_steps
         run.flush_metrics()
         new_layout = layouts[-1] not in seen
         seen.add(layouts[-1])
-        assert graphs_compiled() == before or new_layout, f"step {step} compiled a graph for a layout seen before"
+        assert training_graphs() == before or new_layout, f"step {step} compiled a graph for a layout seen before"
         if run.validation_due(step, last):
             run.validate(step, last)
         if run.checkpoint_due(step, last):
@@ -129,7 +142,7 @@ def test_compiled_run_with_every_lever_trains_through_previews_on_a_known_set_of
     lora = run.finish()
     assert lora.is_file()
     assert len(set(layouts)) == 2, "the data should give padded and unpadded batches"
-    assert graphs_compiled() <= TRAINING_GRAPHS
+    assert training_graphs() <= TRAINING_GRAPHS and inference_graphs() <= INFERENCE_GRAPHS
     previews = tmp_path / "compiled" / "previews"
     assert {p.name for p in previews.glob("*.png")} >= {"step-000002.png", "step-000004-ema.png"}
     assert (tmp_path / "compiled" / "checkpoints" / "checkpoint-000004").is_dir()
@@ -146,3 +159,18 @@ def test_more_graphs_than_planned_is_a_clear_error_not_a_silent_fallback_to_eage
             run.step()
     finally:
         torch._dynamo.config.recompile_limit = limit
+
+
+def test_previews_that_need_more_graphs_than_planned_run_eagerly_and_say_so_once(config_path, tmp_path, caplog):
+    # Both streams adapted but the last block's text query: the last block needs a second inference graph.
+    settings = dict(blocks_to_swap=0, offload_activations=False, lora_target="attention")
+    run = Run(with_settings(config_path, tmp_path / "run", **settings))
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = 1
+    try:
+        run.validate(0, baseline=True)
+    finally:
+        torch._dynamo.config.recompile_limit = limit
+    assert (tmp_path / "run" / "previews" / "step-000000-base.png").is_file()
+    warnings = [r for r in caplog.records if "run without compiling from now on" in r.getMessage()]
+    assert len(warnings) == 1 and "training is not affected" in warnings[0].getMessage()

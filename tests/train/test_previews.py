@@ -40,6 +40,31 @@ def _lora_transformer(model_dir) -> torch.nn.Module:
     return transformer.eval()
 
 
+def test_base_model_previews_compute_what_peft_computes_with_the_adapters_off(tiny_models):
+    """`lora_disabled` zeroes the LoRA's up-projections (so compiled previews need no graphs of their own): the same
+    output as peft's `disable_adapters`, bit for bit, and the LoRA's own weights back afterwards."""
+    transformer = _lora_transformer(tiny_models["edit-v1"])
+    params = {name: p for name, p in transformer.named_parameters() if "lora_" in name}
+    before = {name: p.detach().clone() for name, p in params.items()}
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(1, 2 * 16, 64, generator=g),
+        encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+        timestep=torch.tensor([0.5]),
+        img_shapes=[[(1, 4, 4), (1, 4, 4)]],
+        return_dict=False,
+    )
+    with torch.no_grad():
+        with_lora = transformer(**inputs)[0]
+        transformer.disable_adapters()
+        want = transformer(**inputs)[0]
+        transformer.enable_adapters()
+        with validation_module.lora_disabled(params):
+            base = transformer(**inputs)[0]
+    assert torch.equal(base, want) and not torch.equal(base, with_lora)
+    assert all(torch.equal(p, before[name]) for name, p in params.items())
+
+
 @pytest.mark.parametrize("flavour", ["edit-v1", "edit-v2"])
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
 def test_preview_latents_equal_the_diffusers_pipeline(tiny_models, flavour, guidance):
