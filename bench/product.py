@@ -3,6 +3,8 @@
     python bench/product.py                                   # edit-v1: whole card, 24 GB, 16 GB; edit-v2: 24 GB
     python bench/product.py --cases edit-v1:24gb --steps 12   # one case
     python bench/product.py --size tiny --cases edit-v1:cpu   # the same path on a CPU, with the tiny model
+    python bench/product.py --cases edit-v1:card --set scheduled_sampling_max_step_offset=3 \
+        --set scheduled_sampling_probability=0.5                # any config key on top of every case
 
 Once per work folder it writes a random Qwen-Image-Edit checkpoint in the diffusers folder layout
 (`--size real`: the real transformer, 60 blocks 3072 wide, 20B parameters, and the real VAE; a
@@ -192,6 +194,7 @@ def write_config(work: Path, case: str, model: Path, data: Path, n_refs: int, ar
         "validation_guidance": 4.0,
         "seed": 1,
         **CARDS[card][0],
+        **dict(args.set),
     }
     (folder / "multidatabackend.json").write_text(json.dumps(backend, indent=1))
     (folder / "config.json").write_text(json.dumps(config, indent=1))
@@ -285,6 +288,15 @@ def tail(log: Path, lines: int = 12) -> str:
     return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])[-2000:]
 
 
+def setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE, VALUE read as JSON where it is JSON (3, 0.5, true), else as a string."""
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["real", "tiny"], default="real")
@@ -297,6 +309,14 @@ def main() -> None:
     parser.add_argument("--resume-case", default="edit-v1:24gb", help="the case killed half way and resumed")
     parser.add_argument("--rerun-case", default="none", help="the case run a second time from scratch (warm caches)")
     parser.add_argument("--json", type=Path, help="append every row to this JSON-lines file")
+    parser.add_argument(
+        "--set",
+        type=setting,
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="one more config.json key for every case, e.g. scheduled_sampling_max_step_offset=3 (repeatable)",
+    )
     args = parser.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,21 @@ class TrainConfig:
     logit_std: float = 1.0
     loss_weighting: str = "none"  # "none", "sigma_sqrt" (σ^-2), "cosmap" (as diffusers' SD3 scripts)
     caption_dropout_probability: float = 0.1  # chance a sample trains on the empty instruction
+    # Scheduled sampling (SimpleTuner's rollout, train/rollout.py): off while the offset is 0.
+    scheduled_sampling_max_step_offset: int = 0  # timesteps a sample may start above its own and roll back down
+    scheduled_sampling_probability: float = 0.0  # chance a sample is rolled out (0: none, even with an offset)
+    scheduled_sampling_prob_start: float = 0.0  # with ramp_steps: the chance ramps from start (0: probability)
+    scheduled_sampling_prob_end: float = 0.5  # ... to end (0: probability)
+    scheduled_sampling_ramp_steps: int = 0  # optimizer steps the ramp takes; 0: no ramp
+    scheduled_sampling_start_step: int = 0  # the step the ramp starts at
+    scheduled_sampling_ramp_shape: str = "linear"  # "linear" or "cosine"
+    scheduled_sampling_strategy: str = "uniform"  # offsets: "uniform", "biased_early", "biased_late"
+    scheduled_sampling_sampler: str = "unipc"  # SimpleTuner's solver for ε/v models; flow models use Euler steps
+    scheduled_sampling_order: int = 2  # that solver's order
+    scheduled_sampling_reflexflow: bool = True  # ReflexFlow weighting and direction term (SimpleTuner: on for flow)
+    scheduled_sampling_reflexflow_alpha: float = 1.0
+    scheduled_sampling_reflexflow_beta1: float = 10.0
+    scheduled_sampling_reflexflow_beta2: float = 1.0
     optimizer: str = "adamw"  # "adamw" or "bnb-adamw8bit" (needs bitsandbytes)
     use_ema: bool = False
     ema_device: str = "cpu"  # "cpu" or "accelerator"
@@ -230,6 +245,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "conditioning_multidataset_sampling": ("combined", "random"),
     "lora_target": ("attention", "attention_image", "attention_mlp"),
     "loss_weighting": ("none", "sigma_sqrt", "cosmap"),
+    "scheduled_sampling_ramp_shape": ("linear", "cosine"),
+    "scheduled_sampling_strategy": ("uniform", "biased_early", "biased_late"),
+    "scheduled_sampling_sampler": ("unipc", "unip", "euler", "dpm"),
     "optimizer": ("adamw", "bnb-adamw8bit"),
     "ema_device": ("cpu", "accelerator"),
     "report_to": ("none", "tensorboard", "wandb", "all"),
@@ -303,6 +321,12 @@ def load_config(config_path: str | Path, overrides: dict[str, Any] | None = None
             f"model_flavour {train.model_flavour}: the weights at {train.pretrained_model_name_or_path} are "
             f"{FLAVOURS[weights].pipeline_class}'s ({weights}); training would encode and sample as the other "
             "pipeline does (remove model_flavour to follow the weights)"
+        )
+    elif weights and FLAVOURS[weights].zero_cond_t and not FLAVOURS[train.model_flavour].zero_cond_t:
+        differences.append(
+            f"model_flavour {train.model_flavour}: the weights at {train.pretrained_model_name_or_path} are 2511's "
+            f"({weights}: their transformer modulates the references with timestep 0, zero_cond_t); this flavour "
+            "trains without it, unlike inference with these weights (remove model_flavour to follow the weights)"
         )
     if not train.pretrained_model_name_or_path:
         train.pretrained_model_name_or_path = FLAVOURS[train.model_flavour].default_model

@@ -152,6 +152,21 @@ SAME_DEFAULTS = {
     "report_to",  # "none" in its newest registry ("wandb" in older versions)
     "tracker_project_name",
     "tracker_run_name",
+    # scheduled sampling: its option registry's defaults (ReflexFlow: unset there means on for flow models)
+    "scheduled_sampling_max_step_offset",
+    "scheduled_sampling_probability",
+    "scheduled_sampling_prob_start",
+    "scheduled_sampling_prob_end",
+    "scheduled_sampling_ramp_steps",
+    "scheduled_sampling_start_step",
+    "scheduled_sampling_ramp_shape",
+    "scheduled_sampling_strategy",
+    "scheduled_sampling_sampler",
+    "scheduled_sampling_order",
+    "scheduled_sampling_reflexflow",
+    "scheduled_sampling_reflexflow_alpha",
+    "scheduled_sampling_reflexflow_beta1",
+    "scheduled_sampling_reflexflow_beta2",
 }
 
 # Values SimpleTuner documents that mean the same here.
@@ -278,7 +293,6 @@ TRAINING_KEYS = {
     "max_num_samples",
     "timestep_sampling_offset",
     "model_type",  # full fine-tunes are not supported: refused where read
-    "scheduled_sampling_max_step_offset",
     "allow_dataset_oversubscription",
     "data_backend_sampling",
     "disable_multiline_split",

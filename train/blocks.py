@@ -240,10 +240,11 @@ def _inference_block(forward: Callable, block: torch.nn.Module, *args):
 # Training: one per kind of block (the first, whose input needs no gradient; the middle ones; the last,
 # whose text-stream query is not adapted) and per prompt layout (a padding mask or none).
 TRAINING_GRAPHS = 3 * 2
-# Inference: without autograd the first block is like the middle ones; the last still differs. The base
-# model's previews zero the LoRA instead of switching it off, so they run the same graphs; eval samples
-# come one at a time, never padded.
-INFERENCE_GRAPHS = 2
+# Inference: without autograd the first block is like the middle ones; the last still differs. Per kind:
+# previews and the held-out loss (eval mode; eval samples come one at a time, never padded; the base
+# model's previews zero the LoRA instead of switching it off, so they run the same graph), and scheduled
+# sampling's rollout (training mode, one sample of a batch at a time: its prompt padded or not).
+INFERENCE_GRAPHS = 2 * 3
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import torch
 from shared.config import TrainConfig
 from shared.packing import pack_latents, token_grid
 from train.batch import Batch
+from train.rollout import ScheduledSampling
 
 
 @dataclass(frozen=True)
@@ -81,13 +83,26 @@ class SigmaSchedule:
 
 
 def flow_matching_loss(
-    transformer: torch.nn.Module, batch: Batch, schedule: SigmaSchedule, generator: torch.Generator
+    transformer: torch.nn.Module,
+    batch: Batch,
+    schedule: SigmaSchedule,
+    generator: torch.Generator,
+    rollout: ScheduledSampling | None = None,
+    step: int = 0,
 ) -> torch.Tensor:
-    """Weighted mean squared error of the velocity prediction, on the target tokens only (σ and noise drawn)."""
+    """Weighted mean squared error of the velocity prediction, on the target tokens only (σ and noise drawn).
+    With `rollout` (scheduled sampling, train/rollout.py), planned samples first roll their inputs out with the
+    model's own predictions (`step`: optimizer steps done, for its probability ramp)."""
     b, c, h, w = batch.target.shape
     noise = torch.randn((b, (h // 2) * (w // 2), 4 * c), generator=generator, device=batch.target.device)
     sigma = schedule.sample(b, noise.shape[1], generator, noise.device)  # [B]
-    return (schedule.loss_weight(sigma) * velocity_errors(transformer, batch, sigma, noise)).mean()
+    if rollout is None:
+        return (schedule.loss_weight(sigma) * velocity_errors(transformer, batch, sigma, noise)).mean()
+    x0 = pack_latents(batch.target.float())  # [B, N, 4C]
+    plan = rollout.plan(sigma, step, generator)
+    rolled = rollout.roll_out(functools.partial(sample_velocity, transformer, batch), x0, noise, sigma, plan)
+    prediction = predict_velocity(transformer, batch, rolled.noisy, rolled.timestep)
+    return (schedule.loss_weight(rolled.timestep) * rollout.errors(prediction, x0, noise, rolled)).mean()
 
 
 def velocity_errors(
@@ -96,10 +111,18 @@ def velocity_errors(
     """Per-sample mean squared error [B] of the predicted velocity at noise levels `sigma` [B] with `noise`
     [B, N, 4C] (packed like the target's N tokens)."""
     x0 = pack_latents(batch.target.float())  # [B, N, 4C]; N = (H/2)·(W/2) latent 2x2 patches
-    references = [pack_latents(r.float()) for r in batch.references]  # each [B, N_r, 4C]
     s = sigma.view(-1, 1, 1)
     noisy = (1 - s) * x0 + s * noise
+    prediction = predict_velocity(transformer, batch, noisy, sigma)
+    return ((prediction.float() - (noise - x0)) ** 2).mean(dim=(1, 2))  # [B]
 
+
+def predict_velocity(
+    transformer: torch.nn.Module, batch: Batch, noisy: torch.Tensor, timestep: torch.Tensor
+) -> torch.Tensor:
+    """The model's velocity [B, N, 4C] for the target tokens `noisy` [B, N, 4C] at `timestep` [B] (t/1000 = σ),
+    with the batch's references and prompts."""
+    references = [pack_latents(r.float()) for r in batch.references]  # each [B, N_r, 4C]
     # Target tokens first, then each reference's, as the pipelines concatenate them at inference.
     grids = [token_grid(*batch.target.shape[-2:])] + [token_grid(*r.shape[-2:]) for r in batch.references]
     prediction = transformer(
@@ -107,9 +130,22 @@ def velocity_errors(
         hidden_states=torch.cat([noisy, *references], dim=1).to(torch.bfloat16),
         encoder_hidden_states=batch.prompt.to(torch.bfloat16),  # [B, L, D]
         encoder_hidden_states_mask=batch.prompt_mask,
-        timestep=sigma,  # the pipelines pass t/1000 = σ
-        img_shapes=[grids] * x0.shape[0],
+        timestep=timestep,  # the pipelines pass t/1000 = σ
+        img_shapes=[grids] * noisy.shape[0],
         return_dict=False,
     )[0]
-    prediction = prediction[:, : x0.shape[1]]  # drop the reference tokens' outputs
-    return ((prediction.float() - (noise - x0)) ** 2).mean(dim=(1, 2))  # [B]
+    return prediction[:, : noisy.shape[1]]  # drop the reference tokens' outputs
+
+
+def sample_velocity(
+    transformer: torch.nn.Module, batch: Batch, index: int, noisy: torch.Tensor, timestep: torch.Tensor
+) -> torch.Tensor:
+    """`predict_velocity` for sample `index` of `batch` alone (the rollout walks one sample at a time)."""
+    mask = None if batch.prompt_mask is None else batch.prompt_mask[index : index + 1]
+    one = Batch(
+        batch.target[index : index + 1],
+        [r[index : index + 1] for r in batch.references],
+        batch.prompt[index : index + 1],
+        mask,
+    )
+    return predict_velocity(transformer, one, noisy, timestep)

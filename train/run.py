@@ -42,6 +42,7 @@ from train.model import LORA_TARGETS, check_lora_targets, check_precision_availa
 from train.objective import SigmaSchedule
 from train.optim import apply_resumed_settings, build_optimizer, build_scheduler
 from train.output_dir import RunClaim, changed_settings, claim_output_dir, training_settings
+from train.rollout import ScheduledSampling
 from train.state import LoraWeights, OptimizerState, Progress, RngState
 from train.step import StepResult, optimizer_step
 from train.trackers import check_trackers_available, open_trackers
@@ -101,6 +102,9 @@ class Run:
             device = "cpu" if cfg.ema_device == "cpu" else accelerator.device
             self.ema = LoraEMA(self.params, cfg.ema_decay, device)
         self.schedule = SigmaSchedule.from_config(cfg, load_scheduler_config(cfg.pretrained_model_name_or_path))
+        self.rollout = ScheduledSampling.from_config(cfg)
+        if self.rollout is not None:
+            log.info(self.rollout.describe())
         self.noise = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
 
         # Everything a checkpoint saves and restores, by name: a new part is one line here.
@@ -179,6 +183,8 @@ class Run:
                 self.schedule,
                 self.noise,
                 self.cfg,
+                self.rollout,
+                self.progress.step,
             )
         except torch._dynamo.exc.FailOnRecompileLimitHit as err:
             raise InternalError(

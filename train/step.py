@@ -13,6 +13,7 @@ from train.batch import Batch
 from train.blocks import attention_backends
 from train.objective import SigmaSchedule, flow_matching_loss
 from train.optim import skips_on_device
+from train.rollout import ScheduledSampling
 
 
 class StepResult(NamedTuple):
@@ -33,8 +34,11 @@ def optimizer_step(
     schedule: SigmaSchedule,
     noise: torch.Generator,
     cfg: TrainConfig,
+    rollout: ScheduledSampling | None = None,
+    step: int = 0,
 ) -> StepResult:
-    """One optimizer step over `gradient_accumulation_steps` micro-batches, with no host sync.
+    """One optimizer step over `gradient_accumulation_steps` micro-batches, with no host sync (but for scheduled
+    sampling's plan: `rollout`, at optimizer step `step`; train/rollout.py).
 
     Every rank runs backward even on a non-finite loss (DDP's gradient all-reduce must match). The
     loss is averaged over ranks and the gradients are all-reduced, so every rank computes the same
@@ -46,7 +50,7 @@ def optimizer_step(
         batch = next(batches).to(accelerator.device)
         attention = attention_backends(cfg.prefer_cudnn_attention)
         with accelerator.accumulate(transformer), accelerator.autocast(), attention:
-            loss = flow_matching_loss(transformer, batch, schedule, noise)
+            loss = flow_matching_loss(transformer, batch, schedule, noise, rollout, step)
             accelerator.backward(loss)
         total += loss.detach().float() / cfg.gradient_accumulation_steps
     if accelerator.num_processes > 1:

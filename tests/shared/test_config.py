@@ -349,6 +349,21 @@ SIMPLETUNER_DEFAULTS = {
     "crop_style": "random",  # applies only with crop: true
     "crop_aspect": "square",
     "repeats": 0,
+    # scheduled sampling (its field registry, sections/advanced.py); ReflexFlow's None means on for flow models
+    "scheduled_sampling_max_step_offset": 0,
+    "scheduled_sampling_probability": 0.0,
+    "scheduled_sampling_prob_start": 0.0,
+    "scheduled_sampling_prob_end": 0.5,
+    "scheduled_sampling_ramp_steps": 0,
+    "scheduled_sampling_start_step": 0,
+    "scheduled_sampling_ramp_shape": "linear",
+    "scheduled_sampling_strategy": "uniform",
+    "scheduled_sampling_sampler": "unipc",
+    "scheduled_sampling_order": 2,
+    "scheduled_sampling_reflexflow": True,
+    "scheduled_sampling_reflexflow_alpha": 1.0,
+    "scheduled_sampling_reflexflow_beta1": 10.0,
+    "scheduled_sampling_reflexflow_beta2": 1.0,
 }
 
 

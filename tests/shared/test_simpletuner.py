@@ -172,6 +172,16 @@ def test_an_omitted_model_flavour_follows_the_weights_and_a_contradicting_one_is
     assert any(line.startswith(f"WARNING: differs from SimpleTuner: model_flavour {other}") for line in notes(config))
 
 
+def test_2511_weights_trained_as_edit_v2_are_said_and_2509_as_edit_v2_plus_is_not(tmp_path, tiny_models):
+    """edit-v2 on 2511's weights would train without the zero_cond_t its inference uses; edit-v2+ is 2509's weights
+    with that flag on, chosen on purpose."""
+    keys = {"pretrained_model_name_or_path": str(tiny_models["edit-v3"]), "model_flavour": "edit-v2"}
+    (line,) = [line for line in notes(_load(tmp_path, keys, [EDITS, REFS])) if "model_flavour" in line]
+    assert "zero_cond_t" in line and "remove model_flavour" in line
+    keys = {"pretrained_model_name_or_path": str(tiny_models["edit-v2"]), "model_flavour": "edit-v2+"}
+    assert not [line for line in notes(_load(tmp_path, keys, [EDITS, REFS])) if "model_flavour" in line]
+
+
 def test_forms_simpletuner_refuses_are_refused_here_naming_the_key(tmp_path):
     from shared.errors import UserError
 

@@ -34,6 +34,9 @@ SETTINGS = {
     "use_ema": True,
     "checkpointing_steps": 2,
     "dataloader_num_workers": 0,
+    # scheduled sampling: the rollout's forwards (no autograd, training mode) take the inference graphs
+    "scheduled_sampling_max_step_offset": 2,
+    "scheduled_sampling_probability": 1.0,
 }
 
 
@@ -143,6 +146,7 @@ def test_compiled_run_with_every_lever_trains_through_previews_on_a_known_set_of
     assert lora.is_file()
     assert len(set(layouts)) == 2, "the data should give padded and unpadded batches"
     assert training_graphs() <= TRAINING_GRAPHS and inference_graphs() <= INFERENCE_GRAPHS
+    assert inference_graphs() > 1  # the rollout's forwards (training mode) ran compiled too
     previews = tmp_path / "compiled" / "previews"
     assert {p.name for p in previews.glob("*.png")} >= {"step-000002.png", "step-000004-ema.png"}
     assert (tmp_path / "compiled" / "checkpoints" / "checkpoint-000004").is_dir()
