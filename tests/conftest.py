@@ -98,3 +98,30 @@ def demo_project(tmp_path, tiny_models):
         return write_config(tmp_path, tiny_models[flavour], flavour, data, n_refs, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """An S3 endpoint on a free local port (moto's server over HTTP, read with s3fs); every s3:// URL in this
+    process, its forks and child processes (through FSSPEC_S3_ENDPOINT_URL) goes there. Yields its filesystem,
+    with a bucket named "bucket"."""
+    import fsspec
+
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": endpoint,  # what a user sets (or ~/.config/fsspec/s3.json) for a non-AWS endpoint
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("bucket")
+    yield fs
+    server.stop()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import fsspec
 import pytest
 from typer.testing import CliRunner
 
@@ -17,27 +16,7 @@ from tests.cache_files import manifest_rows
 from train.loop import train
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    """An S3 endpoint on a free local port; every s3:// URL in this process (and its forks) goes there."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(key, value)
-    # What a user puts in ~/.config/fsspec/s3.json or FSSPEC_S3_ENDPOINT_URL for a non-AWS endpoint.
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://{host}:{port}"})
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir("bucket")
-    yield fs
-    server.stop()
+pytest.importorskip("moto.server")
 
 
 def test_verify_and_train_from_s3_and_catch_a_flipped_byte(s3, demo_project, tmp_path):
