@@ -247,7 +247,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss_weighting": ("none", "sigma_sqrt", "cosmap"),
     "scheduled_sampling_ramp_shape": ("linear", "cosine"),
     "scheduled_sampling_strategy": ("uniform", "biased_early", "biased_late"),
-    "scheduled_sampling_sampler": ("unipc", "unip", "euler", "dpm"),
+    "scheduled_sampling_sampler": ("unipc", "euler", "dpm"),
     "optimizer": ("adamw", "bnb-adamw8bit"),
     "ema_device": ("cpu", "accelerator"),
     "report_to": ("none", "tensorboard", "wandb", "all"),

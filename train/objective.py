@@ -102,7 +102,7 @@ def flow_matching_loss(
     plan = rollout.plan(sigma, step, generator)
     rolled = rollout.roll_out(functools.partial(sample_velocity, transformer, batch), x0, noise, sigma, plan)
     prediction = predict_velocity(transformer, batch, rolled.noisy, rolled.timestep)
-    return (schedule.loss_weight(rolled.timestep) * rollout.errors(prediction, x0, noise, rolled)).mean()
+    return (schedule.loss_weight(sigma) * rollout.errors(prediction, x0, noise, rolled)).mean()  # the drawn σ
 
 
 def velocity_errors(

@@ -98,6 +98,7 @@ class ScheduledSampling:
         )
 
     def describe(self) -> str:
+        """What the run does, said at its start (with what SimpleTuner's defaults may not make obvious)."""
         chance = f"probability {self.probability:g}"
         if self.ramp_steps > 0:
             chance = (
@@ -105,11 +106,24 @@ class ScheduledSampling:
                 f"{self.start_step} ({self.ramp_shape})"
             )
         reflex = f"ReflexFlow on (alpha {self.alpha:g}, beta1 {self.beta1:g}, beta2 {self.beta2:g})"
-        return (
+        line = (
             f"scheduled sampling: offsets up to {self.max_step_offset} timesteps ({self.strategy}), {chance}; "
             f"{reflex if self.reflexflow else 'ReflexFlow off'}; a rolled-out sample costs up to "
-            f"{self.max_step_offset + 2 * self.reflexflow} extra forward passes without gradients"
+            f"{self.max_step_offset + 2 * self.reflexflow} extra forward passes without gradients; the rolled-out "
+            "state is float32 (SimpleTuner keeps it in bf16, where most steps of 1/999 of the velocity round away)"
         )
+        most = max(self.prob_start, self.prob_end) if self.ramp_steps > 0 else self.probability
+        if most == 0.0:
+            line += (
+                "\nWARNING: scheduled_sampling_probability is 0 (SimpleTuner's default): no sample is rolled out"
+                + (
+                    f", but ReflexFlow's direction term (x{self.beta1:g}) still joins every loss"
+                    if self.reflexflow
+                    else ""
+                )
+                + "; set scheduled_sampling_probability (or a ramp) to roll samples out"
+            )
+        return line
 
     def probability_at(self, step: int) -> float:
         """The chance a sample is rolled out at optimizer step `step` (steps done so far)."""

@@ -97,6 +97,14 @@ def test_probability_ramp_is_simpletuners(settings):
         assert ours.probability_at(step) == pytest.approx(reference_probability(config, step), abs=1e-12), step
 
 
+def test_an_offset_without_a_probability_says_nothing_rolls_out_but_reflexflow_still_counts():
+    """SimpleTuner's defaults make this easy to miss: the run says it at its start."""
+    line = rollout(scheduled_sampling_probability=0.0).describe()
+    assert "WARNING: scheduled_sampling_probability is 0" in line and "direction term (x10)" in line
+    assert "WARNING" not in rollout().describe()
+    assert "WARNING" not in rollout(scheduled_sampling_probability=0.0, scheduled_sampling_ramp_steps=5).describe()
+
+
 def test_offset_zero_is_off_and_costs_nothing():
     assert ScheduledSampling.from_config(TrainConfig()) is None
     assert ScheduledSampling.from_config(TrainConfig(scheduled_sampling_probability=1.0)) is None
