@@ -23,6 +23,7 @@ from prep.encode import Encoders
 from prep.file_records import save_records
 from prep.pipeline import EncodeStats, encode_into
 from prep.plan import Plan, plan_cache
+from prep.ray_engine import encode_with_ray
 from prep.record import CachedEmbeds, SamplePreparer
 from prep.validate import Report, validate
 from shared.cache import (
@@ -43,6 +44,7 @@ from shared.cache.writer import (
 from shared.config import Config
 from shared.errors import UserError
 from shared.flavours import FLAVOURS
+from shared.models import load_processor, vae_scale_factor_of
 
 
 def build_cache(
@@ -55,6 +57,8 @@ def build_cache(
     batch_size: int | None = None,
     encoders: Encoders | None = None,
     on_stats: Callable[[EncodeStats], None] | None = None,
+    engine: str = "local",
+    ray_address: str = "",
 ) -> list[Path]:
     """Validate, then bring every main dataset's cache up to date; return the cache dirs.
 
@@ -63,9 +67,15 @@ def build_cache(
     inference runs) and fp32 on CPU (bf16 convolutions are ~5x slower there); the cache is bf16.
     Launched on several processes (torchrun / accelerate launch), each rank encodes a disjoint
     share into its own shards and rank 0 writes the manifest: the cache dir must be visible to all.
-    `encoders` (already loaded) and `on_stats` (called with each cache's timing) serve bench/.
+    `encoders` (already loaded) and `on_stats` (called with each cache's timing) serve bench/. `engine`
+    "ray" encodes on Ray Data instead (prep/ray_engine.py; `ray_address`: a cluster to join), into the same
+    shards and manifest.
     """
+    if engine not in ("local", "ray"):
+        raise UserError(f"--engine {engine!r}: use local or ray")
     ranks, device = init_ranks(device)
+    if engine == "ray" and ranks.world > 1:
+        raise UserError("--engine ray spreads the work itself: run it as one process, not under torchrun")
     torch_dtype = encoder_dtype(dtype, device)
     on_gpu = device.startswith("cuda")
     # On a GPU, workers decode while it encodes; on CPU the encoders want every core themselves.
@@ -105,14 +115,21 @@ def build_cache(
             dropout_writer = ShardWriter(
                 plan.cache_dir, fingerprint_hash, max_shard_bytes, ranks.shard_prefix, dropout=True
             )
-            if mine and encoders is None:
-                print(f"loading encoders from {config.train.pretrained_model_name_or_path} on {device} ({torch_dtype})")
-                encoders = Encoders(config.train.pretrained_model_name_or_path, flavour, device, torch_dtype)
+            model = config.train.pretrained_model_name_or_path
+            if mine and encoders is None and engine == "local":
+                print(f"loading encoders from {model} on {device} ({torch_dtype})")
+                encoders = Encoders(model, flavour, device, torch_dtype)
             if mine:
+                # Ray's actors load the encoders; the preparer (shipped to its CPU tasks) needs only the processor.
+                processor, scale = (
+                    (encoders.processor, encoders.scale)
+                    if engine == "local"
+                    else (load_processor(model), vae_scale_factor_of(model))
+                )
                 preparer = SamplePreparer(
                     flavour,
-                    encoders.processor,
-                    encoders.scale,
+                    processor,
+                    scale,
                     config.train.match_target_res,
                     config.train.crop_seed,
                     config.train.preview_settings,
@@ -120,18 +137,35 @@ def build_cache(
                     dropout=plan.dropout,
                     dropout_only=CachedEmbeds(CacheStore(plan.cache_dir), plan.embeds_spans),
                 )
-                stats = encode_into(
-                    writer,
-                    mine,
-                    plan.main,
-                    config.conditioning_for(plan.main),
-                    encoders,
-                    preparer,
-                    workers=workers,
-                    batch_size=batch_size,
-                    show_progress=ranks.is_main,
-                    dropout_writer=dropout_writer,
-                )
+                conds = config.conditioning_for(plan.main)
+                if engine == "ray":
+                    stats = encode_with_ray(
+                        writer,
+                        mine,
+                        plan.main,
+                        conds,
+                        preparer,
+                        model,
+                        flavour,
+                        device,
+                        torch_dtype,
+                        batch_size,
+                        dropout_writer,
+                        address=ray_address,
+                    )
+                else:
+                    stats = encode_into(
+                        writer,
+                        mine,
+                        plan.main,
+                        conds,
+                        encoders,
+                        preparer,
+                        workers=workers,
+                        batch_size=batch_size,
+                        show_progress=ranks.is_main,
+                        dropout_writer=dropout_writer,
+                    )
                 if on_stats:
                     on_stats(stats)
                 print(

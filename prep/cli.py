@@ -52,6 +52,10 @@ def build_cache_command(
     force: bool = typer.Option(False, "--force", help="rebuild a cache that was built with other settings"),
     workers: int = typer.Option(None, help="image decoding processes (default: 8 on a GPU, 0 on CPU)"),
     batch_size: int = typer.Option(None, help="encoder batch, same shapes only (default: 4 on a GPU, 1 on CPU)"),
+    engine: str = typer.Option("local", help="local (this machine's GPUs) or ray (Ray Data: a pool of encoders)"),
+    ray_address: str = typer.Option(
+        "", help="--engine ray: the Ray cluster to join (default: RAY_ADDRESS, else a local Ray for this build)"
+    ),
 ) -> None:
     """Validate the datasets, then encode VAE latents and Qwen2.5-VL embeddings into the cache."""
     from prep.build import build_cache, default_device
@@ -60,7 +64,14 @@ def build_cache_command(
         check_build_flags(device, workers, batch_size)
         cfg = load_config_and_report(config)
         caches = build_cache(
-            cfg, device=device or default_device(), dtype=dtype, force=force, workers=workers, batch_size=batch_size
+            cfg,
+            device=device or default_device(),
+            dtype=dtype,
+            force=force,
+            workers=workers,
+            batch_size=batch_size,
+            engine=engine,
+            ray_address=ray_address,
         )
     if int(os.environ.get("RANK", "0")) == 0:  # one line per cache, also when launched on several ranks
         for cache in caches:

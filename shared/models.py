@@ -53,6 +53,13 @@ def vae_scale_factor(vae) -> int:
     return 2 ** len(vae.temperal_downsample)
 
 
+def vae_scale_factor_of(path: str) -> int:
+    """`vae_scale_factor` of the model at `path`, from its VAE's config alone (no weights loaded)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return 2 ** len(AutoencoderKLQwenImage.load_config(path, subfolder="vae")["temperal_downsample"])
+
+
 def load_scheduler_config(path: str) -> dict:
     """The model's FlowMatchEulerDiscreteScheduler settings (shift rules), read without weights."""
     from diffusers import FlowMatchEulerDiscreteScheduler

@@ -1,0 +1,142 @@
+"""`prep build-cache --engine ray`: the same encoding on Ray Data, from one machine to a cluster.
+
+```
+Ray Data (cluster)                                              driver (this process)
+samples -> prepare on CPU tasks -> encode on a pool of actors -> the same writer thread: serialise,
+           (decode, place, VL       (VAE + Qwen2.5-VL loaded      append to shards, seal them;
+            processor)               once per actor; GPU or CPU)   the manifest at the end
+```
+
+Only the encoding moves: validation, the plan (what to reuse, what to encode), the shard writer and the
+manifest are the local engine's own code (prep/build.py), so `train run` cannot tell which engine built a
+cache: the same sample ids, members, tensors (bitwise on CPU) and manifest rows. Results stream back in the
+samples' order (`preserve_order`), so shards fill exactly as the local engine fills them. Ray retries
+the work of an actor that dies (a lost node, a kill) on a new one; an interrupted build is resumed by the
+same command, from its sealed shards, like a local one. Ray is an optional extra:
+`pip install 'qwen-edit-trainer[ray]'`. `--ray-address` (or `RAY_ADDRESS`) joins a running cluster;
+without either a local Ray is started for the build.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import numpy as np
+import torch
+
+from prep.encode import Encoders
+from prep.pipeline import BackgroundWriter, EncodeStats
+from prep.record import Prepared, SamplePreparer, encode_prepared
+from prep.scan import Sample
+from shared.cache.writer import ShardWriter
+from shared.config import DatasetConfig
+from shared.errors import UserError
+from shared.flavours import Flavour
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401 - Ray Data is the `data` extra of ray
+    except ImportError:
+        raise UserError(
+            "--engine ray needs Ray Data: pip install 'qwen-edit-trainer[ray]' (or pip install 'ray[data]'); "
+            "without it, leave --engine at local"
+        ) from None
+    return ray
+
+
+def prepare(row: dict, preparer: SamplePreparer, main: DatasetConfig, conds: list[DatasetConfig]) -> dict:
+    """A CPU task: one sample decoded, placed and processed, as a DataLoader worker does it locally."""
+    return {"prepared": preparer(row["sample"], main, conds)}
+
+
+class EncodeActor:
+    """One actor of the encoding pool: the model's encoders, loaded once, encode batches of prepared samples."""
+
+    def __init__(self, model: str, flavour: Flavour, device: str, dtype: torch.dtype, batch_size: int, threads: int):
+        if device.startswith("cuda"):
+            device = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+        else:  # Ray starts workers with one thread; the local engine's thread count gives its very sums
+            torch.set_num_threads(threads)
+        self.encoders = Encoders(model, flavour, device, dtype)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prepared: list[Prepared] = list(batch["prepared"])
+        encoded = encode_prepared(prepared, self.encoders, max_batch=self.batch_size)
+        host = [
+            ([x.to(torch.bfloat16).cpu() for x in lat], [x.to(torch.bfloat16).cpu() for x in emb])
+            for lat, emb in encoded
+        ]
+        return {
+            "prepared": batch["prepared"],
+            "latents": _objects([latents for latents, _ in host]),
+            "embeds": _objects([embeds for _, embeds in host]),
+        }
+
+
+def _objects(items: list) -> np.ndarray:
+    """A column of Python objects (lists of tensors of any shapes), kept as they are by Ray Data."""
+    column = np.empty(len(items), dtype=object)
+    column[:] = items
+    return column
+
+
+def encode_with_ray(
+    writer: ShardWriter,
+    samples: list[Sample],
+    main: DatasetConfig,
+    conds: list[DatasetConfig],
+    preparer: SamplePreparer,
+    model: str,
+    flavour: Flavour,
+    device: str,
+    dtype: torch.dtype,
+    batch_size: int,
+    dropout_writer: ShardWriter,
+    address: str = "",
+    actors: int | None = None,
+) -> EncodeStats:
+    """Encode `samples` on Ray into `writer`'s shards (dropout records into `dropout_writer`'s), as
+    `prep.pipeline.encode_into` does locally. `actors`: encoders in the pool (default: one per GPU of the
+    cluster; one on CPU)."""
+    ray = import_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+    on_gpu = device.startswith("cuda")
+    if actors is None:
+        actors = max(1, int(ray.cluster_resources().get("GPU", 0))) if on_gpu else 1
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # records reach the writer in the samples' order
+    context.enable_progress_bars = False
+    stats = EncodeStats()
+    start = time.perf_counter()
+    background = BackgroundWriter(writer, dropout_writer)
+    try:
+        rows = ray.data.from_items([{"sample": s} for s in samples], override_num_blocks=max(1, len(samples)))
+        rows = rows.map(functools.partial(prepare, preparer=preparer, main=main, conds=conds))
+        rows = rows.map_batches(
+            EncodeActor,
+            fn_constructor_args=(model, flavour, device, dtype, batch_size, torch.get_num_threads()),
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=1 if on_gpu else 0,
+            # an actor that dies (a lost node, a kill) is replaced and its batch is encoded again
+            max_restarts=-1,
+            max_task_retries=-1,
+        )
+        for row in rows.iter_rows():
+            background.put(row["prepared"], list(row["latents"]), list(row["embeds"]))
+            stats.samples += 1
+            stats.progress.append((stats.samples, time.perf_counter() - start))
+    finally:
+        background.close()  # every record received is in a sealed shard, even after an error or interrupt
+        if started:
+            ray.shutdown()
+    stats.seconds = time.perf_counter() - start
+    return stats
