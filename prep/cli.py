@@ -52,9 +52,11 @@ def build_cache_command(
     force: bool = typer.Option(False, "--force", help="rebuild a cache that was built with other settings"),
     workers: int = typer.Option(None, help="image decoding processes (default: 8 on a GPU, 0 on CPU)"),
     batch_size: int = typer.Option(None, help="encoder batch, same shapes only (default: 4 on a GPU, 1 on CPU)"),
-    engine: str = typer.Option("local", help="local (this machine's GPUs) or ray (Ray Data: a pool of encoders)"),
+    engine: str = typer.Option(
+        None, help="local (this machine's GPUs) or ray (Ray Data: a pool of encoders); default: prep_engine (local)"
+    ),
     ray_address: str = typer.Option(
-        "", help="--engine ray: the Ray cluster to join (default: RAY_ADDRESS, else a local Ray for this build)"
+        None, help="--engine ray: the Ray cluster to join (default: ray_address, RAY_ADDRESS, else a local Ray)"
     ),
 ) -> None:
     """Validate the datasets, then encode VAE latents and Qwen2.5-VL embeddings into the cache."""
@@ -70,8 +72,8 @@ def build_cache_command(
             force=force,
             workers=workers,
             batch_size=batch_size,
-            engine=engine,
-            ray_address=ray_address,
+            engine=engine or cfg.train.prep_engine,
+            ray_address=cfg.train.ray_address if ray_address is None else ray_address,
         )
     if int(os.environ.get("RANK", "0")) == 0:  # one line per cache, also when launched on several ranks
         for cache in caches:

@@ -115,6 +115,8 @@ class TrainConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-6
     seed: int = 0  # training randomness only (σ, noise, order, dropout); never invalidates a cache
+    prep_engine: str = "local"  # prep build-cache: "local" (this machine's GPUs) or "ray" (Ray Data; --engine)
+    ray_address: str = ""  # prep_engine ray: the cluster to join (--ray-address); "": RAY_ADDRESS, else a local Ray
     crop_seed: int = 0  # prep: seeds `crop_style: random` (SimpleTuner uses `seed`; ours is separate so a new
     # training seed never forces a re-encode)
     dataloader_num_workers: int = 2  # processes reading the cache ahead of the GPU (0: in the training process)
@@ -245,6 +247,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "conditioning_multidataset_sampling": ("combined", "random"),
     "lora_target": ("attention", "attention_image", "attention_mlp"),
     "loss_weighting": ("none", "sigma_sqrt", "cosmap"),
+    "prep_engine": ("local", "ray"),
     "scheduled_sampling_ramp_shape": ("linear", "cosine"),
     "scheduled_sampling_strategy": ("uniform", "biased_early", "biased_late"),
     "scheduled_sampling_sampler": ("unipc", "euler", "dpm"),
