@@ -105,6 +105,8 @@ def s3(monkeypatch):
     """An S3 endpoint on a free local port (moto's server over HTTP, read with s3fs); every s3:// URL in this
     process, its forks and child processes (through FSSPEC_S3_ENDPOINT_URL) goes there. Yields its filesystem,
     with a bucket named "bucket"."""
+    import urllib.request
+
     import fsspec
 
     pytest.importorskip("s3fs")
@@ -113,6 +115,8 @@ def s3(monkeypatch):
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    # moto keeps its buckets in this process across servers: start each test from an empty S3
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).close()
     for key, value in {
         "AWS_ACCESS_KEY_ID": "test",
         "AWS_SECRET_ACCESS_KEY": "test",
