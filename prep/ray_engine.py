@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from prep.encode import Encoders
-from prep.pipeline import BackgroundWriter, EncodeStats
+from prep.pipeline import BackgroundWriter, EncodeStats, to_host
 from prep.record import Prepared, SamplePreparer, encode_prepared
 from prep.scan import Sample
 from shared.cache.writer import ShardWriter
@@ -67,10 +67,9 @@ class EncodeActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prepared: list[Prepared] = list(batch["prepared"])
         encoded = encode_prepared(prepared, self.encoders, max_batch=self.batch_size)
-        host = [
-            ([x.to(torch.bfloat16).cpu() for x in lat], [x.to(torch.bfloat16).cpu() for x in emb])
-            for lat, emb in encoded
-        ]
+        host = [([to_host(x) for x in lat], [to_host(x) for x in emb]) for lat, emb in encoded]
+        if self.encoders.device.type == "cuda":
+            torch.cuda.synchronize()  # to_host queues its copies; they must be done before Ray ships them
         return {
             "prepared": batch["prepared"],
             "latents": _objects([latents for latents, _ in host]),

@@ -36,6 +36,13 @@ def dequantise(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return scale * data
 
 
+def matmul_as_quanto(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ weight [out, in]ᵀ -> [..., out], in the weight's dtype, over the tokens flattened to one
+    dimension, as quanto's `qbytes_mm` multiplies (no bias)."""
+    flat = x.to(weight.dtype).reshape(-1, x.shape[-1])  # [tokens, in]
+    return torch.matmul(flat, weight.t()).reshape(*x.shape[:-1], weight.shape[0])
+
+
 class DequantisedLinear(torch.autograd.Function):
     """y = x @ dequantise(data, scale)ᵀ for a frozen weight: gradients for `x` only."""
 
@@ -43,8 +50,7 @@ class DequantisedLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out], computed in `scale`'s dtype (bf16) as quanto does."""
         ctx.save_for_backward(data, scale)  # the int8 weight: backward dequantises it again
-        flat = x.to(scale.dtype).reshape(-1, x.shape[-1])  # [tokens, in]
-        return torch.matmul(flat, dequantise(data, scale).t()).reshape(*x.shape[:-1], data.shape[0])
+        return matmul_as_quanto(x, dequantise(data, scale))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -59,8 +65,7 @@ class DequantisingQLinear(QLinear):
         data, scale = self.weight._data, self.weight._scale
         if torch.compiler.is_compiling():  # see the module docstring
             weight = checkpoint(dequantise, data, scale, use_reentrant=False)  # [out, in], recomputed in backward
-            flat = input.to(scale.dtype).reshape(-1, input.shape[-1])  # [tokens, in]
-            output = torch.matmul(flat, weight.t()).reshape(*input.shape[:-1], data.shape[0])
+            output = matmul_as_quanto(input, weight)
         else:
             output = DequantisedLinear.apply(input, data, scale)
         return output if self.bias is None else output + self.bias
