@@ -170,7 +170,7 @@ def build_cache(
                     on_stats(stats)
                 print(
                     f"rank {ranks.rank}: {stats.samples} samples in {stats.seconds:.1f} s "
-                    f"({stats.samples / max(stats.seconds, 1e-9):.2f} samples/s)"
+                    f"({stats.samples / max(stats.seconds, 1e-9):.2f} samples/s, steady {stats.steady_rate():.2f})"
                 )
             encoded = [row for rows in ranks.gather(writer.rows) for row in rows]
             dropouts = [row for rows in ranks.gather(dropout_writer.rows) for row in rows]
