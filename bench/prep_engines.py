@@ -95,9 +95,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     rates = {row["engine"]: row.get("steady samples/s") for row in rows}
     if rates.get("local") and rates.get("ray"):
-        print(
-            f"ray / local, steady: {rates['ray'] / rates['local']:.3f} ({max(gpus, 1)} {'GPU' if gpus else 'CPU'} encoder(s))"
-        )
+        encoders = f"{max(gpus, 1)} {'GPU' if gpus else 'CPU'} encoder(s)"
+        print(f"ray / local, steady: {rates['ray'] / rates['local']:.3f} ({encoders})")
 
 
 if __name__ == "__main__":
