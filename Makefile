@@ -24,6 +24,7 @@ demo: install
 	$(BIN)/python -m shared.demo
 	$(MAKE) --no-print-directory demo-edit-v1 demo-edit-v2 demo-edit-v3
 	@echo "LoRAs (diffusers + ComfyUI; edit-v1 also its EMA in ema/), logs, loss.png and preview grids (previews/): .demo/output/edit-v1 .demo/output/edit-v2 .demo/output/edit-v3"
+	@echo "before and after training, per held-out sample: .demo/output/edit-v1/previews/before-after.png .demo/output/edit-v2/previews/before-after.png .demo/output/edit-v3/previews/before-after.png"
 
 demo-edit-v1 demo-edit-v2 demo-edit-v3: demo-%: install
 	$(BIN)/prep validate --config configs/demo-$*/config.json

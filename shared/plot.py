@@ -1,4 +1,5 @@
-"""`loss.png`: the training loss (raw and smoothed), the held-out loss and the learning rate, in one chart.
+"""`loss.png`: the training loss (raw and smoothed), the held-out loss and the learning rate in one chart, and
+under it, when previews ran, their pixel error against the ground truth.
 
 Drawn with matplotlib (its Agg backend: no display needed), kept here so `train` itself never imports
 an image library.
@@ -25,15 +26,28 @@ def plot_losses(
     lrs: list[float],
     heldout: list[tuple[int, float]],
     path: Path,
+    preview_error: list[tuple[int, float]] | None = None,
 ) -> None:
     """Write the chart: loss per optimizer step (raw, and a moving average over ~5% of the run), the held-out
-    loss as markers at the steps it was measured, and the learning rate on a second y axis."""
+    loss as markers at the steps it was measured, and the learning rate on a second y axis; `preview_error`
+    (step, mean |output − ground truth| in [0, 1]; step 0: the base model) in a panel below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
+    if preview_error:
+        fig, (ax, error_axis) = plt.subplots(
+            2, 1, figsize=(10, 7.5), dpi=100, sharex=True, gridspec_kw={"height_ratios": [2, 1]}
+        )
+        error_axis.plot(*zip(*preview_error, strict=True), "s-", color="#2e8b57", markersize=6)
+        error_axis.set_ylabel("preview pixel error")
+        error_axis.set_ylim(bottom=0)
+        error_axis.set_xlabel("optimizer step")
+        error_axis.grid(True, alpha=0.3)
+        error_axis.set_title("previews: mean |output − ground truth| over the eval samples (step 0: base model)")
+    else:
+        fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
     if steps:
         ax.plot(steps, losses, color="#9db4e0", linewidth=0.8, label="training loss")
         window = min(len(steps), max(3, len(steps) // 20))  # at least 3 steps, ~5% of the run
@@ -44,7 +58,8 @@ def plot_losses(
         ax.plot(
             *zip(*heldout, strict=True), "o-", color="#d2691e", markersize=6, label="held-out loss (fixed σ, noise)"
         )
-    ax.set_xlabel("optimizer step")
+    if not preview_error:
+        ax.set_xlabel("optimizer step")
     ax.set_ylabel("flow-matching loss")
     ax.grid(True, alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()

@@ -1,6 +1,7 @@
 """Preview images as PNGs: one row per eval sample (references | output | ground truth, the instruction
-under it) and one grid of rows per preview step. Drawn with PIL here, so `train` itself never imports an
-image library (which keeps "train reads only the cache" easy to check)."""
+under it), one grid of rows per preview step, and the before/after grid (the base model's output next to
+the last step's). Drawn with PIL here, so `train` itself never imports an image library (which keeps
+"train reads only the cache" easy to check)."""
 
 from __future__ import annotations
 
@@ -21,21 +22,21 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def sample_row(references: list[np.ndarray], output: np.ndarray, truth: np.ndarray, caption: str) -> np.ndarray:
-    """[H, W, 3] uint8 panels (each reference, the output, the ground truth) side by side at the output's
-    height, with a header naming each panel and `caption` wrapped underneath; returns [H', W', 3] uint8."""
-    height = output.shape[0]
-    panels = [Image.fromarray(a) for a in [*references, output, truth]]
-    panels = [p.resize((max(1, round(p.width * height / p.height)), height), Image.LANCZOS) for p in panels]
-    names = [f"reference {i + 1}" for i in range(len(references))] + ["output", "ground truth"]
+def sample_row(panels: list[tuple[str, np.ndarray]], caption: str) -> np.ndarray:
+    """Named [H, W, 3] uint8 panels (e.g. each reference, the output, the ground truth) side by side at the
+    last panel's height, each under its name, with `caption` wrapped underneath; returns [H', W', 3] uint8."""
+    height = panels[-1][1].shape[0]
+    names = [name for name, _ in panels]
+    images = [Image.fromarray(a) for _, a in panels]
+    images = [p.resize((max(1, round(p.width * height / p.height)), height), Image.LANCZOS) for p in images]
     font = _font(max(12, height // 24))
     line = font.getbbox("Ag")[3] + 4
-    width = sum(p.width for p in panels) + GAP * (len(panels) - 1)
+    width = sum(p.width for p in images) + GAP * (len(images) - 1)
     lines = textwrap.wrap(caption, width=max(20, width // max(1, line // 2))) or [""]
     canvas = Image.new("RGB", (width, line + height + GAP + line * len(lines)), "white")
     draw = ImageDraw.Draw(canvas)
     x = 0
-    for name, panel in zip(names, panels, strict=True):
+    for name, panel in zip(names, images, strict=True):
         draw.text((x + 2, 2), name, fill="black", font=font)
         canvas.paste(panel, (x, line))
         x += panel.width + GAP
@@ -61,6 +62,12 @@ def step_grid(rows: list[np.ndarray], title: str) -> np.ndarray:
         canvas.paste(image, (0, y))
         y += image.height + GAP
     return np.asarray(canvas)
+
+
+def read_png(path: Path) -> np.ndarray:
+    """A PNG as [H, W, 3] uint8 RGB."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def save_png(array: np.ndarray, path: Path) -> None:

@@ -38,7 +38,8 @@ COLUMNS = [
 ]
 CSV_FILE = "train_log.csv"
 EVAL_CSV_FILE = "eval_log.csv"
-EVAL_COLUMNS = ["step", "heldout_loss"]
+# held-out flow-matching loss; previews' mean |output - ground truth| (pixels in [0, 1]; at step 0 the base model's)
+EVAL_COLUMNS = ["step", "heldout_loss", "preview_error", "preview_error_ema"]
 PLOT_FILE = "loss.png"
 
 
@@ -126,14 +127,14 @@ class TrainMetrics:
             self.progress.update(len(out))
         return out
 
-    def heldout(self, step: int, loss: float) -> None:
-        """Log the held-out loss measured after step `step`."""
-        if not self.enabled:
+    def evaluation(self, step: int, measured: dict[str, float]) -> None:
+        """Log what was measured after step `step` (some of EVAL_COLUMNS; the others stay empty)."""
+        if not self.enabled or not measured:
             return
-        self._eval.write({"step": step, "heldout_loss": loss})
+        self._eval.write({"step": step, **measured})
         self._eval.flush()
         if self.trackers is not None:
-            self.trackers.scalars({"eval/heldout_loss": loss}, step)
+            self.trackers.scalars({f"eval/{k}": v for k, v in measured.items() if math.isfinite(v)}, step)
 
     def image(self, tag: str, image, step: int) -> None:
         """A [H, W, 3] uint8 preview grid to the trackers (None: nothing was rendered)."""
@@ -150,13 +151,17 @@ class TrainMetrics:
         if self.trackers is not None:
             self.trackers.close()
         rows = _ContinuedCsv.read(self.output_dir / CSV_FILE)
-        heldout = [
-            (int(r["step"]), float(r["heldout_loss"])) for r in _ContinuedCsv.read(self.output_dir / EVAL_CSV_FILE)
-        ]
+        evaluated = _ContinuedCsv.read(self.output_dir / EVAL_CSV_FILE)
         losses = [float(r["loss"]) for r in rows]
         steps, lrs = [int(r["step"]) for r in rows], [float(r["lr"]) for r in rows]
-        plot_losses(steps, losses, lrs, heldout, self.output_dir / PLOT_FILE)
+        heldout, preview_error = _column(evaluated, "heldout_loss"), _column(evaluated, "preview_error")
+        plot_losses(steps, losses, lrs, heldout, self.output_dir / PLOT_FILE, preview_error)
         return losses
+
+
+def _column(rows: list[dict], name: str) -> list[tuple[int, float]]:
+    """(step, value) for the rows where `name` was measured."""
+    return [(int(r["step"]), float(r[name])) for r in rows if r.get(name) not in (None, "")]
 
 
 class _ContinuedCsv:

@@ -211,22 +211,29 @@ class Run:
         (LoRA off). Both run without autograd, through the blocks' inference graphs, never the training
         step's (train/blocks.py)."""
         validator, model, cfg = self.validator, self.model, self.cfg
+        measured: dict[str, float] = {}  # eval_log.csv's columns for this step
+
+        def preview(tag: str, column: str, **kwargs) -> None:
+            rendered = validator.previews(model, step, tag, **kwargs)
+            if rendered is not None:
+                self.metrics.image(f"previews/{tag or 'lora'}", rendered.grid, step)
+                measured[column] = rendered.pixel_error
+
         with self.accelerator.autocast(), attention_backends(cfg.prefer_cudnn_attention):
             if validator.loss_due(step, last or baseline):
-                loss = validator.heldout_loss(model)
-                log.info("held-out loss at step %d: %.5f", step, loss)
-                self.metrics.heldout(step, loss)
-            if not validator.previews_due(step, last or baseline):
-                return
-            if baseline:
-                if not cfg.disable_benchmark:
-                    with lora_disabled(self.params):
-                        self.metrics.image("previews/base", validator.previews(model, step, "base"), step)
-                return
-            self.metrics.image("previews/lora", validator.previews(model, step), step)
-            if self.ema is not None:
-                with weights_swapped(self.params, self.ema.state_dict()):
-                    self.metrics.image("previews/ema", validator.previews(model, step, "ema"), step)
+                measured["heldout_loss"] = validator.heldout_loss(model)
+                log.info("held-out loss at step %d: %.5f", step, measured["heldout_loss"])
+            if validator.previews_due(step, last or baseline):
+                if baseline:  # step 0: the base model (the LoRA adds exactly 0 yet, so this is also the LoRA's)
+                    if not cfg.disable_benchmark:
+                        with lora_disabled(self.params):
+                            preview("base", "preview_error")
+                else:
+                    preview("", "preview_error", last=last)
+                    if self.ema is not None:
+                        with weights_swapped(self.params, self.ema.state_dict()):
+                            preview("ema", "preview_error_ema")
+        self.metrics.evaluation(step, measured)
 
     def checkpoint_due(self, step: int, last: bool) -> bool:
         every = self.cfg.checkpointing_steps

@@ -6,9 +6,14 @@ When (steps counted in optimizer steps):
   `use_ema` is on;
 - the held-out loss every `eval_steps_interval` steps (default: `validation_step_interval`) and at the end.
 
-Where: `<output_dir>/previews/step-NNNNNN[-base|-ema].png` (the grid), one PNG per eval sample in
-`<output_dir>/previews/step-NNNNNN[-base|-ema]/`, the grid also in TensorBoard; the held-out loss in
-`eval_log.csv`, TensorBoard and `loss.png`.
+Where: `<output_dir>/previews/step-NNNNNN[-base|-ema].png` (the grid), per eval sample in
+`<output_dir>/previews/step-NNNNNN[-base|-ema]/`: `NN-<sample>.png` (references | output | ground truth),
+and the output and ground truth alone at full size (`NN-<sample>.output.png`, `NN-<sample>.target.png`);
+at the end `previews/before-after.png`: each eval sample's base-model output (step 0) beside the last
+step's. The grids also go to TensorBoard; the held-out loss and the previews' pixel error (mean
+|output − ground truth| over the eval samples, pixels in [0, 1]) to `eval_log.csv`, TensorBoard and
+`loss.png`. The ground truth is the cached target latents decoded by the same VAE decoder, so the error
+measures the edit, not the VAE.
 
 Eval sample i is handled by rank i mod world_size; rank 0 gathers the rows and writes. Every rank
 enters every gather, also when its own part failed (it sends the error instead), so no rank waits
@@ -21,6 +26,7 @@ import gc
 import logging
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +35,7 @@ from accelerate.utils import gather_object
 
 from shared.config import TrainConfig
 from shared.models import load_vae_decoder
-from shared.preview_grid import sample_row, save_png, step_grid
+from shared.preview_grid import read_png, sample_row, save_png, step_grid
 from train.batch import Batch
 from train.eval_data import EvalSet
 from train.objective import SigmaSchedule, velocity_errors
@@ -37,6 +43,44 @@ from train.previews import Decoder, sample_latents
 
 log = logging.getLogger(__name__)
 PREVIEWS = "previews"
+BEFORE_AFTER = "before-after.png"
+
+
+def pixel_error(output: np.ndarray, truth: np.ndarray) -> float:
+    """Mean absolute difference of two [H, W, 3] uint8 images, pixels scaled to [0, 1]."""
+    return float(np.abs(output.astype(np.float32) - truth.astype(np.float32)).mean() / 255)
+
+
+@dataclass
+class SamplePanels:
+    """One eval sample's preview: what its row shows, before it is drawn (rank 0 draws every rank's)."""
+
+    index: int
+    label: str
+    caption: str
+    references: list[np.ndarray]  # each [h, w, 3] uint8, decoded from the cached latents
+    output: np.ndarray  # [H, W, 3] uint8: the edit sampled now
+    truth: np.ndarray  # [H, W, 3] uint8: the cached target, decoded
+
+    @property
+    def stem(self) -> str:
+        """`NN-<dataset id>_<relative path without its extension>`: the sample's file names in a step's folder."""
+        return f"{self.index:02d}-{_safe(self.label.rsplit('.', 1)[0])}"
+
+    @property
+    def pixel_error(self) -> float:
+        return pixel_error(self.output, self.truth)
+
+    def reference_panels(self) -> list[tuple[str, np.ndarray]]:
+        return [(f"reference {i + 1}", r) for i, r in enumerate(self.references)]
+
+
+@dataclass
+class Rendered:
+    """One preview step on rank 0: its grid [H, W, 3] uint8 and the mean pixel error over the eval samples."""
+
+    grid: np.ndarray
+    pixel_error: float
 
 
 class Validator:
@@ -82,11 +126,12 @@ class Validator:
 
     # --- previews ---------------------------------------------------------------------------------------
 
-    def previews(self, transformer: torch.nn.Module, step: int, tag: str = "") -> np.ndarray | None:
-        """Render this rank's eval samples, gather them on rank 0 and write the PNGs; return the grid [H, W, 3]
-        uint8 (on rank 0, when every rank succeeded; else None)."""
+    def previews(self, transformer: torch.nn.Module, step: int, tag: str = "", last: bool = False) -> Rendered | None:
+        """Render this rank's eval samples, gather them on rank 0 and write the PNGs (with `last`, also the
+        before/after grid); return the step's grid and pixel error (on rank 0, when every rank succeeded;
+        else None)."""
         name = f"step-{step:06d}" + (f"-{tag}" if tag else "")
-        rows, error = [], ""
+        panels, error = [], ""
         try:
             with evaluating(transformer):
                 for index in self.mine:
@@ -101,29 +146,54 @@ class Validator:
                         self.accelerator.device,
                     )
                     references, truth = self._ground_truth(index, sample)
-                    row = sample_row(references, self.decoder(latents), truth, f"{sample.label}: {sample.instruction}")
-                    rows.append((index, sample.label, row))
+                    caption = f"{sample.label}: {sample.instruction}"
+                    panels.append(SamplePanels(index, sample.label, caption, references, self.decoder(latents), truth))
         except Exception as err:  # noqa: BLE001 - e.g. out of memory: every rank still meets the gather
             error = f"rank {self.accelerator.process_index}: {err}"
         finally:
             release_memory()
-        gathered = self._gather((rows, error))
+        gathered = self._gather((panels, error))
         if not self.accelerator.is_main_process:
             return None
         errors = [e for _, e in gathered if e]
         if errors:
             log.warning("previews %s failed (%s); training goes on", name, errors[0].splitlines()[0])
             return None
-        ordered = sorted((r for part, _ in gathered for r in part), key=lambda r: r[0])
+        ordered = sorted((p for part, _ in gathered for p in part), key=lambda p: p.index)
         folder = self.output_dir / PREVIEWS / name
-        for index, label, row in ordered:
-            save_png(row, folder / f"{index:02d}-{_safe(label)}.png")
+        rows = []
+        for p in ordered:
+            rows.append(sample_row([*p.reference_panels(), ("output", p.output), ("ground truth", p.truth)], p.caption))
+            save_png(rows[-1], folder / f"{p.stem}.png")
+            save_png(p.output, folder / f"{p.stem}.output.png")
+            save_png(p.truth, folder / f"{p.stem}.target.png")
         title = f"step {step}" + {"base": " (base model, LoRA off)", "ema": " (EMA weights)"}.get(tag, "")
-        grid = step_grid([row for _, _, row in ordered], title)
+        grid = step_grid(rows, title)
         path = self.output_dir / PREVIEWS / f"{name}.png"
         save_png(grid, path)
-        log.info("previews: %s", path)
-        return grid
+        pixel_error = float(np.mean([p.pixel_error for p in ordered]))
+        log.info("previews: %s (pixel error %.4f)", path, pixel_error)
+        if last and not tag:
+            self._before_after(ordered, step)
+        return Rendered(grid, pixel_error)
+
+    def _before_after(self, finals: list[SamplePanels], step: int) -> None:
+        """`previews/before-after.png`: per eval sample, its references, the base model's output (step 0, read
+        back from its PNG, so a resumed run has it too), the output after `step` and the ground truth."""
+        base_folder = self.output_dir / PREVIEWS / "step-000000-base"
+        rows = []
+        for p in finals:
+            base = base_folder / f"{p.stem}.output.png"
+            if not base.is_file():
+                log.info("no base-model preview at %s (disable_benchmark?): no before/after grid", base)
+                return
+            before = read_png(base)
+            panels = [*p.reference_panels(), ("step 0 (base)", before), (f"step {step}", p.output)]
+            caption = f"{p.caption} | pixel error {pixel_error(before, p.truth):.3f} -> {p.pixel_error:.3f}"
+            rows.append(sample_row([*panels, ("ground truth", p.truth)], caption))
+        path = self.output_dir / PREVIEWS / BEFORE_AFTER
+        save_png(step_grid(rows, f"before and after training: step 0 (base model) and step {step}"), path)
+        log.info("before/after: %s", path)
 
     def _ground_truth(self, index: int, sample) -> tuple[list[np.ndarray], np.ndarray]:
         """The sample's references and target as images, decoded from their cached latents once."""

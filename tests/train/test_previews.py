@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import PIL.Image
@@ -152,17 +153,34 @@ def test_training_previews_without_the_encoders(demo_project, monkeypatch):
     out = Path(config.train.output_dir)
     previews = sorted(p.name for p in (out / "previews").glob("*.png"))
     assert previews == [
+        "before-after.png",
         "step-000000-base.png",
         "step-000002-ema.png",
         "step-000002.png",
         "step-000004-ema.png",
         "step-000004.png",
     ]
-    # one PNG per eval sample: references | output | ground truth, the instruction under it
-    rows = sorted((out / "previews" / "step-000004").glob("*.png"))
+    # per eval sample: its row (references | output | ground truth, the instruction under it), and the output
+    # and ground truth alone at the sample's full size
+    folder = out / "previews" / "step-000004"
+    rows = sorted(p for p in folder.glob("*.png") if p.suffixes == [".png"])
     assert len(rows) == 2
-    with PIL.Image.open(rows[0]) as row:
-        assert row.width > 3 * 64  # two references, output, ground truth side by side
-    heldout = (out / "eval_log.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in heldout] == ["step", "0", "2", "4"]
+    for row_path in rows:
+        with PIL.Image.open(row_path) as row:
+            assert row.width > 3 * 64  # two references, output, ground truth side by side
+        with PIL.Image.open(row_path.with_suffix(".output.png")) as output:
+            with PIL.Image.open(row_path.with_suffix(".target.png")) as target:
+                assert output.size == target.size and output.height < row.height
+    # before/after: per eval sample the base model's output (step 0) beside the last step's, one panel more
+    with PIL.Image.open(out / "previews" / "before-after.png") as before_after:
+        with PIL.Image.open(out / "previews" / "step-000004.png") as last_grid:
+            assert before_after.width > last_grid.width and before_after.height >= last_grid.height
+    # eval_log.csv: the held-out loss and the previews' pixel error at every step that measured them
+    with open(out / "eval_log.csv", newline="") as f:
+        logged = list(csv.DictReader(f))
+    assert [r["step"] for r in logged] == ["0", "2", "4"]
+    assert all(0 < float(r["heldout_loss"]) and 0 <= float(r["preview_error"]) <= 1 for r in logged)
+    assert [r["preview_error_ema"] == "" for r in logged] == [True, False, False]  # no EMA previews at step 0
+    with PIL.Image.open(out / "loss.png") as chart:
+        assert chart.height > 700  # the pixel error's panel under the loss chart
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
