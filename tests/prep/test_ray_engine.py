@@ -1,16 +1,36 @@
-"""`prep build-cache --engine ray`: the local engine's cache, built on Ray Data (a local Ray of 2 CPUs)."""
+"""`prep build-cache --engine ray`: the local engine's cache, built on Ray Data (a local Ray of 2 CPUs); a killed
+driver resumed by the same command from its sealed shards."""
 
 from __future__ import annotations
 
+import contextlib
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from prep.build import build_cache
+from prep.verify import verify_cache
+from shared.cache import DROPOUT, DROPOUT_SHARD, MEMBERS, member_column
 from shared.config import load_config
+from shared.errors import UserError
 from tests.cache_files import manifest_rows
+
+# Where a record sits (shard, offsets): what a resumed build may place elsewhere than an uninterrupted one.
+LOCATION = {
+    "shard",
+    "record_offset",
+    *(member_column(m, k) for m in MEMBERS for k in ("offset", "size")),
+    DROPOUT_SHARD,
+    member_column(DROPOUT, "offset"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +77,6 @@ def kill_an_encoding_actor(killed: list, stop: threading.Event) -> None:
 
 
 def test_a_killed_encoding_actor_is_replaced_and_the_cache_completes(local_ray, demo_project):
-    from prep.verify import verify_cache
-
     config = load_config(demo_project("edit-v1", n_samples=8))
     killed, stop = [], threading.Event()
     killer = threading.Thread(target=kill_an_encoding_actor, args=(killed, stop), daemon=True)
@@ -75,8 +93,6 @@ def test_a_killed_encoding_actor_is_replaced_and_the_cache_completes(local_ray, 
 def test_without_ray_the_engine_says_what_to_install(demo_project, monkeypatch):
     import builtins
 
-    from shared.errors import UserError
-
     real_import = builtins.__import__
 
     def no_ray(name, *args, **kwargs):
@@ -88,3 +104,77 @@ def test_without_ray_the_engine_says_what_to_install(demo_project, monkeypatch):
     config = load_config(demo_project("edit-v1", n_samples=2))
     with pytest.raises(UserError, match=r"pip install 'qwen-edit-trainer\[ray\]'"):
         build_cache(config, device="cpu", engine="ray")
+
+
+def content(rows: list[dict]) -> dict[str, dict]:
+    """Sample id -> its manifest row without where it sits: sizes and sha256 of every member stay (bit-for-bit
+    tensors), as tests/prep/test_build_cache.py compares a resumed build with an uninterrupted one."""
+    return {r["sample_id"]: {k: v for k, v in r.items() if k not in LOCATION} for r in rows}
+
+
+def ray_build_command(config_path: Path) -> list[str]:
+    """`prep build-cache --config CONFIG --device cpu --engine ray` in a fresh Python, with shards of one record
+    each: the command line has no shard-size flag, so `prep.build.build_cache` is given max_shard_bytes=1 first."""
+    script = (
+        "import functools, prep.build; "
+        "prep.build.build_cache = functools.partial(prep.build.build_cache, max_shard_bytes=1); "
+        "from prep.cli import app; app()"
+    )
+    args = ["build-cache", "--config", str(config_path), "--device", "cpu", "--engine", "ray"]
+    return [sys.executable, "-c", script, *args]
+
+
+def sealed_samples(cache: Path) -> int:
+    """Samples in the main shards sealed so far (their index written): what a rerun must reuse."""
+    return sum(pq.read_metadata(p).num_rows for p in (cache / "shards").glob("[0-9]*.index.parquet"))
+
+
+def kill_with_its_ray(driver: subprocess.Popen) -> None:
+    """SIGKILL the driver, then every process it started (its local Ray): Ray's dashboard and runtime-env agents
+    outlive a driver killed -9, and nothing a test starts may stay behind."""
+    import psutil
+
+    if driver.poll() is not None:
+        return
+    family = psutil.Process(driver.pid).children(recursive=True)
+    driver.kill()
+    driver.wait()
+    for process in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(family, timeout=30)
+
+
+def test_a_driver_killed_mid_build_is_resumed_by_the_same_command_from_its_sealed_shards(demo_project, tmp_path):
+    n = 5
+    config_path = demo_project("edit-v1", n_samples=n)
+    config = load_config(config_path)
+    (cache,) = build_cache(config, device="cpu")  # the local engine, uninterrupted
+    expected = content(manifest_rows(cache))
+    shutil.rmtree(cache)
+
+    command = ray_build_command(config_path)
+    with open(tmp_path / "killed.log", "w") as log:
+        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while driver.poll() is None and time.monotonic() < deadline and sealed_samples(cache) < 2:
+                time.sleep(0.05)
+        finally:
+            kill_with_its_ray(driver)
+    killed_log = (tmp_path / "killed.log").read_text()[-3000:]
+    assert driver.returncode == -signal.SIGKILL, f"the build ended before it was killed:\n{killed_log}"
+    sealed = sealed_samples(cache)
+    assert 2 <= sealed < n and not (cache / "manifest.parquet").exists(), killed_log
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "was stopped; continuing it" in rerun.stdout  # the killed driver's lock, named
+    summary = re.search(r"(\d+) samples \((\d+) encoded by 1 process\(es\), (\d+) reused", rerun.stdout)
+    assert summary, rerun.stdout
+    assert [int(x) for x in summary.groups()] == [n, n - sealed, sealed], "only the samples no sealed shard holds"
+    rows = manifest_rows(cache)
+    assert sorted(r["sample_id"] for r in rows) == sorted(expected), "every sample once"
+    assert content(rows) == expected
+    result = verify_cache(str(cache))
+    assert result.intact and not result.notes, result.problems + result.notes  # the killed shard in progress: gone
