@@ -28,7 +28,7 @@ def write_demo(root: Path, n_samples: int = 12) -> None:
     for flavour, name in MODEL_DIRS.items():
         model_dir = root / "models" / name
         if not (model_dir / "model_index.json").is_file():
-            write_tiny_model(model_dir, flavour)
+            write_tiny_model(model_dir, flavour, reconstructing_vae=True)
         print(f"tiny {flavour} model: {model_dir}")
     for flavour, n_refs in (("edit-v1", 1), ("edit-v2", 2), ("edit-v3", 2)):
         data = write_demo_dataset(root / "data" / flavour, n_samples=n_samples, n_references=n_refs)

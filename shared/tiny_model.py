@@ -5,6 +5,10 @@ The layout (`model_index.json`, `transformer/`, `vae/`, `text_encoder/`, `tokeni
 Shapes are tiny but the structure is real: a 3-stage VAE (spatial factor 8, z_dim 16), a
 Qwen2.5-VL with a vision tower, and a byte-level BPE tokenizer with Qwen's special tokens whose
 split of the system prefix is exactly `drop_tokens` (64) tokens, as the real tokenizer's is.
+
+The VAE's weights are random (tests), or set so that it reconstructs (`reconstructing_vae`: the demo):
+its latents hold the image's 8x8-pixel block means and decoding paints each block back, so previews
+look like the images on disk, only blockier.
 """
 
 from __future__ import annotations
@@ -80,8 +84,9 @@ def build_tokenizer():
     return Qwen2Tokenizer(vocab=model["vocab"], merges=merges, additional_special_tokens=SPECIAL_TOKENS)
 
 
-def build_components(seed: int = 0) -> dict:
-    """The six pipeline components, with random weights drawn from `seed`."""
+def build_components(seed: int = 0, reconstructing_vae: bool = False) -> dict:
+    """The six pipeline components, with random weights drawn from `seed` (the VAE's set to reconstruct with
+    `reconstructing_vae`)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import (
         Qwen2_5_VLConfig,
@@ -144,6 +149,8 @@ def build_components(seed: int = 0) -> dict:
         latents_mean=[round(0.05 * i - 0.4, 3) for i in range(z)],
         latents_std=[round(1.0 + 0.1 * i, 3) for i in range(z)],
     )
+    if reconstructing_vae:
+        make_reconstructing(vae)
     transformer = QwenImageTransformer2DModel(
         patch_size=2,
         in_channels=4 * z,
@@ -165,13 +172,58 @@ def build_components(seed: int = 0) -> dict:
     }
 
 
-def write_tiny_model(path: str | Path, flavour: str, seed: int = 0) -> Path:
+def _identity(weight: torch.Tensor, tap: tuple[int, ...]) -> None:
+    """Conv `weight` [out, in, *kernel]: output channel i copies input channel i at kernel position `tap`."""
+    for i in range(min(weight.shape[0], weight.shape[1])):
+        weight[(i, i, *tap)] = 1.0
+
+
+@torch.no_grad()
+def make_reconstructing(vae, constant: float = 30.0) -> None:
+    """Set the weights of a tiny `AutoencoderKLQwenImage` so that its latent channels 0-2 are each 8x8 block's
+    mean RGB in [-1, 1] (the other channels 0) and decoding paints every block in its mean colour.
+
+    Every residual and attention branch adds 0 (its last conv or projection is zero), so only the skip paths
+    and resamplers act: each downsampling conv averages 2x2 pixels, each upsampling conv copies the nearest
+    pixel's channels. Two layers are not linear: the RMS norm over channels before each output conv, and the
+    SiLU after it. Channels ±R, ±G, ±B and one held at `constant` get through both: SiLU(a) − SiLU(−a) = a
+    exactly, and `constant` dominates the norm (|RGB| ≤ √3 changes it by at most 0.33% at 30).
+    """
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageResample, QwenImageResidualBlock
+
+    for name, param in vae.named_parameters():
+        param.fill_(1.0 if name.endswith("gamma") else 0.0)  # RMS norm scales 1, everything else 0
+    for module in vae.modules():
+        if isinstance(module, QwenImageResidualBlock) and not isinstance(module.conv_shortcut, torch.nn.Identity):
+            _identity(module.conv_shortcut.weight, (0, 0, 0))
+        if isinstance(module, QwenImageResample) and module.mode.startswith("down"):
+            conv = module.resample[1]  # after ZeroPad2d((0, 1, 0, 1)), stride 2: taps 0-1 are a 2x2 block
+            for i in range(conv.weight.shape[0]):
+                conv.weight[i, i, :2, :2] = 0.25
+        if isinstance(module, QwenImageResample) and module.mode.startswith("up"):
+            _identity(module.resample[1].weight, (1, 1))  # after nearest upsampling: the pixel itself
+    frame = (2, 1, 1)  # causal 3x3x3 convs: the current frame is the last time tap; the spatial centre
+    for coder in (vae.encoder, vae.decoder):
+        for c in range(3):  # conv_in: +colour, -colour and the constant channel
+            coder.conv_in.weight[(c, c, *frame)] = 1.0
+            coder.conv_in.weight[(3 + c, c, *frame)] = -1.0
+        coder.conv_in.bias[6] = constant
+        # after the norm a channel holds x·√C/|x| ≈ x·√C/constant: conv_out undoes that scale
+        gain = constant / coder.conv_out.weight.shape[1] ** 0.5
+        for c in range(3):
+            coder.conv_out.weight[(c, c, *frame)] = gain
+            coder.conv_out.weight[(c, 3 + c, *frame)] = -gain
+    _identity(vae.quant_conv.weight, (0, 0, 0))  # the posterior's mean is the encoder's output; log-variance 0
+    _identity(vae.post_quant_conv.weight, (0, 0, 0))
+
+
+def write_tiny_model(path: str | Path, flavour: str, seed: int = 0, reconstructing_vae: bool = False) -> Path:
     """Write the tiny model for `flavour` ("edit-v1", "edit-v2", or "edit-v3": a 2511-style model whose
-    transformer config has `zero_cond_t`) to `path` and return it."""
+    transformer config has `zero_cond_t`) to `path` and return it (`reconstructing_vae`: see the module's doc)."""
     import diffusers
 
     pipeline_cls = getattr(diffusers, FLAVOURS[flavour].pipeline_class)
-    components = build_components(seed)
+    components = build_components(seed, reconstructing_vae)
     if flavour == "edit-v3":
         transformer = components["transformer"]
         components["transformer"] = type(transformer).from_config(transformer.config, zero_cond_t=True)
