@@ -198,7 +198,7 @@ def test_checkpoints_are_complete_limited_and_exportable(project, tmp_path):
 
     # logs: a CSV row per step, a loss curve, TensorBoard events
     assert len((out / "train_log.csv").read_text().splitlines()) == 6
-    assert Image.open(out / "loss.png").size == (1000, 500)
+    assert Image.open(out / "loss.png").size == (1000, 750)  # the loss chart, and the previews' pixel error under it
     header = (out / "train_log.csv").read_text().splitlines()[0].split(",")
     assert {"loss", "grad_norm", "lr", "samples_per_s"} <= set(header)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
