@@ -61,15 +61,12 @@ class SamplePanels:
     references: list[np.ndarray]  # each [h, w, 3] uint8, decoded from the cached latents
     output: np.ndarray  # [H, W, 3] uint8: the edit sampled now
     truth: np.ndarray  # [H, W, 3] uint8: the cached target, decoded
+    pixel_error: float  # of `output` against `truth`, measured once on the rank that rendered it
 
     @property
     def stem(self) -> str:
         """`NN-<dataset id>_<relative path without its extension>`: the sample's file names in a step's folder."""
         return f"{self.index:02d}-{_safe(self.label.rsplit('.', 1)[0])}"
-
-    @property
-    def pixel_error(self) -> float:
-        return pixel_error(self.output, self.truth)
 
     def reference_panels(self) -> list[tuple[str, np.ndarray]]:
         return [(f"reference {i + 1}", r) for i, r in enumerate(self.references)]
@@ -131,7 +128,7 @@ class Validator:
         before/after grid); return the step's grid and pixel error (on rank 0, when every rank succeeded;
         else None)."""
         name = f"step-{step:06d}" + (f"-{tag}" if tag else "")
-        panels, error = [], ""
+        panels, failure = [], ""
         try:
             with evaluating(transformer):
                 for index in self.mine:
@@ -147,12 +144,14 @@ class Validator:
                     )
                     references, truth = self._ground_truth(index, sample)
                     caption = f"{sample.label}: {sample.instruction}"
-                    panels.append(SamplePanels(index, sample.label, caption, references, self.decoder(latents), truth))
+                    output = self.decoder(latents)
+                    error = pixel_error(output, truth)
+                    panels.append(SamplePanels(index, sample.label, caption, references, output, truth, error))
         except Exception as err:  # noqa: BLE001 - e.g. out of memory: every rank still meets the gather
-            error = f"rank {self.accelerator.process_index}: {err}"
+            failure = f"rank {self.accelerator.process_index}: {err}"
         finally:
             release_memory()
-        gathered = self._gather((panels, error))
+        gathered = self._gather((panels, failure))
         if not self.accelerator.is_main_process:
             return None
         errors = [e for _, e in gathered if e]
@@ -171,11 +170,11 @@ class Validator:
         grid = step_grid(rows, title)
         path = self.output_dir / PREVIEWS / f"{name}.png"
         save_png(grid, path)
-        pixel_error = float(np.mean([p.pixel_error for p in ordered]))
-        log.info("previews: %s (pixel error %.4f)", path, pixel_error)
+        mean_error = float(np.mean([p.pixel_error for p in ordered]))
+        log.info("previews: %s (pixel error %.4f)", path, mean_error)
         if last and not tag:
             self._before_after(ordered, step)
-        return Rendered(grid, pixel_error)
+        return Rendered(grid, mean_error)
 
     def _before_after(self, finals: list[SamplePanels], step: int) -> None:
         """`previews/before-after.png`: per eval sample, its references, the base model's output (step 0, read
