@@ -122,7 +122,7 @@ def real_modules(model_dir: Path, device: torch.device, write_configs: bool = Tr
 
 
 def run(args: argparse.Namespace, flavour: str, work: Path, modules, ranks: Ranks, device: torch.device) -> dict:
-    n_refs = 1 if flavour == "edit-v1" else 2
+    n_refs = 1 if flavour == "edit-v1" else args.references
     data = work / f"data-{flavour}"
     if ranks.is_main:
         write_pairs(data, args.samples, n_refs)
@@ -217,6 +217,7 @@ def run(args: argparse.Namespace, flavour: str, work: Path, modules, ranks: Rank
     steady = sum(r for _, _, r in per_rank)
     return {
         "flavour": flavour,
+        "refs": n_refs,
         "GPUs" if device.type == "cuda" else "ranks": ranks.world,
         "samples": samples,
         "samples/s": rate,
@@ -283,6 +284,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--references", type=int, default=3, help="references per edit-v2/v3 pair (edit-v1: 1)")
     parser.add_argument("--keep", type=Path, help="work here and keep it (default: a temporary dir)")
     args = parser.parse_args()
     ranks, device_name = init_ranks(args.device)  # one process: no-op; under torchrun: this rank's GPU

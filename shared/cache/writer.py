@@ -1,8 +1,8 @@
 """Writing a cache dir so that a kill or a power loss at any moment loses at most the shard in progress.
 
-- A shard is written as `shards/NAME.tar.tmp`, hashed as it is written (the whole file and each
-  record: its bytes are never read back); when complete its members are located (a walk over the
-  tar headers), it is fsynced and renamed to `shards/NAME.tar`.
+- A shard is written as `shards/NAME.tar.tmp`, hashed as it is written (the whole file, each record
+  and each member: its bytes are never read back); when complete it is fsynced and renamed to
+  `shards/NAME.tar`.
 - Then `shards/NAME.index.parquet` records its rows, the fingerprint they were encoded under and
   the shard's size and sha256 (fsynced, atomic). A rerun reuses these rows instead of re-encoding.
   A dropout writer's rows (`dropout-` shards) hold only the dropout columns, the sample's
@@ -19,14 +19,13 @@ import errno
 import hashlib
 import json
 import tarfile
-from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import webdataset as wds
 
 from shared.cache.format import (
     CACHE_JSON,
@@ -56,49 +55,57 @@ def index_path(shard: Path) -> Path:
     return shard.with_name(shard.name.removesuffix(".tar") + ".index.parquet")
 
 
-class HashingFile:
-    """A file written front to back that hashes the bytes passing through: the whole file, and each
-    record (`end_record` gives where one ends; records follow one another from offset 0).
+class ShardFile:
+    """A tar archive written front to back and hashed as it is written: the whole file, each record (a
+    sample's members with their headers and padding) and each member's data. Nothing is read back.
 
-    The tar stream buffers what it writes, so a record's bytes may arrive before or after its end is
-    known; bytes past every known end belong to the record being written.
+    The bytes are those Python's tarfile writes for webdataset's `TarWriter(mtime=0)`: per member a
+    512-byte header (mode 0444, owner "bigdata", mtime 0; member names in sorted order), its data, zeros
+    to a 512-byte boundary; at the end two zero blocks and zeros to a 10240-byte tar record. Written
+    here, a member's data goes to the file and the hashes in one call each, outside the GIL (the tar
+    stream cut it into 10 KiB pieces, thousands of Python calls per sample competing with the encoders).
     """
 
     def __init__(self, path: Path):
-        self.file = open(path, "wb")  # noqa: SIM115 -- closed by `close`, after the tar stream's last flush
+        self.file = open(path, "wb")  # noqa: SIM115 -- closed by `close`
         self.whole = hashlib.sha256()
         self.position = 0  # bytes written so far
-        self.ends: deque[int] = deque()  # record ends not reached yet
-        self.record = hashlib.sha256()
-        self.records: list[bytes] = []  # sha256 of each finished record, in order
 
-    def write(self, data) -> int:
-        view = memoryview(data)
-        self.file.write(view)
-        self.whole.update(view)
-        while len(view):
-            take = min(len(view), self.ends[0] - self.position) if self.ends else len(view)
-            self.record.update(view[:take])
-            self.position += take
-            view = view[take:]
-            self._finish_reached()
-        return len(data)
+    def add_record(self, key: str, members: dict[str, bytes]) -> Record:
+        """Append the members of record `key` (`<key>.<member>` in the tar)."""
+        start, record = self.position, hashlib.sha256()
+        located: dict[str, tuple[int, int, bytes]] = {}
+        for member in sorted(members):  # webdataset's order
+            data = members[member]
+            info = tarfile.TarInfo(f"{key}.{member}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "bigdata", "bigdata"
+            self.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"), record)
+            located[member] = (self.position, len(data), hashlib.sha256(data).digest())
+            self.write(data, record)
+            self.write(bytes(-len(data) % tarfile.BLOCKSIZE), record)
+        return Record(start, self.position - start, record.digest(), located)
 
-    def end_record(self, offset: int) -> None:
-        self.ends.append(offset)
-        self._finish_reached()
-
-    def _finish_reached(self) -> None:
-        if self.ends and self.position == self.ends[0]:
-            self.ends.popleft()
-            self.records.append(self.record.digest())
-            self.record = hashlib.sha256()
-
-    def flush(self) -> None:
-        self.file.flush()
+    def write(self, data: bytes, record) -> None:
+        self.file.write(data)
+        self.whole.update(data)
+        record.update(data)
+        self.position += len(data)
 
     def close(self) -> None:
+        """End the archive (two zero blocks, then zeros to a whole tar record) and close the file."""
+        end = self.position + 2 * tarfile.BLOCKSIZE
+        self.write(bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)), hashlib.sha256())
         self.file.close()
+
+
+@dataclass
+class Record:
+    """Where a record landed in its shard: its span, its sha256, and per member (data offset, size, sha256)."""
+
+    offset: int
+    size: int
+    sha256: bytes
+    members: dict[str, tuple[int, int, bytes]]
 
 
 class ShardWriter:
@@ -130,8 +137,7 @@ class ShardWriter:
         self.rows: list[dict[str, Any]] = []
         self.shards: ShardTable = {}
         self._pending: list[dict[str, Any]] = []
-        self._tar: wds.TarWriter | None = None
-        self._file: HashingFile | None = None
+        self._file: ShardFile | None = None
         self._name = ""
         self._bytes = 0
 
@@ -139,26 +145,30 @@ class ShardWriter:
         """Add one record; `members` maps each of this writer's members to its bytes, `row` holds the other
         columns (a dropout record's: `source_sha256`)."""
         try:
-            if self._tar is None:
+            if self._file is None:
                 self._name = f"{SHARDS_DIR}/{self.prefix}{self._next:06d}.tar"
                 self._next += 1
-                self._file = HashingFile(self.cache_dir / (self._name + ".tmp"))
-                # mtime 0: the same records give byte-identical shards, whenever they are built.
-                self._tar = wds.TarWriter(self._file, mtime=0)
+                self._file = ShardFile(self.cache_dir / (self._name + ".tmp"))
                 self._bytes = 0
-            start = self._tar.tarstream.offset
-            self._tar.write({"__key__": sample_id, **{m: members[m] for m in self.members}})
-            end = self._tar.tarstream.offset  # past the record's last padding
-            self._file.end_record(end)
+            record = self._file.add_record(sample_id, {m: members[m] for m in self.members})
         except OSError as err:
             self._abandon_shard()  # it may end in half a record: never sealed; a rerun encodes its samples again
             raise disk_error(err, self.cache_dir) from err
         if self.dropout:
             row = dict(row, sample_id=sample_id, **{DROPOUT_SHARD: self._name})
         else:
-            row = dict(row, sample_id=sample_id, shard=self._name, record_offset=start, record_size=end - start)
-        for member in self.members:
-            row[member_column(member, "sha256")] = hashlib.sha256(members[member]).digest()
+            row = dict(
+                row,
+                sample_id=sample_id,
+                shard=self._name,
+                record_offset=record.offset,
+                record_size=record.size,
+                record_sha256=record.sha256,
+            )
+        for member, (offset, size, digest) in record.members.items():
+            row[member_column(member, "offset")] = offset
+            row[member_column(member, "size")] = size
+            row[member_column(member, "sha256")] = digest
         self._pending.append(row)
         self._bytes += sum(len(b) for b in members.values())
         if self._bytes >= self.max_shard_bytes:
@@ -167,42 +177,26 @@ class ShardWriter:
     def _abandon_shard(self) -> None:
         """Drop the open shard: its file (`.tmp`) and the rows it was to hold."""
         if self._file is not None:
-            self._file.close()
+            self._file.file.close()
             (self.cache_dir / (self._name + ".tmp")).unlink(missing_ok=True)
-        self._tar, self._file, self._pending = None, None, []
+        self._file, self._pending = None, []
 
     def finish_shard(self) -> None:
-        """Close the open shard: locate its members, make it durable, then write its index file."""
-        if self._tar is None:
+        """Close the open shard, make it durable, then write its index file."""
+        if self._file is None:
             return
         try:
-            self._tar.close()  # writes the end-of-archive blocks and flushes the stream into the file
-            self._file.close()
-            file, self._tar, self._file = self._file, None, None
+            file, self._file = self._file, None
+            file.close()
             final = self.cache_dir / self._name
-            tmp = final.with_name(final.name + ".tmp")
-            members = tar_members(tmp)
-            for row, digest in zip(self._pending, file.records, strict=True):
-                if not self.dropout:
-                    row["record_sha256"] = digest
-                for member in self.members:
-                    offset, size = members[f"{row['sample_id']}.{member}"]
-                    row[member_column(member, "offset")] = offset
-                    row[member_column(member, "size")] = size
             shard = {"bytes": file.position, "sha256": file.whole.hexdigest()}
-            publish(tmp, final)
+            publish(final.with_name(final.name + ".tmp"), final)
             write_rows(self._pending, index_path(final), self.fingerprint, {self._name: shard})
         except OSError as err:
             raise disk_error(err, self.cache_dir) from err
         self.rows.extend(self._pending)
         self.shards[self._name] = shard
         self._pending = []
-
-
-def tar_members(path: Path) -> dict[str, tuple[int, int]]:
-    """Member name -> (data offset, data size) in a tar, from its headers (seeking past the data, never reading it)."""
-    with tarfile.open(path) as tar:
-        return {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
 
 
 def read_existing_rows(cache_dir: Path, fingerprint: str) -> tuple[pa.Table, ShardTable]:

@@ -292,10 +292,10 @@ def test_full_disk_is_a_clear_error_and_loses_nothing(demo_project, tmp_path, mo
     before = manifest_rows(cache)
     (tmp_path / "data" / "images" / "pair_0000.txt").write_text("make it pink\n")
 
-    def disk_full(self, obj):
+    def disk_full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("webdataset.TarWriter.write", disk_full)
+    monkeypatch.setattr("shared.cache.writer.ShardFile.write", disk_full)
     with pytest.raises(UserError, match="the disk is full. Nothing already cached was lost"):
         build_cache(config, device="cpu")
     assert manifest_rows(cache) == before

@@ -41,3 +41,29 @@ def test_grouped_windows_equal_per_window_attention_with_far_fewer_calls(tiny_mo
     windows = sum(-(-int(h) // 8) * -(-int(w) // 8) for _, h, w in grid)
     depth = per_window.config.vision_config.depth
     assert 0 < len(calls) < windows * depth / 3  # one call per window size, not per window
+
+
+def test_encoders_attend_without_cudnn_attention_and_leave_the_choice_as_they_found_it(tiny_models, monkeypatch):
+    """cuDNN's attention builds a graph per new shape, which a cache build meets all along (prep/encode.py):
+    every attention call while encoding runs with it off, and only while encoding."""
+    model = str(tiny_models["edit-v1"])
+    processor = load_processor(model)
+    modules = (load_vae(model, torch.float32), load_text_encoder(model, torch.float32), processor)
+    encoders = Encoders(model, FLAVOURS["edit-v1"], dtype=torch.float32, modules=modules)
+    cudnn_on = []
+
+    def recording(sdpa):
+        return lambda *a, **k: cudnn_on.append(torch.backends.cuda.cudnn_sdp_enabled()) or sdpa(*a, **k)
+
+    monkeypatch.setattr(
+        vision_attention, "scaled_dot_product_attention", recording(vision_attention.scaled_dot_product_attention)
+    )
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", recording(torch.nn.functional.scaled_dot_product_attention)
+    )
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8))
+    encoders.encode_images([dict(processor.image_processor(images=[image], return_tensors="pt"))])
+    encoders.encode_pixels(torch.rand(1, 3, 1, 64, 64) * 2 - 1)
+
+    assert cudnn_on and not any(cudnn_on)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored for whatever runs after (training keeps cuDNN)

@@ -148,14 +148,14 @@ def test_an_embedding_sharing_leading_rows_with_the_first_prompt_is_stored_as_th
 
 def test_a_shard_is_hashed_as_it_is_written_and_every_recorded_span_and_hash_matches_its_bytes(tmp_path):
     """Offsets, sizes and sha256s come from the writer's stream, never from reading the shard back: they must
-    equal what the finished file holds, for records smaller and larger than the tar stream's buffer."""
+    equal what the finished file holds, for records of every size."""
     import hashlib
 
     from shared.cache import MEMBERS, member_column
     from shared.cache.writer import ShardWriter
 
     writer = ShardWriter(tmp_path, "fp", max_shard_bytes=1 << 30)
-    sizes = [1, 700, 9_000, 40_000, 3, 25_000]  # the stream buffers 10 KiB: records end inside and across chunks
+    sizes = [1, 700, 9_000, 40_000, 3, 25_000]  # members of many sizes: ends inside 512-byte tar blocks
     for n, size in enumerate(sizes):
         members = {m: bytes([n + k]) * (size + k) for k, m in enumerate(MEMBERS)}
         writer.write(f"sample{n:02d}", members, {"relpath": f"{n}.png"})
@@ -176,6 +176,43 @@ def test_a_shard_is_hashed_as_it_is_written_and_every_recorded_span_and_hash_mat
         assert after["record_offset"] == before["record_offset"] + before["record_size"]  # records follow each other
 
 
+def test_a_shard_is_the_tar_that_webdataset_writes_and_every_tar_reader_lists_its_members(tmp_path):
+    """The writer builds the tar itself (one write per member, no tar stream); the file must be the bytes
+    webdataset's TarWriter(mtime=0) gives for the same records, so tar, webdataset and older caches agree."""
+    import hashlib
+    import io
+    import tarfile
+
+    import webdataset as wds
+
+    from shared.cache import MEMBERS, member_column
+    from shared.cache.writer import ShardWriter
+
+    writer = ShardWriter(tmp_path, "fp", max_shard_bytes=1 << 30)
+    records = [
+        (f"sample{n:02d}", {m: bytes([n + k]) * (n * 3_001 + k) for k, m in enumerate(MEMBERS)}) for n in range(4)
+    ]
+    records.append(("a" * 120, {m: b"long name" for m in MEMBERS}))  # past ustar's 100 characters: a pax header
+    for key, members in records:
+        writer.write(key, members, {"relpath": f"{key}.png"})
+    writer.finish_shard()
+    ((name, _),) = writer.shards.items()
+    data = (tmp_path / name).read_bytes()
+
+    expected = io.BytesIO()
+    with wds.TarWriter(expected, mtime=0) as tar:
+        for key, members in records:
+            tar.write({"__key__": key, **members})
+    assert data == expected.getvalue()
+    with tarfile.open(tmp_path / name) as tar:
+        listed = {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
+    for (key, members), row in zip(records, writer.rows, strict=True):
+        for member in MEMBERS:
+            offset, size = row[member_column(member, "offset")], row[member_column(member, "size")]
+            assert listed[f"{key}.{member}"] == (offset, size)
+            assert row[member_column(member, "sha256")] == hashlib.sha256(members[member]).digest()
+
+
 def test_a_disk_error_mid_record_drops_the_open_shard_and_the_writer_starts_a_clean_one(tmp_path, monkeypatch):
     """A full disk while a record is half written: that shard is never sealed (it would hold half a record);
     the next shard is written and sealed whole."""
@@ -183,16 +220,16 @@ def test_a_disk_error_mid_record_drops_the_open_shard_and_the_writer_starts_a_cl
     import hashlib
 
     from shared.cache import MEMBERS
-    from shared.cache.writer import HashingFile, ShardWriter
+    from shared.cache.writer import ShardFile, ShardWriter
 
     writer = ShardWriter(tmp_path, "fp", max_shard_bytes=1 << 30)
     members = {m: b"x" * 30_000 for m in MEMBERS}
     writer.write("a", members, {})
-    real_write = HashingFile.write
-    monkeypatch.setattr(HashingFile, "write", lambda self, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    real_write = ShardFile.write
+    monkeypatch.setattr(ShardFile, "write", lambda *args: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     with pytest.raises(UserError, match="disk is full"):
         writer.write("b", members, {})
-    monkeypatch.setattr(HashingFile, "write", real_write)
+    monkeypatch.setattr(ShardFile, "write", real_write)
     assert not list((tmp_path / "shards").glob("*.tmp")), "the half-written shard must not stay"
 
     writer.write("c", members, {})
