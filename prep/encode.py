@@ -38,6 +38,12 @@ def encoding(method):
     return wrapper
 
 
+def to_signed_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1], bit for bit as diffusers' VaeImageProcessor computes them
+    (`pil_to_numpy`: / 255 in float32; `normalize`: 2x - 1)."""
+    return 2.0 * (pixels.to(torch.float32) / 255.0) - 1.0
+
+
 class Encoders:
     """Holds the VAE encoder and the VL encoder of one model on one device."""
 
@@ -74,8 +80,8 @@ class Encoders:
 
     @encoding
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, 3, 1, H, W] pixels in [-1, 1] -> normalised latents [B, C, H/s, W/s] (posterior mode)."""
-        pixels = pixels.to(self.device, self.dtype)  # callers stage them with `to_device`
+        """uint8 [B, 3, 1, H, W] pixels -> normalised latents [B, C, H/s, W/s] (posterior mode)."""
+        pixels = to_signed_unit(pixels.to(self.device)).to(self.dtype)  # callers stage them with `to_device`
         latents = self.vae.encode(pixels).latent_dist.mode()  # [B, C, 1, h, w]
         mean = self.latents_mean.to(latents.dtype)
         std = self.latents_std.to(latents.dtype)

@@ -103,7 +103,7 @@ def to_host(x: torch.Tensor) -> torch.Tensor:
     return host
 
 
-POOL_BATCHES = 8  # samples held back for full batches: 8 batches' worth (~50 MB each at 1024², edit-v1)
+POOL_BATCHES = 8  # samples held back for full batches: 8 batches' worth (~30 MB a sample at 1024², edit-v1)
 
 
 class ShapePool:
@@ -172,7 +172,7 @@ def encode_into(
         batch_size=None,  # one Prepared at a time; batching by shape happens below
         num_workers=workers,
         prefetch_factor=4 if workers else None,
-        # Not pinned: pinning ~50 MB of odd-sized tensors per sample cost 12% throughput on an H100
+        # Not pinned: pinning tens of MB of odd-sized tensors per sample cost 12% throughput on an H100
         # (bench/prep_throughput.py); the encoders' outputs are copied back through pinned memory instead.
         pin_memory=False,
     )

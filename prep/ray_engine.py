@@ -124,7 +124,7 @@ def encode_with_ray(
             batch_size=batch_size,
             batch_format="numpy",
             # Two calls per actor at once: while one batch encodes, Ray Data unpickles the next batch's
-            # inputs (~50 MB a sample at 1 MP) and pickles the last one's outputs on another thread; one
+            # inputs (~30 MB a sample at 1 MP, edit-v1) and pickles the last one's outputs on another thread; one
             # at a time the encoder waited ~0.25 s a sample for them (measured on CPU). The encoding
             # itself stays one batch at a time (Ray's default enable_true_multi_threading=False).
             compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2),

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
@@ -49,7 +50,7 @@ class Prepared:
     """One sample made ready for the encoders on the CPU (in a DataLoader worker): pixels, VL inputs, metadata."""
 
     sample: Sample
-    vae_pixels: list[torch.Tensor]  # target first, then each reference: [1, 3, 1, H, W] in [-1, 1]
+    vae_pixels: list[torch.Tensor]  # target first, then each reference: uint8 [1, 3, 1, H, W] (see `vae_pixels`)
     # The image sets the VL encoder sees, each processed once (`pixel_values`, `image_grid_thw`): all the
     # references; or, for train samples whose references are cached alone, each reference alone.
     vl_images: list[dict[str, torch.Tensor]]
@@ -111,6 +112,14 @@ class SamplePreparer:
         self.match_target = match_target
         self.seed = crop_seed  # random crops only
 
+    def vae_pixels(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
+        """The VAE's input for `image`: resized to (width, height) as the pipelines' VaeImageProcessor resizes it,
+        uint8 [1, 3, 1, H, W] (one frame). `prep.encode.to_signed_unit` then scales it to [-1, 1] exactly as
+        that processor does, on the encoders' device: a quarter of the float32 bytes for the workers to hand
+        over and for the GPU copy."""
+        array = np.asarray(self.image_processor.resize(image, height, width).convert("RGB"))  # [H, W, 3]
+        return torch.from_numpy(array.transpose(2, 0, 1).copy())[None, :, None]
+
     def vl_images(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         """The processor's image part, once per image set: `pixel_values` [patches, F], `image_grid_thw` [n, 3].
         (edit-v1's pipeline hands the processor one image, edit-v2's a list; the output is the same.)"""
@@ -136,7 +145,7 @@ class SamplePreparer:
         source = load_rgb(sample.image, main.max_image_pixels)
         placement = plan_placement(*source.size, main, self.seed, sample.sample_id)
         width, height = placement.size
-        pixels = [] if only_dropout else [self.image_processor.preprocess(placement.apply(source), height, width)]
+        pixels = [] if only_dropout else [self.vae_pixels(placement.apply(source), height, width)]
 
         ref_sizes, ref_boxes, vl_images, ref_meta = [], [], [], []
         for cond, path in zip(conds, sample.references, strict=True):
@@ -151,7 +160,7 @@ class SamplePreparer:
             vae_w, vae_h = reference_vae_size(self.flavour, cond, reference.size, (width, height), self.match_target)
             vl_w, vl_h = calculate_dimensions(self.flavour.vl_area, reference.width / reference.height)
             if not only_dropout:
-                pixels.append(self.image_processor.preprocess(reference, vae_h, vae_w))
+                pixels.append(self.vae_pixels(reference, vae_h, vae_w))
             vl_images.append(self.image_processor.resize(reference, vl_h, vl_w))
             ref_sizes.append([vae_h, vae_w])
             ref_boxes.append(box or [])
@@ -212,7 +221,6 @@ class SamplePreparer:
             "captions": sample.captions,
             "source_sha256": source_sha,
         }
-        pixels = [x.unsqueeze(2) for x in pixels]  # [1, 3, 1, H, W]: one frame
         cached = self.dropout_only.read(sample.sample_id) if only_dropout else None
         return Prepared(sample, pixels, image_sets, texts, meta, row, cached)
 

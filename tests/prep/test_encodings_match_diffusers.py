@@ -180,3 +180,23 @@ def test_eval_sample_negative_equals_the_pipelines_negative_prompt_encoding(tmp_
     with torch.no_grad():
         negative, _ = pipe.encode_prompt("blurry, ugly", image=pipe.image_processor.resize(reference, height, width))
     _assert_close(embeds["negative"], negative[0])
+
+
+def test_vae_pixels_travel_as_uint8_and_scale_bit_for_bit_as_the_pipelines_processor(tiny_models):
+    """Workers hand the VAE its pixels as uint8 (a quarter of the bytes); scaled on the encoders' device they
+    equal the float32 pixels diffusers' VaeImageProcessor makes, resize included."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from prep.encode import to_signed_unit
+    from prep.record import SamplePreparer
+    from shared.flavours import FLAVOURS
+    from shared.models import load_processor
+
+    preview = {"negative_prompt": "", "resolution": 0}
+    preparer = SamplePreparer(FLAVOURS["edit-v1"], load_processor(str(tiny_models["edit-v1"])), 8, False, 0, preview)
+    theirs = VaeImageProcessor(vae_scale_factor=16)  # the pipelines': 8 x 2 (latents are packed 2x2)
+    for (width, height), size in [((320, 240), (256, 192)), ((97, 131), (128, 160)), ((64, 64), (64, 64))]:
+        image = _image(width, height, seed=width)
+        ours = preparer.vae_pixels(image, *size[::-1])
+        assert ours.dtype == torch.uint8 and ours.shape == (1, 3, 1, *size[::-1])
+        assert torch.equal(to_signed_unit(ours), theirs.preprocess(image, *size[::-1]).unsqueeze(2))

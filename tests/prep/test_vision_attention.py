@@ -63,7 +63,7 @@ def test_encoders_attend_without_cudnn_attention_and_leave_the_choice_as_they_fo
     )
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8))
     encoders.encode_images([dict(processor.image_processor(images=[image], return_tensors="pt"))])
-    encoders.encode_pixels(torch.rand(1, 3, 1, 64, 64) * 2 - 1)
+    encoders.encode_pixels(torch.randint(0, 256, (1, 3, 1, 64, 64), dtype=torch.uint8))
 
     assert cudnn_on and not any(cudnn_on)
     assert torch.backends.cuda.cudnn_sdp_enabled()  # restored for whatever runs after (training keeps cuDNN)
