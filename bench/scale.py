@@ -98,7 +98,7 @@ def fill_cache(config, report, workers: int) -> float:
     from torch.utils.data import DataLoader
 
     from prep.build import FLAVOURS, cache_info, references_alone, save_validation
-    from prep.pipeline import PreparedSamples
+    from prep.pipeline import PreparedSamples, unpack
     from prep.plan import plan_cache
     from prep.record import SamplePreparer, to_record
     from shared.cache import DROPOUT
@@ -123,7 +123,8 @@ def fill_cache(config, report, workers: int) -> float:
     dropout_writer = ShardWriter(plan.cache_dir, plan.fingerprint["sha256"], max_shard_bytes=256 << 20, dropout=True)
     g = torch.Generator().manual_seed(0)
     samples = PreparedSamples(plan.encode, preparer, main, config.conditioning_for(main))
-    for prepared in DataLoader(samples, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None):
+    for packed in DataLoader(samples, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None):
+        prepared = unpack(packed)
         latents = [torch.randn(16, p.shape[-2] // 8, p.shape[-1] // 8, generator=g) for p in prepared.vae_pixels]
         embeds = [
             torch.randn(t["input_ids"].shape[1] - flavour.drop_tokens, 32, generator=g) for t in prepared.vl_texts

@@ -41,7 +41,12 @@ def encoding(method):
 def to_signed_unit(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float32 in [-1, 1], bit for bit as diffusers' VaeImageProcessor computes them
     (`pil_to_numpy`: / 255 in float32; `normalize`: 2x - 1)."""
-    return 2.0 * (pixels.to(torch.float32) / 255.0) - 1.0
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"VAE pixels must be uint8 0..255 (SamplePreparer.vae_pixels), not {pixels.dtype}")
+    # A divisor on the pixels' device, not a Python number: CUDA divides by a host scalar as a multiplication
+    # by its reciprocal, one bit off for some values; a tensor divisor is a true division everywhere.
+    divisor = torch.full((), 255.0, dtype=torch.float32, device=pixels.device)
+    return 2.0 * (pixels.to(torch.float32) / divisor) - 1.0
 
 
 class Encoders:

@@ -177,7 +177,10 @@ class ShardWriter:
     def _abandon_shard(self) -> None:
         """Drop the open shard: its file (`.tmp`) and the rows it was to hold."""
         if self._file is not None:
-            self._file.file.close()
+            try:
+                self._file.file.close()  # flushes what is buffered: fails again on a full disk
+            except OSError:
+                pass  # closed all the same; the file goes below
             (self.cache_dir / (self._name + ".tmp")).unlink(missing_ok=True)
         self._file, self._pending = None, []
 

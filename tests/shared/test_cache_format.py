@@ -213,30 +213,59 @@ def test_a_shard_is_the_tar_that_webdataset_writes_and_every_tar_reader_lists_it
             assert row[member_column(member, "sha256")] == hashlib.sha256(members[member]).digest()
 
 
-def test_a_disk_error_mid_record_drops_the_open_shard_and_the_writer_starts_a_clean_one(tmp_path, monkeypatch):
-    """A full disk while a record is half written: that shard is never sealed (it would hold half a record);
-    the next shard is written and sealed whole."""
+@pytest.mark.parametrize("member_bytes", [30_000, 100])  # small members sit in the file's buffer when the disk fills
+def test_a_disk_error_mid_record_drops_the_open_shard_and_the_writer_starts_a_clean_one(
+    tmp_path, monkeypatch, member_bytes
+):
+    """A full disk while a record is half written: the user is told the disk is full, that shard is never
+    sealed (it would hold half a record) and leaves no file; once there is space the next shard is whole."""
     import errno
     import hashlib
+    import io
 
+    import shared.cache.writer as writer_module
     from shared.cache import MEMBERS
-    from shared.cache.writer import ShardFile, ShardWriter
+    from shared.cache.writer import ShardWriter
+
+    class FillingDisk(io.RawIOBase):
+        """A real file on a disk with `room` bytes left: writes past it fail as the OS fails them."""
+
+        def __init__(self, path, room: int):
+            self.file, self.room = open(path, "wb", buffering=0), room  # noqa: SIM115
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            if len(data) > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= len(data)
+            return self.file.write(data)
+
+        def close(self) -> None:
+            self.file.close()
+            super().close()
 
     writer = ShardWriter(tmp_path, "fp", max_shard_bytes=1 << 30)
-    members = {m: b"x" * 30_000 for m in MEMBERS}
+    members = {m: b"x" * member_bytes for m in MEMBERS}
     writer.write("a", members, {})
-    real_write = ShardFile.write
-    monkeypatch.setattr(ShardFile, "write", lambda *args: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    writer.finish_shard()
+    room = 3 * member_bytes + 1000  # the disk fills inside the next record
+    monkeypatch.setattr(
+        writer_module, "open", lambda path, mode: io.BufferedWriter(FillingDisk(path, room)), raising=False
+    )
     with pytest.raises(UserError, match="disk is full"):
-        writer.write("b", members, {})
-    monkeypatch.setattr(ShardFile, "write", real_write)
+        for n in range(50):
+            writer.write(f"b{n}", members, {})
+        writer.finish_shard()
     assert not list((tmp_path / "shards").glob("*.tmp")), "the half-written shard must not stay"
 
+    monkeypatch.undo()  # space was freed
     writer.write("c", members, {})
     writer.finish_shard()
-    assert [r["sample_id"] for r in writer.rows] == ["c"]
-    ((name, shard),) = writer.shards.items()
-    assert shard["sha256"] == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+    assert [r["sample_id"] for r in writer.rows] == ["a", "c"]
+    for name, shard in writer.shards.items():
+        assert shard["sha256"] == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize(
