@@ -10,7 +10,6 @@ VL processor             VAE + Qwen2.5-VL, copy to host        append to shards 
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 import threading
@@ -54,7 +53,7 @@ class Packed:
 
     skeleton: Prepared  # the sample with each tensor replaced by its index in `layout`
     buffer: torch.Tensor  # uint8 [bytes]: every tensor's bytes, each at a 64-byte aligned offset
-    layout: list[tuple[int, torch.dtype, tuple[int, ...]]]  # per tensor: (offset, dtype, shape)
+    layout: list[tuple[int, int, torch.dtype, tuple[int, ...]]]  # per tensor: (offset, bytes, dtype, shape)
 
 
 def pack(prepared: Prepared) -> Packed:
@@ -79,19 +78,18 @@ def pack(prepared: Prepared) -> Packed:
     layout, end = [], 0
     for t in tensors:
         offset = -(-end // 64) * 64  # aligned for a view of any dtype
-        layout.append((offset, t.dtype, tuple(t.shape)))
-        end = offset + t.numel() * t.element_size()
+        layout.append((offset, t.nbytes, t.dtype, tuple(t.shape)))
+        end = offset + t.nbytes
     buffer = torch.empty(end, dtype=torch.uint8)
-    for t, (offset, _, _) in zip(tensors, layout, strict=True):
-        buffer[offset : offset + t.numel() * t.element_size()] = t.reshape(-1).view(torch.uint8)
+    for t, (offset, size, _, _) in zip(tensors, layout, strict=True):
+        buffer[offset : offset + size] = t.reshape(-1).view(torch.uint8)
     return Packed(skeleton, buffer, layout)
 
 
 def unpack(packed: Packed) -> Prepared:
     def view(index: int) -> torch.Tensor:
-        offset, dtype, shape = packed.layout[index]
-        n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        return packed.buffer[offset : offset + n].view(dtype).view(shape)
+        offset, size, dtype, shape = packed.layout[index]
+        return packed.buffer[offset : offset + size].view(dtype).view(shape)
 
     def fill(x):
         if isinstance(x, _TensorSlot):

@@ -117,7 +117,7 @@ class SamplePreparer:
         uint8 [1, 3, 1, H, W] (one frame). `prep.encode.to_signed_unit` then scales it to [-1, 1] exactly as
         that processor does, on the encoders' device: a quarter of the float32 bytes for the workers to hand
         over and for the GPU copy."""
-        array = np.asarray(self.image_processor.resize(image, height, width).convert("RGB"))  # [H, W, 3]
+        array = np.asarray(self.image_processor.resize(image, height, width))  # [H, W, 3]: `load_rgb` gave RGB
         return torch.from_numpy(array.transpose(2, 0, 1).copy())[None, :, None]
 
     def vl_images(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:

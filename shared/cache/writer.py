@@ -85,16 +85,18 @@ class ShardFile:
             self.write(bytes(-len(data) % tarfile.BLOCKSIZE), record)
         return Record(start, self.position - start, record.digest(), located)
 
-    def write(self, data: bytes, record) -> None:
+    def write(self, data: bytes, record=None) -> None:
+        """Append `data`, hashed into the whole file's sha256 and, if given, the record's."""
         self.file.write(data)
         self.whole.update(data)
-        record.update(data)
+        if record is not None:
+            record.update(data)
         self.position += len(data)
 
     def close(self) -> None:
         """End the archive (two zero blocks, then zeros to a whole tar record) and close the file."""
         end = self.position + 2 * tarfile.BLOCKSIZE
-        self.write(bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)), hashlib.sha256())
+        self.write(bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
         self.file.close()
 
 
