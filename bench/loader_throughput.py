@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from shared.cache import DROPOUT, EMBEDS, FORMAT_VERSION, LATENTS, META, Embeddings, Latents
+from shared.cache import DROPOUT, EMBEDS, FORMAT_VERSION, LATENTS, META, CacheFolder, Embeddings, Latents
 from shared.cache.writer import ShardWriter, attach_dropout, commit
 from train.loader import CacheReader, TrainLoader
 
@@ -36,8 +36,9 @@ TEXT_DIM = 3584
 def write_cache(cache_dir: Path, n: int, seed: int = 0) -> int:
     """A cache of `n` edit-v1-sized records; returns its shard bytes."""
     generator = torch.Generator().manual_seed(seed)
-    writer = ShardWriter(cache_dir, fingerprint="bench")
-    dropout_writer = ShardWriter(cache_dir, fingerprint="bench", dropout=True)  # caption dropout on, as by default
+    folder = CacheFolder(cache_dir)
+    writer = ShardWriter(folder, fingerprint="bench")
+    dropout_writer = ShardWriter(folder, fingerprint="bench", dropout=True)  # caption dropout on, as by default
     for i in range(n):
         height, width = BUCKETS[i % len(BUCKETS)]
         target = torch.randn(16, height // 8, width // 8, generator=generator).to(torch.bfloat16)
@@ -82,7 +83,7 @@ def write_cache(cache_dir: Path, n: int, seed: int = 0) -> int:
         "fingerprint": {"sha256": "bench"},
         "counts": {"samples": n, "train": n, "eval": 0, "shards": len(shards), "shard_bytes": shard_bytes},
     }
-    commit(cache_dir, writer.rows, shards, info)
+    commit(folder, writer.rows, shards, info)
     return shard_bytes
 
 

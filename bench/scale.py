@@ -119,8 +119,8 @@ def fill_cache(config, report, workers: int) -> float:
         references_alone(config, main),
         dropout=plan.dropout,
     )
-    writer = ShardWriter(plan.cache_dir, plan.fingerprint["sha256"], max_shard_bytes=256 << 20)
-    dropout_writer = ShardWriter(plan.cache_dir, plan.fingerprint["sha256"], max_shard_bytes=256 << 20, dropout=True)
+    writer = ShardWriter(plan.folder, plan.fingerprint["sha256"], max_shard_bytes=256 << 20)
+    dropout_writer = ShardWriter(plan.folder, plan.fingerprint["sha256"], max_shard_bytes=256 << 20, dropout=True)
     g = torch.Generator().manual_seed(0)
     samples = PreparedSamples(plan.encode, preparer, main, config.conditioning_for(main))
     for packed in DataLoader(samples, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None):
@@ -138,7 +138,7 @@ def fill_cache(config, report, workers: int) -> float:
     rows = sorted(writer.rows, key=lambda r: (r["relpath"], r["sample_id"]))
     attach_dropout(rows, dropout_writer.rows)
     shards = {**writer.shards, **dropout_writer.shards}
-    commit(plan.cache_dir, rows, shards, cache_info(plan, rows, flavour, shards))
+    commit(plan.folder, rows, shards, cache_info(plan, rows, flavour, shards))
     save_validation(plan, config, report)
     return time.perf_counter() - start
 
@@ -179,13 +179,13 @@ def measure_prep(workdir: Path, model: Path, n: int, warmup: Path, workers: int)
     from prep.verify import verify_cache
 
     t = time.perf_counter()
-    checked = verify_cache(str(config.cache_dir_for(main)))
+    checked = verify_cache(config.cache_location_for(main))
     verify_s = time.perf_counter() - t
     assert checked.intact, checked.problems[:3]
     t = time.perf_counter()
-    verify_cache(str(config.cache_dir_for(main)), quick=True)
+    verify_cache(config.cache_location_for(main), quick=True)
     verify_quick_s = time.perf_counter() - t
-    loader = run_loader_probe(config.cache_dir_for(main), 2, warmup) if warmup else {}
+    loader = run_loader_probe(Path(config.cache_location_for(main)), 2, warmup) if warmup else {}
     return {
         "pairs": n,
         "files": 2 * n,

@@ -24,15 +24,16 @@ from prep.file_records import save_records
 from prep.pipeline import EncodeStats, encode_into
 from prep.plan import Plan, plan_cache
 from prep.ray_engine import encode_with_ray
-from prep.record import CachedEmbeds, SamplePreparer
+from prep.record import CachedEmbeds, SamplePreparer, Unreadable
 from prep.validate import Report, validate
 from shared.cache import (
     DROPOUT_SHARD,
     FORMAT_VERSION,
     LOCK,
     VALIDATION,
-    CacheLock,
+    CacheFolder,
     CacheStore,
+    lock_cache,
 )
 from shared.cache.fingerprint import references_alone
 from shared.cache.writer import (
@@ -59,14 +60,15 @@ def build_cache(
     on_stats: Callable[[EncodeStats], None] | None = None,
     engine: str = "local",
     ray_address: str = "",
-) -> list[Path]:
-    """Validate, then bring every main dataset's cache up to date; return the cache dirs.
+) -> list[Path | str]:
+    """Validate, then bring every main dataset's cache up to date; return the caches (a local dir's Path, or
+    the URL of one in an object store: `cache_dir` `s3://bucket/cache`).
 
     Only new or changed samples are encoded (and, after an interrupted build, only those no
     finished shard holds). `dtype` is the encoders' precision: "auto" is bf16 on a GPU (as
     inference runs) and fp32 on CPU (bf16 convolutions are ~5x slower there); the cache is bf16.
     Launched on several processes (torchrun / accelerate launch), each rank encodes a disjoint
-    share into its own shards and rank 0 writes the manifest: the cache dir must be visible to all.
+    share into its own shards and rank 0 writes the manifest: the cache must be visible to all.
     `encoders` (already loaded) and `on_stats` (called with each cache's timing) serve bench/. `engine`
     "ray" encodes on Ray Data instead (prep/ray_engine.py; `ray_address`: a cluster to join), into the same
     shards and manifest.
@@ -83,11 +85,13 @@ def build_cache(
     batch_size = (4 if on_gpu else 1) if batch_size is None else batch_size
     outcome, report = None, None
     locks = ExitStack()  # rank 0 holds every cache's build lock until its manifest is written
+    held = {}  # cache location -> its lock (rank 0)
     if ranks.is_main:
         try:
             report = validate_for_build(config)  # before the locks: data that is not trainable writes nothing
             for main in config.main_datasets():
-                lock = locks.enter_context(CacheLock(config.cache_dir_for(main), LOCK))
+                folder = CacheFolder(config.cache_location_for(main))
+                lock = held[folder.location] = locks.enter_context(lock_cache(folder, LOCK))
                 if lock.stale:
                     print(f"note: the build by pid {lock.stale.get('pid')} ({lock.path}) was stopped; continuing it")
             plans = plan_build(config, report, torch_dtype, force)
@@ -95,25 +99,29 @@ def build_cache(
         except UserError as err:
             locks.close()
             outcome = ("error", str(err))  # sent to every rank, so none waits for work that never comes
+        except BaseException:
+            locks.close()  # an interrupt or an unexpected error while planning: release what was taken
+            raise
     kind, value = ranks.broadcast(outcome)
     if kind == "error":
         raise UserError(value)
     plans: list[Plan] = value
 
     flavour = FLAVOURS[config.train.model_flavour]
+    left_out: list[Unreadable] = []  # samples whose files could not be read when they came to be encoded
     with locks:
         for plan in plans:
             if plan.up_to_date:
                 if ranks.is_main:
                     save_validation(plan, config, report)
-                    print(f"cache {plan.cache_dir}: up to date ({plan.reuse.num_rows} samples)")
+                    print(f"cache {plan.folder}: up to date ({plan.reuse.num_rows} samples)")
                 continue
             start = time.perf_counter()
             mine = ranks.share(plan.encode + plan.add_dropout)
             fingerprint_hash = plan.fingerprint["sha256"]
-            writer = ShardWriter(plan.cache_dir, fingerprint_hash, max_shard_bytes, ranks.shard_prefix)
+            writer = ShardWriter(plan.folder, fingerprint_hash, max_shard_bytes, ranks.shard_prefix)
             dropout_writer = ShardWriter(
-                plan.cache_dir, fingerprint_hash, max_shard_bytes, ranks.shard_prefix, dropout=True
+                plan.folder, fingerprint_hash, max_shard_bytes, ranks.shard_prefix, dropout=True
             )
             model = config.train.pretrained_model_name_or_path
             if mine and encoders is None and engine == "local":
@@ -135,7 +143,7 @@ def build_cache(
                     config.train.preview_settings,
                     references_alone(config, plan.main),
                     dropout=plan.dropout,
-                    dropout_only=CachedEmbeds(CacheStore(plan.cache_dir), plan.embeds_spans),
+                    dropout_only=CachedEmbeds(CacheStore(plan.folder.location), plan.embeds_spans),
                 )
                 conds = config.conditioning_for(plan.main)
                 if engine == "ray":
@@ -172,6 +180,7 @@ def build_cache(
                     f"rank {ranks.rank}: {stats.samples} samples in {stats.seconds:.1f} s "
                     f"({stats.samples / max(stats.seconds, 1e-9):.2f} samples/s, steady {stats.steady_rate():.2f})"
                 )
+            left_out += [u for part in ranks.gather(stats.unreadable if mine else []) for u in part]
             encoded = [row for rows in ranks.gather(writer.rows) for row in rows]
             dropouts = [row for rows in ranks.gather(dropout_writer.rows) for row in rows]
             sealed = ranks.gather({**writer.shards, **dropout_writer.shards})
@@ -180,17 +189,31 @@ def build_cache(
                 rows = sorted(plan.reuse.to_pylist() + encoded, key=lambda r: (r["relpath"], r["sample_id"]))
                 attach_dropout(rows, dropouts)
                 info = cache_info(plan, rows, flavour, {**plan.shards, **shards})
-                commit(plan.cache_dir, rows, {**plan.shards, **shards}, info)
+                held[plan.folder.location].check()  # still this cache's only writer
+                commit(plan.folder, rows, {**plan.shards, **shards}, info)
                 save_validation(plan, config, report)
                 n = max(len(rows), 1)
                 print(
-                    f"cache {plan.cache_dir}: {len(rows)} samples ({len(encoded)} encoded by {ranks.world} "
+                    f"cache {plan.folder}: {len(rows)} samples ({len(encoded)} encoded by {ranks.world} "
                     f"process(es), {plan.reuse.num_rows} reused ({len(plan.add_dropout)} given dropout embeddings), "
                     f"{plan.removed} removed), "
                     f"{info['counts']['shard_bytes'] / n / 1024:.1f} KiB/sample, {time.perf_counter() - start:.1f} s"
                 )
             ranks.barrier()
-    return [plan.cache_dir for plan in plans]
+    if left_out:
+        raise UserError(unreadable_message(left_out))
+    return [plan.folder.local or plan.folder.location for plan in plans]
+
+
+def unreadable_message(left_out: list[Unreadable]) -> str:
+    """What to tell a user whose samples could not be read at encoding time (all else is cached)."""
+    shown = "\n".join(f"  {u.sample.relpath}: {u.reason}" for u in left_out[:20])
+    more = f"\n  ... and {len(left_out) - 20} more" if len(left_out) > 20 else ""
+    return (
+        f"{len(left_out)} sample(s) could not be read when they came to be encoded (their files changed or went "
+        f"away after validation); they are not in the cache, every other sample is:\n{shown}{more}\n"
+        "Fix or remove these files and run `prep build-cache` again: only they are encoded."
+    )
 
 
 def validate_for_build(config: Config) -> Report:
@@ -211,7 +234,7 @@ def plan_build(config: Config, report: Report, dtype: torch.dtype, force: bool) 
     for plan in plans:
         added = f", {len(plan.add_dropout)} to give dropout embeddings (caption dropout)" if plan.add_dropout else ""
         print(
-            f"cache {plan.cache_dir}: {plan.reuse.num_rows} up to date{added}, {len(plan.encode)} to encode, "
+            f"cache {plan.folder}: {plan.reuse.num_rows} up to date{added}, {len(plan.encode)} to encode, "
             f"{plan.removed} removed"
         )
     return plans
@@ -219,11 +242,10 @@ def plan_build(config: Config, report: Report, dtype: torch.dtype, force: bool) 
 
 def save_validation(plan: Plan, config: Config, report: Report) -> None:
     """Keep what validation learned about this cache's image files, for the next build (if it changed)."""
-    path = plan.cache_dir / VALIDATION
-    if report.records_current and path.exists():
+    if report.records_current and plan.folder.exists(VALIDATION):
         return
     roots = tuple(os.path.join(d.instance_data_dir, "") for d in [plan.main, *config.conditioning_for(plan.main)])
-    save_records(path, {p: r for p, r in report.files.items() if str(p).startswith(roots)})
+    save_records(plan.folder, {p: r for p, r in report.files.items() if str(p).startswith(roots)})
 
 
 def cache_info(plan: Plan, rows: list[dict], flavour, shard_table: ShardTable) -> dict:

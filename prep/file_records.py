@@ -9,13 +9,14 @@ same size, mtime and inode (one `stat` per file) and decodes only new or changed
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.cache import write_atomic
+from shared.cache import VALIDATION, CacheFolder
 
 SCHEMA = pa.schema(
     [
@@ -65,21 +66,24 @@ def unchanged(old: FileRecord | None, new: FileRecord) -> bool:
     )
 
 
-def load_records(path: Path) -> dict[Path, FileRecord]:
-    """The records in `path`; none when it is missing or unreadable (everything is then decoded again)."""
+def load_records(folder: CacheFolder) -> dict[Path, FileRecord]:
+    """The records a cache keeps; none when they are missing or unreadable (everything is then decoded again)."""
+    data = folder.read(VALIDATION)
+    if data is None:
+        return {}
     try:
-        table = pq.read_table(path, schema=SCHEMA)
+        table = pq.read_table(io.BytesIO(data), schema=SCHEMA)
     except (OSError, pa.ArrowException):
         return {}
     columns = [table.column(name).to_pylist() for name in SCHEMA.names]
     return {Path(values[0]): FileRecord(*values[1:]) for values in zip(*columns, strict=True)}
 
 
-def save_records(path: Path, records: dict[Path, FileRecord]) -> None:
+def save_records(folder: CacheFolder, records: dict[Path, FileRecord]) -> None:
     rows = [{"path": str(p), **asdict(r)} for p, r in sorted(records.items())]
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), sink)
-    write_atomic(path, sink.getvalue().to_pybytes())
+    folder.publish(VALIDATION, sink.getvalue().to_pybytes())
 
 
 def file_sha256(path: Path) -> str:

@@ -21,16 +21,23 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from prep.encode import Encoders
-from prep.record import Prepared, SamplePreparer, encode_prepared, to_record
+from prep.record import (
+    BuiltRecords,
+    Prepared,
+    SamplePreparer,
+    Unreadable,
+    build_records,
+    encode_prepared,
+    prepare_or_skip,
+)
 from prep.scan import Sample
-from shared.cache import DROPOUT
 from shared.cache.writer import ShardWriter
 from shared.config import DatasetConfig
 
 
 class PreparedSamples(Dataset):
     """Samples prepared for the encoders (decode, place, processor), one per item: what DataLoader workers run.
-    Each item is `pack`ed for the trip to the main process; `unpack` it there."""
+    Each item is `pack`ed for the trip to the main process (`unpack` it there), or `Unreadable`."""
 
     def __init__(self, samples: list[Sample], preparer: SamplePreparer, main: DatasetConfig, conds: list):
         self.samples, self.preparer, self.main, self.conds = samples, preparer, main, conds
@@ -38,8 +45,9 @@ class PreparedSamples(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Packed:
-        return pack(self.preparer(self.samples[index], self.main, self.conds))
+    def __getitem__(self, index: int) -> Packed | Unreadable:
+        prepared = prepare_or_skip(self.preparer, self.samples[index], self.main, self.conds)
+        return prepared if isinstance(prepared, Unreadable) else pack(prepared)
 
 
 @dataclass
@@ -115,7 +123,7 @@ class _TensorSlot:
 
 
 class BackgroundWriter:
-    """Serialise and write records on a thread, so the GPU never waits for tar or Parquet I/O: main records
+    """Make and write records on a thread, so the GPU never waits for serialising, hashing or I/O: main records
     to `writer`, dropout records to `dropout_writer`."""
 
     def __init__(self, writer: ShardWriter, dropout_writer: ShardWriter | None = None, depth: int = 16):
@@ -128,9 +136,16 @@ class BackgroundWriter:
 
     def put(self, prepared: Prepared, latents: list[torch.Tensor], embeds: list[torch.Tensor], ready=None) -> None:
         """Queue one encoded sample; `ready` (a CUDA event) marks when its host copies are complete."""
+        self._put((prepared, latents, embeds, ready))
+
+    def put_built(self, built: BuiltRecords) -> None:
+        """Queue a sample's records made elsewhere (`build_records`: the Ray engine makes them on its actors)."""
+        self._put(built)
+
+    def _put(self, item) -> None:
         if self.error:
             raise self.error
-        self._queue.put((prepared, latents, embeds, ready))
+        self._queue.put(item)
 
     def close(self) -> None:
         """Write everything queued and seal the open shard; re-raise the thread's error, if any."""
@@ -144,17 +159,17 @@ class BackgroundWriter:
             if self.error:
                 continue  # drain after a failure; close() re-raises it
             try:
-                prepared, latents, embeds, ready = item
-                if ready is not None:
-                    ready.synchronize()  # the GPU-to-host copies were queued without waiting
-                members, row, dropout = to_record(prepared, latents, embeds)
-                sample_id = prepared.sample.sample_id
-                if members is not None:
-                    self.writer.write(sample_id, members, row)
-                if dropout is not None:
+                if not isinstance(item, BuiltRecords):
+                    prepared, latents, embeds, ready = item
+                    if ready is not None:
+                        ready.synchronize()  # the GPU-to-host copies were queued without waiting
+                    item = build_records(prepared, latents, embeds)
+                if item.main is not None:
+                    self.writer.write_record(*item.main)
+                if item.dropout is not None:
                     if self.dropout_writer is None:
                         raise ValueError("a dropout record was encoded but encode_into was given no dropout_writer")
-                    self.dropout_writer.write(sample_id, {DROPOUT: dropout[0]}, dropout[1])
+                    self.dropout_writer.write_record(*item.dropout)
             except BaseException as err:  # noqa: BLE001 - handed to the main thread
                 self.error = err
         if self.error is None:
@@ -214,6 +229,7 @@ class EncodeStats:
     seconds: float = 0.0  # wall time of the whole loop
     encoder_seconds: float = 0.0  # time this thread spent in the encoders (on a GPU: launching and syncing)
     wait_seconds: float = 0.0  # time this thread waited for the DataLoader (workers too slow if large)
+    unreadable: list[Unreadable] = field(default_factory=list)  # samples left out: their files could not be read
     progress: list[tuple[int, float]] = field(default_factory=list)  # (samples done, seconds since start)
 
     def steady_rate(self) -> float:
@@ -285,6 +301,10 @@ def encode_into(
             stats.wait_seconds += time.perf_counter() - t0
             if packed is None:
                 break
+            if isinstance(packed, Unreadable):
+                stats.unreadable.append(packed)
+                progress.update(1)
+                continue
             prepared = unpack(packed)
             if batch := pool.add(prepared):
                 encode(batch)

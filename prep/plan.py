@@ -25,11 +25,13 @@ from shared.cache import (
     MANIFEST,
     MANIFEST_SCHEMA,
     SHARDS_DIR,
+    CacheFolder,
     CacheStore,
+    manifest_metadata,
     needs_dropout,
 )
 from shared.cache.fingerprint import changed_settings, fingerprint
-from shared.cache.writer import ShardTable, manifest_fingerprint, read_existing_rows
+from shared.cache.writer import ShardTable, read_existing_rows
 from shared.config import Config, DatasetConfig
 from shared.errors import UserError
 
@@ -39,7 +41,7 @@ class Plan:
     """What one cache needs: rows to keep as they are, samples to encode, and why."""
 
     main: DatasetConfig
-    cache_dir: Path
+    folder: CacheFolder  # the cache: a local dir or a URL
     fingerprint: dict
     reuse: pa.Table = field(default_factory=MANIFEST_SCHEMA.empty_table)  # manifest rows kept as they are
     shards: ShardTable = field(default_factory=dict)  # size and sha256 of the shards the reused rows are in
@@ -63,18 +65,18 @@ def plan_cache(
 
     `files` holds each image's content sha256 from validation, so nothing is read again here.
     """
-    cache_dir = config.cache_dir_for(main)
-    plan = Plan(main, cache_dir, fingerprint(config, main, dtype))
-    built = None if force else read_manifest_ids(cache_dir)  # (fingerprint, sample ids) of the manifest
-    if built is not None and not CacheStore(cache_dir).manifest_as_written(_cache_info(cache_dir) or {}):
-        print(f"note: {cache_dir / MANIFEST} differs from the one the build wrote; every sample is encoded again")
+    folder = CacheFolder(config.cache_location_for(main))
+    plan = Plan(main, folder, fingerprint(config, main, dtype))
+    built = None if force else read_manifest_ids(folder)  # (fingerprint, sample ids) of the manifest
+    if built is not None and not CacheStore(folder.location).manifest_as_written(_cache_info(folder) or {}):
+        print(f"note: {folder.url(MANIFEST)} differs from the one the build wrote; every sample is encoded again")
         built, force = None, True
     if built is not None and built[0] != plan.fingerprint["sha256"]:
-        raise UserError(_fingerprint_message(cache_dir, plan.fingerprint["settings"]))
-    existing, plan.shards = (None, {}) if force else read_existing_rows(cache_dir, plan.fingerprint["sha256"])
+        raise UserError(_fingerprint_message(folder, plan.fingerprint["settings"]))
+    existing, plan.shards = (None, {}) if force else read_existing_rows(folder, plan.fingerprint["sha256"])
     position, source = {}, []
     if existing is not None:  # sample id -> its (last) row, compared by columns: no Python object per row
-        damaged = damaged_shards(cache_dir, plan.shards) | verify_found_damaged(cache_dir)
+        damaged = damaged_shards(folder, plan.shards) | verify_found_damaged(folder)
         kept_records = existing
         existing = without_dropout_records_in(existing, damaged)
         dropped_records = existing is not kept_records
@@ -100,12 +102,12 @@ def plan_cache(
         plan.removed = len(built[1] - current)
         kept = set(plan.reuse.column("sample_id").to_pylist())
         # Index files are deleted by every commit: any left over hold sealed work the manifest does not list yet.
-        uncommitted = any((cache_dir / SHARDS_DIR).glob("*.index.parquet"))
+        uncommitted = any(name.endswith(".index.parquet") for name in folder.listing(SHARDS_DIR))
         plan.manifest_current = (
             built[1] == kept
             and not uncommitted
             and not dropped_records
-            and _same(_cache_info_fingerprint(cache_dir), plan.fingerprint)
+            and _same((_cache_info(folder) or {}).get("fingerprint"), plan.fingerprint)
         )
     return plan
 
@@ -132,30 +134,26 @@ def plan_added_dropout(plan: Plan, samples: dict[str, Sample]) -> None:
         plan.embeds_spans[row["sample_id"]] = (row["shard"], row["embeds_offset"], row["embeds_size"])
 
 
-def read_manifest_ids(cache_dir: Path) -> tuple[str, set[str]] | None:
+def read_manifest_ids(folder: CacheFolder) -> tuple[str, set[str]] | None:
     """(fingerprint, sample ids) of the cache's manifest; None when there is none or it cannot be read
     (cut short or damaged: then every sample no sealed shard index holds is encoded again)."""
-    manifest = cache_dir / MANIFEST
-    if not manifest.is_file():
+    if not folder.exists(MANIFEST):
         return None
     try:
-        ids = set(pq.read_table(manifest, columns=["sample_id"]).column("sample_id").to_pylist())
-        return manifest_fingerprint(manifest), ids
+        with folder.open(MANIFEST) as f:  # the one column read, not the whole manifest
+            table = pq.read_table(f, columns=["sample_id"])
     except (OSError, pa.ArrowException) as err:
-        print(f"note: {manifest} cannot be read ({err}); its samples are encoded again")
+        print(f"note: {folder.url(MANIFEST)} cannot be read ({err}); its samples are encoded again")
         return None
+    return manifest_metadata(table.schema)["fingerprint"], set(table.column("sample_id").to_pylist())
 
 
-def _cache_info(cache_dir: Path) -> dict | None:
+def _cache_info(folder: CacheFolder) -> dict | None:
     try:
-        info = json.loads((cache_dir / CACHE_JSON).read_text())
-    except (OSError, ValueError):
+        info = json.loads(folder.read(CACHE_JSON) or b"")
+    except ValueError:
         return None  # missing, empty or damaged: the commit writes it again
     return info if isinstance(info, dict) else None
-
-
-def _cache_info_fingerprint(cache_dir: Path) -> dict | None:
-    return (_cache_info(cache_dir) or {}).get("fingerprint")
 
 
 def _same(recorded: dict | None, current: dict) -> bool:
@@ -163,37 +161,35 @@ def _same(recorded: dict | None, current: dict) -> bool:
     return json.dumps(recorded, sort_keys=True, default=str) == json.dumps(current, sort_keys=True, default=str)
 
 
-def verify_found_damaged(cache_dir: Path) -> set[str]:
+def verify_found_damaged(folder: CacheFolder) -> set[str]:
     """The shards `prep verify` found damaged (it leaves their names in damaged.json): encoded again."""
     try:
-        shards = set(json.loads((cache_dir / DAMAGED).read_text())["shards"])
-    except (OSError, ValueError, KeyError, TypeError):
+        shards = set(json.loads(folder.read(DAMAGED) or b"")["shards"])
+    except (ValueError, KeyError, TypeError):
         return set()
     for shard in sorted(shards):
-        print(f"note: prep verify found {cache_dir / shard} damaged; its samples are encoded again")
+        print(f"note: prep verify found {folder.url(shard)} damaged; its samples are encoded again")
     return shards
 
 
-def damaged_shards(cache_dir: Path, shards: ShardTable) -> set[str]:
-    """Shards that are missing or not the size they were sealed at (one `stat` each): their samples are
-    encoded again rather than reported up to date. (`prep verify` checks every byte.)"""
+def damaged_shards(folder: CacheFolder, shards: ShardTable) -> set[str]:
+    """Shards that are missing or not the size they were sealed at (one listing): their samples are encoded
+    again rather than reported up to date. (`prep verify` checks every byte.)"""
+    sizes = folder.listing(SHARDS_DIR)
     damaged = set()
     for name, recorded in shards.items():
-        path = cache_dir / name
-        if not path.is_file() or path.stat().st_size != recorded["bytes"]:
+        if sizes.get(name.removeprefix(f"{SHARDS_DIR}/")) != recorded["bytes"]:
             damaged.add(name)
-            print(f"note: {path} is missing or damaged; its samples are encoded again")
+            print(f"note: {folder.url(name)} is missing or damaged; its samples are encoded again")
     return damaged
 
 
-def _fingerprint_message(cache_dir: Path, settings: dict) -> str:
+def _fingerprint_message(folder: CacheFolder, settings: dict) -> str:
     try:
-        changed = changed_settings(
-            json.loads((cache_dir / CACHE_JSON).read_text())["fingerprint"]["settings"], settings
-        )
-    except (OSError, ValueError, KeyError):
+        changed = changed_settings((_cache_info(folder) or {})["fingerprint"]["settings"], settings)
+    except (KeyError, TypeError):
         changed = ["(cache.json unreadable)"]
     return (
-        f"{cache_dir}: this cache was built with other settings (changed: {', '.join(changed)}); its samples "
+        f"{folder}: this cache was built with other settings (changed: {', '.join(changed)}); its samples "
         "cannot be mixed with new ones. Rerun with --force to rebuild it, or point cache_dir elsewhere."
     )

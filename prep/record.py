@@ -19,9 +19,10 @@ from PIL import Image
 from prep.buckets import bucket_size, calculate_dimensions, crop_seed, plan_placement
 from prep.encode import Encoders
 from prep.file_records import file_sha256
-from prep.images import load_rgb
+from prep.images import ImageError, load_rgb
 from prep.scan import Sample
-from shared.cache import EMBEDS, LATENTS, META, CacheStore, Embeddings, Latents
+from shared.cache import DROPOUT, EMBEDS, LATENTS, META, CacheStore, Embeddings, Latents
+from shared.cache.writer import TarRecord, tar_record
 from shared.config import DatasetConfig
 from shared.flavours import Flavour
 
@@ -265,6 +266,47 @@ def to_record(
     }
     row = dict(prepared.row, prompt_lens=prompt_lens, embeds_form=embeds_form)
     return members, row, None if dropout is None else (dropout, _dropout_row(prepared, embeds_bytes))
+
+
+@dataclass
+class Unreadable:
+    """A sample whose files could not be read when it came to be encoded (changed or gone since validation):
+    it is left out of the cache and named, and the other samples go on."""
+
+    sample: Sample
+    reason: str  # names the file and what is wrong with it
+
+
+def prepare_or_skip(
+    preparer: SamplePreparer, sample: Sample, main: DatasetConfig, conds: list[DatasetConfig]
+) -> Prepared | Unreadable:
+    """`preparer(sample, ...)`, or what made one of its files unreadable."""
+    try:
+        return preparer(sample, main, conds)
+    except ImageError as err:  # decode_image's message names the file and what to do
+        return Unreadable(sample, str(err))
+    except OSError as err:  # gone, or no longer readable
+        return Unreadable(sample, f"{err.filename or sample.image}: {err.strerror or err}")
+
+
+@dataclass
+class BuiltRecords:
+    """A sample's records ready for the shards: (record, manifest row) of its main record and of its dropout
+    record, each None where the sample has none (see `to_record`)."""
+
+    main: tuple[TarRecord, dict] | None
+    dropout: tuple[TarRecord, dict] | None
+
+
+def build_records(prepared: Prepared, latents: list[torch.Tensor], embeds: list[torch.Tensor]) -> BuiltRecords:
+    """`to_record`'s members framed and hashed as tar records (`tar_record`): all the work of writing a record
+    but appending it to a shard."""
+    members, row, dropout = to_record(prepared, latents, embeds)
+    key = prepared.sample.sample_id
+    return BuiltRecords(
+        None if members is None else (tar_record(key, members), row),
+        None if dropout is None else (tar_record(key, {DROPOUT: dropout[0]}), dropout[1]),
+    )
 
 
 def _dropout_row(prepared: Prepared, embeds_member: bytes) -> dict:

@@ -21,7 +21,7 @@ from prep.file_records import FileRecord, file_sha256, load_records, stat_record
 from prep.images import ImageError, decode_image
 from prep.scan import Finding, Sample, ScanResult, scan_dataset
 from prep.splits import hold_out
-from shared.cache import VALIDATION
+from shared.cache import CacheFolder
 from shared.config import Config, DatasetConfig
 from shared.flavours import FLAVOURS, Flavour
 
@@ -153,7 +153,7 @@ def validate(config: Config, workers: int | None = None) -> Report:
                 owners.setdefault(root / relpath, dataset)
     known: dict[Path, FileRecord] = {}
     for main in config.main_datasets():
-        known.update(load_records(config.cache_dir_for(main) / VALIDATION))
+        known.update(load_records(CacheFolder(config.cache_location_for(main))))
     infos: dict[Path, FileRecord] = {}
     todo: dict[Path, FileRecord] = {}  # new or changed files: their `stat`, to be filled by decoding
     for path, dataset in owners.items():

@@ -183,7 +183,7 @@ class DatasetConfig:
     crop: bool = False
     crop_style: str = "random"  # SimpleTuner's defaults; both matter only with crop: true
     crop_aspect: str = "square"
-    cache_dir: str = ""  # a local dir for prep; train also reads fsspec URLs (s3://, gs://, https://)
+    cache_dir: str = ""  # a local dir or an fsspec URL (s3://, gs://; train also reads https://)
     cache_dir_vae: str = ""
     disabled: bool = False
     repeats: int = 0  # extra passes over this dataset per epoch
@@ -217,16 +217,6 @@ class Config:
     def cache_location_for(self, main: DatasetConfig) -> str:
         """The main entry's `cache_dir`, else its `cache_dir_vae`, else `cache/<id>` (DESIGN.md): a path or URL."""
         return main.cache_dir or main.cache_dir_vae or f"cache/{main.id}"
-
-    def cache_dir_for(self, main: DatasetConfig) -> Path:
-        """The local cache dir that `prep` writes (a URL is refused: build locally, then copy)."""
-        location = self.cache_location_for(main)
-        if "://" in location:
-            raise UserError(
-                f"{self.backend_path}: dataset '{main.id}': cache dir {location} is a URL; prep writes local "
-                "caches: build to a local dir, copy it there, and point training at the URL"
-            )
-        return Path(location)
 
 
 _ALIASES, _DATASET_ALIASES = simpletuner.ALIASES, simpletuner.DATASET_ALIASES

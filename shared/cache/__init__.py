@@ -1,10 +1,11 @@
 """The cache: the only contract between `prep` (writer) and `train` (reader). Format version 2.
 
 This docstring is the format's full description; `format.py` holds its names and schema,
-`store.py` the one reader (local paths and fsspec URLs), `writer.py` the writer, `lock.py` the
-build lock (durable writes: `shared/files.py`).
+`store.py` the one reader (local paths and fsspec URLs), `writer.py` the writer, `folder.py` what
+the writer writes through (a local dir or an fsspec URL: `s3://bucket/cache`), `lock.py` the build
+lock (durable local writes: `shared/files.py`).
 
-Layout of one cache dir (one per main dataset)::
+Layout of one cache (one per main dataset; a local dir or a prefix at a URL)::
 
     <cache>/cache.json              format_version, flavour, dataset_id, fingerprint, counts, created,
                                     manifest_sha256 (the manifest's bytes as written; `prep verify` checks it)
@@ -12,7 +13,9 @@ Layout of one cache dir (one per main dataset)::
     <cache>/shards/000000.tar       webdataset tars (`rankNN-000000.tar` from a distributed build)
     <cache>/shards/dropout-000000.tar   dropout records (`rankNN-dropout-000000.tar`), see below
     <cache>/validation.parquet      prep only: per-file record of validated images (size, mtime, inode)
-    <cache>/build.lock              prep only: held by the running build; names its holder
+    <cache>/build.lock              prep only: held by the running build; names its holder (at an s3://
+                                    URL: rewritten by the build every minute, removed at its end; a killed
+                                    build's stays until the next build takes it over)
     <cache>/damaged.json            prep only: {"shards": [...]} that `prep verify` found damaged; the next
                                     build encodes their samples again and removes the file
 
@@ -87,12 +90,18 @@ between the two writes.
 `shards/NAME.index.parquet` (fsynced, atomic) so an interrupted build resumes from the last
 sealed shard. The manifest, then cache.json, are replaced atomically (write, fsync, rename, fsync
 dir); only then are unreferenced shards and index files removed. One build at a time holds
-`build.lock` (an flock, released by the kernel if the build is killed).
+`build.lock` (an flock, released by the kernel if the build is killed). At an `s3://` URL each
+file is uploaded under its final name and appears only when its upload completes (no `.tmp`, no
+rename), in the same order; a shard's multipart upload is completed only when it is sealed.
+`build.lock` is created only where none exists (S3's conditional write), renewed by a conditional
+overwrite of its own version, and taken over (conditionally) when the store last saw it written 10
+minutes ago or its holder was a process of this machine that has ended (shared/cache/lock.py).
 
 **Versions.** This code reads format 2 only; a cache of another version is refused with the
 command that rebuilds it.
 """
 
+from shared.cache.folder import CacheFolder
 from shared.cache.format import (
     CACHE_JSON,
     DAMAGED,
@@ -115,7 +124,7 @@ from shared.cache.format import (
     member_column,
     needs_dropout,
 )
-from shared.cache.lock import CacheLock
+from shared.cache.lock import CacheLock, lock_cache
 from shared.cache.store import CacheStore, check_shard_path, manifest_metadata, parse_cache_info
 from shared.files import write_atomic, write_json_atomic
 
@@ -136,11 +145,13 @@ __all__ = [
     "SHARDS_DIR",
     "TRAIN_COLUMNS",
     "VALIDATION",
+    "CacheFolder",
     "CacheLock",
     "CacheStore",
     "Embeddings",
     "Latents",
     "check_shard_path",
+    "lock_cache",
     "manifest_metadata",
     "member_column",
     "needs_dropout",

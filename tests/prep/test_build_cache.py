@@ -12,12 +12,14 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+import prep.build
 import prep.encode
 import prep.pipeline
 from prep.build import build_cache
@@ -151,6 +153,50 @@ def test_missing_reference_stops_before_encoding(demo_project, tmp_path, monkeyp
     assert not (tmp_path / "cache").exists()
 
 
+def spoil_after_validation(monkeypatch, spoil) -> None:
+    """Call `spoil()` right after `prep build-cache` validated the data: a file changing under a running build."""
+    real = prep.build.validate_for_build
+
+    def validate_then_spoil(config):
+        report = real(config)
+        spoil()
+        return report
+
+    monkeypatch.setattr(prep.build, "validate_for_build", validate_then_spoil)
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_file_spoiled_after_validation_is_named_and_the_other_samples_are_cached(
+    demo_project, tmp_path, monkeypatch, engine
+):
+    if engine == "ray":
+        pytest.importorskip("ray")
+    config_path = demo_project("edit-v1", n_samples=4)
+    target, reference = (
+        tmp_path / "data" / "images" / "pair_0001.png",
+        tmp_path / "data" / "reference" / "pair_0002.png",
+    )
+    kept = target.read_bytes(), reference.read_bytes()
+    spoil_after_validation(monkeypatch, lambda: (target.write_bytes(kept[0][:200]), reference.unlink()))
+    result = CliRunner().invoke(app, ["build-cache", "--config", str(config_path), "--engine", engine])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "2 sample(s) could not be read when they came to be encoded" in result.output
+    assert f"pair_0001.png: {target}: truncated or corrupt" in result.output
+    assert f"pair_0002.png: {reference}: No such file or directory" in result.output
+    cache = tmp_path / "cache"
+    assert sorted(r["relpath"] for r in manifest_rows(cache)) == ["pair_0000.png", "pair_0003.png"]
+    assert verify_cache(str(cache)).intact
+
+    monkeypatch.undo()  # the files mended: only they are encoded
+    target.write_bytes(kept[0])
+    reference.write_bytes(kept[1])
+    encoded = _count_encodes(monkeypatch)
+    result = CliRunner().invoke(app, ["build-cache", "--config", str(config_path)])
+    assert result.exit_code == 0, result.output
+    assert sorted(encoded) == ["pair_0001.png", "pair_0002.png"]
+    assert len(manifest_rows(cache)) == 4
+
+
 def test_rebuild_encodes_exactly_the_changed_added_and_removed_samples(demo_project, tmp_path, monkeypatch):
     config = load_config(demo_project("edit-v1", n_samples=4))
     (cache,) = build_cache(config, device="cpu")
@@ -193,7 +239,7 @@ def test_crash_mid_build_keeps_the_old_cache_and_a_rerun_finishes(demo_project, 
     _interrupt_at_fourth_sample(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         build_cache(config, device="cpu", max_shard_bytes=1)
-    assert not (config.cache_dir_for(config.main_datasets()[0]) / "manifest.parquet").exists()
+    assert not (Path(config.cache_location_for(config.main_datasets()[0])) / "manifest.parquet").exists()
     monkeypatch.undo()
 
     encoded = _count_encodes(monkeypatch)
@@ -208,7 +254,7 @@ def test_an_interrupted_build_keeps_every_finished_sample_of_its_open_shard(demo
     """Ctrl-C mid-shard: the samples already encoded are sealed into their shard, and a rerun encodes only the rest."""
     config = load_config(demo_project("edit-v1", n_samples=5))
     expected = _content(manifest_rows(build_cache(config, device="cpu")[0]))
-    shutil.rmtree(config.cache_dir_for(config.main_datasets()[0]))
+    shutil.rmtree(config.cache_location_for(config.main_datasets()[0]))
 
     _interrupt_at_fourth_sample(monkeypatch)
     with pytest.raises(KeyboardInterrupt):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from prep.cli import app
 from prep.encode import Encoders
 from prep.validate import validate
 from prep.verify import verify_cache
-from shared.cache import DROPOUT, DROPOUT_SHARD, LOCK, CacheLock
+from shared.cache import DROPOUT, DROPOUT_SHARD, LOCK, CacheFolder, CacheLock
 from shared.config import load_config
 from shared.errors import UserError
 from tests.cache_files import manifest_rows, member_bytes, sample_embeddings
@@ -141,7 +142,8 @@ def test_a_rebuild_with_nothing_changed_decodes_no_image_and_a_changed_file_is_d
 
 def test_two_builds_cannot_write_one_cache_and_a_killed_builds_lock_is_not_in_the_way(demo_project, tmp_path):
     config_path = demo_project("edit-v1", n_samples=2)
-    cache_dir = load_config(config_path).cache_dir_for(load_config(config_path).main_datasets()[0])
+    config = load_config(config_path)
+    cache_dir = Path(config.cache_location_for(config.main_datasets()[0]))
     with CacheLock(cache_dir, LOCK):  # as a running build holds it
         result = CliRunner().invoke(app, ["build-cache", "--config", str(config_path)])
     assert result.exit_code == 1 and "Traceback" not in result.output
@@ -245,13 +247,13 @@ def _as_written_before_dropout_records(cache) -> None:
         members[row["sample_id"]][META] = member_bytes(cache, row, META)
     info = json.loads((cache / CACHE_JSON).read_text())
     shutil.rmtree(cache / "shards")
-    writer = ShardWriter(cache, info["fingerprint"]["sha256"])
+    writer = ShardWriter(CacheFolder(cache), info["fingerprint"]["sha256"])
     located = ("record_", "latents_", "embeds_", "json_")  # written anew by the writer
     keep = [c for c in rows[0] if c not in DROPOUT_COLUMNS and not c.startswith(located) and c != "embeds_form"]
     for row in rows:
         writer.write(row["sample_id"], members[row["sample_id"]], {c: row[c] for c in keep if c != "shard"})
     writer.finish_shard()
-    commit(cache, writer.rows, writer.shards, info)
+    commit(CacheFolder(cache), writer.rows, writer.shards, info)
     table = pq.read_table(cache / MANIFEST)
     pq.write_table(
         table.drop_columns(list(DROPOUT_COLUMNS)).replace_schema_metadata(table.schema.metadata), cache / MANIFEST

@@ -4,6 +4,7 @@ driver resumed by the same command from its sealed shards."""
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shutil
 import signal
@@ -58,6 +59,22 @@ def test_ray_builds_the_local_engines_cache_and_a_rerun_changes_nothing(local_ra
     capsys.readouterr()
     build_cache(config, device="cpu", engine="ray")
     assert "up to date" in capsys.readouterr().out
+
+
+def test_ray_writes_the_same_cache_to_s3(local_ray, s3, demo_project, tmp_path):
+    """The driver writes the shards, so the actors need no access to the bucket (a fresh build)."""
+    config_path = demo_project("edit-v1", n_samples=4, train={"caption_dropout_probability": 0.2})
+    (local,) = build_cache(load_config(config_path), device="cpu")
+    backend_path = tmp_path / "multidatabackend.json"
+    backend = json.loads(backend_path.read_text())
+    backend[0]["cache_dir"] = "s3://bucket/cache"
+    backend_path.write_text(json.dumps(backend))
+    (built,) = build_cache(load_config(config_path), device="cpu", engine="ray")
+    assert built == "s3://bucket/cache"
+    assert manifest_rows(built) == manifest_rows(local)
+    in_bucket = {p.rsplit("/", 1)[-1]: s3.cat(p) for p in sorted(s3.ls("bucket/cache/shards", refresh=True))}
+    assert in_bucket == {p.name: p.read_bytes() for p in sorted(local.glob("shards/*.tar"))}
+    assert verify_cache(built).intact
 
 
 def kill_an_encoding_actor(killed: list, stop: threading.Event) -> None:
@@ -146,7 +163,7 @@ def kill_with_its_ray(driver: subprocess.Popen) -> None:
 
 
 def test_a_driver_killed_mid_build_is_resumed_by_the_same_command_from_its_sealed_shards(demo_project, tmp_path):
-    n = 5
+    n = 12  # two actor calls (8 samples each on CPU): the driver is killed once the first call's records are in
     config_path = demo_project("edit-v1", n_samples=n)
     config = load_config(config_path)
     (cache,) = build_cache(config, device="cpu")  # the local engine, uninterrupted

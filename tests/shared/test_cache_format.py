@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from shared.cache import CacheStore, Embeddings, Latents, check_shard_path
+from shared.cache import CacheFolder, CacheStore, Embeddings, Latents, check_shard_path
 from shared.cache.format import EMBEDS_SHARED_PREFIX, EMBEDS_WHOLE
 from shared.errors import UserError
 
@@ -64,7 +64,7 @@ def test_training_keeps_the_manifest_in_columns_of_at_most_200_bytes_per_row(tmp
     from tests.cache_files import manifest_rows
     from train.loader import CacheReader
 
-    writer = ShardWriter(tmp_path, "fp")
+    writer = ShardWriter(CacheFolder(tmp_path), "fp")
     t = torch.zeros(16, 4, 4)
     members = {
         LATENTS: Latents(t, [t]).to_bytes(),
@@ -94,7 +94,7 @@ def test_training_keeps_the_manifest_in_columns_of_at_most_200_bytes_per_row(tmp
         "fingerprint": {"sha256": "fp", "settings": {}},
         "counts": {},
     }
-    commit(tmp_path, writer.rows, writer.shards, info)
+    commit(CacheFolder(tmp_path), writer.rows, writer.shards, info)
     (tmp_path / "cache.json").write_text(json.dumps(info))
 
     n = 20_000
@@ -154,7 +154,7 @@ def test_a_shard_is_hashed_as_it_is_written_and_every_recorded_span_and_hash_mat
     from shared.cache import MEMBERS, member_column
     from shared.cache.writer import ShardWriter
 
-    writer = ShardWriter(tmp_path, "fp", max_shard_bytes=1 << 30)
+    writer = ShardWriter(CacheFolder(tmp_path), "fp", max_shard_bytes=1 << 30)
     sizes = [1, 700, 9_000, 40_000, 3, 25_000]  # members of many sizes: ends inside 512-byte tar blocks
     for n, size in enumerate(sizes):
         members = {m: bytes([n + k]) * (size + k) for k, m in enumerate(MEMBERS)}
@@ -188,7 +188,7 @@ def test_a_shard_is_the_tar_that_webdataset_writes_and_every_tar_reader_lists_it
     from shared.cache import MEMBERS, member_column
     from shared.cache.writer import ShardWriter
 
-    writer = ShardWriter(tmp_path, "fp", max_shard_bytes=1 << 30)
+    writer = ShardWriter(CacheFolder(tmp_path), "fp", max_shard_bytes=1 << 30)
     records = [
         (f"sample{n:02d}", {m: bytes([n + k]) * (n * 3_001 + k) for k, m in enumerate(MEMBERS)}) for n in range(4)
     ]
@@ -223,7 +223,7 @@ def test_a_disk_error_mid_record_drops_the_open_shard_and_the_writer_starts_a_cl
     import hashlib
     import io
 
-    import shared.cache.writer as writer_module
+    import shared.cache.folder as folder_module
     from shared.cache import MEMBERS
     from shared.cache.writer import ShardWriter
 
@@ -246,13 +246,13 @@ def test_a_disk_error_mid_record_drops_the_open_shard_and_the_writer_starts_a_cl
             self.file.close()
             super().close()
 
-    writer = ShardWriter(tmp_path, "fp", max_shard_bytes=1 << 30)
+    writer = ShardWriter(CacheFolder(tmp_path), "fp", max_shard_bytes=1 << 30)
     members = {m: b"x" * member_bytes for m in MEMBERS}
     writer.write("a", members, {})
     writer.finish_shard()
     room = 3 * member_bytes + 1000  # the disk fills inside the next record
     monkeypatch.setattr(
-        writer_module, "open", lambda path, mode: io.BufferedWriter(FillingDisk(path, room)), raising=False
+        folder_module, "open", lambda path, mode: io.BufferedWriter(FillingDisk(path, room)), raising=False
     )
     with pytest.raises(UserError, match="disk is full"):
         for n in range(50):

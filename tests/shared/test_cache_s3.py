@@ -1,5 +1,6 @@
-"""The cache read over S3, against a real S3 endpoint started here (moto's server over HTTP, read with s3fs):
-upload a cache, verify it, train two steps from it, and see a flipped byte caught."""
+"""The cache over S3, against a real S3 endpoint started here (moto's server over HTTP, through s3fs): `prep
+build-cache` writes it to the bucket, `prep verify` checks it, `train run` trains two steps from it with the
+images gone, and a flipped byte is caught."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from prep.build import build_cache
 from prep.cli import app
 from shared.config import load_config
 from tests.cache_files import manifest_rows
@@ -19,24 +19,23 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
 
-def test_verify_and_train_from_s3_and_catch_a_flipped_byte(s3, demo_project, tmp_path):
+def test_build_verify_and_train_on_s3_and_catch_a_flipped_byte(s3, demo_project, tmp_path):
     config_path = demo_project("edit-v1", n_samples=4, train={"max_train_steps": 2, "dataloader_num_workers": 2})
-    (cache,) = build_cache(load_config(config_path), device="cpu")
-    rows = manifest_rows(cache)
-    s3.put(f"{cache}/", "bucket/cache", recursive=True)
-    assert s3.exists("bucket/cache/manifest.parquet") and s3.exists(f"bucket/cache/{rows[0]['shard']}")
-
     url = "s3://bucket/cache"
-    ok = CliRunner().invoke(app, ["verify", url])
-    assert ok.exit_code == 0 and "intact" in ok.output, ok.output
-
-    # Train from the bucket alone: the local cache and the raw images are gone.
-    shutil.rmtree(cache)
-    shutil.rmtree(tmp_path / "data")
     backend_path = tmp_path / "multidatabackend.json"
     backend = json.loads(backend_path.read_text())
     backend[0]["cache_dir"] = url
     backend_path.write_text(json.dumps(backend))
+    built = CliRunner().invoke(app, ["build-cache", "--config", str(config_path), "--device", "cpu"])
+    assert built.exit_code == 0 and f"cache {url}: 4 samples" in built.output, built.output
+    rows = manifest_rows(url)
+    assert s3.exists("bucket/cache/manifest.parquet") and s3.exists(f"bucket/cache/{rows[0]['shard']}")
+
+    ok = CliRunner().invoke(app, ["verify", url])
+    assert ok.exit_code == 0 and "intact" in ok.output, ok.output
+
+    # Train from the bucket alone: the raw images are gone.
+    shutil.rmtree(tmp_path / "data")
     lora = train(load_config(config_path))
     assert lora.is_file()
     steps = [line.split(",")[0] for line in (lora.parent / "train_log.csv").read_text().splitlines()[1:]]

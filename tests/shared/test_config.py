@@ -120,7 +120,7 @@ def test_unknown_conditioning_dataset_is_an_error(tmp_path):
 def test_cache_dir_follows_design_order(tmp_path):
     backend = [dict(BACKEND[0], cache_dir_vae="cache/vae/edits"), BACKEND[1]]
     config = load_config(_write(tmp_path, {}, backend))
-    assert str(config.cache_dir_for(config.main_datasets()[0])) == "cache/vae/edits"
+    assert config.cache_location_for(config.main_datasets()[0]) == "cache/vae/edits"
 
 
 def test_memory_keys_are_read_and_the_ones_you_set_are_remembered(tmp_path):

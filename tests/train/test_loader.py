@@ -149,9 +149,10 @@ def test_a_cached_sample_holding_nan_is_named_and_replaced(tmp_path, capsys):
     import json
 
     from shared.cache import EMBEDS, LATENTS, META, Embeddings, Latents
+    from shared.cache.folder import CacheFolder
     from shared.cache.writer import ShardWriter, commit
 
-    writer = ShardWriter(tmp_path, "fp")
+    writer = ShardWriter(CacheFolder(tmp_path), "fp")
     for i, value in enumerate([0.0, float("nan"), 1.0, 2.0]):
         target = torch.full((16, 4, 4), value)
         members = {
@@ -165,7 +166,7 @@ def test_a_cached_sample_holding_nan_is_named_and_replaced(tmp_path, capsys):
         writer.write(f"{i:020x}", members, row)
     writer.finish_shard()
     info = {"format_version": 2, "dataset_id": "d", "flavour": "edit-v1", "fingerprint": {"sha256": "fp"}}
-    commit(tmp_path, writer.rows, writer.shards, info)
+    commit(CacheFolder(tmp_path), writer.rows, writer.shards, info)
     (tmp_path / "cache.json").write_text(json.dumps(info))
 
     loader = TrainLoader([CacheReader(str(tmp_path))], 2, seed=0)

@@ -308,7 +308,7 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_when_persistent(project, 
 
 def test_caption_dropout_uses_the_cached_empty_instruction(project, tmp_path):
     config = load_config(project(tmp_path / "run"))
-    cache = config.cache_dir_for(config.main_datasets()[0])
+    cache = Path(config.cache_location_for(config.main_datasets()[0]))
     rows = {r["sample_id"]: r for r in manifest_rows(cache) if r["split"] == "train"}
     embeds = {i: sample_embeddings(cache, r) for i, r in rows.items()}
     assert all("dropout" in e for e in embeds.values())
