@@ -331,9 +331,14 @@ def test_two_process_ddp_run_ends_with_identical_weights(project, tmp_path):
     config = project(tmp_path / "ddp", max_train_steps=2, checkpointing_steps=1, **LEVERS)
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
-    command += ["-m", "train.cli", "run", "--config", str(config)]
+    command += ["-m", "tests.train.ddp_rank_weights", str(tmp_path), "run", "--config", str(config)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # Each rank's own LoRA tensors, compared here, bit for bit; and trained (LoRA's B starts at zero).
+    rank0, rank1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and len(rank0) > 0
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    assert any(name.endswith("lora_B.default.weight") and rank0[name].abs().sum() > 0 for name in rank0)
     assert "LoRA weights identical on 2 processes" in result.stdout
     assert (
         "2/2 blocks checkpointed selectively (attention kept) (inputs offloaded to host), 1 swapped to host"
