@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from shared.config import TrainConfig
-from shared.packing import pack_latents, token_grid
 from train.batch import Batch
+from train.packing import pack_latents, token_grid
 from train.rollout import ScheduledSampling
 
 

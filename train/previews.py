@@ -15,8 +15,8 @@ import copy
 import numpy as np
 import torch
 
-from shared.packing import pack_latents, token_grid, unpack_latents
 from train.eval_data import EvalSample
+from train.packing import pack_latents, token_grid, unpack_latents
 
 
 def timesteps_for(scheduler, steps: int, image_tokens: int, device) -> torch.Tensor:

@@ -7,7 +7,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import QwenImageEditP
 
 from shared.flavours import FLAVOURS, SYSTEM_PREFIX
 from shared.models import load_processor
-from shared.packing import pack_latents, unpack_latents
+from train.packing import pack_latents, unpack_latents
 
 
 def test_tiny_models_have_the_diffusers_layout_and_load_with_from_pretrained(tiny_models):

@@ -21,9 +21,9 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 import train.validation as validation_module
 from prep.build import build_cache
 from shared.config import load_config
-from shared.packing import pack_latents
 from train.eval_data import EvalSample
 from train.loop import train
+from train.packing import pack_latents
 from train.previews import sample_latents
 
 PIPELINES = {"edit-v1": QwenImageEditPipeline, "edit-v2": QwenImageEditPlusPipeline}

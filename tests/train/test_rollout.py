@@ -16,11 +16,11 @@ from prep.build import build_cache
 from shared.config import TrainConfig, load_config
 from shared.config_report import ignored_report, resolved
 from shared.demo_data import write_demo_dataset
-from shared.packing import pack_latents
 from tests.conftest import write_config
 from train.batch import Batch
 from train.model import load_lora_transformer
 from train.objective import SigmaSchedule, flow_matching_loss, predict_velocity, sample_velocity
+from train.packing import pack_latents
 from train.rollout import RolloutPlan, ScheduledSampling
 from train.run import Run
 
