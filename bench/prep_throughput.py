@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from demo.tiny_model import write_tiny_model
 from prep.build import build_cache
 from prep.distributed import Ranks, init_ranks
 from prep.encode import Encoders
@@ -42,7 +43,6 @@ from shared.cache import needs_dropout
 from shared.config import load_config
 from shared.flavours import FLAVOURS
 from shared.models import load_processor
-from shared.tiny_model import write_tiny_model
 
 SIZES = [(1024, 1024), (1184, 896), (896, 1184)]
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense, SXM (as bench/train_step.py)

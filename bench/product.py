@@ -63,7 +63,7 @@ def write_model(path: Path, size: str) -> Path:
     the product reads the components, not model_index.json's pipeline class)."""
     from diffusers import QwenImageEditPipeline
 
-    from shared.tiny_model import build_components
+    from demo.tiny_model import build_components
 
     if (path / "model_index.json").is_file():
         return path

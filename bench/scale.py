@@ -290,7 +290,7 @@ def main() -> None:
         print(json.dumps(probe(args.probe, args.workers, args.warmup)))
         return
 
-    from shared.tiny_model import write_tiny_model
+    from demo.tiny_model import write_tiny_model
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = args.workdir / "model"

@@ -1,6 +1,6 @@
 """Load Qwen-Image-Edit components with `from_pretrained`, from a hub id or a local diffusers folder.
 
-The tiny offline default (`shared.tiny_model`) is loaded by exactly these functions too.
+The tiny offline default (`demo.tiny_model`) is loaded by exactly these functions too.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from shared.demo_data import write_demo_dataset  # noqa: E402
+from demo.data import write_demo_dataset  # noqa: E402
+from demo.tiny_model import write_tiny_model  # noqa: E402
 from shared.logs import setup_logging  # noqa: E402
-from shared.tiny_model import write_tiny_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
+from demo.data import write_demo_dataset
 from prep.build import build_cache
 from prep.cli import app
 from shared.cache import member_column
 from shared.config import load_config
-from shared.demo_data import write_demo_dataset
 from tests.cache_files import manifest_rows
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 
+from demo.data import write_demo_dataset
 from prep.build import build_cache
 from shared.config import load_config
-from shared.demo_data import write_demo_dataset
 from tests.conftest import write_config
 from train import blocks
 from train.blocks import INFERENCE_GRAPHS, TRAINING_GRAPHS

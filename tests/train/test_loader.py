@@ -13,10 +13,10 @@ import fsspec
 import pytest
 import torch
 
+from demo.data import write_demo_dataset
 from prep.build import build_cache
 from shared.cache import member_column
 from shared.config import load_config
-from shared.demo_data import write_demo_dataset
 from shared.errors import UserError
 from tests.cache_files import manifest_rows
 from tests.conftest import write_config

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from demo.data import write_demo_dataset
 from prep.build import build_cache
 from prep.validate import validate
 from shared.config import load_config
-from shared.demo_data import write_demo_dataset
 from train.loop import train
 
 # The guide's config.json, comments included (section 2); the run and its previews shortened at the end (a

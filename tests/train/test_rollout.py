@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
+from demo.data import write_demo_dataset
 from prep.build import build_cache
 from shared.config import TrainConfig, load_config
 from shared.config_report import ignored_report, resolved
-from shared.demo_data import write_demo_dataset
 from tests.conftest import write_config
 from train.batch import Batch
 from train.model import load_lora_transformer

@@ -16,9 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train.step as step_module
+from demo.data import write_demo_dataset
 from prep.build import build_cache
 from shared.config import load_config
-from shared.demo_data import write_demo_dataset
 from shared.errors import UserError
 from tests.cache_files import manifest_rows, sample_embeddings
 from tests.conftest import write_config

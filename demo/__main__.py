@@ -1,4 +1,4 @@
-"""`python -m shared.demo`: write the tiny offline default (models + datasets) that configs/demo-* use.
+"""`python -m demo`: write the tiny offline default (models + datasets) that configs/demo-* use.
 
 ```
 .demo/models/tiny-qwen-image-edit        edit-v1 layout (QwenImageEditPipeline)
@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from shared.demo_data import write_demo_dataset
-from shared.tiny_model import write_tiny_model
+from demo.data import write_demo_dataset
+from demo.tiny_model import write_tiny_model
 
 MODEL_DIRS = {
     "edit-v1": "tiny-qwen-image-edit",

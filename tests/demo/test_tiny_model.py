@@ -45,8 +45,8 @@ def test_the_demos_vae_reconstructs_each_8x8_block_in_its_mean_colour_through_fr
     from diffusers import AutoencoderKLQwenImage
     from PIL import Image
 
-    from shared.demo_data import write_demo_dataset
-    from shared.tiny_model import write_tiny_model
+    from demo.data import write_demo_dataset
+    from demo.tiny_model import write_tiny_model
 
     path = write_tiny_model(tmp_path / "model", "edit-v1", reconstructing_vae=True)
     vae = AutoencoderKLQwenImage.from_pretrained(path, subfolder="vae")
