@@ -8,7 +8,6 @@ from diffusers import QwenImageEditPipeline
 from safetensors.torch import load_file
 
 from shared.config import load_config
-from tests.train.test_training import project  # noqa: F401 - the module-scoped cache and config factory
 from train.loop import train
 
 # base_model_precision -> what each Linear inside the transformer blocks must be once loaded: its class and
@@ -38,7 +37,7 @@ def _frozen_bytes(weight: torch.Tensor) -> int:
      ("int2-quanto", "accelerator"), ("fp8uz-quanto", "accelerator"), ("nf4-bnb", "cpu")],
 )  # fmt: skip
 def test_each_base_precision_quantises_every_block_linear_and_trains_a_step(
-    project,  # noqa: F811
+    project,
     tmp_path,
     monkeypatch,
     precision,

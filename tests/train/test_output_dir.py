@@ -9,7 +9,6 @@ import pytest
 import train.run as run_module
 from shared.config import load_config
 from shared.errors import UserError
-from tests.train.test_training import project  # noqa: F401 - the module-scoped cache and config factory
 from train.checkpoint import checkpoint_run_id, list_checkpoints
 from train.export import LORA_FILE
 from train.loop import train
@@ -20,7 +19,7 @@ def _no_model(*args, **kwargs):
 
 
 def test_a_new_run_into_a_folder_holding_another_run_is_refused_and_overwrite_keeps_the_old_checkpoints(
-    project,  # noqa: F811
+    project,
     tmp_path,
     monkeypatch,
 ):
@@ -57,7 +56,7 @@ def test_a_new_run_into_a_folder_holding_another_run_is_refused_and_overwrite_ke
     [({"lora_rank": 8}, "lora_rank 4 -> 8"), ({"lora_alpha": 16}, "lora_alpha 8.0 -> 16.0")],
 )
 def test_resuming_with_another_rank_or_alpha_is_refused_with_what_differs(
-    project,  # noqa: F811
+    project,
     tmp_path,
     monkeypatch,
     change,
@@ -70,7 +69,7 @@ def test_resuming_with_another_rank_or_alpha_is_refused_with_what_differs(
         train(load_config(project(out, max_train_steps=4, resume_from_checkpoint="latest", **change)))
 
 
-def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(project, tmp_path, monkeypatch):  # noqa: F811
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(project, tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setattr(run_module, "load_lora_transformer", _no_model)
@@ -81,7 +80,7 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(
 
 
 def test_a_damaged_latest_checkpoint_is_skipped_saying_so_and_export_names_the_bad_file(
-    project,  # noqa: F811
+    project,
     tmp_path,
     capsys,
 ):
@@ -106,7 +105,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_saying_so_and_export_names_the_b
 
 
 def test_a_flipped_byte_or_a_senseless_state_makes_a_checkpoint_damaged_for_resume_and_export(
-    project,  # noqa: F811
+    project,
     tmp_path,
     caplog,
 ):
@@ -158,7 +157,7 @@ def test_a_flipped_byte_or_a_senseless_state_makes_a_checkpoint_damaged_for_resu
 
 
 def test_resume_applies_and_lists_a_changed_rate_and_refuses_a_changed_batch_size(
-    project,  # noqa: F811
+    project,
     tmp_path,
     caplog,
 ):
@@ -189,7 +188,7 @@ def test_resume_applies_and_lists_a_changed_rate_and_refuses_a_changed_batch_siz
 
 
 def test_weights_that_went_nan_are_never_saved_and_the_stop_names_a_finite_checkpoint(
-    project,  # noqa: F811
+    project,
     tmp_path,
     monkeypatch,
 ):
@@ -214,7 +213,7 @@ def test_weights_that_went_nan_are_never_saved_and_the_stop_names_a_finite_check
 
 
 def test_a_full_disk_while_checkpointing_stops_with_the_last_complete_checkpoint(
-    project,  # noqa: F811
+    project,
     tmp_path,
     monkeypatch,
 ):
@@ -256,13 +255,13 @@ def test_training_on_a_cache_built_with_other_prep_settings_is_refused_with_the_
         train(load_config(config_path))
 
 
-def test_an_unknown_lora_target_module_is_refused_before_the_model_loads(project, tmp_path, monkeypatch):  # noqa: F811
+def test_an_unknown_lora_target_module_is_refused_before_the_model_loads(project, tmp_path, monkeypatch):
     monkeypatch.setattr(run_module, "load_lora_transformer", _no_model)
     with pytest.raises(UserError, match=r"lora_target names module\(s\) this transformer does not have: attn\.to_qq"):
         train(load_config(project(tmp_path / "run", max_train_steps=1, lora_target=["attn.to_q", "attn.to_qq"])))
 
 
-def test_a_read_only_disk_at_the_final_export_names_the_checkpoint_to_export(project, tmp_path, monkeypatch):  # noqa: F811
+def test_a_read_only_disk_at_the_final_export_names_the_checkpoint_to_export(project, tmp_path, monkeypatch):
     import errno
 
     def read_only(*args, **kwargs):
