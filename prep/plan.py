@@ -68,11 +68,12 @@ def plan_cache(
     folder = CacheFolder(config.cache_location_for(main))
     plan = Plan(main, folder, fingerprint(config, main, dtype))
     built = None if force else read_manifest_ids(folder)  # (fingerprint, sample ids) of the manifest
-    if built is not None and not CacheStore(folder.location).manifest_as_written(_cache_info(folder) or {}):
+    info = _cache_info(folder) or {}  # read once: each read is a round trip at a URL
+    if built is not None and not CacheStore(folder.location).manifest_as_written(info):
         print(f"note: {folder.url(MANIFEST)} differs from the one the build wrote; every sample is encoded again")
         built, force = None, True
     if built is not None and built[0] != plan.fingerprint["sha256"]:
-        raise UserError(_fingerprint_message(folder, plan.fingerprint["settings"]))
+        raise UserError(_fingerprint_message(folder, info, plan.fingerprint["settings"]))
     existing, plan.shards = (None, {}) if force else read_existing_rows(folder, plan.fingerprint["sha256"])
     position, source = {}, []
     if existing is not None:  # sample id -> its (last) row, compared by columns: no Python object per row
@@ -107,7 +108,7 @@ def plan_cache(
             built[1] == kept
             and not uncommitted
             and not dropped_records
-            and _same((_cache_info(folder) or {}).get("fingerprint"), plan.fingerprint)
+            and _same(info.get("fingerprint"), plan.fingerprint)
         )
     return plan
 
@@ -184,9 +185,9 @@ def damaged_shards(folder: CacheFolder, shards: ShardTable) -> set[str]:
     return damaged
 
 
-def _fingerprint_message(folder: CacheFolder, settings: dict) -> str:
+def _fingerprint_message(folder: CacheFolder, info: dict, settings: dict) -> str:
     try:
-        changed = changed_settings((_cache_info(folder) or {})["fingerprint"]["settings"], settings)
+        changed = changed_settings(info["fingerprint"]["settings"], settings)
     except (KeyError, TypeError):
         changed = ["(cache.json unreadable)"]
     return (

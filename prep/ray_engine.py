@@ -90,9 +90,8 @@ class EncodeActor:
                 torch.cuda.synchronize()  # to_host queues its copies; they must be done before they are read
             del encoded  # the device's outputs go now, not while the other call encodes
         # Serialised, tar-framed and hashed here, while the other call encodes: the driver only appends them.
-        built = iter([build_records(p, latents, embeds) for p, (latents, embeds) in zip(prepared, host, strict=True)])
-        out = [p if isinstance(p, Unreadable) else _joined(next(built)) for p in items]
-        return {"built": _objects(out)}
+        built = (_joined(build_records(p, lat, emb)) for p, (lat, emb) in zip(prepared, host, strict=True))
+        return {"built": _objects([item if isinstance(item, Unreadable) else next(built) for item in items])}
 
 
 def _joined(built: BuiltRecords) -> BuiltRecords:
