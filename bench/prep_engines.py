@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from product import write_config, write_dataset, write_model  # noqa: E402 - the product bench's model and data
 
+ENCODERS_LINE = re.compile(r"^ray: .*busy.*$", re.M)  # Ray's own account of how busy its actors were
 RANK_LINE = re.compile(r"rank (\d+): (\d+) samples in ([\d.]+) s \([\d.]+ samples/s, steady ([\d.]+)\)")
 
 
@@ -60,6 +61,7 @@ def build(config: Path, engine: str, gpus: int, device: str) -> dict:
         return {"engine": engine, "rc": result.returncode, "error": (result.stdout + result.stderr)[-2000:]}
     ranks = [(int(n), float(s), float(steady)) for _, n, s, steady in RANK_LINE.findall(result.stdout)]
     samples = sum(n for n, _, _ in ranks)
+    encoders = ENCODERS_LINE.search(result.stdout)
     return {
         "engine": engine,
         "rc": 0,
@@ -69,6 +71,7 @@ def build(config: Path, engine: str, gpus: int, device: str) -> dict:
         # after the first quarter of each rank's samples: Ray's actors load the models inside its timed
         # loop, the local engine before it, so only this rate compares the engines' encoding
         "steady samples/s": round(sum(steady for _, _, steady in ranks), 3),
+        **({"encoders": encoders.group(0)} if encoders else {}),
     }
 
 

@@ -57,6 +57,7 @@ class Packed:
     Every tensor a DataLoader worker returns reaches the main process as a file descriptor of its own,
     passed through a socket round trip, all on the main (encoding) thread: ten per edit-v2 sample of
     three references, ~1 ms each on a busy host, time the GPU waits. One buffer is one round trip.
+    The Ray engine ships samples packed too, the buffer as a NumPy array (`prep.ray_engine.prepare`).
     """
 
     skeleton: Prepared  # the sample with each tensor replaced by its index in `layout`

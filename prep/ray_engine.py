@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import threading
 import time
-from dataclasses import replace
+import warnings
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from prep.encode import Encoders
-from prep.pipeline import POOL_BATCHES, BackgroundWriter, EncodeStats, to_host
+from prep.pipeline import POOL_BATCHES, BackgroundWriter, EncodeStats, Packed, pack, to_host, unpack
 from prep.record import (
     BuiltRecords,
     Prepared,
@@ -48,6 +50,10 @@ from shared.config import DatasetConfig
 from shared.errors import UserError
 from shared.flavours import Flavour
 
+# Calls in an actor at once: one encodes; the others take their batches or make their records. With two,
+# the one H200 of a build waited for batches (93% busy, 11.8 samples/s); with four it never did (100%, 13.7).
+CALLS_PER_ACTOR = 4
+
 
 def import_ray():
     try:
@@ -62,9 +68,23 @@ def import_ray():
 
 
 def prepare(row: dict, preparer: SamplePreparer, main: DatasetConfig, conds: list[DatasetConfig]) -> dict:
-    """A CPU task: one sample decoded, placed and processed, as a DataLoader worker does it locally (or
-    `Unreadable`: the others go on)."""
-    return {"prepared": prepare_or_skip(preparer, row["sample"], main, conds)}
+    """A CPU task: one sample decoded, placed and processed, as a DataLoader worker does it locally, and
+    packed for the trip to its actor (or `Unreadable`: the others go on)."""
+    prepared = prepare_or_skip(preparer, row["sample"], main, conds)
+    if isinstance(prepared, Unreadable):
+        return {"prepared": prepared}
+    # Its tensors in one NumPy buffer: unpickled on the actor in ~0.5 ms for 10 MB, against ~5.7 ms for the
+    # same bytes as torch tensors (torch's own unpickling). That time holds the GIL the encoding thread
+    # needs to launch its kernels (measured on CPU; on an H200 the GPU idled whole seconds per call).
+    packed = pack(prepared)
+    return {"prepared": replace(packed, buffer=packed.buffer.numpy())}
+
+
+def unpacked(packed: Packed) -> Prepared:
+    """`prepare`'s NumPy-packed sample as the encoders take it: its tensors are views of the buffer."""
+    with warnings.catch_warnings():  # the buffer is read-only (unpickled in place); the encoders only read it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return unpack(replace(packed, buffer=torch.from_numpy(packed.buffer)))
 
 
 class EncodeActor:
@@ -78,20 +98,57 @@ class EncodeActor:
         self.encoders = Encoders(model, flavour, device, dtype)
         self.batch_size = batch_size
         self.encoding = threading.Lock()  # one call on the encoders at a time (memory); records made beside it
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Per input row, in order: its `BuiltRecords`, or the `Unreadable` it came as."""
+        """Per input row, in order: its `BuiltRecords` (or the `Unreadable` it came as), and the call's `CallTimes`."""
+        arrived = time.time()
         items = list(batch["prepared"])
-        prepared: list[Prepared] = [p for p in items if not isinstance(p, Unreadable)]
+        prepared = [unpacked(p) for p in items if not isinstance(p, Unreadable)]
         with self.encoding:
+            started = time.time()
             encoded = encode_prepared(prepared, self.encoders, max_batch=self.batch_size)
             host = [([to_host(x) for x in lat], [to_host(x) for x in emb]) for lat, emb in encoded]
             if self.encoders.device.type == "cuda":
                 torch.cuda.synchronize()  # to_host queues its copies; they must be done before they are read
             del encoded  # the device's outputs go now, not while the other call encodes
+            encoded_at = time.time()
         # Serialised, tar-framed and hashed here, while the other call encodes: the driver only appends them.
         built = (_joined(build_records(p, lat, emb)) for p, (lat, emb) in zip(prepared, host, strict=True))
-        return {"built": _objects([item if isinstance(item, Unreadable) else next(built) for item in items])}
+        column = _objects([item if isinstance(item, Unreadable) else next(built) for item in items])
+        times = CallTimes(self.name, arrived, started, encoded_at, time.time())
+        return {"built": column, "times": _objects([times] * len(items))}
+
+
+@dataclass(frozen=True)
+class CallTimes:
+    """When one actor call had its batch, held the encoders and returned (wall clock of the actor's host, s)."""
+
+    actor: str  # host:pid
+    arrived: float
+    started: float  # encoders taken (the other call's encoding done)
+    encoded: float  # encoders released, outputs on the host
+    returned: float
+
+
+def encoder_report(calls: set[CallTimes]) -> str:
+    """How busy the encoders were between each actor's first and last encoding: below ~95%, the actors
+    waited for Ray Data to bring them batches (the CPU tasks, or the hand-over, too slow)."""
+    actors: dict[str, list[CallTimes]] = {}
+    for call in calls:
+        actors.setdefault(call.actor, []).append(call)
+    busy = sum(c.encoded - c.started for group in actors.values() for c in group)
+    window = sum(max(c.encoded for c in g) - min(c.started for c in g) for g in actors.values())
+    between = []  # per call after an actor's first: how long its encoders idled before it
+    for group in actors.values():
+        ordered = sorted(group, key=lambda c: c.started)
+        between += [max(0.0, b.started - a.encoded) for a, b in zip(ordered, ordered[1:], strict=False)]
+    late = sum(1 for gap in between if gap > 0.05)
+    return (
+        f"ray: {len(actors)} encoding actor(s) busy {busy / max(window, 1e-9):.0%} of the time "
+        f"({busy:.1f} s of {window:.1f} s; {len(calls)} calls; {late} waited for their batch, "
+        f"{sum(between):.1f} s in all)"
+    )
 
 
 def _joined(built: BuiltRecords) -> BuiltRecords:
@@ -143,6 +200,7 @@ def encode_with_ray(
     context.execution_options.preserve_order = True  # records reach the writer in the samples' order
     context.enable_progress_bars = False
     stats = EncodeStats()
+    calls: set[CallTimes] = set()
     start = time.perf_counter()
     background = BackgroundWriter(writer, dropout_writer)
     try:
@@ -156,12 +214,12 @@ def encode_with_ray(
             # buckets, so calls of `batch_size` samples encoded ~1.3 samples a batch on 3 buckets.
             batch_size=batch_size * POOL_BATCHES,
             batch_format="numpy",
-            # Two calls per actor at once: while one batch encodes, Ray Data unpickles the next batch's
-            # inputs (~30 MB a sample at 1 MP, edit-v1) and the other call makes its records; one at a
-            # time the encoder waited ~0.25 s a sample for Ray Data alone (measured on CPU). The encoding
-            # itself stays one batch at a time (the actor's lock).
+            # CALLS_PER_ACTOR calls per actor at once: while one batch encodes, Ray Data unpickles the
+            # next batches' inputs (~10 MB a sample at 1 MP, edit-v1) and finished calls make their
+            # records; one at a time the encoder waited ~0.25 s a sample for Ray Data alone (measured on
+            # CPU). The encoding itself stays one batch at a time (the actor's lock).
             compute=ray.data.ActorPoolStrategy(
-                size=actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True
+                size=actors, max_concurrent_calls_per_actor=CALLS_PER_ACTOR, enable_true_multi_threading=True
             ),
             num_gpus=1 if on_gpu else 0,
             # an actor that dies (a lost node, a kill) is replaced and its batch is encoded again
@@ -169,6 +227,7 @@ def encode_with_ray(
             max_task_retries=-1,
         )
         for row in rows.iter_rows():
+            calls.add(row["times"])
             if isinstance(row["built"], Unreadable):
                 stats.unreadable.append(row["built"])
                 continue
@@ -180,4 +239,6 @@ def encode_with_ray(
         if started:
             ray.shutdown()
     stats.seconds = time.perf_counter() - start
+    if calls:
+        print(encoder_report(calls))
     return stats

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from prep.build import build_cache
+from prep.ray_engine import CallTimes, encoder_report
 from prep.verify import verify_cache
 from shared.cache import DROPOUT, DROPOUT_SHARD, MEMBERS, member_column
 from shared.config import load_config
@@ -53,12 +54,24 @@ def test_ray_builds_the_local_engines_cache_and_a_rerun_changes_nothing(local_ra
     (local,) = build_cache(config, device="cpu")
     kept = local.with_name("local-engine")
     shutil.move(local, kept)
+    capsys.readouterr()
     (built,) = build_cache(config, device="cpu", engine="ray")
     assert manifest_rows(built) == manifest_rows(kept)
     assert shard_bytes(built) == shard_bytes(kept)  # every member, tensor and offset, bit for bit
-    capsys.readouterr()
+    assert re.search(r"ray: 1 encoding actor\(s\) busy \d+% of the time", capsys.readouterr().out)
     build_cache(config, device="cpu", engine="ray")
     assert "up to date" in capsys.readouterr().out
+
+
+def test_the_actors_report_says_how_long_they_waited_for_batches():
+    # One actor: 2 s encoding, then its next batch came 1 s late, then 1 s encoding.
+    calls = {CallTimes("a", 0.0, 0.0, 2.0, 2.1), CallTimes("a", 2.5, 3.0, 4.0, 4.1)}
+    report = encoder_report(calls)
+    assert "1 encoding actor(s) busy 75% of the time (3.0 s of 4.0 s; 2 calls; 1 waited" in report
+    assert "1.0 s in all" in report
+    # Two actors, each busy throughout its own span: no waiting.
+    calls = {CallTimes("a", 0, 0, 1, 1), CallTimes("a", 0, 1, 2, 2), CallTimes("b", 5, 5, 7, 7)}
+    assert "2 encoding actor(s) busy 100%" in encoder_report(calls)
 
 
 def test_ray_writes_the_same_cache_to_s3(local_ray, s3, demo_project, tmp_path):
