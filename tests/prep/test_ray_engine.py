@@ -176,7 +176,9 @@ def kill_with_its_ray(driver: subprocess.Popen) -> None:
 
 
 def test_a_driver_killed_mid_build_is_resumed_by_the_same_command_from_its_sealed_shards(demo_project, tmp_path):
-    n = 12  # two actor calls (8 samples each on CPU): the driver is killed once the first call's records are in
+    # Three actor calls of 8 samples (on CPU), encoded one after another: the driver is killed once the first
+    # call's records are sealed, while the others still encode.
+    n = 24
     config_path = demo_project("edit-v1", n_samples=n)
     config = load_config(config_path)
     (cache,) = build_cache(config, device="cpu")  # the local engine, uninterrupted
