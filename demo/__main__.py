@@ -14,31 +14,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from demo.data import write_demo_dataset
-from demo.tiny_model import write_tiny_model
-
-MODEL_DIRS = {
-    "edit-v1": "tiny-qwen-image-edit",
-    "edit-v2": "tiny-qwen-image-edit-2509",
-    "edit-v3": "tiny-qwen-image-edit-2511",
-}
-
-
-def write_demo(root: Path, n_samples: int = 12) -> None:
-    for flavour, name in MODEL_DIRS.items():
-        model_dir = root / "models" / name
-        if not (model_dir / "model_index.json").is_file():
-            write_tiny_model(model_dir, flavour, reconstructing_vae=True)
-        print(f"tiny {flavour} model: {model_dir}")
-    for flavour, n_refs in (("edit-v1", 1), ("edit-v2", 2), ("edit-v3", 2)):
-        data = write_demo_dataset(root / "data" / flavour, n_samples=n_samples, n_references=n_refs)
-        print(f"demo {flavour} dataset: {data} ({n_samples} pairs)")
+from demo.project import SAMPLES, write_demo
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path(".demo"))
-    parser.add_argument("--samples", type=int, default=12)
+    parser.add_argument("--samples", type=int, default=SAMPLES)
     args = parser.parse_args()
     write_demo(args.root, args.samples)
 

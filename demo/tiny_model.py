@@ -84,9 +84,9 @@ def build_tokenizer():
     return Qwen2Tokenizer(vocab=model["vocab"], merges=merges, additional_special_tokens=SPECIAL_TOKENS)
 
 
-def build_components(seed: int = 0, reconstructing_vae: bool = False) -> dict:
+def build_components(seed: int = 0, reconstructing_vae: bool = False, heads: int = 2, head_dim: int = 16) -> dict:
     """The six pipeline components, with random weights drawn from `seed` (the VAE's set to reconstruct with
-    `reconstructing_vae`)."""
+    `reconstructing_vae`); the transformer has `heads` attention heads of `head_dim`."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import (
         Qwen2_5_VLConfig,
@@ -156,10 +156,10 @@ def build_components(seed: int = 0, reconstructing_vae: bool = False) -> dict:
         in_channels=4 * z,
         out_channels=z,
         num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
         joint_attention_dim=TEXT_DIM,
-        axes_dims_rope=(4, 6, 6),
+        axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),  # frame, row, column
     )
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     return {
@@ -217,13 +217,15 @@ def make_reconstructing(vae, constant: float = 30.0) -> None:
     _identity(vae.post_quant_conv.weight, (0, 0, 0))
 
 
-def write_tiny_model(path: str | Path, flavour: str, seed: int = 0, reconstructing_vae: bool = False) -> Path:
+def write_tiny_model(
+    path: str | Path, flavour: str, seed: int = 0, reconstructing_vae: bool = False, heads: int = 2, head_dim: int = 16
+) -> Path:
     """Write the tiny model for `flavour` ("edit-v1", "edit-v2", or "edit-v3": a 2511-style model whose
     transformer config has `zero_cond_t`) to `path` and return it (`reconstructing_vae`: see the module's doc)."""
     import diffusers
 
     pipeline_cls = getattr(diffusers, FLAVOURS[flavour].pipeline_class)
-    components = build_components(seed, reconstructing_vae)
+    components = build_components(seed, reconstructing_vae, heads, head_dim)
     if flavour == "edit-v3":
         transformer = components["transformer"]
         components["transformer"] = type(transformer).from_config(transformer.config, zero_cond_t=True)
