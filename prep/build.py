@@ -13,12 +13,13 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from prep.distributed import init_ranks
+from prep.distributed import Ranks, init_ranks
 from prep.encode import Encoders
 from prep.file_records import save_records
 from prep.pipeline import EncodeStats, encode_into
@@ -36,6 +37,7 @@ from shared.cache import (
     lock_cache,
 )
 from shared.cache.fingerprint import references_alone
+from shared.cache.lock import CacheLock, ObjectLock
 from shared.cache.writer import (
     ShardTable,
     ShardWriter,
@@ -46,6 +48,21 @@ from shared.config import Config
 from shared.errors import UserError
 from shared.flavours import FLAVOURS
 from shared.models import load_processor, vae_scale_factor_of
+
+
+@dataclass
+class EncodeSettings:
+    """How this build encodes: where, in what precision, how batched, on which engine."""
+
+    device: str
+    dtype: torch.dtype
+    workers: int  # DataLoader workers (local engine)
+    batch_size: int
+    engine: str  # "local" or "ray"
+    ray_address: str
+    max_shard_bytes: int
+    encoders: Encoders | None = None  # loaded once, kept for the next cache (local engine)
+    on_stats: Callable[[EncodeStats], None] | None = None
 
 
 def build_cache(
@@ -78,36 +95,22 @@ def build_cache(
     ranks, device = init_ranks(device)
     if engine == "ray" and ranks.world > 1:
         raise UserError("--engine ray spreads the work itself: run it as one process, not under torchrun")
-    torch_dtype = encoder_dtype(dtype, device)
     on_gpu = device.startswith("cuda")
-    # On a GPU, workers decode while it encodes; on CPU the encoders want every core themselves.
-    workers = (min(8, os.cpu_count() or 1) if on_gpu else 0) if workers is None else workers
-    batch_size = (4 if on_gpu else 1) if batch_size is None else batch_size
-    outcome, report = None, None
+    settings = EncodeSettings(
+        device=device,
+        dtype=encoder_dtype(dtype, device),
+        # On a GPU, workers decode while it encodes; on CPU the encoders want every core themselves.
+        workers=(min(8, os.cpu_count() or 1) if on_gpu else 0) if workers is None else workers,
+        batch_size=(4 if on_gpu else 1) if batch_size is None else batch_size,
+        engine=engine,
+        ray_address=ray_address,
+        max_shard_bytes=max_shard_bytes,
+        encoders=encoders,
+        on_stats=on_stats,
+    )
     locks = ExitStack()  # rank 0 holds every cache's build lock until its manifest is written
-    held = {}  # cache location -> its lock (rank 0)
-    if ranks.is_main:
-        try:
-            report = validate_for_build(config)  # before the locks: data that is not trainable writes nothing
-            for main in config.main_datasets():
-                folder = CacheFolder(config.cache_location_for(main))
-                lock = held[folder.location] = locks.enter_context(lock_cache(folder, LOCK))
-                if lock.stale:
-                    print(f"note: the build by pid {lock.stale.get('pid')} ({lock.path}) was stopped; continuing it")
-            plans = plan_build(config, report, torch_dtype, force)
-            outcome = ("plans", plans)
-        except UserError as err:
-            locks.close()
-            outcome = ("error", str(err))  # sent to every rank, so none waits for work that never comes
-        except BaseException:
-            locks.close()  # an interrupt or an unexpected error while planning: release what was taken
-            raise
-    kind, value = ranks.broadcast(outcome)
-    if kind == "error":
-        raise UserError(value)
-    plans: list[Plan] = value
-
-    flavour = FLAVOURS[config.train.model_flavour]
+    held: dict[str, CacheLock | ObjectLock] = {}  # cache location -> its lock (rank 0)
+    report, plans = lock_and_plan(config, ranks, locks, held, settings.dtype, force)
     left_out: list[Unreadable] = []  # samples whose files could not be read when they came to be encoded
     with locks:
         for plan in plans:
@@ -117,92 +120,147 @@ def build_cache(
                     print(f"cache {plan.folder}: up to date ({plan.reuse.num_rows} samples)")
                 continue
             start = time.perf_counter()
-            mine = ranks.share(plan.encode + plan.add_dropout)
-            fingerprint_hash = plan.fingerprint["sha256"]
-            writer = ShardWriter(plan.folder, fingerprint_hash, max_shard_bytes, ranks.shard_prefix)
-            dropout_writer = ShardWriter(
-                plan.folder, fingerprint_hash, max_shard_bytes, ranks.shard_prefix, dropout=True
-            )
-            model = config.train.pretrained_model_name_or_path
-            if mine and encoders is None and engine == "local":
-                print(f"loading encoders from {model} on {device} ({torch_dtype})")
-                encoders = Encoders(model, flavour, device, torch_dtype)
-            if mine:
-                # Ray's actors load the encoders; the preparer (shipped to its CPU tasks) needs only the processor.
-                processor, scale = (
-                    (encoders.processor, encoders.scale)
-                    if engine == "local"
-                    else (load_processor(model), vae_scale_factor_of(model))
-                )
-                preparer = SamplePreparer(
-                    flavour,
-                    processor,
-                    scale,
-                    config.train.match_target_res,
-                    config.train.crop_seed,
-                    config.train.preview_settings,
-                    references_alone(config, plan.main),
-                    dropout=plan.dropout,
-                    dropout_only=CachedEmbeds(CacheStore(plan.folder.location), plan.embeds_spans),
-                )
-                conds = config.conditioning_for(plan.main)
-                if engine == "ray":
-                    stats = encode_with_ray(
-                        writer,
-                        mine,
-                        plan.main,
-                        conds,
-                        preparer,
-                        model,
-                        flavour,
-                        device,
-                        torch_dtype,
-                        batch_size,
-                        dropout_writer,
-                        address=ray_address,
-                    )
-                else:
-                    stats = encode_into(
-                        writer,
-                        mine,
-                        plan.main,
-                        conds,
-                        encoders,
-                        preparer,
-                        workers=workers,
-                        batch_size=batch_size,
-                        show_progress=ranks.is_main,
-                        dropout_writer=dropout_writer,
-                    )
-                if on_stats:
-                    on_stats(stats)
-                print(
-                    f"rank {ranks.rank}: {stats.samples} samples in {stats.seconds:.1f} s "
-                    f"({stats.samples / max(stats.seconds, 1e-9):.2f} samples/s, steady {stats.steady_rate():.2f})"
-                )
-            left_out += [u for part in ranks.gather(stats.unreadable if mine else []) for u in part]
-            encoded = [row for rows in ranks.gather(writer.rows) for row in rows]
-            dropouts = [row for rows in ranks.gather(dropout_writer.rows) for row in rows]
-            sealed = ranks.gather({**writer.shards, **dropout_writer.shards})
-            shards = {name: s for table in sealed for name, s in table.items()}
-            if ranks.is_main:
-                rows = sorted(plan.reuse.to_pylist() + encoded, key=lambda r: (r["relpath"], r["sample_id"]))
-                attach_dropout(rows, dropouts)
-                info = cache_info(plan, rows, flavour, {**plan.shards, **shards})
-                held[plan.folder.location].check()  # still this cache's only writer
-                commit(plan.folder, rows, {**plan.shards, **shards}, info)
-                save_validation(plan, config, report)
-                n = max(len(rows), 1)
-                print(
-                    f"cache {plan.folder}: {len(rows)} samples ({len(encoded)} encoded by {ranks.world} "
-                    f"process(es), {plan.reuse.num_rows} reused ({len(plan.add_dropout)} given dropout embeddings), "
-                    f"{plan.removed} removed), "
-                    f"{info['counts']['shard_bytes'] / n / 1024:.1f} KiB/sample, {time.perf_counter() - start:.1f} s"
-                )
+            writers = encode_plan(plan, config, ranks, settings)
+            left_out += [u for part in ranks.gather(writers.unreadable) for u in part]
+            commit_plan(plan, config, report, ranks, writers, held, start)
             ranks.barrier()
     if left_out:
         raise UserError(unreadable_message(left_out))
     return [plan.folder.local or plan.folder.location for plan in plans]
+
+
+def lock_and_plan(
+    config: Config, ranks: Ranks, locks: ExitStack, held: dict, dtype: torch.dtype, force: bool
+) -> tuple[Report | None, list[Plan]]:
+    """On rank 0: validate, take every cache's build lock (into `locks`, by location into `held`) and plan
+    each cache; every rank gets the plans, or the UserError that stopped them (so none waits for work that
+    never comes). Returns rank 0's validation report (None elsewhere) and the plans."""
+    outcome, report = None, None
+    if ranks.is_main:
+        try:
+            report = validate_for_build(config)  # before the locks: data that is not trainable writes nothing
+            for main in config.main_datasets():
+                folder = CacheFolder(config.cache_location_for(main))
+                lock = held[folder.location] = locks.enter_context(lock_cache(folder, LOCK))
+                if lock.stale:
+                    print(f"note: the build by pid {lock.stale.get('pid')} ({lock.path}) was stopped; continuing it")
+            outcome = ("plans", plan_build(config, report, dtype, force))
+        except UserError as err:
+            locks.close()
+            outcome = ("error", str(err))
+        except BaseException:
+            locks.close()  # an interrupt or an unexpected error while planning: release what was taken
+            raise
+    kind, value = ranks.broadcast(outcome)
+    if kind == "error":
+        raise UserError(value)
+    return report, value
+
+
+@dataclass
+class PlanWriters:
+    """What one process wrote for a plan: its shard writers (their rows and sealed shards) and the samples
+    it could not read."""
+
+    main: ShardWriter
+    dropout: ShardWriter
+    unreadable: list[Unreadable]
+
+
+def encode_plan(plan: Plan, config: Config, ranks: Ranks, settings: EncodeSettings) -> PlanWriters:
+    """Encode this process's share of the plan's samples into new shards (main and dropout records)."""
+    mine = ranks.share(plan.encode + plan.add_dropout)
+    fingerprint_hash = plan.fingerprint["sha256"]
+    writer = ShardWriter(plan.folder, fingerprint_hash, settings.max_shard_bytes, ranks.shard_prefix)
+    dropout_writer = ShardWriter(
+        plan.folder, fingerprint_hash, settings.max_shard_bytes, ranks.shard_prefix, dropout=True
+    )
+    if not mine:
+        return PlanWriters(writer, dropout_writer, [])
+    flavour = FLAVOURS[config.train.model_flavour]
+    model = config.train.pretrained_model_name_or_path
+    if settings.engine == "local" and settings.encoders is None:
+        print(f"loading encoders from {model} on {settings.device} ({settings.dtype})")
+        settings.encoders = Encoders(model, flavour, settings.device, settings.dtype)
+    # Ray's actors load the encoders; the preparer (shipped to its CPU tasks) needs only the processor.
+    processor, scale = (
+        (settings.encoders.processor, settings.encoders.scale)
+        if settings.engine == "local"
+        else (load_processor(model), vae_scale_factor_of(model))
+    )
+    preparer = SamplePreparer(
+        flavour,
+        processor,
+        scale,
+        config.train.match_target_res,
+        config.train.crop_seed,
+        config.train.preview_settings,
+        references_alone(config, plan.main),
+        dropout=plan.dropout,
+        dropout_only=CachedEmbeds(CacheStore(plan.folder.location), plan.embeds_spans),
+    )
+    conds = config.conditioning_for(plan.main)
+    if settings.engine == "ray":
+        stats = encode_with_ray(
+            writer,
+            mine,
+            plan.main,
+            conds,
+            preparer,
+            model,
+            flavour,
+            settings.device,
+            settings.dtype,
+            settings.batch_size,
+            dropout_writer,
+            address=settings.ray_address,
+        )
+    else:
+        stats = encode_into(
+            writer,
+            mine,
+            plan.main,
+            conds,
+            settings.encoders,
+            preparer,
+            workers=settings.workers,
+            batch_size=settings.batch_size,
+            show_progress=ranks.is_main,
+            dropout_writer=dropout_writer,
+        )
+    if settings.on_stats:
+        settings.on_stats(stats)
+    print(
+        f"rank {ranks.rank}: {stats.samples} samples in {stats.seconds:.1f} s "
+        f"({stats.samples / max(stats.seconds, 1e-9):.2f} samples/s, steady {stats.steady_rate():.2f})"
+    )
+    return PlanWriters(writer, dropout_writer, stats.unreadable)
+
+
+def commit_plan(
+    plan: Plan, config: Config, report: Report | None, ranks: Ranks, writers: PlanWriters, held: dict, start: float
+) -> None:
+    """Gather every process's new rows and shards; on rank 0, write the manifest and cache.json over the
+    reused rows (still holding the cache's lock) and say what the cache now holds."""
+    encoded = [row for rows in ranks.gather(writers.main.rows) for row in rows]
+    dropouts = [row for rows in ranks.gather(writers.dropout.rows) for row in rows]
+    sealed = ranks.gather({**writers.main.shards, **writers.dropout.shards})
+    shards = {**plan.shards, **{name: s for table in sealed for name, s in table.items()}}
+    if not ranks.is_main:
+        return
+    rows = sorted(plan.reuse.to_pylist() + encoded, key=lambda r: (r["relpath"], r["sample_id"]))
+    attach_dropout(rows, dropouts)
+    info = cache_info(plan, rows, FLAVOURS[config.train.model_flavour], shards)
+    held[plan.folder.location].check()  # still this cache's only writer
+    commit(plan.folder, rows, shards, info)
+    save_validation(plan, config, report)
+    n = max(len(rows), 1)
+    print(
+        f"cache {plan.folder}: {len(rows)} samples ({len(encoded)} encoded by {ranks.world} "
+        f"process(es), {plan.reuse.num_rows} reused ({len(plan.add_dropout)} given dropout embeddings), "
+        f"{plan.removed} removed), "
+        f"{info['counts']['shard_bytes'] / n / 1024:.1f} KiB/sample, {time.perf_counter() - start:.1f} s"
+    )
 
 
 def unreadable_message(left_out: list[Unreadable]) -> str:
