@@ -21,6 +21,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 import train.validation as validation_module
 from prep.build import build_cache
 from shared.config import load_config
+from shared.preview_grid import read_png
 from train.eval_data import EvalSample
 from train.loop import train
 from train.packing import pack_latents
@@ -181,6 +182,10 @@ def test_training_previews_without_the_encoders(demo_project, monkeypatch):
     assert [r["step"] for r in logged] == ["0", "2", "4"]
     assert all(0 < float(r["heldout_loss"]) and 0 <= float(r["preview_error"]) <= 1 for r in logged)
     assert [r["preview_error_ema"] == "" for r in logged] == [True, False, False]  # no EMA previews at step 0
+    # The EMA previews render the EMA weights, which lag the live ones: their outputs differ (one autocast
+    # around both once kept the live weights' bf16 copies, and the "EMA" previews were the live ones).
+    live, ema = (sorted((out / "previews" / step).glob("*.output.png")) for step in ("step-000004", "step-000004-ema"))
+    assert any(read_png(a).tolist() != read_png(b).tolist() for a, b in zip(live, ema, strict=True))
     with PIL.Image.open(out / "loss.png") as chart:
         assert chart.height > 700  # the pixel error's panel under the loss chart
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
