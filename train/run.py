@@ -213,20 +213,15 @@ class Run:
         validator, model, cfg = self.validator, self.model, self.cfg
         measured: dict[str, float] = {}  # eval_log.csv's columns for this step
 
-        # Each measurement in an autocast of its own: autocast keeps the bf16 copies it makes of the fp32 LoRA
-        # weights until it exits, so weights swapped in (the EMA, the LoRA off) inside one would go unseen: the
-        # EMA previews rendered the live weights, pixel for pixel, until this.
         def preview(tag: str, column: str, **kwargs) -> None:
-            with self.accelerator.autocast():
-                rendered = validator.previews(model, step, tag, **kwargs)
+            rendered = validator.previews(model, step, tag, **kwargs)
             if rendered is not None:
                 self.metrics.image(f"previews/{tag or 'lora'}", rendered.grid, step)
                 measured[column] = rendered.pixel_error
 
-        with attention_backends(cfg.prefer_cudnn_attention):
+        with self.accelerator.autocast(), attention_backends(cfg.prefer_cudnn_attention):
             if validator.loss_due(step, last or baseline):
-                with self.accelerator.autocast():
-                    measured["heldout_loss"] = validator.heldout_loss(model)
+                measured["heldout_loss"] = validator.heldout_loss(model)
                 log.info("held-out loss at step %d: %.5f", step, measured["heldout_loss"])
             if validator.previews_due(step, last or baseline):
                 if baseline:  # step 0: the base model (the LoRA adds exactly 0 yet, so this is also the LoRA's)

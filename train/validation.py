@@ -272,17 +272,22 @@ def lora_disabled(params: dict[str, torch.nn.Parameter]):
 
 @contextmanager
 def weights_swapped(params: dict[str, torch.nn.Parameter], replacement: dict[str, torch.Tensor]):
-    """The trainable parameters hold `replacement` (e.g. the EMA) inside the block, their own values after."""
+    """The trainable parameters hold `replacement` (e.g. the EMA) inside the block, their own values after.
+
+    Autocast keeps the bf16 copies it made of fp32 weights until its outermost context exits, so each swap
+    drops them: without that, EMA previews inside the validation's autocast rendered the live weights."""
     kept = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
     try:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(replacement[name].to(p.device, p.dtype))
+        torch.clear_autocast_cache()
         yield
     finally:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(kept[name].to(p.device))
+        torch.clear_autocast_cache()
 
 
 def release_memory() -> None:
