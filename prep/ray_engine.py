@@ -102,7 +102,6 @@ class EncodeActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per input row, in order: its `BuiltRecords` (or the `Unreadable` it came as), and the call's `CallTimes`."""
-        arrived = time.time()
         items = list(batch["prepared"])
         prepared = [unpacked(p) for p in items if not isinstance(p, Unreadable)]
         with self.encoding:
@@ -116,19 +115,17 @@ class EncodeActor:
         # Serialised, tar-framed and hashed here, while the other call encodes: the driver only appends them.
         built = (_joined(build_records(p, lat, emb)) for p, (lat, emb) in zip(prepared, host, strict=True))
         column = _objects([item if isinstance(item, Unreadable) else next(built) for item in items])
-        times = CallTimes(self.name, arrived, started, encoded_at, time.time())
+        times = CallTimes(self.name, started, encoded_at)
         return {"built": column, "times": _objects([times] * len(items))}
 
 
 @dataclass(frozen=True)
 class CallTimes:
-    """When one actor call had its batch, held the encoders and returned (wall clock of the actor's host, s)."""
+    """When one actor call held the encoders (wall clock of the actor's host, s)."""
 
     actor: str  # host:pid
-    arrived: float
     started: float  # encoders taken (the other call's encoding done)
     encoded: float  # encoders released, outputs on the host
-    returned: float
 
 
 def encoder_report(calls: set[CallTimes]) -> str:
