@@ -20,14 +20,13 @@ install: $(STAMP)
 # The whole pipeline on the tiny offline default: write model + data, build caches, train, print the LoRA.
 # Each run starts fresh (the model and data are regenerated, so old caches and outputs would not match).
 demo: install
-	rm -rf .demo/cache .demo/output
+	rm -rf .demo/cache .demo/output .demo/data
 	$(BIN)/python -m demo
 	$(MAKE) --no-print-directory demo-edit-v1 demo-edit-v2 demo-edit-v3
 	@echo "LoRAs (diffusers + ComfyUI; edit-v1 also its EMA in ema/), logs, loss.png and preview grids (previews/): .demo/output/edit-v1 .demo/output/edit-v2 .demo/output/edit-v3"
 	@echo "before and after training, per held-out sample: .demo/output/edit-v1/previews/before-after.png .demo/output/edit-v2/previews/before-after.png .demo/output/edit-v3/previews/before-after.png"
 
 demo-edit-v1 demo-edit-v2 demo-edit-v3: demo-%: install
-	$(BIN)/prep validate --config configs/demo-$*/config.json
 	$(BIN)/prep build-cache --config configs/demo-$*/config.json
 	$(BIN)/train run --config configs/demo-$*/config.json
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from demo.project import SAMPLES, write_demo
+from demo.project import write_demo
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path(".demo"))
-    parser.add_argument("--samples", type=int, default=SAMPLES)
+    parser.add_argument("--samples", type=int, help="edit pairs per flavour (default: demo.project.SAMPLES)")
     args = parser.parse_args()
     write_demo(args.root, args.samples)
 

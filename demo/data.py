@@ -4,9 +4,12 @@
 <root>/images/<name>.png       the edited image (training target)
 <root>/images/<name>.txt       the instruction
 <root>/reference/<name>.png    the image before the edit (same relative path)
-<root>/reference2/<name>.png   edit-v2 only: a colour swatch the instruction refers to
+<root>/reference2/<name>.png   edit-v2/v3: another picture, whose shape's colour the instruction asks for
 ```
-Each pair recolours one shape; images come in three aspect ratios.
+Each pair recolours one shape; images come in three aspect ratios. With two references both are pictures
+of the same kind (a shape on a plain background), so only their order says which one is edited: a model
+that learns this edit reads its references by position, and a preview whose references were packed in
+another order than training's is visibly wrong (the demo's learning test relies on that).
 """
 
 from __future__ import annotations
@@ -27,6 +30,17 @@ COLOURS = {
 SIZES = [(256, 256), (320, 240), (240, 320)]  # (width, height)
 
 
+def _scene(rng: random.Random, size: tuple[int, int], darkest: int) -> tuple[tuple, str, tuple]:
+    """A random plain background colour (each channel in [`darkest`, 255]), shape ("circle" or "square") and
+    its box (x0, y0, x1, y1) in pixels."""
+    w, h = size
+    background = tuple(rng.randint(darkest, 255) for _ in range(3))
+    shape = rng.choice(["circle", "square"])
+    r = rng.randint(min(w, h) // 6, min(w, h) // 3)
+    cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
+    return background, shape, (cx - r, cy - r, cx + r, cy + r)
+
+
 def _draw(size: tuple[int, int], background: tuple, shape: str, box: tuple, colour: tuple) -> Image.Image:
     image = Image.new("RGB", size, background)
     draw = ImageDraw.Draw(image)
@@ -41,24 +55,23 @@ def write_demo_dataset(root: str | Path, n_samples: int = 12, n_references: int 
     folders = ["reference"] + [f"reference{i + 1}" for i in range(1, n_references)]
     for sub in ["images", *folders]:
         (root / sub).mkdir(parents=True, exist_ok=True)
-    names = list(COLOURS)
+    # With several pictures, backgrounds span every colour, so that reading the wrong picture is far off.
+    darkest = 150 if n_references == 1 else 0
     for index in range(n_samples):
         size = SIZES[index % len(SIZES)]
-        background = tuple(rng.randint(150, 255) for _ in range(3))
-        shape = rng.choice(["circle", "square"])
-        w, h = size
-        r = rng.randint(min(w, h) // 6, min(w, h) // 3)
-        cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
-        box = (cx - r, cy - r, cx + r, cy + r)
-        before, after = rng.sample(names, 2)
+        background, shape, box = _scene(rng, size, darkest)
+        before, after, *others = rng.sample(list(COLOURS), 1 + n_references)
         name = f"pair_{index:04d}.png"
         _draw(size, background, shape, box, COLOURS[before]).save(root / "reference" / name)
         _draw(size, background, shape, box, COLOURS[after]).save(root / "images" / name)
         if n_references == 1:
             caption = f"make the {shape} {after}"
         else:
-            caption = f"paint the {shape} of picture 1 in the colour of picture 2"
-            for folder in folders[1:]:
-                Image.new("RGB", (128, 128), COLOURS[after]).save(root / folder / name)
+            # picture 2 shows the new colour on a shape of its own; any further picture is a distractor
+            for folder, colour in zip(folders[1:], [after, *others][: n_references - 1], strict=True):
+                other_background, other_shape, other_box = _scene(rng, size, darkest)
+                _draw(size, other_background, other_shape, other_box, COLOURS[colour]).save(root / folder / name)
+                if folder == "reference2":
+                    caption = f"paint the {shape} of picture 1 in the colour of the {other_shape} in picture 2"
         (root / "images" / name).with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
     return root

@@ -4,9 +4,10 @@ their `.demo/` paths moved elsewhere (`demo_config`), so that the learning test 
 The demo's transformer is wider than the tests' tiny one (4 heads of 32: 128 wide) so that its patch
 outputs (2·2·16 = 64 numbers a token) are within reach of its width, and the demo configs train LoRAs on
 its input and output projections too (`img_in`, `proj_out`): on a random base those maps are random, and
-a LoRA on attention alone moved its previews' pixel error 25% in 150 steps. With them, 200 steps of the
-toy recolouring task take the held-out previews from noise to the picture's colours (error ≤ 0.5x the
-base model's; `tests/demo/test_learning.py`).
+a LoRA on attention alone moved its previews' pixel error 25% in 150 steps. In edit-v2 and edit-v3 the
+text encoder is blind to pictures, so what the edit needs from its two pictures (picture 1's layout,
+picture 2's colour) reaches the transformer only through the reference latents, told apart by their order
+alone: a preview that packs them in another order than training did is far off (`tests/demo/test_learning.py`).
 """
 
 from __future__ import annotations
@@ -23,29 +24,36 @@ MODEL_DIRS = {
     "edit-v2": "tiny-qwen-image-edit-2509",
     "edit-v3": "tiny-qwen-image-edit-2511",
 }
-HEADS, HEAD_DIM = 4, 32  # the demo transformer's attention: 128 wide
-SAMPLES = 48  # edit pairs per flavour: 46 to train on, 2 held out (eval_holdout)
+# The demo models' settings (demo/tiny_model.py): a transformer 128 wide (4 heads of 32); with two
+# references, a text encoder blind to pictures, so which picture is which can be read only from the
+# references' order. Kept beside each model as demo_model.json: a `.demo/` written with others is rewritten.
+DEMO_MODELS = {
+    "edit-v1": {"heads": 4, "head_dim": 32, "blind_text_encoder": False},
+    "edit-v2": {"heads": 4, "head_dim": 32, "blind_text_encoder": True},
+    "edit-v3": {"heads": 4, "head_dim": 32, "blind_text_encoder": True},
+}
+SAMPLES = {"edit-v1": 48, "edit-v2": 96, "edit-v3": 96}  # edit pairs; eval_holdout of them (2, 4, 4) held out
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def write_demo(root: Path, n_samples: int = SAMPLES, flavours: tuple[str, ...] = FLAVOURS) -> None:
-    """The tiny models (kept when already written at the demo's width) and datasets under `root`."""
+def write_demo(root: Path, n_samples: int | None = None, flavours: tuple[str, ...] = FLAVOURS) -> None:
+    """The tiny models (kept when already written with their `DEMO_MODELS` settings) and datasets under `root`
+    (`n_samples` pairs each, else `SAMPLES`)."""
     for flavour in flavours:
         model_dir = root / "models" / MODEL_DIRS[flavour]
-        if not _written_at_demo_width(model_dir):
-            write_tiny_model(model_dir, flavour, reconstructing_vae=True, heads=HEADS, head_dim=HEAD_DIM)
+        marker, settings = model_dir / "demo_model.json", DEMO_MODELS[flavour]
+        if not (model_dir / "model_index.json").is_file() or not _holds(marker, settings):
+            write_tiny_model(model_dir, flavour, reconstructing_vae=True, **settings)
+            marker.write_text(json.dumps(settings))
         print(f"tiny {flavour} model: {model_dir}")
         n_refs = 1 if flavour == "edit-v1" else 2
-        data = write_demo_dataset(root / "data" / flavour, n_samples=n_samples, n_references=n_refs)
-        print(f"demo {flavour} dataset: {data} ({n_samples} pairs)")
+        n = n_samples or SAMPLES[flavour]
+        data = write_demo_dataset(root / "data" / flavour, n_samples=n, n_references=n_refs)
+        print(f"demo {flavour} dataset: {data} ({n} pairs)")
 
 
-def _written_at_demo_width(model_dir: Path) -> bool:
-    config = model_dir / "transformer" / "config.json"
-    if not (model_dir / "model_index.json").is_file() or not config.is_file():
-        return False
-    transformer = json.loads(config.read_text())
-    return (transformer["num_attention_heads"], transformer["attention_head_dim"]) == (HEADS, HEAD_DIM)
+def _holds(path: Path, settings: dict) -> bool:
+    return path.is_file() and json.loads(path.read_text()) == settings
 
 
 def demo_config(flavour: str, root: Path, **train: object) -> Path:

@@ -84,9 +84,17 @@ def build_tokenizer():
     return Qwen2Tokenizer(vocab=model["vocab"], merges=merges, additional_special_tokens=SPECIAL_TOKENS)
 
 
-def build_components(seed: int = 0, reconstructing_vae: bool = False, heads: int = 2, head_dim: int = 16) -> dict:
+def build_components(
+    seed: int = 0,
+    reconstructing_vae: bool = False,
+    heads: int = 2,
+    head_dim: int = 16,
+    blind_text_encoder: bool = False,
+) -> dict:
     """The six pipeline components, with random weights drawn from `seed` (the VAE's set to reconstruct with
-    `reconstructing_vae`); the transformer has `heads` attention heads of `head_dim`."""
+    `reconstructing_vae`); the transformer has `heads` attention heads of `head_dim`. `blind_text_encoder`
+    zeroes the vision tower's output, so the prompt embeddings carry the instruction but nothing of the
+    pictures: what an edit needs from them reaches the transformer only as reference latents (the demo)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import (
         Qwen2_5_VLConfig,
@@ -138,6 +146,11 @@ def build_components(seed: int = 0, reconstructing_vae: bool = False, heads: int
         vision_token_id=token_id("<|vision_pad|>"),
     )
     text_encoder = Qwen2_5_VLForConditionalGeneration(text_config)
+    if blind_text_encoder:
+        with torch.no_grad():
+            merger_out = text_encoder.model.visual.merger.mlp[-1]  # the last layer before the language model
+            merger_out.weight.zero_()
+            merger_out.bias.zero_()
     z = LATENT_CHANNELS
     vae = AutoencoderKLQwenImage(
         base_dim=8,
@@ -218,14 +231,20 @@ def make_reconstructing(vae, constant: float = 30.0) -> None:
 
 
 def write_tiny_model(
-    path: str | Path, flavour: str, seed: int = 0, reconstructing_vae: bool = False, heads: int = 2, head_dim: int = 16
+    path: str | Path,
+    flavour: str,
+    seed: int = 0,
+    reconstructing_vae: bool = False,
+    heads: int = 2,
+    head_dim: int = 16,
+    blind_text_encoder: bool = False,
 ) -> Path:
     """Write the tiny model for `flavour` ("edit-v1", "edit-v2", or "edit-v3": a 2511-style model whose
-    transformer config has `zero_cond_t`) to `path` and return it (`reconstructing_vae`: see the module's doc)."""
+    transformer config has `zero_cond_t`) to `path` and return it (the options: see `build_components`)."""
     import diffusers
 
     pipeline_cls = getattr(diffusers, FLAVOURS[flavour].pipeline_class)
-    components = build_components(seed, reconstructing_vae, heads, head_dim)
+    components = build_components(seed, reconstructing_vae, heads, head_dim, blind_text_encoder)
     if flavour == "edit-v3":
         transformer = components["transformer"]
         components["transformer"] = type(transformer).from_config(transformer.config, zero_cond_t=True)

@@ -66,3 +66,24 @@ def test_the_demos_vae_reconstructs_each_8x8_block_in_its_mean_colour_through_fr
         torch.testing.assert_close(decoded, painted, rtol=0, atol=0.01)
         torch.testing.assert_close(decoded_bf16, painted, rtol=0, atol=0.03)
         assert (decoded - x[:, :, 0]).abs().mean() < 0.05  # the picture on disk, blockier at the shapes' edges
+
+
+def test_the_demos_blind_text_encoder_embeds_the_instruction_but_nothing_of_the_pictures(tmp_path):
+    """`make demo`'s text encoder (`blind_text_encoder`): two different pictures with one instruction give the
+    same prompt embedding, and two instructions with one picture different ones, so the demo's edit can only
+    be learnt from the reference latents (what its learning test needs to catch references packed out of
+    order). The tests' own tiny encoder sees the pictures."""
+    from PIL import Image
+
+    from demo.tiny_model import write_tiny_model
+
+    def embeds(pipeline, colour: str, prompt: str) -> torch.Tensor:
+        image = Image.new("RGB", (64, 64), colour)
+        return pipeline.encode_prompt(prompt, image=[image], device="cpu")[0]
+
+    for blind in (True, False):
+        path = write_tiny_model(tmp_path / str(blind), "edit-v2", blind_text_encoder=blind)
+        pipeline = QwenImageEditPlusPipeline.from_pretrained(path)
+        red, blue = embeds(pipeline, "red", "make it blue"), embeds(pipeline, "blue", "make it blue")
+        assert torch.equal(red, blue) == blind
+        assert not torch.equal(red, embeds(pipeline, "red", "make it green"))
