@@ -68,10 +68,10 @@ def write_demo_dataset(root: str | Path, n_samples: int = 12, n_references: int 
             caption = f"make the {shape} {after}"
         else:
             # picture 2 shows the new colour on a shape of its own; any further picture is a distractor
-            for folder, colour in zip(folders[1:], [after, *others][: n_references - 1], strict=True):
-                other_background, other_shape, other_box = _scene(rng, size, darkest)
-                _draw(size, other_background, other_shape, other_box, COLOURS[colour]).save(root / folder / name)
-                if folder == "reference2":
-                    caption = f"paint the {shape} of picture 1 in the colour of the {other_shape} in picture 2"
+            colours = [after, *others][: n_references - 1]  # one per picture after the first
+            scenes = [_scene(rng, size, darkest) for _ in colours]
+            for folder, colour, scene in zip(folders[1:], colours, scenes, strict=True):
+                _draw(size, *scene, COLOURS[colour]).save(root / folder / name)
+            caption = f"paint the {shape} of picture 1 in the colour of the {scenes[0][1]} in picture 2"
         (root / "images" / name).with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
     return root

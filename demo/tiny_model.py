@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -230,21 +231,13 @@ def make_reconstructing(vae, constant: float = 30.0) -> None:
     _identity(vae.post_quant_conv.weight, (0, 0, 0))
 
 
-def write_tiny_model(
-    path: str | Path,
-    flavour: str,
-    seed: int = 0,
-    reconstructing_vae: bool = False,
-    heads: int = 2,
-    head_dim: int = 16,
-    blind_text_encoder: bool = False,
-) -> Path:
+def write_tiny_model(path: str | Path, flavour: str, **options: Any) -> Path:
     """Write the tiny model for `flavour` ("edit-v1", "edit-v2", or "edit-v3": a 2511-style model whose
-    transformer config has `zero_cond_t`) to `path` and return it (the options: see `build_components`)."""
+    transformer config has `zero_cond_t`) to `path` and return it; `options` are `build_components`'."""
     import diffusers
 
     pipeline_cls = getattr(diffusers, FLAVOURS[flavour].pipeline_class)
-    components = build_components(seed, reconstructing_vae, heads, head_dim, blind_text_encoder)
+    components = build_components(**options)
     if flavour == "edit-v3":
         transformer = components["transformer"]
         components["transformer"] = type(transformer).from_config(transformer.config, zero_cond_t=True)
