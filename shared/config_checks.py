@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shared.config_declare import check_declared_ranges
 from shared.errors import UserError
 from shared.flavours import FLAVOURS
 
@@ -49,56 +50,14 @@ def validation_resolution_area(value: Any, config_path: Path) -> tuple[Any, str 
 
 
 def check_ranges(train: TrainConfig, config_path: Path) -> None:
-    """Values that make no sense are refused here, before any model loads, with the key and what is allowed."""
-    rules = [
-        ("train_batch_size", train.train_batch_size >= 1, ">= 1"),
-        ("gradient_accumulation_steps", train.gradient_accumulation_steps >= 1, ">= 1"),
-        ("max_train_steps", train.max_train_steps >= 0, ">= 0 (0: use num_train_epochs)"),
-        (
-            "num_train_epochs",
-            train.num_train_epochs >= 1 or train.max_train_steps > 0,
-            ">= 1 when max_train_steps is 0",
-        ),
-        ("lora_rank", train.lora_rank >= 1, ">= 1"),
-        ("lora_alpha", math.isfinite(train.lora_alpha) and train.lora_alpha > 0, "a finite number > 0"),
-        ("lora_dropout", 0 <= train.lora_dropout < 1, "in [0, 1)"),
-        ("learning_rate", math.isfinite(train.learning_rate) and train.learning_rate > 0, "a finite number > 0"),
-        ("lr_warmup_steps", train.lr_warmup_steps >= 0, ">= 0"),
-        ("caption_dropout_probability", 0 <= train.caption_dropout_probability < 1, "in [0, 1)"),
-        ("scheduled_sampling_max_step_offset", 0 <= train.scheduled_sampling_max_step_offset < 1000, "in [0, 999]"),
-        ("scheduled_sampling_probability", 0 <= train.scheduled_sampling_probability <= 1, "in [0, 1]"),
-        ("scheduled_sampling_prob_start", 0 <= train.scheduled_sampling_prob_start <= 1, "in [0, 1]"),
-        ("scheduled_sampling_prob_end", 0 <= train.scheduled_sampling_prob_end <= 1, "in [0, 1]"),
-        ("scheduled_sampling_ramp_steps", train.scheduled_sampling_ramp_steps >= 0, ">= 0 (0: no ramp)"),
-        ("scheduled_sampling_start_step", train.scheduled_sampling_start_step >= 0, ">= 0"),
-        ("scheduled_sampling_order", 1 <= train.scheduled_sampling_order <= 9, "in [1, 9]"),
-        ("gradient_checkpointing_interval", train.gradient_checkpointing_interval >= 1, ">= 1"),
-        ("blocks_to_swap", train.blocks_to_swap >= 0, ">= 0"),
-        ("memory_budget_gib", train.memory_budget_gib >= 0, ">= 0 (0: the free memory)"),
-        ("max_grad_norm", train.max_grad_norm >= 0, ">= 0 (0: no clipping)"),
-        ("ema_decay", 0 < train.ema_decay < 1, "in (0, 1)"),
-        ("checkpointing_steps", train.checkpointing_steps >= 0, ">= 0 (0: no checkpoints)"),
-        ("checkpoints_total_limit", train.checkpoints_total_limit >= 0, ">= 0 (0: keep all)"),
-        ("max_nonfinite_steps", train.max_nonfinite_steps >= 1, ">= 1"),
-        ("dataloader_num_workers", train.dataloader_num_workers >= 0, ">= 0"),
-        ("dataloader_prefetch_factor", train.dataloader_prefetch_factor >= 1, ">= 1"),
-        ("eval_holdout", train.eval_holdout >= 0, ">= 0 (0: hold nothing out)"),
-        ("validation_step_interval", train.validation_step_interval >= 0, ">= 0 (0: previews at start and end)"),
-        ("validation_num_inference_steps", train.validation_num_inference_steps >= 1, ">= 1"),
-        ("validation_guidance", math.isfinite(train.validation_guidance) and train.validation_guidance >= 0, ">= 0"),
-        ("validation_resolution", train.validation_resolution >= 0, ">= 0 (0: the dataset's resolution)"),
-        ("validation_num_images", train.validation_num_images >= 0, ">= 0"),
-        ("eval_steps_interval", train.eval_steps_interval >= 0, ">= 0 (0: every validation_step_interval)"),
-        ("eval_timesteps", train.eval_timesteps >= 1, ">= 1"),
-        ("logging_steps", train.logging_steps >= 1, ">= 1"),
-        # torch seeds are 64-bit; each process adds its index, and previews may use the seed as it is
-        ("seed", 0 <= train.seed < 2**63 - 1024, "an integer in [0, 2**63 - 1024)"),
-        ("crop_seed", 0 <= train.crop_seed < 2**63, "an integer in [0, 2**63)"),
-        ("validation_seed", -1 <= train.validation_seed < 2**63 - 1024, "-1 (the seed) or an integer below 2**63"),
-    ]
-    for key, ok, allowed in rules:
-        if not ok:
-            raise UserError(f"{config_path}: key '{key}' is {getattr(train, key)!r}; it must be {allowed}")
+    """Values that make no sense are refused here, before any model loads, with the key and what is allowed:
+    each key's declared range (shared/config_keys.py), then the rules that join two keys."""
+    check_declared_ranges(train, str(config_path))
+    if train.num_train_epochs < 1 and not train.max_train_steps:
+        raise UserError(
+            f"{config_path}: key 'num_train_epochs' is {train.num_train_epochs!r}; it must be >= 1 when "
+            "max_train_steps is 0"
+        )
     if train.base_model_precision == "nf4-bnb" and train.blocks_to_swap:
         raise UserError(
             f"{config_path}: key 'blocks_to_swap' is {train.blocks_to_swap} with base_model_precision 'nf4-bnb'; "
@@ -146,8 +105,6 @@ def check_datasets(config: Config) -> None:
             raise UserError(f"{where}: key 'parquet' needs a 'path' (a .parquet or .jsonl caption table)")
         if main.resolution <= 0:
             raise UserError(f"{where}: key 'resolution' must be positive, got {main.resolution}")
-        if main.repeats < 0 or main.probability < 0:
-            raise UserError(f"{where}: keys 'repeats' and 'probability' must be >= 0")
         for cond_id in main.conditioning_data:
             if cond_id not in ids:
                 raise UserError(f"{where}: key 'conditioning_data' names '{cond_id}', which is not a dataset id")

@@ -8,13 +8,15 @@ from dataclasses import fields
 from typing import Any
 
 from shared import simpletuner
+from shared.config_declare import choices_of
 from shared.errors import UserError
 
 
-def fill_fields(target: Any, raw: dict, where: str, ignored: list[str], choices: dict[str, tuple[str, ...]]) -> Any:
-    """Copy the known keys of `raw` onto the dataclass `target`, checking each value's type and `choices`; the
-    keys it does not have are added to `ignored` as \"where: key\"."""
+def fill_fields(target: Any, raw: dict, where: str, ignored: list[str]) -> Any:
+    """Copy the known keys of `raw` onto the dataclass `target`, checking each value's type and its declared
+    choices (shared/config_keys.py); the keys it does not have are added to `ignored` as \"where: key\"."""
     known = {f.name: f for f in fields(target)}
+    choices = choices_of(type(target))
     for key, value in raw.items():
         key = key.removeprefix("--")
         if value is None and key in known:  # JSON null: unset, the default applies (as in SimpleTuner)

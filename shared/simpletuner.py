@@ -1,5 +1,6 @@
 """What SimpleTuner's keys mean here: its other spellings, its defaults where ours differ (and why), the
-values we map or refuse, and which unused keys would change what is trained.
+values we map or refuse, and which unused keys would change what is trained. Each key's own relation to
+SimpleTuner (its default, other spellings) is declared with the key, in shared/config_keys.py.
 
 A shared key means what it means in SimpleTuner (its option registry, `simpletuner_sdk/server/services/
 field_registry/sections/*.py`, and `documentation/OPTIONS.md` / `DATALOADER.md`), or the run says so:
@@ -8,166 +9,13 @@ field_registry/sections/*.py`, and `documentation/OPTIONS.md` / `DATALOADER.md`)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from shared.config_declare import differences, same_defaults
+from shared.config_keys import DatasetConfig, TrainConfig
 from shared.errors import UserError
 
-# Older or alternative SimpleTuner names -> the name used here.
-ALIASES = {
-    "validation_steps": "validation_step_interval",
-    "checkpoint_step_interval": "checkpointing_steps",
-    "peft_lora_target_modules": "lora_target",
-}
-DATASET_ALIASES = {"disable": "disabled"}
-
-
-@dataclass(frozen=True)
-class Difference:
-    key: str
-    simpletuner: str  # SimpleTuner's default (or meaning)
-    ours: str
-    why: str
-
-    def line(self) -> str:
-        return f"  {self.key}: SimpleTuner {self.simpletuner}, here {self.ours} ({self.why})"
-
-
-# Defaults we deliberately do not share, when the key is omitted.
-DIFFERENCES = (
-    Difference("model_type", "full (a full fine-tune)", "lora", "this trainer trains LoRAs; full is refused"),
-    Difference(
-        "model_flavour",
-        "v2.1 (Qwen-Image 2.1, text to image)",
-        "what the weights at pretrained_model_name_or_path are (their pipeline class), else edit-v1",
-        "this trainer trains edit models",
-    ),
-    Difference(
-        "eval_timesteps",
-        "28",
-        "8",
-        "the held-out loss at 8 σ quantiles costs 8 forwards per eval sample instead of 28; set 28 for SimpleTuner's",
-    ),
-    Difference(
-        "caption_strategy",
-        "the global caption_strategy, else filename (captions from file names)",
-        "the global caption_strategy, else textfile (the .txt beside each image)",
-        "edit pairs carry their instruction in a .txt file, as the Qwen edit guide's datasets do",
-    ),
-    Difference(
-        "learning_rate",
-        "4e-7 (a full fine-tune's rate)",
-        "1e-4",
-        "a LoRA rate; SimpleTuner's Qwen edit guide sets one explicitly too",
-    ),
-    Difference(
-        "train_batch_size",
-        "4",
-        "1",
-        "one 1024² edit sample with its references fills a 24-80 GB card; raise it or accumulate gradients",
-    ),
-    Difference(
-        "gradient_checkpointing",
-        "true (every block)",
-        "unset: memory_mode checkpoints as many blocks as memory needs",
-        "the same gradients, faster; set it to true for SimpleTuner's behaviour",
-    ),
-    Difference(
-        "lora_dropout",
-        "0.1",
-        "0.0",
-        "dropout keeps a dropped copy of every adapted layer's input for backward, an estimated 0.35 GiB per "
-        "un-checkpointed block at 1024² edit-v1 that the memory plan would pay for in speed; set it to use dropout",
-    ),
-    Difference(
-        "optimizer",
-        "adamw_bf16 (bf16 weights, stochastic rounding)",
-        "adamw (torch's fused AdamW on fp32 LoRA weights, with adamw_bf16's betas (0.9, 0.999), eps 1e-6 and "
-        "weight decay 1e-2)",
-        "the same algorithm at higher precision; adamw_bf16 is accepted and means this",
-    ),
-    Difference(
-        "crop_seed",
-        "crops seeded by seed",
-        "crops seeded by crop_seed",
-        "so a new training seed never re-encodes a cache",
-    ),
-    Difference(
-        "conditioning_multidataset_sampling",
-        "random (a sample with several reference datasets trains with one of them, picked per sample)",
-        "combined (every sample trains with all its references)",
-        "the Qwen edit guide's multi-reference layout: Plus pipelines take up to 3 pictures at once; "
-        "set random for SimpleTuner's behaviour (it changes nothing with one reference dataset)",
-    ),
-    Difference(
-        "seed",
-        "unset: a new random seed every run (42 in older versions)",
-        "0",
-        "runs repeat exactly unless you set another seed",
-    ),
-    Difference(
-        "validation_negative_prompt",
-        '"blurry, cropped, ugly"',
-        '"" (the empty instruction)',
-        "the true-CFG negative the Qwen edit pipelines' examples use",
-    ),
-    Difference(
-        "validation_guidance",
-        "7.5",
-        "4.0",
-        "Qwen-Image-Edit has no guidance embedding; its guide recommends 3.5-4.5 of true CFG",
-    ),
-)
-
-# Keys whose default here is SimpleTuner's (checked against its option registry and guides).
-SAME_DEFAULTS = {
-    "num_train_epochs",
-    "max_train_steps",
-    "gradient_accumulation_steps",
-    "lr_scheduler",
-    "lr_warmup_steps",
-    "lr_end",
-    "lr_power",
-    "lora_rank",
-    "lora_target",  # the image stream's attention (its Qwen DEFAULT_LORA_TARGET)
-    "lora_alpha",
-    "lora_type",
-    "checkpointing_steps",
-    "checkpoints_total_limit",
-    "max_grad_norm",
-    "flow_schedule_shift",
-    "caption_dropout_probability",
-    "resolution",
-    "resolution_type",
-    "crop",
-    "crop_style",
-    "crop_aspect",
-    "repeats",
-    "use_ema",
-    "ema_device",
-    "validation_step_interval",
-    "validation_num_inference_steps",
-    "ema_decay",
-    "mixed_precision",
-    "quantize_via",  # accelerator (its registry; the Qwen edit guide sets cpu explicitly)
-    "report_to",  # "none" in its newest registry ("wandb" in older versions)
-    "tracker_project_name",
-    "tracker_run_name",
-    # scheduled sampling: its option registry's defaults (ReflexFlow: unset there means on for flow models)
-    "scheduled_sampling_max_step_offset",
-    "scheduled_sampling_probability",
-    "scheduled_sampling_prob_start",
-    "scheduled_sampling_prob_end",
-    "scheduled_sampling_ramp_steps",
-    "scheduled_sampling_start_step",
-    "scheduled_sampling_ramp_shape",
-    "scheduled_sampling_strategy",
-    "scheduled_sampling_sampler",
-    "scheduled_sampling_order",
-    "scheduled_sampling_reflexflow",
-    "scheduled_sampling_reflexflow_alpha",
-    "scheduled_sampling_reflexflow_beta1",
-    "scheduled_sampling_reflexflow_beta2",
-}
+# Defaults we deliberately do not share, and those we do: from the keys' declarations.
+DIFFERENCES = differences(TrainConfig, DatasetConfig)
+SAME_DEFAULTS = same_defaults(TrainConfig, DatasetConfig)
 
 # Values SimpleTuner documents that mean the same here.
 OPTIMIZER_NAMES = {

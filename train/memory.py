@@ -41,12 +41,11 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.config import TrainConfig
+from shared.config_keys import MEMORY_MODES, TrainConfig
 from shared.errors import UserError
 from train.blocks import pinned_bytes
 
 GIB = 2**30
-MODES = ("fast", "balanced", "low", "minimal")
 
 # Bytes an un-checkpointed block keeps for backward, per token and per unit of model width (bf16
 # autocast, int8 base, LoRA on attention; the largest part of a block's memory). Compiled: 28 measured
@@ -177,9 +176,7 @@ def step_costs(transformer: torch.nn.Module, config: TrainConfig, tokens: int) -
 
 
 def _lora_parameters(transformer: torch.nn.Module, config: TrainConfig) -> int:
-    from train.model import LORA_TARGETS  # the presets live with the LoRA setup
-
-    targets = config.lora_target if isinstance(config.lora_target, list) else LORA_TARGETS[config.lora_target]
+    targets = config.lora_modules
     count = 0
     for name, module in transformer.transformer_blocks.named_modules():
         if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in targets):
@@ -205,7 +202,7 @@ def choose_plan(
     """
     compiled = config.compile_blocks if "compile_blocks" in explicit else torch.cuda.is_available()
     named = _simpletuner_blocks(costs.n_blocks, config, explicit)
-    modes = MODES if config.memory_mode == "auto" else (config.memory_mode,)
+    modes = MEMORY_MODES if config.memory_mode == "auto" else (config.memory_mode,)
     max_swapped = costs.n_blocks
     if math.isfinite(host_budget) and costs.block_pinned > 0:
         max_swapped = min(costs.n_blocks, int(host_budget // costs.block_pinned))

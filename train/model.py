@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig
 
-from shared.config import TrainConfig
+from shared.config import LORA_TARGETS, TrainConfig
 from shared.errors import UserError
 from shared.flavours import FLAVOURS
 from shared.models import load_transformer
@@ -14,15 +14,6 @@ from train import blocks
 from train.blocks import BlockSwap
 from train.memory import MemoryPlan, choose_plan, free_memory, host_swap_budget, step_costs
 from train.quantised_linear import use_dequantising_linears
-
-_ATTENTION_IMAGE = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
-_ATTENTION_TEXT = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
-_MLPS = ["img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"]
-LORA_TARGETS = {
-    "attention_image": _ATTENTION_IMAGE,
-    "attention": _ATTENTION_IMAGE + _ATTENTION_TEXT,
-    "attention_mlp": _ATTENTION_IMAGE + _ATTENTION_TEXT + _MLPS,
-}
 
 
 def check_lora_targets(config: TrainConfig) -> None:
@@ -174,7 +165,7 @@ def prepare_for_lora(
         lora_alpha=config.lora_alpha or config.lora_rank,  # unset: the rank (SimpleTuner), a scale of 1
         lora_dropout=config.lora_dropout,
         init_lora_weights=True,  # SimpleTuner's lora_init_type "default": A kaiming-uniform, B zero
-        target_modules=config.lora_target if isinstance(config.lora_target, list) else LORA_TARGETS[config.lora_target],
+        target_modules=config.lora_modules,
         exclude_modules=unused_outputs(transformer),
     )
     # What from_pretrained sets on a bitsandbytes model; peft reads it to wrap NF4 layers with its 4-bit LoRA layer.

@@ -19,13 +19,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.config import TrainConfig
+from shared.config import LORA_TARGETS, TrainConfig
 from shared.errors import UserError
 from shared.files import write_json_atomic
 from train.checkpoint import checkpoint_run_id, list_checkpoints, resolve_resume
 from train.export import LORA_FILE
 from train.metrics import CSV_FILE
-from train.model import LORA_TARGETS
 
 RUN_JSON = "run.json"
 

@@ -38,7 +38,7 @@ from train.eval_data import EvalSet
 from train.loader import TrainLoader
 from train.memory import MEMORY_KEYS, MemoryPlan
 from train.metrics import StepRecord, TrainMetrics
-from train.model import LORA_TARGETS, check_lora_targets, check_precision_available, load_lora_transformer
+from train.model import check_lora_targets, check_precision_available, load_lora_transformer
 from train.objective import SigmaSchedule
 from train.optim import apply_resumed_settings, build_optimizer, build_scheduler
 from train.output_dir import RunClaim, changed_settings, claim_output_dir, training_settings
@@ -323,9 +323,8 @@ def claim_on_main(accelerator, output_dir: Path, cfg: TrainConfig) -> RunClaim:
     """`claim_output_dir` on the main process, its answer (or its error) on every process."""
     outcome = None
     if accelerator.is_main_process:
-        targets = cfg.lora_target if isinstance(cfg.lora_target, list) else LORA_TARGETS[cfg.lora_target]
         try:
-            outcome = ("ok", claim_output_dir(output_dir, cfg, targets))
+            outcome = ("ok", claim_output_dir(output_dir, cfg, cfg.lora_modules))
         except UserError as err:
             outcome = ("error", str(err))  # every rank raises it: none waits for a run that never starts
     kind, value = broadcast_object_list([outcome])[0]

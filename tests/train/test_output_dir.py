@@ -275,7 +275,7 @@ def test_a_read_only_disk_at_the_final_export_names_the_checkpoint_to_export(pro
 
 def test_a_run_begun_with_both_streams_adapted_is_told_which_lora_target_resumes_it(tmp_path):
     """Runs that left lora_target unset before it defaulted to SimpleTuner's attention_image trained attention."""
-    from train.model import LORA_TARGETS
+    from shared.config import LORA_TARGETS
     from train.output_dir import check_same_lora
 
     state = {"lora_config": {"r": 4, "lora_alpha": 4.0, "target_modules": LORA_TARGETS["attention"]}}
