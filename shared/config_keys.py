@@ -253,7 +253,17 @@ class TrainConfig:
     tracker_project_name: str = key("simpletuner", "the W&B project", simpletuner=SAME)
     tracker_run_name: str = key("simpletuner-testing", "the W&B run (a resumed run continues it)", simpletuner=SAME)
     max_grad_norm: float = key(
-        2.0, "gradient clipping threshold", range=at_least(0, "0: no clipping"), simpletuner=SAME
+        2.0,
+        "the gradient clipping threshold (grad_clip_method says how)",
+        range=at_least(0, "0: no clipping"),
+        simpletuner=SAME,
+    )
+    grad_clip_method: str = key(
+        "norm",
+        "norm: all LoRA gradients scaled together to a norm of at most max_grad_norm; value: each element "
+        "clipped to ±max_grad_norm",
+        choices=("norm", "value"),
+        simpletuner=differs("value", "scaling the norm keeps the update's direction; set value for SimpleTuner's"),
     )
     optimizer_beta1: float = key(-1.0, "with optimizer_beta2 (both or neither): the optimizer's betas; -1: unset")
     optimizer_beta2: float = key(-1.0, "see optimizer_beta1")

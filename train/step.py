@@ -55,11 +55,7 @@ def optimizer_step(
         total += loss.detach().float() / cfg.gradient_accumulation_steps
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, "mean")
-    grads = [p.grad for p in params.values() if p.grad is not None]
-    if cfg.max_grad_norm > 0:
-        grad_norm = accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm(grads)
+    grad_norm = clip_gradients(accelerator, params, cfg)
     skipped = (~(torch.isfinite(total) & torch.isfinite(grad_norm))).float()
     inner = optimizer.optimizer  # accelerate's wrapper holds the torch optimizer
     if skips_on_device(inner):
@@ -70,3 +66,14 @@ def optimizer_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(total, grad_norm.float(), skipped)
+
+
+def clip_gradients(accelerator, params: dict[str, torch.nn.Parameter], cfg: TrainConfig) -> torch.Tensor:
+    """Clip the LoRA gradients as `grad_clip_method` says (none when `max_grad_norm` is 0); return their norm
+    before clipping (a 0-dim device tensor)."""
+    if cfg.max_grad_norm > 0 and cfg.grad_clip_method == "norm":
+        return accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params.values() if p.grad is not None])
+    if cfg.max_grad_norm > 0:
+        accelerator.clip_grad_value_(list(params.values()), cfg.max_grad_norm)
+    return grad_norm
