@@ -72,7 +72,7 @@ def attention_backends_table() -> None:
 def block_profile(tokens_image: int, tokens_text: int) -> None:
     from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope, QwenImageTransformerBlock
 
-    from train.blocks import attention_backends
+    from train.attention import attention_backends
 
     torch.manual_seed(0)
     block = QwenImageTransformerBlock(dim=HEADS * HEAD_DIM, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM)

@@ -98,9 +98,9 @@ def fill_cache(config, report, workers: int) -> float:
     from torch.utils.data import DataLoader
 
     from prep.build import FLAVOURS, cache_info, references_alone, save_validation
-    from prep.pipeline import PreparedSamples, unpack
+    from prep.encode_workers import PreparedSamples, unpack
     from prep.plan import plan_cache
-    from prep.record import SamplePreparer, to_record
+    from prep.sample_records import SamplePreparer, to_record
     from shared.cache import DROPOUT
     from shared.cache.writer import ShardWriter, attach_dropout, commit
     from shared.models import load_processor

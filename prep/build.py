@@ -21,11 +21,11 @@ import torch
 
 from prep.distributed import Ranks, init_ranks
 from prep.encode import Encoders
+from prep.encode_workers import EncodeStats, encode_into
 from prep.file_records import save_records
-from prep.pipeline import EncodeStats, encode_into
 from prep.plan import Plan, plan_cache
 from prep.ray_engine import encode_with_ray
-from prep.record import CachedEmbeds, SamplePreparer, Unreadable
+from prep.sample_records import CachedEmbeds, SamplePreparer, Unreadable
 from prep.validate import Report, validate
 from shared.cache import (
     DROPOUT_SHARD,

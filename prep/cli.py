@@ -86,7 +86,7 @@ class Terminated(KeyboardInterrupt):
 
 @contextmanager
 def stops_said(config: Path) -> Iterator[None]:
-    """Ctrl-C or SIGTERM during a build: the open shard is sealed as the build unwinds (prep/pipeline.py), then
+    """Ctrl-C or SIGTERM during a build: the open shard is sealed as the build unwinds (prep/encode_workers.py), then
     one line says what is kept and how to go on."""
 
     def terminate(signum, frame):

@@ -1,4 +1,5 @@
-"""The ranks of a distributed cache build, from torch.distributed (launched by torchrun or accelerate).
+"""The ranks of a distributed cache build: accelerate's `PartialState` joins the process group that the
+launcher (torchrun or accelerate launch) describes; `Ranks` is what the build asks of it.
 
 With one process everything here is a no-op. With several, each rank encodes a disjoint share and
 writes its own shards; rank 0 plans the work before and writes the manifest after.
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 
 
 @dataclass(frozen=True)
@@ -37,36 +39,27 @@ class Ranks:
         """Rank 0's `obj`, on every rank."""
         if self.world == 1:
             return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return broadcast_object_list([obj], from_process=0)[0]
 
     def gather(self, obj: Any) -> list:
         """Every rank's `obj`, in rank order, on every rank."""
         if self.world == 1:
             return [obj]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
+        return gather_object([obj])  # one item per rank
 
     def barrier(self) -> None:
         if self.world > 1:
-            dist.barrier()
+            PartialState().wait_for_everyone()
 
 
 def init_ranks(device: str) -> tuple[Ranks, str]:
-    """Join the process group that the launcher describes (WORLD_SIZE, RANK, LOCAL_RANK); pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    """This process's rank (one process: rank 0 of 1, no process group) and its device: with `cuda`, its own GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Ranks(), device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
+    state = PartialState(cpu=device == "cpu")  # gloo on CPU, nccl on GPUs
     if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    if device == "cpu":  # ranks on one host share its cores
-        per_host = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        device = str(state.device)
+    else:  # ranks on one host share its cores
+        per_host = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_host))
-    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank), device
+    return Ranks(state.process_index, state.num_processes, state.local_process_index), device

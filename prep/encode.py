@@ -2,7 +2,7 @@
 
 `encode_pixels` = `_encode_vae_image` (posterior mode, normalised by the VAE's latents_mean/std);
 `encode_vl` = `_get_qwen_prompt_embeds` (last hidden state, first 64 template tokens dropped, no
-padding). The pixels and processor inputs come from `prep.record.SamplePreparer`, which prepares
+padding). The pixels and processor inputs come from `prep.sample_records.SamplePreparer`, which prepares
 them as the pipelines do. Tests check the cache against `QwenImageEditPipeline` /
 `QwenImageEditPlusPipeline`.
 """

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from prep.file_records import FileRecord
-from prep.record import source_sha256
+from prep.sample_records import source_sha256
 from prep.scan import Sample
 from shared.cache import (
     CACHE_JSON,

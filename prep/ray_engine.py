@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from prep.encode import Encoders
-from prep.pipeline import POOL_BATCHES, BackgroundWriter, EncodeStats, Packed, pack, to_host, unpack
-from prep.record import (
+from prep.encode_workers import POOL_BATCHES, BackgroundWriter, EncodeStats, Packed, pack, to_host, unpack
+from prep.sample_records import (
     BuiltRecords,
     Prepared,
     SamplePreparer,
@@ -184,7 +184,7 @@ def encode_with_ray(
     actors: int | None = None,
 ) -> EncodeStats:
     """Encode `samples` on Ray into `writer`'s shards (dropout records into `dropout_writer`'s), as
-    `prep.pipeline.encode_into` does locally. `actors`: encoders in the pool (default: one per GPU of the
+    `prep.encode_workers.encode_into` does locally. `actors`: encoders in the pool (default: one per GPU of the
     cluster; one on CPU)."""
     ray = import_ray()
     started = not ray.is_initialized()

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.parquet as pq
 
-from prep.listing import outside, walk_images
+from prep.listing import Listing, outside, walk_images
 from shared.config import Config, DatasetConfig
 
 
@@ -169,204 +169,301 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
     result = ScanResult(main.id, str(main_root))
     conds = config.conditioning_for(main)
 
-    def error(kind: str, dataset_id: str, path, message: str) -> None:
-        result.findings.append(Finding("error", kind, dataset_id, str(path), f"{path}: {message}"))
-
     # Files already named (a broken link, a name that is not UTF-8): not reported again as missing their pair.
     named: dict[Path, set[str]] = {}
     folders_missing = False  # a dataset folder missing or empty: pairing would only repeat that, file by file
     for dataset in [main, *conds]:
-        root = Path(dataset.instance_data_dir)
-        listing = walk_images(root, dataset.allow_links_outside)
-        result.listings[root] = [name for name in listing.images if _utf8(name)]
-        for name in listing.images:
-            if not _utf8(name):
-                shown = os.fsencode(name).decode("utf-8", "backslashreplace")
-                error(
-                    "file name not UTF-8",
-                    dataset.id,
-                    root / shown,
-                    "this file name is not valid UTF-8, which the cache and captions need; rename it",
-                )
-        for loop in listing.loops:
-            result.findings.append(
-                Finding(
-                    "warning",
-                    "symlink loop",
-                    dataset.id,
-                    str(root / loop),
-                    f"{root / loop}: this symlinked folder leads back to a folder already listed; its images are "
-                    "counted once (remove the link if it is a mistake)",
-                )
-            )
-        for name in listing.broken:
-            error(
-                "broken symlink", dataset.id, root / name, "a symlink to a file that does not exist; fix or remove it"
-            )
-        for name in sorted(listing.unsupported):
-            result.findings.append(
-                Finding(
-                    "warning",
-                    "image format not read",
-                    dataset.id,
-                    str(root / name),
-                    f"{root / name}: {os.path.splitext(name)[1]} files are not read, so it is left out; convert it "
-                    "to PNG or JPEG to train on it",
-                )
-            )
-        for name in listing.outside:
-            error(
-                "link outside the dataset folder",
-                dataset.id,
-                root / name,
-                f"a link to {listing.targets[name]}, outside {root}, so it is not read; copy what it holds into "
-                f"the folder, or set allow_links_outside: true on dataset '{dataset.id}'",
-            )
-        named[root] = set(listing.broken) | set(listing.outside) | {name for name in listing.images if not _utf8(name)}
-        if not root.is_dir():
+        named[Path(dataset.instance_data_dir)] = _list_dataset(result, dataset)
+        if not _folder_usable(result, dataset):
             folders_missing = True
-            error(
-                "missing folder",
-                dataset.id,
-                root,
-                f"folder of dataset '{dataset.id}' does not exist; fix instance_data_dir",
-            )
-        elif not result.listings[root]:
-            folders_missing = True
-            error(
-                "empty folder",
-                dataset.id,
-                root,
-                f"no images in dataset '{dataset.id}'; add images or fix instance_data_dir",
-            )
     if folders_missing:
         return result
 
-    table = None
-    if main.caption_strategy == "parquet":
-        try:
-            table = CaptionTable(main.parquet, main.id)
-        except (OSError, ValueError, KeyError) as err:
-            error(
-                "caption table problem",
-                main.id,
-                main.parquet.get("path", "<no parquet.path>"),
-                f"cannot read captions ({err})",
-            )
-        for name, n in sorted(table.repeated.items()) if table else []:
-            error(
-                "caption table problem",
-                main.id,
-                table.path,
-                f"'{name}' has {n} rows, so which caption it trains with is unclear; keep one row per image "
-                "(several captions go in one row, as a list)",
-            )
-
+    table = _open_caption_table(result, main)
     images = result.listings[main_root]
     result.n_images = len(images)
-    main_stems: dict[str, list[str]] = {}
-    for relpath in images:
-        main_stems.setdefault(_stem(relpath), []).append(relpath)
-
     if any(cond.match == "stem" for cond in conds):
-        for stem, files in main_stems.items():
-            if len(files) > 1:
-                error(
-                    "ambiguous name",
-                    main.id,
-                    main_root / stem,
-                    f"{len(files)} edit images share this name "
-                    f"({', '.join(files)}), so stem matching cannot tell them apart; rename one",
-                )
+        _refuse_ambiguous_stems(result, main, images)
 
     references: dict[str, list[Path | None]] = {relpath: [] for relpath in images}
     for cond in conds:
-        root = Path(cond.instance_data_dir)
-        have = result.listings[root]
-        counts = ConditioningCounts(cond.id, str(root))
-        result.conditioning.append(counts)
-        folded = {_fold(p): p for p in have}
-        if cond.match == "stem":
-            by_key: dict[str, list[str]] = {}
-            for relpath in have:
-                by_key.setdefault(_stem(relpath), []).append(relpath)
-            for stem, files in by_key.items():
-                if len(files) > 1:
-                    error(
-                        "ambiguous name",
-                        cond.id,
-                        root / stem,
-                        f"{len(files)} references share this name ({', '.join(files)}); keep one per edit image",
-                    )
-            keys = {relpath: _stem(relpath) for relpath in images}
-            unused = set(by_key) - set(keys.values())
-            extras = sorted(f for stem in unused for f in by_key[stem])
-        else:
-            by_key = {relpath: [relpath] for relpath in have}
-            keys = {relpath: relpath for relpath in images}
-            extras = sorted(set(have) - set(images))
-        for relpath in images:
-            found = by_key.get(keys[relpath], [])
-            if len(found) == 1:
-                references[relpath].append(root / found[0])
-                continue
-            references[relpath].append(None)
-            if not found and _named(keys[relpath], named[root]):
-                continue  # its reference is the broken link (or unusable name, or refused link) reported above
-            if not found:
-                counts.missing += 1
-                near = folded.get(_fold(relpath))
-                hint = f" (there is {root / near}: names must match exactly, case included)" if near else ""
-                error(
-                    "edit image without reference",
-                    cond.id,
-                    main_root / relpath,
-                    f"no reference at {root / relpath}{hint}; "
-                    "add it with the same relative path, or remove the edit image",
-                )
-        named_main = {_stem(n) if cond.match == "stem" else n for n in named[main_root]}
-        for extra in extras:
-            if _named(_stem(extra) if cond.match == "stem" else extra, named_main):
-                continue  # its edit image is the broken link (or unusable name, or refused link) reported above
-            counts.extra += 1
-            error(
-                "reference without edit image",
-                cond.id,
-                root / extra,
-                f"no edit image at {main_root / extra}; add the edit image, or remove this reference",
-            )
+        _pair_references(result, cond, main_root, images, named, references)
 
     for relpath in images:
-        if table is not None and len(spellings := table.keys_for(relpath)) > 1:
-            error(
-                "caption table problem",
-                main.id,
-                table.path,
-                f"rows {', '.join(repr(k) for k in spellings)} all name {relpath}, so which caption it trains with is "
-                "unclear; keep one row per image (several captions go in one row, as a list)",
-            )
-            continue
-        text_file = (main_root / relpath).with_suffix(".txt")
-        if main.caption_strategy == "textfile" and not main.allow_links_outside and text_file.is_symlink():
-            if outside(text_file, main_root):
-                error(
-                    "link outside the dataset folder",
-                    main.id,
-                    text_file,
-                    f"a caption file linking to {text_file.resolve()}, outside {main_root}, so it is not read; "
-                    f"write the caption there, or set allow_links_outside: true on dataset '{main.id}'",
-                )
-                continue
-        captions, source = read_captions(main, main_root / relpath, relpath, table)
-        if not captions:
-            where = (
-                f"no caption in {source}"
-                if main.caption_strategy == "parquet"
-                else f"no caption ({source} is missing, empty or not UTF-8)"
-            )
-            error("missing caption", main.id, main_root / relpath, f"{where}; write the instruction there")
-        refs = references[relpath]
-        if captions and all(r is not None for r in refs):
-            split = "eval" if config.train.eval_dataset_id == main.id else "train"
-            result.samples.append(Sample(main.id, relpath, main_root / relpath, refs, captions, source, split))
+        sample = _caption_sample(result, config, main, relpath, table, references[relpath])
+        if sample is not None:
+            result.samples.append(sample)
     return result
+
+
+def _error(result: ScanResult, kind: str, dataset_id: str, path: Path | str, message: str) -> None:
+    """Returns None; adds an error finding about `path` to `result`."""
+    result.findings.append(Finding("error", kind, dataset_id, str(path), f"{path}: {message}"))
+
+
+def _warning(result: ScanResult, kind: str, dataset_id: str, path: Path | str, message: str) -> None:
+    """Returns None; adds a warning finding about `path` to `result`."""
+    result.findings.append(Finding("warning", kind, dataset_id, str(path), f"{path}: {message}"))
+
+
+def _key(relpath: str, match: str) -> str:
+    """The name `relpath` is paired by: its stem under `"match": "stem"`, else the relative path itself."""
+    return _stem(relpath) if match == "stem" else relpath
+
+
+def _list_dataset(result: ScanResult, dataset: DatasetConfig) -> set[str]:
+    """The names the listing already reported (broken, outside or non-UTF-8); stores the usable images in `result`."""
+    root = Path(dataset.instance_data_dir)
+    listing = walk_images(root, dataset.allow_links_outside)
+    result.listings[root] = [name for name in listing.images if _utf8(name)]
+    _report_listing(result, dataset.id, root, listing)
+    not_utf8 = {name for name in listing.images if not _utf8(name)}
+    return set(listing.broken) | set(listing.outside) | not_utf8
+
+
+def _report_listing(result: ScanResult, dataset_id: str, root: Path, listing: Listing) -> None:
+    """Returns None; adds a finding for each file the listing could not use (name, loop, link, format)."""
+    for name in listing.images:
+        if not _utf8(name):
+            shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+            _error(
+                result,
+                "file name not UTF-8",
+                dataset_id,
+                root / shown,
+                "this file name is not valid UTF-8, which the cache and captions need; rename it",
+            )
+    for loop in listing.loops:
+        _warning(
+            result,
+            "symlink loop",
+            dataset_id,
+            root / loop,
+            "this symlinked folder leads back to a folder already listed; its images are counted once (remove the "
+            "link if it is a mistake)",
+        )
+    for name in listing.broken:
+        _error(
+            result,
+            "broken symlink",
+            dataset_id,
+            root / name,
+            "a symlink to a file that does not exist; fix or remove it",
+        )
+    for name in sorted(listing.unsupported):
+        _warning(
+            result,
+            "image format not read",
+            dataset_id,
+            root / name,
+            f"{os.path.splitext(name)[1]} files are not read, so it is left out; convert it to PNG or JPEG to "
+            "train on it",
+        )
+    for name in listing.outside:
+        _error(
+            result,
+            "link outside the dataset folder",
+            dataset_id,
+            root / name,
+            f"a link to {listing.targets[name]}, outside {root}, so it is not read; copy what it holds into "
+            f"the folder, or set allow_links_outside: true on dataset '{dataset_id}'",
+        )
+
+
+def _folder_usable(result: ScanResult, dataset: DatasetConfig) -> bool:
+    """Whether the dataset's folder exists and holds images; when not, adds an error saying so."""
+    root = Path(dataset.instance_data_dir)
+    if not root.is_dir():
+        _error(
+            result,
+            "missing folder",
+            dataset.id,
+            root,
+            f"folder of dataset '{dataset.id}' does not exist; fix instance_data_dir",
+        )
+        return False
+    if not result.listings[root]:
+        _error(
+            result,
+            "empty folder",
+            dataset.id,
+            root,
+            f"no images in dataset '{dataset.id}'; add images or fix instance_data_dir",
+        )
+        return False
+    return True
+
+
+def _open_caption_table(result: ScanResult, main: DatasetConfig) -> CaptionTable | None:
+    """The dataset's caption table (None if it has none or it cannot be read); reports names with several rows."""
+    if main.caption_strategy != "parquet":
+        return None
+    try:
+        table = CaptionTable(main.parquet, main.id)
+    except (OSError, ValueError, KeyError) as err:
+        path = main.parquet.get("path", "<no parquet.path>")
+        _error(result, "caption table problem", main.id, path, f"cannot read captions ({err})")
+        return None
+    for name, n in sorted(table.repeated.items()):
+        _error(
+            result,
+            "caption table problem",
+            main.id,
+            table.path,
+            f"'{name}' has {n} rows, so which caption it trains with is unclear; keep one row per image "
+            "(several captions go in one row, as a list)",
+        )
+    return table
+
+
+def _refuse_ambiguous_stems(result: ScanResult, main: DatasetConfig, images: list[str]) -> None:
+    """Returns None; adds an error for each stem that names several edit images (stem matching cannot pair them)."""
+    main_stems: dict[str, list[str]] = {}
+    for relpath in images:
+        main_stems.setdefault(_stem(relpath), []).append(relpath)
+    for stem, files in main_stems.items():
+        if len(files) > 1:
+            _error(
+                result,
+                "ambiguous name",
+                main.id,
+                Path(main.instance_data_dir) / stem,
+                f"{len(files)} edit images share this name "
+                f"({', '.join(files)}), so stem matching cannot tell them apart; rename one",
+            )
+
+
+def _pair_references(
+    result: ScanResult,
+    cond: DatasetConfig,
+    main_root: Path,
+    images: list[str],
+    named: dict[Path, set[str]],
+    references: dict[str, list[Path | None]],
+) -> None:
+    """Returns None; appends each edit image's reference in `cond` (None if unpaired) to `references`."""
+    root = Path(cond.instance_data_dir)
+    have = result.listings[root]
+    counts = ConditioningCounts(cond.id, str(root))
+    result.conditioning.append(counts)
+    by_key: dict[str, list[str]] = {}
+    for relpath in have:
+        by_key.setdefault(_key(relpath, cond.match), []).append(relpath)
+    if cond.match == "stem":
+        _refuse_ambiguous_references(result, cond, by_key)
+
+    folded = {_fold(p): p for p in have}
+    keys = {relpath: _key(relpath, cond.match) for relpath in images}
+    for relpath in images:
+        found = by_key.get(keys[relpath], [])
+        # Several files under one stem: an ambiguous name, reported above, so left unpaired.
+        references[relpath].append(root / found[0] if len(found) == 1 else None)
+        if found or _named(keys[relpath], named[root]):
+            continue  # paired, or its reference is the broken link (or unusable name, or refused link) reported above
+        counts.missing += 1
+        near = folded.get(_fold(relpath))
+        hint = f" (there is {root / near}: names must match exactly, case included)" if near else ""
+        _error(
+            result,
+            "edit image without reference",
+            cond.id,
+            main_root / relpath,
+            f"no reference at {root / relpath}{hint}; add it with the same relative path, or remove the edit image",
+        )
+
+    extras = sorted(f for key in set(by_key) - set(keys.values()) for f in by_key[key])
+    _report_extra_references(result, cond, main_root, extras, named[main_root], counts)
+
+
+def _refuse_ambiguous_references(result: ScanResult, cond: DatasetConfig, by_stem: dict[str, list[str]]) -> None:
+    """Returns None; adds an error for each stem that names several references of `cond`."""
+    for stem, files in by_stem.items():
+        if len(files) > 1:
+            _error(
+                result,
+                "ambiguous name",
+                cond.id,
+                Path(cond.instance_data_dir) / stem,
+                f"{len(files)} references share this name ({', '.join(files)}); keep one per edit image",
+            )
+
+
+def _report_extra_references(
+    result: ScanResult,
+    cond: DatasetConfig,
+    main_root: Path,
+    extras: list[str],
+    named_main: set[str],
+    counts: ConditioningCounts,
+) -> None:
+    """Returns None; counts and reports each reference of `cond` that has no edit image."""
+    root = Path(cond.instance_data_dir)
+    named_keys = {_key(name, cond.match) for name in named_main}
+    for extra in extras:
+        if _named(_key(extra, cond.match), named_keys):
+            continue  # its edit image is the broken link (or unusable name, or refused link) reported above
+        counts.extra += 1
+        _error(
+            result,
+            "reference without edit image",
+            cond.id,
+            root / extra,
+            f"no edit image at {main_root / extra}; add the edit image, or remove this reference",
+        )
+
+
+def _caption_sample(
+    result: ScanResult,
+    config: Config,
+    main: DatasetConfig,
+    relpath: str,
+    table: CaptionTable | None,
+    references: list[Path | None],
+) -> Sample | None:
+    """The sample of `relpath` if it has captions and all its references, else None; reports caption problems."""
+    main_root = Path(main.instance_data_dir)
+    spellings = table.keys_for(relpath) if table is not None else []
+    if len(spellings) > 1:
+        _error(
+            result,
+            "caption table problem",
+            main.id,
+            table.path,
+            f"rows {', '.join(repr(k) for k in spellings)} all name {relpath}, so which caption it trains with is "
+            "unclear; keep one row per image (several captions go in one row, as a list)",
+        )
+        return None
+    if _caption_link_refused(result, main, relpath):
+        return None
+    captions, source = read_captions(main, main_root / relpath, relpath, table)
+    if not captions:
+        where = (
+            f"no caption in {source}"
+            if main.caption_strategy == "parquet"
+            else f"no caption ({source} is missing, empty or not UTF-8)"
+        )
+        _error(result, "missing caption", main.id, main_root / relpath, f"{where}; write the instruction there")
+        return None
+    if any(ref is None for ref in references):
+        return None
+    split = "eval" if config.train.eval_dataset_id == main.id else "train"
+    return Sample(main.id, relpath, main_root / relpath, references, captions, source, split)
+
+
+def _caption_link_refused(result: ScanResult, main: DatasetConfig, relpath: str) -> bool:
+    """Whether the caption file of `relpath` is a link leading outside the dataset folder (then reported)."""
+    main_root = Path(main.instance_data_dir)
+    text_file = (main_root / relpath).with_suffix(".txt")
+    if main.caption_strategy != "textfile" or main.allow_links_outside or not text_file.is_symlink():
+        return False
+    if not outside(text_file, main_root):
+        return False
+    _error(
+        result,
+        "link outside the dataset folder",
+        main.id,
+        text_file,
+        f"a caption file linking to {text_file.resolve()}, outside {main_root}, so it is not read; "
+        f"write the caption there, or set allow_links_outside: true on dataset '{main.id}'",
+    )
+    return True

@@ -141,19 +141,59 @@ def inspect_image(path: Path, record: FileRecord) -> FileRecord:
 
 def validate(config: Config, workers: int | None = None) -> Report:
     """Check every main dataset of `config` and its references; decode each new or changed image once."""
-    scans = [scan_dataset(config, main) for main in config.main_datasets()]
+    mains = config.main_datasets()
+    scans = [scan_dataset(config, main) for main in mains]
     findings = [f for scan in scans for f in scan.findings] + eval_overlap(config)
 
-    # Every image file of every dataset involved, each decoded once (in threads: PIL releases the GIL).
+    owners = _image_owners(config, scans)
+    known = _known_records(config)
+    infos, decoded = _decode_images(owners, known, workers)
+    image_findings, bad = _decoded_findings(infos, owners)
+    findings += image_findings
+
+    samples: dict[str, list[Sample]] = {}
+    for scan, main in zip(scans, mains, strict=True):
+        kept, sample_findings = _trainable_samples(config, main, scan, infos, bad)
+        samples[main.id] = kept
+        findings += sample_findings
+    findings += eval_copies(config, samples, infos)
+
+    return Report(
+        str(config.config_path),
+        config.train.model_flavour,
+        scans,
+        findings,
+        samples,
+        files=infos,
+        decoded=decoded,
+        records_current=decoded == 0 and infos.keys() == known.keys(),
+        sampling=config.train.conditioning_multidataset_sampling,
+    )
+
+
+def _image_owners(config: Config, scans: list[ScanResult]) -> dict[Path, DatasetConfig]:
+    """Every image file of every dataset involved, with the dataset it belongs to (the first that lists it)."""
     owners: dict[Path, DatasetConfig] = {}
     for scan, main in zip(scans, config.main_datasets(), strict=True):
         for dataset in [main, *config.conditioning_for(main)]:
             root = Path(dataset.instance_data_dir)
             for relpath in scan.listings.get(root, []):
                 owners.setdefault(root / relpath, dataset)
+    return owners
+
+
+def _known_records(config: Config) -> dict[Path, FileRecord]:
+    """The file records the main datasets' caches kept from their last validation."""
     known: dict[Path, FileRecord] = {}
     for main in config.main_datasets():
         known.update(load_records(CacheFolder(config.cache_location_for(main))))
+    return known
+
+
+def _decode_images(
+    owners: dict[Path, DatasetConfig], known: dict[Path, FileRecord], workers: int | None
+) -> tuple[dict[Path, FileRecord], int]:
+    """Each image's record (reused if unchanged since `known`, else decoded now), and how many were decoded."""
     infos: dict[Path, FileRecord] = {}
     todo: dict[Path, FileRecord] = {}  # new or changed files: their `stat`, to be filled by decoding
     for path, dataset in owners.items():
@@ -162,103 +202,127 @@ def validate(config: Config, workers: int | None = None) -> Report:
             infos[path] = known[path]
         else:
             todo[path] = current
+    # Decoded in threads: PIL releases the GIL.
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        infos.update(zip(todo, pool.map(lambda p: inspect_image(p, todo[p]), todo), strict=True))
+        infos.update(zip(todo, pool.map(inspect_image, todo, todo.values()), strict=True))
+    return infos, len(todo)
 
+
+def _decoded_findings(
+    infos: dict[Path, FileRecord], owners: dict[Path, DatasetConfig]
+) -> tuple[list[Finding], set[Path]]:
+    """The findings about every decoded image, and the images that cannot train (unreadable or too small)."""
+    findings: list[Finding] = []
     bad: set[Path] = set()
     for path, info in infos.items():
-        dataset = owners[path]
-        if info.error:
-            findings.append(Finding("error", "unreadable image", dataset.id, str(path), info.error))
+        found = _image_findings(path, info, owners[path])
+        findings += found
+        if any(finding.severity == "error" for finding in found):
             bad.add(path)
-            continue
-        if info.notes:
-            findings.append(
-                Finding("warning", "converted on load", dataset.id, str(path), f"{path}: {'; '.join(info.notes)}")
-            )
-        if not meets_minimum(*info.size, dataset.minimum_image_size, dataset.resolution_type):
-            findings.append(
-                Finding(
-                    "error",
-                    "image below minimum size",
-                    dataset.id,
-                    str(path),
-                    f"{path}: {info.size[0]}x{info.size[1]} is below minimum_image_size "
-                    f"{dataset.minimum_image_size:g} ({dataset.resolution_type}) of dataset '{dataset.id}'; "
-                    "replace it with a larger image, remove it, or lower minimum_image_size",
-                )
-            )
-            bad.add(path)
-            continue
-        factor = upscale_factor(*info.size, dataset)
-        if factor > MAX_UPSCALE:
-            findings.append(
-                Finding(
-                    "warning",
-                    "image upscaled more than 2x",
-                    dataset.id,
-                    str(path),
-                    f"{path}: {info.size[0]}x{info.size[1]} is upscaled {factor:.1f}x per side to reach its bucket at "
-                    f"resolution {dataset.resolution:g} ({dataset.resolution_type}) of dataset '{dataset.id}', so it "
-                    "trains on blurred pixels; use a larger image, or set minimum_image_size to exclude such files",
-                )
-            )
+    return findings, bad
 
-    samples: dict[str, list[Sample]] = {}
+
+def _image_findings(path: Path, info: FileRecord, dataset: DatasetConfig) -> list[Finding]:
+    """The problems of one decoded image: unreadable, converted on load, below minimum size, upscaled over 2x."""
+    if info.error:
+        return [Finding("error", "unreadable image", dataset.id, str(path), info.error)]
+    found = []
+    if info.notes:
+        found.append(Finding("warning", "converted on load", dataset.id, str(path), f"{path}: {'; '.join(info.notes)}"))
+    width, height = info.size
+    if not meets_minimum(width, height, dataset.minimum_image_size, dataset.resolution_type):
+        found.append(
+            Finding(
+                "error",
+                "image below minimum size",
+                dataset.id,
+                str(path),
+                f"{path}: {width}x{height} is below minimum_image_size "
+                f"{dataset.minimum_image_size:g} ({dataset.resolution_type}) of dataset '{dataset.id}'; "
+                "replace it with a larger image, remove it, or lower minimum_image_size",
+            )
+        )
+        return found
+    factor = upscale_factor(width, height, dataset)
+    if factor > MAX_UPSCALE:
+        found.append(
+            Finding(
+                "warning",
+                "image upscaled more than 2x",
+                dataset.id,
+                str(path),
+                f"{path}: {width}x{height} is upscaled {factor:.1f}x per side to reach its bucket at "
+                f"resolution {dataset.resolution:g} ({dataset.resolution_type}) of dataset '{dataset.id}', so it "
+                "trains on blurred pixels; use a larger image, or set minimum_image_size to exclude such files",
+            )
+        )
+    return found
+
+
+def _trainable_samples(
+    config: Config, main: DatasetConfig, scan: ScanResult, infos: dict[Path, FileRecord], bad: set[Path]
+) -> tuple[list[Sample], list[Finding]]:
+    """The samples of `main` that can train, eval split held out, and the findings about their references and crops."""
+    conds = config.conditioning_for(main)
     flavour = FLAVOURS[config.train.model_flavour]
-    for scan, main in zip(scans, config.main_datasets(), strict=True):
-        conds = config.conditioning_for(main)
-        kept = []
-        for sample in scan.samples:
-            if sample.image in bad or any(r in bad for r in sample.references):
-                continue
-            target_w, target_h = infos[sample.image].size
-            mismatched = False
-            for cond, ref in zip(conds, sample.references, strict=True):
-                ref_w, ref_h = infos[ref].size
-                if (
-                    cond.conditioning_type == "reference_strict"
-                    and abs((ref_w / ref_h) / (target_w / target_h) - 1) > ASPECT_TOLERANCE
-                ):
-                    mismatched = True
-                    findings.append(
-                        Finding(
-                            "error",
-                            "reference aspect differs from its target (reference_strict)",
-                            cond.id,
-                            str(ref),
-                            f"{ref}: {ref_w}x{ref_h} does not have the aspect of its edit image {sample.image} "
-                            f"({target_w}x{target_h}), so the same crop cannot fit both; crop it to that aspect, "
-                            f"or set conditioning_type 'reference_loose' on dataset '{cond.id}'",
-                        )
-                    )
-            for cond, ref in zip(conds, sample.references, strict=True):
-                problem = vl_size_problem(*infos[ref].size, flavour)
-                if problem:
-                    mismatched = True
-                    findings.append(
-                        Finding(
-                            "error",
-                            "reference the VL encoder cannot take",
-                            cond.id,
-                            str(ref),
-                            f"{ref}: {infos[ref].size[0]}x{infos[ref].size[1]}: {problem}; crop or pad it to a "
-                            "less extreme aspect ratio, or remove it",
-                        )
-                    )
-            if not mismatched:
-                kept.append(sample)
-                crop = crop_warning(sample, (target_w, target_h), main, config.train.crop_seed)
-                if crop:
-                    findings.append(crop)
-        samples[main.id] = hold_out(config, kept)
-    findings += eval_copies(config, samples, infos)
-    sampling = config.train.conditioning_multidataset_sampling
-    report = Report(str(config.config_path), config.train.model_flavour, scans, findings, samples, sampling=sampling)
-    report.files, report.decoded = infos, len(todo)
-    report.records_current = not todo and infos.keys() == known.keys()
-    return report
+    kept: list[Sample] = []
+    findings: list[Finding] = []
+    for sample in scan.samples:
+        if sample.image in bad or any(r in bad for r in sample.references):
+            continue
+        problems = _reference_findings(sample, conds, infos, flavour)
+        findings += problems
+        if problems:
+            continue
+        kept.append(sample)
+        crop = crop_warning(sample, infos[sample.image].size, main, config.train.crop_seed)
+        if crop:
+            findings.append(crop)
+    return hold_out(config, kept), findings
+
+
+def _reference_findings(
+    sample: Sample, conds: list[DatasetConfig], infos: dict[Path, FileRecord], flavour: Flavour
+) -> list[Finding]:
+    """The errors about `sample`'s references: strict aspect mismatches first, then sizes the VL encoder refuses."""
+    pairs = list(zip(conds, sample.references, strict=True))
+    found = [_aspect_mismatch(sample, cond, ref, infos) for cond, ref in pairs]
+    found += [_vl_refusal(cond, ref, infos[ref], flavour) for cond, ref in pairs]
+    return [finding for finding in found if finding is not None]
+
+
+def _aspect_mismatch(sample: Sample, cond: DatasetConfig, ref: Path, infos: dict[Path, FileRecord]) -> Finding | None:
+    """An error when a reference_strict reference does not have its edit image's aspect, else None."""
+    if cond.conditioning_type != "reference_strict":
+        return None
+    target_w, target_h = infos[sample.image].size
+    ref_w, ref_h = infos[ref].size
+    if abs((ref_w / ref_h) / (target_w / target_h) - 1) <= ASPECT_TOLERANCE:
+        return None
+    return Finding(
+        "error",
+        "reference aspect differs from its target (reference_strict)",
+        cond.id,
+        str(ref),
+        f"{ref}: {ref_w}x{ref_h} does not have the aspect of its edit image {sample.image} "
+        f"({target_w}x{target_h}), so the same crop cannot fit both; crop it to that aspect, "
+        f"or set conditioning_type 'reference_loose' on dataset '{cond.id}'",
+    )
+
+
+def _vl_refusal(cond: DatasetConfig, ref: Path, info: FileRecord, flavour: Flavour) -> Finding | None:
+    """An error when Qwen2.5-VL cannot take this reference (see `vl_size_problem`), else None."""
+    problem = vl_size_problem(*info.size, flavour)
+    if not problem:
+        return None
+    return Finding(
+        "error",
+        "reference the VL encoder cannot take",
+        cond.id,
+        str(ref),
+        f"{ref}: {info.size[0]}x{info.size[1]}: {problem}; crop or pad it to a less extreme aspect ratio, or remove it",
+    )
 
 
 def eval_overlap(config: Config) -> list[Finding]:

@@ -5,7 +5,7 @@ automatic collector runs a full pass over all of them whenever enough new object
 which can land in the middle of a training step: the host stops launching kernels and the GPU waits.
 During a run the automatic collector is off; the young generations (where a step's own garbage
 lives) are collected every `every` steps, and validation collects everything before previews
-(train/validation.py). Reference counting frees everything that is not in a cycle as usual.
+(train/evaluation/validator.py). Reference counting frees everything that is not in a cycle as usual.
 DataLoader workers, forked from the training process with its collector off, turn theirs back on
 (`collect_in_worker`): they run no compiled code and would otherwise never free a cycle.
 """

@@ -30,11 +30,14 @@ from shared.flavours import FLAVOURS
 from shared.logs import setup_logging
 from shared.models import load_scheduler_config
 from train import export
-from train.blocks import TRAINING_GRAPHS, attention_backends
+from train.attention import attention_backends
+from train.blocks import TRAINING_GRAPHS
 from train.caches import open_caches
 from train.checkpoint import checkpoint_run_id, list_checkpoints, load_checkpoint, save_checkpoint
+from train.checkpoint_parts import LoraWeights, OptimizerState, Progress, RngState
 from train.ema import LoraEMA
-from train.eval_data import EvalSet
+from train.evaluation.eval_set import EvalSet
+from train.evaluation.validator import Validator, lora_disabled, weights_swapped
 from train.loader import TrainLoader
 from train.memory import MEMORY_KEYS, MemoryPlan
 from train.metrics import StepRecord, TrainMetrics
@@ -43,10 +46,8 @@ from train.objective import SigmaSchedule
 from train.optim import apply_resumed_settings, build_optimizer, build_scheduler
 from train.output_dir import RunClaim, changed_settings, claim_output_dir, training_settings
 from train.rollout import ScheduledSampling
-from train.state import LoraWeights, OptimizerState, Progress, RngState
 from train.step import StepResult, optimizer_step
 from train.trackers import check_trackers_available, open_trackers
-from train.validation import Validator, lora_disabled, weights_swapped
 
 log = logging.getLogger(__name__)
 SMALL_CARD_MODES = ("low", "minimal")

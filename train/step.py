@@ -9,8 +9,8 @@ from typing import NamedTuple
 import torch
 
 from shared.config import TrainConfig
+from train.attention import attention_backends
 from train.batch import Batch
-from train.blocks import attention_backends
 from train.objective import SigmaSchedule, flow_matching_loss
 from train.optim import skips_on_device
 from train.rollout import ScheduledSampling

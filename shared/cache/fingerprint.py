@@ -98,7 +98,7 @@ def references_alone(config: Config, main: DatasetConfig) -> bool:
 
 
 def _plus_references_resized(config: Config, datasets: list[DatasetConfig]) -> bool:
-    """Whether a Plus flavour's references are encoded at ~1 MP where caches before that rule (prep/record.py,
+    """Whether a Plus flavour's references are encoded at ~1 MP where caches before that rule (prep/sample_records.py,
     `reference_vae_size`) encoded them at their datasets' or the eval previews' resolution: only then is the
     rule in the fingerprint, so that such caches are rebuilt and others (every dataset at 1024) stay current."""
     if not FLAVOURS[config.train.model_flavour].plus or config.train.match_target_res:

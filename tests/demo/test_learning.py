@@ -1,7 +1,7 @@
 """The demo learns: on `make demo`'s own setup (demo/project.py: its tiny models, toy recolouring pairs and
 configs/demo-*), training takes the held-out previews' pixel error to at most half the base model's.
 
-The previews are sampled by the inference path (train/previews.py: the pipelines' σ schedule, Euler steps,
+The previews are sampled by the inference path (train/evaluation/sampling.py: the pipelines' σ schedule, Euler steps,
 the references packed after the target in their order) from what the training path learnt
 (train/objective.py: the velocity noise − x0, references packed the same way), so this fails when the two
 disagree: scratch runs with the target's sign flipped in training, the two references swapped at sampling,

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 import prep.build
 import prep.encode
-import prep.pipeline
+import prep.encode_workers
 from prep.build import build_cache
 from prep.cli import app
 from prep.verify import verify_cache
@@ -71,20 +71,20 @@ def _tensors(cache, rows):
 
 def _count_encodes(monkeypatch):
     encoded = []
-    real = prep.pipeline.encode_prepared
+    real = prep.encode_workers.encode_prepared
 
     def counting(batch, *args, **kwargs):
         encoded.extend(p.sample.relpath for p in batch)
         return real(batch, *args, **kwargs)
 
-    monkeypatch.setattr(prep.pipeline, "encode_prepared", counting)
+    monkeypatch.setattr(prep.encode_workers, "encode_prepared", counting)
     return encoded
 
 
 def _interrupt_at_fourth_sample(monkeypatch):
     """Make encoding stop with a KeyboardInterrupt (a Ctrl-C, a kill) when the fourth sample comes to it."""
     calls = []
-    real = prep.pipeline.encode_prepared
+    real = prep.encode_workers.encode_prepared
 
     def interrupting(batch, *args, **kwargs):
         calls.extend(batch)
@@ -92,7 +92,7 @@ def _interrupt_at_fourth_sample(monkeypatch):
             raise KeyboardInterrupt("interrupted")
         return real(batch, *args, **kwargs)
 
-    monkeypatch.setattr(prep.pipeline, "encode_prepared", interrupting)
+    monkeypatch.setattr(prep.encode_workers, "encode_prepared", interrupting)
 
 
 def test_manifest_offsets_and_hashes_locate_each_member(demo_project):
@@ -365,7 +365,7 @@ def test_workers_and_shape_batches_give_the_same_cache(demo_project):
 def test_sigterm_during_a_build_keeps_what_was_encoded_and_says_how_to_go_on(demo_project, monkeypatch):
     config_path = demo_project("edit-v1", n_samples=5)
     calls = []
-    real = prep.pipeline.encode_prepared
+    real = prep.encode_workers.encode_prepared
 
     def terminating(batch, *args, **kwargs):
         calls.extend(batch)
@@ -373,7 +373,7 @@ def test_sigterm_during_a_build_keeps_what_was_encoded_and_says_how_to_go_on(dem
             os.kill(os.getpid(), signal.SIGTERM)  # a scheduler stops the job during the fourth sample
         return real(batch, *args, **kwargs)
 
-    monkeypatch.setattr(prep.pipeline, "encode_prepared", terminating)
+    monkeypatch.setattr(prep.encode_workers, "encode_prepared", terminating)
     result = CliRunner().invoke(app, ["build-cache", "--config", str(config_path), "--device", "cpu"])
     assert result.exit_code == 143, result.output
     assert "stopped by SIGTERM: every sample encoded so far is kept" in result.output

@@ -14,7 +14,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-import prep.pipeline
+import prep.encode_workers
 from prep.build import build_cache
 from prep.cli import app
 from prep.verify import verify_cache
@@ -68,7 +68,7 @@ def test_an_s3_cache_is_the_local_cache_byte_for_byte_and_a_rerun_changes_nothin
 def test_an_interrupted_s3_build_encodes_only_what_no_sealed_shard_holds(s3, demo_project, monkeypatch, capsys):
     config = use_cache(demo_project("edit-v1", n_samples=6, train={"caption_dropout_probability": 0.0}), URL)
     encoded = []
-    real = prep.pipeline.encode_prepared
+    real = prep.encode_workers.encode_prepared
 
     def interrupting(batch, *args, **kwargs):  # a Ctrl-C (or a kill) when the fourth sample comes
         encoded.extend(p.sample.relpath for p in batch)
@@ -76,7 +76,7 @@ def test_an_interrupted_s3_build_encodes_only_what_no_sealed_shard_holds(s3, dem
             raise KeyboardInterrupt("interrupted")
         return real(batch, *args, **kwargs)
 
-    monkeypatch.setattr(prep.pipeline, "encode_prepared", interrupting)
+    monkeypatch.setattr(prep.encode_workers, "encode_prepared", interrupting)
     with pytest.raises(KeyboardInterrupt):
         build_cache(config, device="cpu", max_shard_bytes=1)  # a shard per sample: three sealed
     sealed = [name for name in s3_files(s3) if name.endswith(".index.parquet")]

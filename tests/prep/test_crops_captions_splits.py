@@ -16,7 +16,7 @@ from shared.config import DatasetConfig, load_config
 from shared.errors import UserError
 from tests.cache_files import manifest_rows, member_bytes, sample_embeddings, stored_tensors
 from train.caches import open_caches
-from train.eval_data import EvalSet
+from train.evaluation.eval_set import EvalSet
 
 ASPECTS = [(1024, 1024), (1280, 720), (720, 1280), (1600, 900), (500, 1500), (333, 777), (4000, 1000)]
 

@@ -138,7 +138,7 @@ def test_batched_vl_encoding_with_padding_equals_one_at_a_time(tiny_models):
     """Texts of different lengths sharing one pass of the vision tower encode as each would alone
     through the whole text encoder, as the pipelines call it (processor, then text_encoder)."""
     from prep.encode import Encoders
-    from prep.record import SamplePreparer
+    from prep.sample_records import SamplePreparer
     from shared.flavours import FLAVOURS
 
     flavour = FLAVOURS["edit-v2"]
@@ -188,7 +188,7 @@ def test_vae_pixels_travel_as_uint8_and_scale_bit_for_bit_as_the_pipelines_proce
     from diffusers.image_processor import VaeImageProcessor
 
     from prep.encode import to_signed_unit
-    from prep.record import SamplePreparer
+    from prep.sample_records import SamplePreparer
     from shared.flavours import FLAVOURS
     from shared.models import load_processor
 

@@ -18,14 +18,14 @@ from diffusers import (
 from peft import LoraConfig
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-import train.validation as validation_module
+import train.evaluation.validator as validation_module
 from prep.build import build_cache
 from shared.config import load_config
-from shared.preview_grid import read_png
-from train.eval_data import EvalSample
+from train.drawing.preview_grid import read_png
+from train.evaluation.eval_set import EvalSample
+from train.evaluation.sampling import sample_latents
 from train.loop import train
 from train.packing import pack_latents
-from train.previews import sample_latents
 
 PIPELINES = {"edit-v1": QwenImageEditPipeline, "edit-v2": QwenImageEditPlusPipeline}
 

@@ -1,7 +1,7 @@
 import torch
 
-from prep.pipeline import ShapePool
-from prep.record import Prepared
+from prep.encode_workers import ShapePool
+from prep.sample_records import Prepared
 
 
 def _prepared(name: str, height: int, width: int) -> Prepared:
@@ -39,7 +39,7 @@ def test_a_prepared_sample_crosses_from_a_worker_in_one_buffer_and_comes_back_eq
     import io
     import pickle
 
-    from prep.pipeline import pack, unpack
+    from prep.encode_workers import pack, unpack
 
     g = torch.Generator().manual_seed(0)
     prepared = Prepared(

@@ -1,8 +1,7 @@
 """`loss.png`: the training loss (raw and smoothed), the held-out loss and the learning rate in one chart, and
 under it, when previews ran, their pixel error against the ground truth.
 
-Drawn with matplotlib (its Agg backend: no display needed), kept here so `train` itself never imports
-an image library.
+Drawn with matplotlib (its Agg backend: no display needed).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import copy
 import numpy as np
 import torch
 
-from train.eval_data import EvalSample
+from train.evaluation.eval_set import EvalSample
 from train.packing import pack_latents, token_grid, unpack_latents
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from prep.encode import Encoders
-from prep.record import (
+from prep.sample_records import (
     BuiltRecords,
     Prepared,
     SamplePreparer,

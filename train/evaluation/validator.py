@@ -35,11 +35,11 @@ from accelerate.utils import gather_object
 
 from shared.config import TrainConfig
 from shared.models import load_vae_decoder
-from shared.preview_grid import read_png, sample_row, save_png, step_grid
 from train.batch import Batch
-from train.eval_data import EvalSet
+from train.drawing.preview_grid import read_png, sample_row, save_png, step_grid
+from train.evaluation.eval_set import EvalSet
+from train.evaluation.sampling import Decoder, sample_latents
 from train.objective import SigmaSchedule, velocity_errors
-from train.previews import Decoder, sample_latents
 
 log = logging.getLogger(__name__)
 PREVIEWS = "previews"
