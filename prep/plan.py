@@ -6,34 +6,26 @@ Nothing here encodes or writes a shard; `prep/build.py` carries the plan out.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from prep.file_records import FileRecord
 from prep.sample_records import source_sha256
 from prep.scan import Sample
 from shared.cache import (
-    CACHE_JSON,
-    DAMAGED,
     DROPOUT_COLUMNS,
     DROPOUT_SHARD,
-    MANIFEST,
     MANIFEST_SCHEMA,
-    SHARDS_DIR,
     CacheFolder,
-    CacheStore,
-    manifest_metadata,
     needs_dropout,
 )
-from shared.cache.fingerprint import changed_settings, fingerprint
+from shared.cache.fingerprint import fingerprint
+from shared.cache.validity import damaged_shards, holds_uncommitted_work, judge_for_build
 from shared.cache.writer import ShardTable, read_existing_rows
 from shared.config import Config, DatasetConfig
-from shared.errors import UserError
 
 
 @dataclass
@@ -67,24 +59,18 @@ def plan_cache(
     """
     folder = CacheFolder(config.cache_location_for(main))
     plan = Plan(main, folder, fingerprint(config, main, dtype))
-    built = None if force else read_manifest_ids(folder)  # (fingerprint, sample ids) of the manifest
-    info = _cache_info(folder) or {}  # read once: each read is a round trip at a URL
-    if built is not None and not CacheStore(folder.location).manifest_as_written(info):
-        print(f"note: {folder.url(MANIFEST)} differs from the one the build wrote; every sample is encoded again")
-        built, force = None, True
-    if built is not None and built[0] != plan.fingerprint["sha256"]:
-        raise UserError(_fingerprint_message(folder, info, plan.fingerprint["settings"]))
-    existing, plan.shards = (None, {}) if force else read_existing_rows(folder, plan.fingerprint["sha256"])
-    position, source = {}, []
+    judged = judge_for_build(folder, plan.fingerprint, force)
+    built = judged.manifest  # (fingerprint, sample ids) of the manifest
+    existing, plan.shards = (None, {}) if judged.force else read_existing_rows(folder, plan.fingerprint["sha256"])
+    position, source, dropped_records = {}, [], False
     if existing is not None:  # sample id -> its (last) row, compared by columns: no Python object per row
-        damaged = damaged_shards(folder, plan.shards) | verify_found_damaged(folder)
+        damaged = damaged_shards(folder, plan.shards)
         kept_records = existing
         existing = without_dropout_records_in(existing, damaged)
         dropped_records = existing is not kept_records
         shards = existing.column("shard").to_pylist()
         position = {i: n for n, i in enumerate(existing.column("sample_id").to_pylist()) if shards[n] not in damaged}
         source = existing.column("source_sha256").to_pylist()
-    dropped_records = False
     current, reuse = set(), []
     for sample in samples:
         current.add(sample.sample_id)
@@ -102,13 +88,8 @@ def plan_cache(
     if built is not None:
         plan.removed = len(built[1] - current)
         kept = set(plan.reuse.column("sample_id").to_pylist())
-        # Index files are deleted by every commit: any left over hold sealed work the manifest does not list yet.
-        uncommitted = any(name.endswith(".index.parquet") for name in folder.listing(SHARDS_DIR))
         plan.manifest_current = (
-            built[1] == kept
-            and not uncommitted
-            and not dropped_records
-            and _same(info.get("fingerprint"), plan.fingerprint)
+            built[1] == kept and not holds_uncommitted_work(folder) and not dropped_records and judged.recorded
         )
     return plan
 
@@ -133,64 +114,3 @@ def plan_added_dropout(plan: Plan, samples: dict[str, Sample]) -> None:
     for row in lacking.select(["sample_id", "shard", "embeds_offset", "embeds_size"]).to_pylist():
         plan.add_dropout.append(samples[row["sample_id"]])
         plan.embeds_spans[row["sample_id"]] = (row["shard"], row["embeds_offset"], row["embeds_size"])
-
-
-def read_manifest_ids(folder: CacheFolder) -> tuple[str, set[str]] | None:
-    """(fingerprint, sample ids) of the cache's manifest; None when there is none or it cannot be read
-    (cut short or damaged: then every sample no sealed shard index holds is encoded again)."""
-    if not folder.exists(MANIFEST):
-        return None
-    try:
-        with folder.open(MANIFEST) as f:  # the one column read, not the whole manifest
-            table = pq.read_table(f, columns=["sample_id"])
-    except (OSError, pa.ArrowException) as err:
-        print(f"note: {folder.url(MANIFEST)} cannot be read ({err}); its samples are encoded again")
-        return None
-    return manifest_metadata(table.schema)["fingerprint"], set(table.column("sample_id").to_pylist())
-
-
-def _cache_info(folder: CacheFolder) -> dict | None:
-    try:
-        info = json.loads(folder.read(CACHE_JSON) or b"")
-    except ValueError:
-        return None  # missing, empty or damaged: the commit writes it again
-    return info if isinstance(info, dict) else None
-
-
-def _same(recorded: dict | None, current: dict) -> bool:
-    """cache.json records `current` (hash and settings: the per-sample preview settings are not hashed)."""
-    return json.dumps(recorded, sort_keys=True, default=str) == json.dumps(current, sort_keys=True, default=str)
-
-
-def verify_found_damaged(folder: CacheFolder) -> set[str]:
-    """The shards `prep verify` found damaged (it leaves their names in damaged.json): encoded again."""
-    try:
-        shards = set(json.loads(folder.read(DAMAGED) or b"")["shards"])
-    except (ValueError, KeyError, TypeError):
-        return set()
-    for shard in sorted(shards):
-        print(f"note: prep verify found {folder.url(shard)} damaged; its samples are encoded again")
-    return shards
-
-
-def damaged_shards(folder: CacheFolder, shards: ShardTable) -> set[str]:
-    """Shards that are missing or not the size they were sealed at (one listing): their samples are encoded
-    again rather than reported up to date. (`prep verify` checks every byte.)"""
-    sizes = folder.listing(SHARDS_DIR)
-    damaged = set()
-    for name, recorded in shards.items():
-        if sizes.get(name.removeprefix(f"{SHARDS_DIR}/")) != recorded["bytes"]:
-            damaged.add(name)
-            print(f"note: {folder.url(name)} is missing or damaged; its samples are encoded again")
-    return damaged
-
-
-def _fingerprint_message(folder: CacheFolder, info: dict, settings: dict) -> str:
-    try:
-        changed = changed_settings(info["fingerprint"]["settings"], settings)
-    except (KeyError, TypeError):
-        changed = ["(cache.json unreadable)"]
-    return (
-        f"{folder}: this cache was built with other settings (changed: {', '.join(changed)}); its samples "
-        "cannot be mixed with new ones. Rerun with --force to rebuild it, or point cache_dir elsewhere."
-    )

@@ -33,17 +33,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from prep import sample_records as records
 from prep.encode import Encoders
 from prep.encode_workers import POOL_BATCHES, BackgroundWriter, EncodeStats, Packed, pack, to_host, unpack
-from prep.sample_records import (
-    BuiltRecords,
-    Prepared,
-    SamplePreparer,
-    Unreadable,
-    build_records,
-    encode_prepared,
-    prepare_or_skip,
-)
 from prep.scan import Sample
 from shared.cache.writer import ShardWriter, TarRecord
 from shared.config import DatasetConfig
@@ -67,11 +59,11 @@ def import_ray():
     return ray
 
 
-def prepare(row: dict, preparer: SamplePreparer, main: DatasetConfig, conds: list[DatasetConfig]) -> dict:
+def prepare(row: dict, preparer: records.SamplePreparer, main: DatasetConfig, conds: list[DatasetConfig]) -> dict:
     """A CPU task: one sample decoded, placed and processed, as a DataLoader worker does it locally, and
     packed for the trip to its actor (or `Unreadable`: the others go on)."""
-    prepared = prepare_or_skip(preparer, row["sample"], main, conds)
-    if isinstance(prepared, Unreadable):
+    prepared = records.prepare_or_skip(preparer, row["sample"], main, conds)
+    if isinstance(prepared, records.Unreadable):
         return {"prepared": prepared}
     # Its tensors in one NumPy buffer: unpickled on the actor in ~0.5 ms for 10 MB, against ~5.7 ms for the
     # same bytes as torch tensors (torch's own unpickling). That time holds the GIL the encoding thread
@@ -80,7 +72,7 @@ def prepare(row: dict, preparer: SamplePreparer, main: DatasetConfig, conds: lis
     return {"prepared": replace(packed, buffer=packed.buffer.numpy())}
 
 
-def unpacked(packed: Packed) -> Prepared:
+def unpacked(packed: Packed) -> records.Prepared:
     """`prepare`'s NumPy-packed sample as the encoders take it: its tensors are views of the buffer."""
     with warnings.catch_warnings():  # the buffer is read-only (unpickled in place); the encoders only read it
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -103,18 +95,18 @@ class EncodeActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per input row, in order: its `BuiltRecords` (or the `Unreadable` it came as), and the call's `CallTimes`."""
         items = list(batch["prepared"])
-        prepared = [unpacked(p) for p in items if not isinstance(p, Unreadable)]
+        prepared = [unpacked(p) for p in items if not isinstance(p, records.Unreadable)]
         with self.encoding:
             started = time.time()
-            encoded = encode_prepared(prepared, self.encoders, max_batch=self.batch_size)
+            encoded = records.encode_prepared(prepared, self.encoders, max_batch=self.batch_size)
             host = [([to_host(x) for x in lat], [to_host(x) for x in emb]) for lat, emb in encoded]
             if self.encoders.device.type == "cuda":
                 torch.cuda.synchronize()  # to_host queues its copies; they must be done before they are read
             del encoded  # the device's outputs go now, not while the other call encodes
             encoded_at = time.time()
         # Serialised, tar-framed and hashed here, while the other call encodes: the driver only appends them.
-        built = (_joined(build_records(p, lat, emb)) for p, (lat, emb) in zip(prepared, host, strict=True))
-        column = _objects([item if isinstance(item, Unreadable) else next(built) for item in items])
+        built = (_joined(records.build_records(p, lat, emb)) for p, (lat, emb) in zip(prepared, host, strict=True))
+        column = _objects([item if isinstance(item, records.Unreadable) else next(built) for item in items])
         times = CallTimes(self.name, started, encoded_at)
         return {"built": column, "times": _objects([times] * len(items))}
 
@@ -148,14 +140,14 @@ def encoder_report(calls: set[CallTimes]) -> str:
     )
 
 
-def _joined(built: BuiltRecords) -> BuiltRecords:
+def _joined(built: records.BuiltRecords) -> records.BuiltRecords:
     """Each record of `built` in one piece, to ship to the driver: a NumPy array, which Ray Data moves ~10x
     faster than the same bytes as a `bytes` object (measured on CPU: 7.1 against 0.7 records/s of 10 MB)."""
 
     def one_piece(record: TarRecord) -> TarRecord:
         return replace(record, chunks=[np.frombuffer(b"".join(record.chunks), dtype=np.uint8)])
 
-    return BuiltRecords(
+    return records.BuiltRecords(
         None if built.main is None else (one_piece(built.main[0]), built.main[1]),
         None if built.dropout is None else (one_piece(built.dropout[0]), built.dropout[1]),
     )
@@ -173,7 +165,7 @@ def encode_with_ray(
     samples: list[Sample],
     main: DatasetConfig,
     conds: list[DatasetConfig],
-    preparer: SamplePreparer,
+    preparer: records.SamplePreparer,
     model: str,
     flavour: Flavour,
     device: str,
@@ -225,7 +217,7 @@ def encode_with_ray(
         )
         for row in rows.iter_rows():
             calls.add(row["times"])
-            if isinstance(row["built"], Unreadable):
+            if isinstance(row["built"], records.Unreadable):
                 stats.unreadable.append(row["built"])
                 continue
             background.put_built(row["built"])

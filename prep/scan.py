@@ -183,7 +183,9 @@ def scan_dataset(config: Config, main: DatasetConfig) -> ScanResult:
     images = result.listings[main_root]
     result.n_images = len(images)
     if any(cond.match == "stem" for cond in conds):
-        _refuse_ambiguous_stems(result, main, images)
+        _refuse_ambiguous_stems(
+            result, main, images, "edit images", ", so stem matching cannot tell them apart; rename one"
+        )
 
     references: dict[str, list[Path | None]] = {relpath: [] for relpath in images}
     for cond in conds:
@@ -316,21 +318,18 @@ def _open_caption_table(result: ScanResult, main: DatasetConfig) -> CaptionTable
     return table
 
 
-def _refuse_ambiguous_stems(result: ScanResult, main: DatasetConfig, images: list[str]) -> None:
-    """Returns None; adds an error for each stem that names several edit images (stem matching cannot pair them)."""
-    main_stems: dict[str, list[str]] = {}
-    for relpath in images:
-        main_stems.setdefault(_stem(relpath), []).append(relpath)
-    for stem, files in main_stems.items():
-        if len(files) > 1:
-            _error(
-                result,
-                "ambiguous name",
-                main.id,
-                Path(main.instance_data_dir) / stem,
-                f"{len(files)} edit images share this name "
-                f"({', '.join(files)}), so stem matching cannot tell them apart; rename one",
-            )
+def _refuse_ambiguous_stems(
+    result: ScanResult, dataset: DatasetConfig, files: list[str], what: str, advice: str
+) -> None:
+    """Adds an error for each stem that names several of `dataset`'s `files` (stem matching cannot pair them)."""
+    by_stem: dict[str, list[str]] = {}
+    for relpath in files:
+        by_stem.setdefault(_stem(relpath), []).append(relpath)
+    for stem, same in by_stem.items():
+        if len(same) > 1:
+            where = Path(dataset.instance_data_dir) / stem
+            message = f"{len(same)} {what} share this name ({', '.join(same)}){advice}"
+            _error(result, "ambiguous name", dataset.id, where, message)
 
 
 def _pair_references(
@@ -350,7 +349,7 @@ def _pair_references(
     for relpath in have:
         by_key.setdefault(_key(relpath, cond.match), []).append(relpath)
     if cond.match == "stem":
-        _refuse_ambiguous_references(result, cond, by_key)
+        _refuse_ambiguous_stems(result, cond, have, "references", "; keep one per edit image")
 
     folded = {_fold(p): p for p in have}
     keys = {relpath: _key(relpath, cond.match) for relpath in images}
@@ -373,19 +372,6 @@ def _pair_references(
 
     extras = sorted(f for key in set(by_key) - set(keys.values()) for f in by_key[key])
     _report_extra_references(result, cond, main_root, extras, named[main_root], counts)
-
-
-def _refuse_ambiguous_references(result: ScanResult, cond: DatasetConfig, by_stem: dict[str, list[str]]) -> None:
-    """Returns None; adds an error for each stem that names several references of `cond`."""
-    for stem, files in by_stem.items():
-        if len(files) > 1:
-            _error(
-                result,
-                "ambiguous name",
-                cond.id,
-                Path(cond.instance_data_dir) / stem,
-                f"{len(files)} references share this name ({', '.join(files)}); keep one per edit image",
-            )
 
 
 def _report_extra_references(

@@ -57,16 +57,16 @@ FLAVOURS: dict[str, Flavour] = {
         vl_area=1024 * 1024,
         reference_vae_area=1024 * 1024,
     ),
-    "edit-v2": Flavour(
-        name="edit-v2",
-        default_model="Qwen/Qwen-Image-Edit-2509",
-        pipeline_class="QwenImageEditPlusPipeline",
-        min_references=1,
-        max_references=3,
-        vl_area=384 * 384,
-        reference_vae_area=1024 * 1024,
-    ),
 }
+# Qwen-Image-Edit-2509: the Plus pipeline, 1-3 pictures, each seen by the VL encoder at 384².
+FLAVOURS["edit-v2"] = replace(
+    FLAVOURS["edit-v1"],
+    name="edit-v2",
+    default_model="Qwen/Qwen-Image-Edit-2509",
+    pipeline_class="QwenImageEditPlusPipeline",
+    max_references=3,
+    vl_area=384 * 384,
+)
 
 # 2509 weights trained with zero_cond_t, and Qwen-Image-Edit-2511: the Plus pipeline's encodings either way.
 FLAVOURS["edit-v2+"] = replace(FLAVOURS["edit-v2"], name="edit-v2+", zero_cond_t=True)
