@@ -353,11 +353,12 @@ def _pair_references(
 
     folded = {_fold(p): p for p in have}
     keys = {relpath: _key(relpath, cond.match) for relpath in images}
+    reported = {_key(name, cond.match) for name in named[root]}  # by the key pairing uses (a stem or a path)
     for relpath in images:
         found = by_key.get(keys[relpath], [])
         # Several files under one stem: an ambiguous name, reported above, so left unpaired.
         references[relpath].append(root / found[0] if len(found) == 1 else None)
-        if found or _named(keys[relpath], named[root]):
+        if found or _named(keys[relpath], reported):
             continue  # paired, or its reference is the broken link (or unusable name, or refused link) reported above
         counts.missing += 1
         near = folded.get(_fold(relpath))

@@ -386,3 +386,19 @@ def test_eval_images_copied_from_the_training_images_are_named(demo_project, tmp
     assert len(copied) == 1, report.render()
     (copied,) = copied
     assert "3 edit image(s) of the eval dataset 'held-out' are byte-identical to training images" in copied.message
+
+
+def test_a_broken_reference_link_matched_by_stem_is_reported_once(demo_project, tmp_path):
+    """With `match: stem`, the reference `x.jpg` that is a broken link is named as such, not again as the
+    edit image `x.png` lacking its reference."""
+    import os
+
+    config_path = demo_project("edit-v1", n_samples=2)
+    backend_path = tmp_path / "multidatabackend.json"
+    backend = json.loads(backend_path.read_text())
+    backend_path.write_text(json.dumps([dict(e, match="stem") if e["id"] == "ref0" else e for e in backend]))
+    reference = tmp_path / "data" / "reference"
+    (reference / "pair_0001.png").unlink()
+    os.symlink(tmp_path / "gone.jpg", reference / "pair_0001.jpg")
+    report = validate(load_config(config_path))
+    assert [(f.kind, os.path.basename(f.path)) for f in report.errors] == [("broken symlink", "pair_0001.jpg")]
