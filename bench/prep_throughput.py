@@ -36,8 +36,8 @@ from PIL import Image
 from demo.tiny_model import write_tiny_model
 from prep.build import build_cache
 from prep.distributed import Ranks, init_ranks
-from prep.encode import Encoders
-from prep.sample_records import SamplePreparer, encode_prepared
+from prep.encode import Encoders, encode_prepared
+from prep.sample_records import SamplePreparer
 from prep.validate import validate
 from shared.cache import needs_dropout
 from shared.config import load_config

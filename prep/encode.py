@@ -3,13 +3,14 @@
 `encode_pixels` = `_encode_vae_image` (posterior mode, normalised by the VAE's latents_mean/std);
 `encode_vl` = `_get_qwen_prompt_embeds` (last hidden state, first 64 template tokens dropped, no
 padding). The pixels and processor inputs come from `prep.sample_records.SamplePreparer`, which prepares
-them as the pipelines do. Tests check the cache against `QwenImageEditPipeline` /
-`QwenImageEditPlusPipeline`.
+them as the pipelines do; `encode_prepared` runs a batch of them through the encoders (grouped by shape
+and image layout). Tests check the cache against `QwenImageEditPipeline` / `QwenImageEditPlusPipeline`.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -18,6 +19,9 @@ from prep.vae_single_frame import use_single_frame_convs
 from prep.vision_attention import use_grouped_window_attention
 from shared.flavours import Flavour
 from shared.models import load_processor, load_text_encoder, load_vae, vae_scale_factor
+
+if TYPE_CHECKING:
+    from prep.sample_records import Prepared
 
 # Attention kernels for encoding: all but cuDNN's. cuDNN's attention builds a graph for each new input
 # shape (a new caption length, a new bucket), and a cache build meets new shapes all along: on an H200
@@ -139,3 +143,53 @@ class Encoders:
         ).hidden_states[-1]  # [B, T, D]
         # Right padding: each text's tokens are its first `length` positions.
         return [h[self.flavour.drop_tokens : n].to(self.dtype) for h, n in zip(hidden, lengths, strict=True)]
+
+
+def encode_prepared(batch: list[Prepared], encoders: Encoders, max_batch: int = 4) -> list[tuple[list, list]]:
+    """Encode prepared samples: VAE inputs grouped by shape; each VL image set through the vision tower
+    once (sets grouped by layout); instructions through the language model grouped by layout (padded).
+
+    Returns, per sample, (latents [target, refs...] each [C, h, w], embeds per instruction each [L, D]).
+    """
+    latents: dict[tuple[int, int], torch.Tensor] = {}  # (sample, image) -> [C, h, w]; image 0 is the target
+    pixels = ((tuple(x.shape), (i, j)) for i, p in enumerate(batch) for j, x in enumerate(p.vae_pixels))
+    for chunk in _grouped_chunks(pixels, max_batch):
+        out = encoders.encode_pixels(encoders.to_device(*[batch[i].vae_pixels[j] for i, j in chunk]))
+        latents.update({key: out[n] for n, key in enumerate(chunk)})
+
+    images: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # (sample, image set) -> per-image embeddings
+    sets = ((vl_layout(x), (i, k)) for i, p in enumerate(batch) for k, x in enumerate(p.vl_images))
+    for chunk in _grouped_chunks(sets, max_batch):
+        out = encoders.encode_images([batch[i].vl_images[k] for i, k in chunk])
+        images.update({key: out[n] for n, key in enumerate(chunk)})
+
+    embeds: dict[tuple[int, int], torch.Tensor] = {}  # (sample, instruction) -> [L, D]
+    texts = (
+        (vl_layout(p.vl_images[t["images"]]), (i, j)) for i, p in enumerate(batch) for j, t in enumerate(p.vl_texts)
+    )
+    for chunk in _grouped_chunks(texts, max_batch):
+        shown = [(i, batch[i].vl_texts[j]["images"]) for i, j in chunk]  # the image set each text shows
+        grids = [batch[i].vl_images[k]["image_grid_thw"] for i, k in shown]
+        out = encoders.encode_vl([batch[i].vl_texts[j] for i, j in chunk], [images[key] for key in shown], grids)
+        embeds.update({key: out[n] for n, key in enumerate(chunk)})
+    return [
+        ([latents[(i, j)] for j in range(len(p.vae_pixels))], [embeds[(i, j)] for j in range(len(p.vl_texts))])
+        for i, p in enumerate(batch)
+    ]
+
+
+def vl_layout(images: dict[str, torch.Tensor]) -> tuple:
+    """The image grids of one VL image set: sets (and the texts showing them) with equal layouts batch together."""
+    return tuple(images["image_grid_thw"].flatten().tolist())
+
+
+def _grouped_chunks(keyed, size: int) -> list[list]:
+    """(group, key) pairs -> the keys of each group (a shape, an image layout) in chunks of at most `size`."""
+    groups: dict = {}
+    for group, key in keyed:
+        groups.setdefault(group, []).append(key)
+    return [chunk for keys in groups.values() for chunk in _chunks(keys, size)]
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]

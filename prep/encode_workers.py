@@ -20,14 +20,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from prep.encode import Encoders
+from prep.encode import Encoders, encode_prepared
 from prep.sample_records import (
     BuiltRecords,
     Prepared,
     SamplePreparer,
     Unreadable,
     build_records,
-    encode_prepared,
     prepare_or_skip,
 )
 from prep.scan import Sample

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from prep import sample_records as records
-from prep.encode import Encoders
+from prep.encode import Encoders, encode_prepared
 from prep.encode_workers import POOL_BATCHES, BackgroundWriter, EncodeStats, Packed, pack, to_host, unpack
 from prep.scan import Sample
 from shared.cache.writer import ShardWriter, TarRecord
@@ -98,7 +98,7 @@ class EncodeActor:
         prepared = [unpacked(p) for p in items if not isinstance(p, records.Unreadable)]
         with self.encoding:
             started = time.time()
-            encoded = records.encode_prepared(prepared, self.encoders, max_batch=self.batch_size)
+            encoded = encode_prepared(prepared, self.encoders, max_batch=self.batch_size)
             host = [([to_host(x) for x in lat], [to_host(x) for x in emb]) for lat, emb in encoded]
             if self.encoders.device.type == "cuda":
                 torch.cuda.synchronize()  # to_host queues its copies; they must be done before they are read

@@ -17,7 +17,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from prep.buckets import bucket_size, calculate_dimensions, crop_seed, plan_placement
-from prep.encode import Encoders
+from prep.encode import vl_layout
 from prep.file_records import file_sha256
 from prep.images import ImageError, load_rgb
 from prep.scan import Sample
@@ -311,56 +311,6 @@ def build_records(prepared: Prepared, latents: list[torch.Tensor], embeds: list[
 
 def _dropout_row(prepared: Prepared, embeds_member: bytes) -> dict:
     return {"source_sha256": prepared.row["source_sha256"], "embeds_sha256": hashlib.sha256(embeds_member).digest()}
-
-
-def encode_prepared(batch: list[Prepared], encoders: Encoders, max_batch: int = 4) -> list[tuple[list, list]]:
-    """Encode prepared samples: VAE inputs grouped by shape; each VL image set through the vision tower
-    once (sets grouped by layout); instructions through the language model grouped by layout (padded).
-
-    Returns, per sample, (latents [target, refs...] each [C, h, w], embeds per instruction each [L, D]).
-    """
-    latents: dict[tuple[int, int], torch.Tensor] = {}  # (sample, image) -> [C, h, w]; image 0 is the target
-    pixels = ((tuple(x.shape), (i, j)) for i, p in enumerate(batch) for j, x in enumerate(p.vae_pixels))
-    for chunk in _grouped_chunks(pixels, max_batch):
-        out = encoders.encode_pixels(encoders.to_device(*[batch[i].vae_pixels[j] for i, j in chunk]))
-        latents.update({key: out[n] for n, key in enumerate(chunk)})
-
-    images: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # (sample, image set) -> per-image embeddings
-    sets = ((vl_layout(x), (i, k)) for i, p in enumerate(batch) for k, x in enumerate(p.vl_images))
-    for chunk in _grouped_chunks(sets, max_batch):
-        out = encoders.encode_images([batch[i].vl_images[k] for i, k in chunk])
-        images.update({key: out[n] for n, key in enumerate(chunk)})
-
-    embeds: dict[tuple[int, int], torch.Tensor] = {}  # (sample, instruction) -> [L, D]
-    texts = (
-        (vl_layout(p.vl_images[t["images"]]), (i, j)) for i, p in enumerate(batch) for j, t in enumerate(p.vl_texts)
-    )
-    for chunk in _grouped_chunks(texts, max_batch):
-        shown = [(i, batch[i].vl_texts[j]["images"]) for i, j in chunk]  # the image set each text shows
-        grids = [batch[i].vl_images[k]["image_grid_thw"] for i, k in shown]
-        out = encoders.encode_vl([batch[i].vl_texts[j] for i, j in chunk], [images[key] for key in shown], grids)
-        embeds.update({key: out[n] for n, key in enumerate(chunk)})
-    return [
-        ([latents[(i, j)] for j in range(len(p.vae_pixels))], [embeds[(i, j)] for j in range(len(p.vl_texts))])
-        for i, p in enumerate(batch)
-    ]
-
-
-def vl_layout(images: dict[str, torch.Tensor]) -> tuple:
-    """The image grids of one VL image set: sets (and the texts showing them) with equal layouts batch together."""
-    return tuple(images["image_grid_thw"].flatten().tolist())
-
-
-def _grouped_chunks(keyed, size: int) -> list[list]:
-    """(group, key) pairs -> the keys of each group (a shape, an image layout) in chunks of at most `size`."""
-    groups: dict = {}
-    for group, key in keyed:
-        groups.setdefault(group, []).append(key)
-    return [chunk for keys in groups.values() for chunk in _chunks(keys, size)]
-
-
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def source_sha256(sample: Sample, file_hashes: list[str] | None, preview: dict) -> str:
