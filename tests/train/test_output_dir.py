@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -18,13 +20,29 @@ def _no_model(*args, **kwargs):
     raise AssertionError("the model was loaded although the run was refused")
 
 
+@pytest.fixture(scope="module")
+def trained(project, tmp_path_factory) -> Path:
+    """A finished run of 4 steps, checkpointed at steps 2 and 4, trained once for the module (read through
+    `run_copy`)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(load_config(project(out, max_train_steps=4, checkpointing_steps=2)))
+    return out
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path) -> Path:
+    """This test's own copy of the trained run (tmp_path/run), to resume, damage or overwrite."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    return out
+
+
 def test_a_new_run_into_a_folder_holding_another_run_is_refused_and_overwrite_keeps_the_old_checkpoints(
     project,
-    tmp_path,
+    run_copy,
     monkeypatch,
 ):
-    out = tmp_path / "run"
-    train(load_config(project(out, max_train_steps=4, checkpointing_steps=2)))
+    out = run_copy  # 4 steps, checkpoints at 2 and 4
     old_lora = (out / LORA_FILE).read_bytes()
     old_run = json.loads((out / "run.json").read_text())["run_id"]
 
@@ -57,16 +75,15 @@ def test_a_new_run_into_a_folder_holding_another_run_is_refused_and_overwrite_ke
 )
 def test_resuming_with_another_rank_or_alpha_is_refused_with_what_differs(
     project,
-    tmp_path,
+    run_copy,
     monkeypatch,
     change,
     says,
 ):
-    out = tmp_path / "run"
-    train(load_config(project(out, max_train_steps=2, checkpointing_steps=2)))
+    out = run_copy  # lora_rank 4, lora_alpha 8; its latest checkpoint: step 4
     monkeypatch.setattr(run_module, "load_lora_transformer", _no_model)
-    with pytest.raises(UserError, match=rf"checkpoint-000002 was trained with another LoRA \({says}\)"):
-        train(load_config(project(out, max_train_steps=4, resume_from_checkpoint="latest", **change)))
+    with pytest.raises(UserError, match=rf"checkpoint-000004 was trained with another LoRA \({says}\)"):
+        train(load_config(project(out, max_train_steps=6, resume_from_checkpoint="latest", **change)))
 
 
 def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(project, tmp_path, monkeypatch):
@@ -81,14 +98,13 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_loads(
 
 def test_a_damaged_latest_checkpoint_is_skipped_saying_so_and_export_names_the_bad_file(
     project,
-    tmp_path,
+    run_copy,
     capsys,
 ):
     import subprocess
     import sys
 
-    out = tmp_path / "run"
-    train(load_config(project(out, max_train_steps=4, checkpointing_steps=2)))
+    out = run_copy  # 4 steps, checkpoints at 2 and 4
     damaged = out / "checkpoints" / "checkpoint-000004" / "lora.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:-100])  # a write cut short
 
@@ -106,7 +122,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_saying_so_and_export_names_the_b
 
 def test_a_flipped_byte_or_a_senseless_state_makes_a_checkpoint_damaged_for_resume_and_export(
     project,
-    tmp_path,
+    run_copy,
     caplog,
 ):
     """Every file's sha256 is recorded when the checkpoint is written: one flipped byte (the size unchanged, the
@@ -116,8 +132,7 @@ def test_a_flipped_byte_or_a_senseless_state_makes_a_checkpoint_damaged_for_resu
 
     from train.checkpoint import resolve_resume
 
-    out = tmp_path / "run"
-    train(load_config(project(out, max_train_steps=4, checkpointing_steps=2)))
+    out = run_copy  # 4 steps, checkpoints at 2 and 4
     first, last = list_checkpoints(out)
     state = json.loads((last / "trainer_state.json").read_text())
     assert set(state["files"]) == {p.name for p in last.iterdir() if p.name != "trainer_state.json"}

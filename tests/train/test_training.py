@@ -25,15 +25,25 @@ from train.export import COMFYUI_FILE, LORA_FILE
 from train.loader import CacheReader, TrainLoader
 from train.loop import train
 
+STRAIGHT_STEPS = 5  # not a checkpointing step (every 2): the last step is checkpointed all the same
+
+
+@pytest.fixture(scope="module")
+def straight(project, tmp_path_factory) -> Path:
+    """One run trained straight through, once for the module: its LoRA file. The tests that read a finished run
+    (its checkpoints, logs, exports) read it, and the tests that stop and resume a run compare their LoRA with
+    it; the checkpoint limit and TensorBoard it has change no weight, so those runs leave them out."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    settings = dict(checkpoints_total_limit=2, report_to="tensorboard", lora_rank=4, lora_alpha=8)
+    return train(load_config(project(out, max_train_steps=STRAIGHT_STEPS, **settings)))
+
 
 @pytest.mark.parametrize("levers", [{}, LEVERS], ids=["plain", "swap-checkpoint-offload"])
-def test_stop_and_resume_equals_training_straight_through(project, tmp_path, levers):
-    straight = train(load_config(project(tmp_path / "straight", max_train_steps=6)))
-
+def test_stop_and_resume_equals_training_straight_through(project, straight, tmp_path, levers):
     resumed_dir = tmp_path / "resumed"
     train(load_config(project(resumed_dir, max_train_steps=3, **levers)))  # "stopped" after step 3
     assert [p.name for p in list_checkpoints(resumed_dir)] == ["checkpoint-000002", "checkpoint-000003"]
-    resume = dict(levers, max_train_steps=6, resume_from_checkpoint="latest")
+    resume = dict(levers, max_train_steps=STRAIGHT_STEPS, resume_from_checkpoint="latest")
     resumed = train(load_config(project(resumed_dir, **resume)))
 
     for a, b in [(straight, resumed), (straight.parent / "ema" / LORA_FILE, resumed.parent / "ema" / LORA_FILE)]:
@@ -41,14 +51,14 @@ def test_stop_and_resume_equals_training_straight_through(project, tmp_path, lev
         assert x.keys() == y.keys()
         for key in x:
             torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-6)
-    # the log describes the run that made the LoRA: steps 1..6 once each, resumed or not
+    # the log describes the run that made the LoRA: steps 1..5 once each, resumed or not
     for run in (straight.parent, resumed.parent):
         lines = (run / "train_log.csv").read_text().splitlines()
-        assert [int(line.split(",")[0]) for line in lines[1:]] == [1, 2, 3, 4, 5, 6]
+        assert [int(line.split(",")[0]) for line in lines[1:]] == [1, 2, 3, 4, 5]
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_there_and_the_resume_equals_a_straight_run(
-    project, tmp_path, monkeypatch
+    project, straight, tmp_path, monkeypatch
 ):
     """A scheduler's SIGTERM mid-run: the step finishes, a checkpoint is written at it (step 3: not a checkpoint
     step), the run ends with the line naming it and the resume command; resuming gives the straight run's LoRA."""
@@ -57,8 +67,6 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_there_and_the_resume_equ
     import train.run as run_module
     from shared.errors import Stopped
     from train.checkpoint import checkpoint_problem
-
-    straight = train(load_config(project(tmp_path / "straight", max_train_steps=5)))
 
     real = run_module.Run.step
 
@@ -71,7 +79,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_there_and_the_resume_equ
     monkeypatch.setattr(run_module.Run, "step", stepping)
     stopped_dir = tmp_path / "stopped"
     with pytest.raises(Stopped) as stop:
-        train(load_config(project(stopped_dir, max_train_steps=5)))
+        train(load_config(project(stopped_dir, max_train_steps=STRAIGHT_STEPS)))
     monkeypatch.undo()
     kept = stopped_dir / "checkpoints" / "checkpoint-000003"
     assert stop.value.exit_code == 143
@@ -79,7 +87,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_there_and_the_resume_equ
     assert "--resume-from-checkpoint latest" in str(stop.value)
     assert checkpoint_problem(kept) is None
 
-    resumed = train(load_config(project(stopped_dir, max_train_steps=5, resume_from_checkpoint="latest")))
+    resumed = train(load_config(project(stopped_dir, max_train_steps=STRAIGHT_STEPS, resume_from_checkpoint="latest")))
     x, y = load_file(straight), load_file(resumed)
     for key in x:
         torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-6)
@@ -140,9 +148,13 @@ def test_report_to_wandb_without_wandb_says_what_to_install(project, tmp_path, m
         train(load_config(project(tmp_path / "run", report_to="wandb")))
 
 
-def test_checkpoints_are_complete_limited_and_exportable(project, tmp_path):
-    out = tmp_path / "run"
-    lora = train(load_config(project(out, max_train_steps=5, checkpoints_total_limit=2, report_to="tensorboard")))
+def test_checkpoints_are_complete_limited_and_exportable(straight, tmp_path):
+    """The straight run: 5 steps, a checkpoint every 2 steps and at the last, the 2 newest kept."""
+    from typer.testing import CliRunner
+
+    from train.cli import app
+
+    out, lora = straight.parent, straight
     checkpoints = list_checkpoints(out)
     assert [p.name for p in checkpoints] == ["checkpoint-000004", "checkpoint-000005"]
     final = checkpoints[-1]
@@ -164,21 +176,25 @@ def test_checkpoints_are_complete_limited_and_exportable(project, tmp_path):
     assert {"loss", "grad_norm", "lr", "samples_per_s"} <= set(header)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
-    # `train export` of the last checkpoint equals the exports written at the end of training
+    # `train export` of the last checkpoint equals the exports written at the end of training: the command
+    # itself once (a process of its own), the same command in this process for the other formats
     for fmt, name in [("diffusers", LORA_FILE), ("comfyui", COMFYUI_FILE)]:
         for ema in (False, True):
             target = tmp_path / f"export-{fmt}-{ema}"
-            command = [sys.executable, "-m", "train.cli", "export", str(final), "--format", fmt, "--out", str(target)]
-            result = subprocess.run(command + (["--ema"] if ema else []), capture_output=True, text=True)
-            assert result.returncode == 0, result.stderr
+            args = ["export", str(final), "--format", fmt, "--out", str(target)] + (["--ema"] if ema else [])
+            if (fmt, ema) == ("comfyui", True):
+                result = subprocess.run([sys.executable, "-m", "train.cli", *args], capture_output=True, text=True)
+                assert result.returncode == 0, result.stderr
+            else:
+                invoked = CliRunner().invoke(app, args)
+                assert invoked.exit_code == 0, invoked.output
             ours, theirs = load_file(target / name), load_file((out / "ema" if ema else out) / name)
             assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert lora == out / LORA_FILE
 
 
-def test_comfyui_export_has_comfyui_keys_and_the_same_weights_as_diffusers(project, tmp_path, tiny_models):
-    out = tmp_path / "run"
-    train(load_config(project(out, max_train_steps=2, lora_rank=4, lora_alpha=8)))
+def test_comfyui_export_has_comfyui_keys_and_the_same_weights_as_diffusers(straight, tiny_models):
+    out = straight.parent  # lora_rank 4, lora_alpha 8
     comfy = load_file(out / COMFYUI_FILE)
     pipe = QwenImageEditPipeline.from_pretrained(str(tiny_models["edit-v1"]))
     base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
@@ -287,10 +303,9 @@ def test_caption_dropout_uses_the_cached_empty_instruction(project, tmp_path):
     assert 4 <= dropped <= 20
 
 
-def test_a_checkpoint_of_the_previous_format_resumes_exactly(project, tmp_path):
+def test_a_checkpoint_of_the_previous_format_resumes_exactly(project, straight, tmp_path):
     """Checkpoints written before the registry of parts (format 1: parts listed by hand, the schedule counted in
     per-process steps) are converted when resumed, and continue exactly."""
-    straight = train(load_config(project(tmp_path / "straight", max_train_steps=6)))
     run = tmp_path / "old"
     train(load_config(project(run, max_train_steps=3)))
     checkpoint = list_checkpoints(run)[-1]
@@ -303,6 +318,6 @@ def test_a_checkpoint_of_the_previous_format_resumes_exactly(project, tmp_path):
     del old["format"]
     (checkpoint / "trainer_state.json").write_text(json.dumps(old))
 
-    resumed = train(load_config(project(run, max_train_steps=6, resume_from_checkpoint="latest")))
+    resumed = train(load_config(project(run, max_train_steps=STRAIGHT_STEPS, resume_from_checkpoint="latest")))
     x, y = load_file(straight), load_file(resumed)
     assert all(torch.allclose(x[k], y[k], rtol=1e-5, atol=1e-6) for k in x)
