@@ -160,9 +160,9 @@ def key_table(cls: type) -> list[str]:
         if k.choices:
             values = ", ".join(f"`{c}`" for c in k.choices)
         elif k.range is not None:
-            values = k.range.describe(isinstance(default_of(f), float)).replace("*", r"\*")
+            values = k.range.describe(str(f.type) == "float").replace("*", r"\*")
         else:
-            values = {bool: "true / false", int: "whole number", float: "number"}.get(type(f.default), "")
+            values = {"bool": "true / false", "int": "whole number", "float": "number"}.get(str(f.type), "")
         spelled = f"`{name}`" + "".join(f" (or `{alias}`)" for alias in k.also)
         relation = ""
         if k.simpletuner == SAME:
