@@ -1,2 +1,2 @@
-"""What training draws for people to look at (PNG grids of previews, loss.png): the one place in `train`
-that imports an image library; it draws outputs, never reads a training image."""
+"""What training draws for people to look at: preview PNG grids and loss.png. Kept out of train/, so `train`
+imports no image library (it reads only the cache); it imports neither stage (tests/test_boundaries.py)."""

@@ -1,7 +1,7 @@
 """Preview images as PNGs: one row per eval sample (references | output | ground truth, the instruction
 under it), one grid of rows per preview step, and the before/after grid (the base model's output next to
-the last step's). Drawn with PIL: train/drawing/ is the one folder of train/ allowed an image library (so
-"train reads only the cache" stays easy to check: tests/test_boundaries.py)."""
+the last step's). Drawn with PIL here, outside train/, so `train` itself never imports an image library (which keeps
+"train reads only the cache" easy to check: tests/test_boundaries.py)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from train.drawing.loss_chart import plot_losses
+from drawing.loss_chart import plot_losses
 from train.trackers import Trackers
 
 COLUMNS = [

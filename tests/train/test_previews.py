@@ -19,9 +19,9 @@ from peft import LoraConfig
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 import train.evaluation.validator as validation_module
+from drawing.preview_grid import read_png
 from prep.build import build_cache
 from shared.config import load_config
-from train.drawing.preview_grid import read_png
 from train.evaluation.eval_set import EvalSample
 from train.evaluation.sampling import sample_latents
 from train.loop import train

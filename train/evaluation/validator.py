@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
+from drawing.preview_grid import read_png, sample_row, save_png, step_grid
 from shared.config import TrainConfig
 from shared.models import load_vae_decoder
 from train.batch import Batch
-from train.drawing.preview_grid import read_png, sample_row, save_png, step_grid
 from train.evaluation.eval_set import EvalSet
 from train.evaluation.sampling import Decoder, sample_latents
 from train.objective import SigmaSchedule, velocity_errors
