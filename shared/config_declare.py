@@ -98,6 +98,13 @@ def key(
     return field(default=default, metadata=metadata)
 
 
+def every_n_steps(
+    default: int, what: str, zero: str, *, simpletuner: SimpleTuner | None = None, also: tuple[str, ...] = ()
+) -> Any:
+    """A key for `what` done every n optimizer steps: a whole number >= 0, 0 meaning `zero`."""
+    return key(default, f"{what} every n steps", range=at_least(0, f"0: {zero}"), simpletuner=simpletuner, also=also)
+
+
 def declared(cls: type) -> dict[str, tuple[Field, Key]]:
     """The keys a config dataclass declares, in declaration order: name -> (its field, its declaration)."""
     return {f.name: (f, f.metadata["key"]) for f in fields(cls) if "key" in f.metadata}

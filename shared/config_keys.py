@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config_declare import SAME, above, at_least, between, differs, key, key_table
+from shared.config_declare import SAME, above, at_least, between, differs, every_n_steps, key, key_table
 from shared.flavours import FLAVOURS
 
 BASE_MODEL_PRECISIONS = (
@@ -228,12 +228,8 @@ class TrainConfig:
     ema_decay: float = key(
         0.995, "the EMA's decay (warmed up as diffusers' EMAModel)", range=between(0, 1, "()"), simpletuner=SAME
     )
-    checkpointing_steps: int = key(
-        500,
-        "a checkpoint every n steps",
-        range=at_least(0, "0: no checkpoints"),
-        simpletuner=SAME,
-        also=("checkpoint_step_interval",),
+    checkpointing_steps: int = every_n_steps(
+        500, "a checkpoint", "no checkpoints", simpletuner=SAME, also=("checkpoint_step_interval",)
     )
     checkpoints_total_limit: int = key(
         5, "checkpoints kept (the oldest go)", range=at_least(0, "0: keep all"), simpletuner=SAME
@@ -340,12 +336,8 @@ class TrainConfig:
         "no eval_dataset_id: samples each main dataset holds out for evaluation (at most 1 in 8 unless set)",
         range=at_least(0, "0: hold nothing out"),
     )
-    validation_step_interval: int = key(
-        100,
-        "previews and the held-out loss every n steps",
-        range=at_least(0, "0: previews at start and end"),
-        simpletuner=SAME,
-        also=("validation_steps",),
+    validation_step_interval: int = every_n_steps(
+        100, "previews and the held-out loss", "previews at start and end", simpletuner=SAME, also=("validation_steps",)
     )
     validation_num_inference_steps: int = key(
         30, "flow-matching Euler steps per preview", range=at_least(1), simpletuner=SAME
@@ -379,9 +371,7 @@ class TrainConfig:
     validation_num_images: int = key(4, "previews render at most this many eval samples", range=at_least(0))
     validation_disable: bool = key(False, "no previews (the held-out loss still runs)")
     disable_benchmark: bool = key(False, "no step-0 preview of the base model (LoRA off)")
-    eval_steps_interval: int = key(
-        0, "the held-out loss every n steps", range=at_least(0, "0: every validation_step_interval")
-    )
+    eval_steps_interval: int = every_n_steps(0, "the held-out loss", "every validation_step_interval")
     eval_timesteps: int = key(
         8,
         "σ values the held-out loss is measured at (quantiles of the training σ density)",
