@@ -105,11 +105,18 @@ class CacheFolder:
         else:
             self.fs.pipe_file(self._path(relative), data)
 
-    def publish_new(self, relative: str, data: bytes) -> None:
-        """Write the object only if none exists (FileExistsError if one does): S3's conditional write
-        (`If-None-Match: *`), so of two writers exactly one succeeds."""
-        with self.fs.open(self._path(relative), "xb") as f:
-            f.write(data)
+    def publish_new(self, relative: str, data: bytes) -> str:
+        """Write the S3 object only if none exists (FileExistsError if one does): S3's conditional write
+        (`If-None-Match: *`), so of two writers exactly one succeeds. Returns the version written (its ETag)."""
+        bucket, key, _ = self.fs.split_path(self._path(relative))
+        try:
+            written = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except OSError as err:  # s3fs names the failed precondition FileExistsError, or EINVAL as for If-Match
+            if isinstance(err, FileExistsError) or err.errno == errno.EINVAL:
+                raise FileExistsError(self.url(relative)) from None
+            raise
+        self.fs.invalidate_cache(self._path(relative))
+        return written["ETag"]
 
     def version(self, relative: str) -> tuple[str, float]:
         """(ETag, when the store last wrote it: seconds since the epoch by the store's clock) of an object.
@@ -117,17 +124,19 @@ class CacheFolder:
         info = self.fs.info(self._path(relative), refresh=True)
         return info["ETag"], info["LastModified"].timestamp()
 
-    def replace_if(self, relative: str, data: bytes, etag: str) -> bool:
-        """Overwrite the object only if it is still version `etag` (S3's `If-Match`): False if it changed."""
+    def replace_if(self, relative: str, data: bytes, etag: str) -> str | None:
+        """Overwrite the S3 object only if it is still version `etag` (S3's `If-Match`): the version written
+        (taken from the write's own answer: a version read afterwards may be another writer's), or None if it
+        had changed."""
         bucket, key, _ = self.fs.split_path(self._path(relative))
         try:
-            self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=etag)
+            written = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=etag)
         except (FileNotFoundError, OSError) as err:  # s3fs gives a failed precondition as EINVAL
             if isinstance(err, FileNotFoundError) or err.errno == errno.EINVAL:
-                return False
+                return None
             raise
         self.fs.invalidate_cache(self._path(relative))
-        return True
+        return written["ETag"]
 
     def remove(self, relative: str) -> None:
         """Delete the file, if it exists."""

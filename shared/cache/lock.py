@@ -162,15 +162,15 @@ class ObjectLock:
 
     def _take(self) -> None:
         try:
-            self.folder.publish_new(self.name, self._body)
+            self._etag = self.folder.publish_new(self.name, self._body)
         except FileExistsError:
             holder, etag, written = self._read()
             if not self._abandoned(holder, written):
                 raise _refusal(self.folder.location, holder) from None
-            if not self.folder.replace_if(self.name, self._body, etag):
+            taken = self.folder.replace_if(self.name, self._body, etag)
+            if taken is None:
                 raise _refusal(self.folder.location, self._read()[0]) from None  # another build took it first
-            self.stale = holder
-        self._etag = self.folder.version(self.name)[0]
+            self._etag, self.stale = taken, holder
 
     def check(self) -> None:
         """Stop unless this build still holds the lock (renewed, not taken over)."""
@@ -196,10 +196,11 @@ class ObjectLock:
     def _renew(self) -> None:
         while not self._stop.wait(self.RENEW_S):
             try:
-                if not self.folder.replace_if(self.name, self._body, self._etag):
+                renewed = self.folder.replace_if(self.name, self._body, self._etag)
+                if renewed is None:
                     self._lost = True  # taken over: `check` stops this build
                     return
-                self._etag = self.folder.version(self.name)[0]
+                self._etag = renewed
                 self._renewed = time.monotonic()
             except Exception:  # noqa: BLE001 - the store unreachable for now (botocore errors are no OSError)
                 pass  # the next renewal tries again; `check` stops the build if none holds for too long

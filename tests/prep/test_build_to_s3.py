@@ -150,8 +150,33 @@ def test_a_build_whose_lock_was_taken_over_stops_and_leaves_the_new_holders_lock
 
     # Of two builds taking over one stale lock (the same version read), one gets it.
     etag = CacheFolder(URL).version(LOCK)[0]
-    assert CacheFolder(URL).replace_if(LOCK, b"{}", etag)
-    assert not CacheFolder(URL).replace_if(LOCK, b"{}", etag)
+    assert CacheFolder(URL).replace_if(LOCK, b"{}", etag) == CacheFolder(URL).version(LOCK)[0]
+    assert CacheFolder(URL).replace_if(LOCK, b"{}", etag) is None
+
+
+def test_a_takeover_right_after_a_renewal_is_not_mistaken_for_the_renewal(s3, monkeypatch):
+    """The renewal keeps the version its own write made: another build writing between that write and a
+    read of the version (here, at once) must not be adopted as this build's lock and overwritten."""
+    monkeypatch.setattr(ObjectLock, "RENEW_S", 0.05)
+    lock = f"bucket/cache/{LOCK}"
+    renew, renewals = CacheFolder.replace_if, []
+
+    def renew_then_taken_over(self, relative, data, etag):
+        renewed = renew(self, relative, data, etag)
+        if renewed is not None and not renewals:
+            s3.pipe(lock, json.dumps({"pid": 7, "host": "node-2"}).encode())  # the race window
+        renewals.append(renewed)
+        return renewed
+
+    monkeypatch.setattr(CacheFolder, "replace_if", renew_then_taken_over)
+    with lock_cache(CacheFolder(URL), LOCK) as mine:
+        deadline = time.monotonic() + 10
+        while not mine._lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(UserError, match="this build lost its lock"):
+            mine.check()
+    assert renewals[0] is not None and renewals[1] is None  # the next renewal found the other build's version
+    assert json.loads(s3.cat(lock))["host"] == "node-2", "the other build's lock stays"
 
 
 def test_a_shard_never_sealed_never_appears_in_the_bucket(s3):
