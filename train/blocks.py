@@ -22,6 +22,7 @@ module's names (LoRA keys and exports are unchanged) and adds, per block:
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import logging
 import math
@@ -207,6 +208,11 @@ def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 _selective_contexts = functools.partial(create_selective_checkpoint_contexts, _keep_attention)
+# torch's compiled-autograd cache keys a selectively checkpointed graph by its policy's `cache_hash` and, without
+# one, compiles the graph again in every process: this policy is its source and the ops it keeps.
+_selective_contexts.cache_hash = hashlib.sha256(
+    (inspect.getsource(_keep_attention) + repr(sorted(map(str, ATTENTION_OPS)))).encode()
+).hexdigest()
 # What selective checkpointing keeps goes through the offload hooks too (torch 2.14, pinned; older torch,
 # as on the bench machine, has no such switch and offloads them only when the block is compiled).
 _HOOKED = (
