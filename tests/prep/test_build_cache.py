@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ from shared.cache import DROPOUT, DROPOUT_SHARD, EMBEDS, MEMBERS, Latents, membe
 from shared.config import load_config
 from shared.errors import UserError
 from tests.cache_files import manifest_rows, member_bytes, sample_embeddings
+from tests.prep.build_child import start_build
 
 LOCATION = {
     "shard",
@@ -167,10 +166,10 @@ def spoil_after_validation(monkeypatch, spoil) -> None:
 
 @pytest.mark.parametrize("engine", ["local", "ray"])
 def test_a_file_spoiled_after_validation_is_named_and_the_other_samples_are_cached(
-    demo_project, tmp_path, monkeypatch, engine
+    demo_project, tmp_path, monkeypatch, engine, request
 ):
     if engine == "ray":
-        pytest.importorskip("ray")
+        request.getfixturevalue("local_ray")  # the session's Ray (tests/prep/conftest.py), not one of its own
     config_path = demo_project("edit-v1", n_samples=4)
     target, reference = (
         tmp_path / "data" / "images" / "pair_0001.png",
@@ -274,16 +273,13 @@ def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_build(demo_proj
     expected = _content(manifest_rows(cache))
     shutil.rmtree(cache)
 
-    script = (
-        "import sys; from prep.build import build_cache; from shared.config import load_config;"
-        f"build_cache(load_config({str(config_path)!r}), device='cpu', max_shard_bytes=1)"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_build(config_path, device="cpu", max_shard_bytes=1)  # a process of its own, killed -9 below
     deadline = time.time() + 120
     while time.time() < deadline and len(list((cache / "shards").glob("*.tar"))) < 2:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
     assert list((cache / "shards").glob("*.tar")), "the build was killed before it wrote a shard"
 
     (rebuilt,) = build_cache(config, device="cpu", max_shard_bytes=1)
@@ -300,16 +296,12 @@ def test_kill_9_during_a_forced_rebuild_leaves_a_cache_verify_passes_old_or_new(
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backend))
 
     before = len(list((cache / "shards").glob("*.tar")))
-    script = (
-        "from prep.build import build_cache; from shared.config import load_config;"
-        f"build_cache(load_config({str(config_path)!r}), device='cpu', max_shard_bytes=1, force=True)"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_build(config_path, device="cpu", max_shard_bytes=1, force=True)  # its own process, killed -9
     deadline = time.time() + 120
     while time.time() < deadline and len(list((cache / "shards").glob("*.tar"))) < before + new_shards:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.join()
 
     result = verify_cache(str(cache))
     assert result.intact, result.problems

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -16,12 +16,10 @@ from tests.prep.test_build_cache import _content, _tensors, _without_hashes
 
 
 def test_two_process_build_equals_one_process_build(demo_project, tmp_path):
-    config_path = demo_project("edit-v2", n_samples=5)
+    # 3 samples: one of each of the demo's three image sizes; rank 0 encodes two of them, rank 1 one.
+    config_path = demo_project("edit-v2", n_samples=3)
     config = load_config(config_path)
-    (cache,) = build_cache(config, device="cpu", max_shard_bytes=1)
-    expected_rows = manifest_rows(cache)
-    expected, expected_tensors = _content(expected_rows), _tensors(cache, expected_rows)
-    shutil.rmtree(cache)
+    cache = Path(config.cache_location_for(config.main_datasets()[0]))
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [
@@ -40,9 +38,17 @@ def test_two_process_build_equals_one_process_build(demo_project, tmp_path):
         "--device",
         "cpu",
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "5 encoded by 2 process(es)" in result.stdout
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as torchrun:
+        # The 1-process build, meanwhile (torchrun's two processes spend their first seconds importing), into a
+        # folder of its own: where a cache sits is not in its rows or tensors.
+        for dataset in config.main_datasets():
+            dataset.cache_dir = str(tmp_path / "one-process")
+        (one_process,) = build_cache(config, device="cpu", max_shard_bytes=1)
+        expected_rows = manifest_rows(one_process)
+        expected, expected_tensors = _content(expected_rows), _tensors(one_process, expected_rows)
+        stdout, stderr = torchrun.communicate(timeout=300)
+    assert torchrun.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "3 encoded by 2 process(es)" in stdout
 
     rows = manifest_rows(cache)
     assert _without_hashes(_content(rows)) == _without_hashes(expected)  # same samples, sizes, crops, captions, json
