@@ -8,6 +8,7 @@ from diffusers import QwenImageEditPipeline
 from safetensors.torch import load_file
 
 from shared.config import load_config
+from tests.train.conftest import QUICK
 from train.loop import train
 
 # base_model_precision -> what each Linear inside the transformer blocks must be once loaded: its class and
@@ -50,7 +51,9 @@ def test_each_base_precision_quantises_every_block_linear_and_trains_a_step(
     monkeypatch.setattr(
         run_module, "load_lora_transformer", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1]
     )
-    settings = dict(base_model_precision=precision, quantize_via=via, use_ema=False, lr_warmup_steps=0)
+    # one step of one micro-batch, no previews or EMA (QUICK): what is asserted is the loaded model and the LoRA
+    settings = dict(QUICK, base_model_precision=precision, quantize_via=via, lr_warmup_steps=0)
+    settings.update(gradient_accumulation_steps=1)
     config = load_config(project(tmp_path / "run", max_train_steps=1, lr_scheduler="constant", **settings))
     lora_path = train(config)
 

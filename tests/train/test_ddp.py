@@ -13,15 +13,16 @@ import torch
 from safetensors.torch import load_file
 
 from shared.config import load_config
-from tests.train.conftest import LEVERS
+from tests.train.conftest import LEVERS, QUICK
 from train.checkpoint import list_checkpoints
 from train.export import COMFYUI_FILE, LORA_FILE
 from train.loop import train
 
 
 def test_two_process_ddp_run_ends_with_identical_weights(project, tmp_path):
-    # with every memory lever on, so that DDP's gradient hooks meet checkpointed, offloaded, swapped blocks
-    config = project(tmp_path / "ddp", max_train_steps=2, checkpointing_steps=1, **LEVERS)
+    # with every memory lever on, so that DDP's gradient hooks meet checkpointed, offloaded, swapped blocks;
+    # QUICK: no previews or EMA (nothing here reads them), which were a third of each rank's work after start-up
+    config = project(tmp_path / "ddp", max_train_steps=2, checkpointing_steps=1, **LEVERS, **QUICK)
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
     command += ["-m", "tests.train.ddp_rank_weights", str(tmp_path), "run", "--config", str(config)]
@@ -51,7 +52,8 @@ def test_sigterm_to_a_two_process_run_stops_both_at_one_step_with_a_checkpoint(p
     from train.checkpoint import checkpoint_problem
 
     out = tmp_path / "ddp"
-    config = project(out, max_train_steps=40, checkpointing_steps=0, logging_steps=1)
+    # QUICK: no step-0 previews to wait through before the two steps (nothing here reads them)
+    config = project(out, max_train_steps=40, checkpointing_steps=0, logging_steps=1, **QUICK)
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535"]
     command += ["-m", "train.cli", "run", "--config", str(config)]
@@ -76,6 +78,7 @@ def test_learning_rate_schedule_survives_a_change_of_process_count(project, tmp_
     """The schedule counts optimizer steps: a run checkpointed on 1 process and resumed on 2 continues at the
     same learning rate as a run that never stopped (warm-up over 5 steps, so every step's rate differs)."""
     schedule = {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 5, "checkpointing_steps": 3}
+    schedule |= QUICK  # the three runs' previews and EMA: nothing here reads them (the rates are in train_log.csv)
     straight = train(load_config(project(tmp_path / "straight", max_train_steps=6, **schedule)))
     resumed = tmp_path / "resumed"
     train(load_config(project(resumed, max_train_steps=3, **schedule)))

@@ -42,7 +42,7 @@ def _transformer_output(transformer: torch.nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("flavour", ["edit-v1", "edit-v2", "edit-v2+", "edit-v3"])
 def test_prep_then_train_then_load_lora(flavour, demo_project, tmp_path, monkeypatch):
-    train_keys = {"max_train_steps": 3}
+    train_keys = {"max_train_steps": 1}  # one step (no warm-up) moves every lora_B off zero: all that is read
     if flavour == "edit-v2+":  # one flavour trains with SimpleTuner's random reference sampling
         train_keys["conditioning_multidataset_sampling"] = "random"
     config = load_config(demo_project(flavour, n_samples=4, train=train_keys))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any, NamedTuple
+
 import pytest
 import torch
 from accelerate import init_empty_weights
@@ -100,19 +103,44 @@ def test_swapped_blocks_share_two_gpu_slots_and_are_copied_in_as_they_run():
     assert all(torch.equal(a, b) for a, b in zip(first, now, strict=True))  # block 0 is back in slot 0
 
 
+class Step(NamedTuple):
+    """One step of a freshly built transformer: its loss and gradients, what the offload hook packed, the hook."""
+
+    result: tuple[torch.Tensor, dict[str, torch.Tensor]]
+    packed: list
+    offload: Any
+
+
+@functools.cache
+def one_step(lever: MemoryPlan) -> Step:
+    """One step through blocks placed per `lever`, from a fresh Dynamo (the same for the same plan), recording
+    what the activation offload packs (when the plan offloads; recording changes nothing it computes). Taken
+    once per plan and process: the offloaded, selective, compiled plan is both a bf16-rounding case and the
+    offload test's compiled case, and compiling it (Dynamo and AOT tracing) is most of either test's time."""
+    torch._dynamo.reset()
+    transformer = tiny_lora_transformer(lever)
+    offload = transformer.transformer_blocks[0].forward.offload
+    packed = []
+    if offload is not None:
+        pack = offload.pack
+        offload.pack = lambda tensor: packed.append(result := pack(tensor)) or result
+    return Step(loss_and_gradients(transformer), packed, offload)
+
+
+SELECTIVE_OFFLOADED = plan(checkpointed={0, 1, 2, 3}, offload=True, compiled=True, selective=True)
+
+
 @pytest.mark.parametrize(
     "lever",
     [
         plan(checkpointed={0, 2}, compiled=True),
         plan(checkpointed={0, 1, 2}, swapped=(1, 2, 3), compiled=True, selective=True),
-        plan(checkpointed={0, 1, 2, 3}, offload=True, compiled=True, selective=True),
+        SELECTIVE_OFFLOADED,
     ],
     ids=["checkpoint-some", "selective-and-swapped", "selective-offloaded"],
 )
 def test_compiled_blocks_keep_loss_and_gradients_within_bf16_rounding(plain, lever):
-    torch._dynamo.reset()
-    transformer = tiny_lora_transformer(lever)
-    loss, grads = loss_and_gradients(transformer)
+    loss, grads = one_step(lever).result
     want_loss, want = plain
     torch.testing.assert_close(loss, want_loss, rtol=1e-3, atol=0)
     errors = sorted(((grads[n] - want[n]).norm() / want[n].norm().clamp_min(1e-12)).item() for n in want)
@@ -124,15 +152,9 @@ def test_compiled_blocks_keep_loss_and_gradients_within_bf16_rounding(plain, lev
 def test_offload_moves_what_selective_checkpointing_keeps_and_never_the_weights(compiled):
     """Offloaded: a checkpointed block's inputs and kept attention outputs (their strides as they were,
     which compiled backward code checks), not the weights the block saves for backward."""
-    torch._dynamo.reset()
-    transformer = tiny_lora_transformer(
-        plan(checkpointed={0, 1, 2, 3}, offload=True, compiled=compiled, selective=True)
-    )
-    offload = transformer.transformer_blocks[0].forward.offload
-    packed = []
-    pack = offload.pack
-    offload.pack = lambda tensor: packed.append(result := pack(tensor)) or result
-    loss_and_gradients(transformer)
+    # compiled: the same plan (and step) as the bf16 test's selective-offloaded case, taken once
+    step = one_step(plan(checkpointed={0, 1, 2, 3}, offload=True, compiled=compiled, selective=True))
+    offload, packed = step.offload, step.packed
     moved = [p[1] for p in packed if isinstance(p, tuple)]
     kept = [p for p in packed if isinstance(p, torch.Tensor)]
     heads, head_dim = TINY["num_attention_heads"], TINY["attention_head_dim"]

@@ -11,6 +11,7 @@ import pytest
 import train.run as run_module
 from shared.config import load_config
 from shared.errors import UserError
+from tests.train.conftest import QUICK
 from train.checkpoint import checkpoint_run_id, list_checkpoints
 from train.export import LORA_FILE
 from train.loop import train
@@ -18,6 +19,18 @@ from train.loop import train
 
 def _no_model(*args, **kwargs):
     raise AssertionError("the model was loaded although the run was refused")
+
+
+@pytest.fixture(scope="module")
+def project(project):
+    """The shared factory, with every run of this module quick: no previews or EMA (QUICK) and one micro-batch a
+    step. No test here reads previews, the EMA or how many micro-batches make a step: they are about the folder,
+    its checkpoints and what a resume accepts, and every run in a test (and the module's `trained`) uses these."""
+
+    def make(out: Path, **overrides) -> Path:
+        return project(out, **{**QUICK, "gradient_accumulation_steps": 1, **overrides})
+
+    return make
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +114,9 @@ def test_a_damaged_latest_checkpoint_is_skipped_saying_so_and_export_names_the_b
     run_copy,
     capsys,
 ):
-    import subprocess
-    import sys
+    from typer.testing import CliRunner
+
+    from train.cli import app
 
     out = run_copy  # 4 steps, checkpoints at 2 and 4
     damaged = out / "checkpoints" / "checkpoint-000004" / "lora.safetensors"
@@ -114,9 +128,10 @@ def test_a_damaged_latest_checkpoint_is_skipped_saying_so_and_export_names_the_b
     assert f"warning: {damaged} is damaged" in printed and "resuming from the checkpoint before it" in printed
     assert "resumed from " in printed and "checkpoint-000002 at step 2" in printed
 
-    command = [sys.executable, "-m", "train.cli", "export", str(damaged.parent)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    # `train export` in this process (the next test runs it as a process of its own: one more import of the
+    # whole stack, 4 s of CPU): its exit code and its one line on stderr, no traceback
+    result = CliRunner().invoke(app, ["export", str(damaged.parent)])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr and result.exception.__class__ is SystemExit
     assert f"{damaged} is damaged" in result.stderr
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +20,24 @@ import train.step as step_module
 from shared.config import load_config
 from shared.errors import UserError
 from tests.cache_files import manifest_rows, sample_embeddings
-from tests.train.conftest import LEVERS
+from tests.train.conftest import LEVERS, QUICK
 from train.checkpoint import list_checkpoints
 from train.export import COMFYUI_FILE, LORA_FILE
 from train.loader import CacheReader, TrainLoader
 from train.loop import train
 
 STRAIGHT_STEPS = 5  # not a checkpointing step (every 2): the last step is checkpointed all the same
+
+
+@pytest.fixture(scope="module")
+def project(project):
+    """The shared factory, the held-out loss of every run here measured at 1 σ instead of 8: no test here reads
+    its value (only when it was logged), and it changes no weight (fixed noise of its own, no gradient)."""
+
+    def make(out: Path, **overrides) -> Path:
+        return project(out, **{"eval_timesteps": 1, **overrides})
+
+    return make
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +50,25 @@ def straight(project, tmp_path_factory) -> Path:
     return train(load_config(project(out, max_train_steps=STRAIGHT_STEPS, **settings)))
 
 
+@pytest.fixture(scope="module")
+def stopped(project, tmp_path_factory) -> Path:
+    """The straight run's settings (less its checkpoint limit and TensorBoard) "stopped" after step 3 of its 5,
+    once for the module: its folder, which the tests that resume it copy (a run resumes in its own folder)."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    train(load_config(project(out, max_train_steps=3)))
+    return out
+
+
 @pytest.mark.parametrize("levers", [{}, LEVERS], ids=["plain", "swap-checkpoint-offload"])
-def test_stop_and_resume_equals_training_straight_through(project, straight, tmp_path, levers):
+def test_stop_and_resume_equals_training_straight_through(project, straight, tmp_path, levers, request):
     resumed_dir = tmp_path / "resumed"
-    train(load_config(project(resumed_dir, max_train_steps=3, **levers)))  # "stopped" after step 3
+    if levers:
+        # without previews (the held-out loss and the EMA stay): the plain runs show that previews, the EMA's
+        # among them, change no weight; this one is about the levers
+        levers = dict(levers, validation_disable=True)
+        train(load_config(project(resumed_dir, max_train_steps=3, **levers)))  # "stopped" after step 3
+    else:  # the same run the module's `stopped` is
+        shutil.copytree(request.getfixturevalue("stopped"), resumed_dir)
     assert [p.name for p in list_checkpoints(resumed_dir)] == ["checkpoint-000002", "checkpoint-000003"]
     resume = dict(levers, max_train_steps=STRAIGHT_STEPS, resume_from_checkpoint="latest")
     resumed = train(load_config(project(resumed_dir, **resume)))
@@ -61,7 +88,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_there_and_the_resume_equ
     project, straight, tmp_path, monkeypatch
 ):
     """A scheduler's SIGTERM mid-run: the step finishes, a checkpoint is written at it (step 3: not a checkpoint
-    step), the run ends with the line naming it and the resume command; resuming gives the straight run's LoRA."""
+    step), the run ends with the line naming it and the resume command; resuming gives the straight run's LoRA
+    (without previews or the EMA, QUICK: neither changes the LoRA's weights, and this test reads neither)."""
     import signal
 
     import train.run as run_module
@@ -79,7 +107,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_there_and_the_resume_equ
     monkeypatch.setattr(run_module.Run, "step", stepping)
     stopped_dir = tmp_path / "stopped"
     with pytest.raises(Stopped) as stop:
-        train(load_config(project(stopped_dir, max_train_steps=STRAIGHT_STEPS)))
+        train(load_config(project(stopped_dir, max_train_steps=STRAIGHT_STEPS, **QUICK)))
     monkeypatch.undo()
     kept = stopped_dir / "checkpoints" / "checkpoint-000003"
     assert stop.value.exit_code == 143
@@ -87,7 +115,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_there_and_the_resume_equ
     assert "--resume-from-checkpoint latest" in str(stop.value)
     assert checkpoint_problem(kept) is None
 
-    resumed = train(load_config(project(stopped_dir, max_train_steps=STRAIGHT_STEPS, resume_from_checkpoint="latest")))
+    resume = dict(QUICK, max_train_steps=STRAIGHT_STEPS, resume_from_checkpoint="latest")
+    resumed = train(load_config(project(stopped_dir, **resume)))
     x, y = load_file(straight), load_file(resumed)
     for key in x:
         torch.testing.assert_close(x[key], y[key], rtol=1e-5, atol=1e-6)
@@ -120,6 +149,8 @@ def test_report_to_all_logs_to_tensorboard_and_weights_and_biases_and_a_resume_c
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
     settings = dict(report_to="all", tracker_project_name="edits", validation_num_inference_steps=2, use_ema=False)
+    # steps of one 1-sample micro-batch: what reaches the trackers, and when, is the same
+    settings.update(gradient_accumulation_steps=1, train_batch_size=1)
     train(load_config(project(out, max_train_steps=2, **settings)))
     run_id = (out / "wandb_run_id").read_text().strip()
     train(load_config(project(out, max_train_steps=4, resume_from_checkpoint="latest", **settings)))
@@ -235,7 +266,10 @@ def test_comfyui_export_has_comfyui_keys_and_the_same_weights_as_diffusers(strai
     ],
 )
 def test_schedules_objectives_and_explicit_targets_train(project, tmp_path, settings):
-    lora = load_file(train(load_config(project(tmp_path / "run", max_train_steps=2, **settings))))
+    # 2 steps of 1 micro-batch of 1 sample: a first rate and a last; what is asserted (targets, rates, finite
+    # weights) does not depend on the batches' size. No previews or EMA (QUICK): not read here.
+    quick = dict(QUICK, max_train_steps=2, gradient_accumulation_steps=1, train_batch_size=1)
+    lora = load_file(train(load_config(project(tmp_path / "run", **quick, **settings))))
     if isinstance(settings.get("lora_target"), list):
         assert {k.split(".")[-3] for k in lora} == {"to_q", "to_v"}
     if "peft_lora_target_modules" in settings:
@@ -264,8 +298,10 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_when_persistent(project, 
 
     monkeypatch.setattr(step_module, "flow_matching_loss", loss_with_nans)
     poisoned = {3}  # one micro-batch of the second optimizer step
+    # Micro-batches of 1 sample, no previews or EMA: the skip, its count and the stop do not depend on them.
+    quick = dict(QUICK, train_batch_size=1)
     out = tmp_path / "skip"
-    lora = train(load_config(project(out, max_train_steps=3, use_ema=False)))
+    lora = train(load_config(project(out, max_train_steps=3, **quick)))
     assert "step 2; step skipped" in capsys.readouterr().out
     rows = (out / "train_log.csv").read_text().splitlines()
     nonfinite = rows[0].split(",").index("nonfinite")
@@ -276,7 +312,7 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_when_persistent(project, 
     calls["n"], poisoned = 0, set(range(5, 100))  # from the third step on, every loss is NaN
     out = tmp_path / "stop"
     with pytest.raises(UserError, match="NaN/inf for 3 steps in a row after step 2.*checkpoint-000004"):
-        train(load_config(project(out, max_train_steps=8, max_nonfinite_steps=3, logging_steps=1)))
+        train(load_config(project(out, max_train_steps=8, max_nonfinite_steps=3, logging_steps=1, **quick)))
     first, second = list_checkpoints(out)
     assert [first.name, second.name] == ["checkpoint-000002", "checkpoint-000004"]
     a, b = load_file(first / "lora.safetensors"), load_file(second / "lora.safetensors")
@@ -303,11 +339,11 @@ def test_caption_dropout_uses_the_cached_empty_instruction(project, tmp_path):
     assert 4 <= dropped <= 20
 
 
-def test_a_checkpoint_of_the_previous_format_resumes_exactly(project, straight, tmp_path):
+def test_a_checkpoint_of_the_previous_format_resumes_exactly(project, straight, stopped, tmp_path):
     """Checkpoints written before the registry of parts (format 1: parts listed by hand, the schedule counted in
     per-process steps) are converted when resumed, and continue exactly."""
     run = tmp_path / "old"
-    train(load_config(project(run, max_train_steps=3)))
+    shutil.copytree(stopped, run)  # 3 of the straight run's 5 steps
     checkpoint = list_checkpoints(run)[-1]
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     parts = state.pop("parts")
