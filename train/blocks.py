@@ -209,9 +209,11 @@ def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 _selective_contexts = functools.partial(create_selective_checkpoint_contexts, _keep_attention)
 # torch's compiled-autograd cache keys a selectively checkpointed graph by its policy's `cache_hash` and, without
-# one, compiles the graph again in every process: this policy is its source and the ops it keeps.
+# one, compiles the graph again in every process: this policy is its bytecode, the names it reads and the ops
+# it keeps (no source file read, so an install without .py files imports this too).
 _selective_contexts.cache_hash = hashlib.sha256(
-    (inspect.getsource(_keep_attention) + repr(sorted(map(str, ATTENTION_OPS)))).encode()
+    _keep_attention.__code__.co_code
+    + repr((_keep_attention.__code__.co_names, sorted(map(str, ATTENTION_OPS)))).encode()
 ).hexdigest()
 # What selective checkpointing keeps goes through the offload hooks too (torch 2.14, pinned; older torch,
 # as on the bench machine, has no such switch and offloads them only when the block is compiled).
