@@ -26,11 +26,13 @@ MODEL_DIRS = {
 }
 # The demo models' settings (demo/tiny_model.py): a transformer 128 wide (4 heads of 32); with two
 # references, a text encoder blind to pictures, so which picture is which can be read only from the
-# references' order. Kept beside each model as demo_model.json: a `.demo/` written with others is rewritten.
+# references' order; the vision tower reads 28-pixel patches, so a picture is a quarter of the real model's
+# tokens (the prompts, and so each step on CPU, half as long). Kept beside each model as demo_model.json: a
+# `.demo/` written with others is rewritten.
 DEMO_MODELS = {
-    "edit-v1": {"heads": 4, "head_dim": 32, "blind_text_encoder": False},
-    "edit-v2": {"heads": 4, "head_dim": 32, "blind_text_encoder": True},
-    "edit-v3": {"heads": 4, "head_dim": 32, "blind_text_encoder": True},
+    "edit-v1": {"heads": 4, "head_dim": 32, "blind_text_encoder": False, "vision_patch": 28},
+    "edit-v2": {"heads": 4, "head_dim": 32, "blind_text_encoder": True, "vision_patch": 28},
+    "edit-v3": {"heads": 4, "head_dim": 32, "blind_text_encoder": True, "vision_patch": 28},
 }
 SAMPLES = {"edit-v1": 48, "edit-v2": 96, "edit-v3": 96}  # edit pairs; eval_holdout of them (2, 4, 4) held out
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

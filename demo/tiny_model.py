@@ -91,11 +91,14 @@ def build_components(
     heads: int = 2,
     head_dim: int = 16,
     blind_text_encoder: bool = False,
+    vision_patch: int = 14,
 ) -> dict:
     """The six pipeline components, with random weights drawn from `seed` (the VAE's set to reconstruct with
     `reconstructing_vae`); the transformer has `heads` attention heads of `head_dim`. `blind_text_encoder`
     zeroes the vision tower's output, so the prompt embeddings carry the instruction but nothing of the
-    pictures: what an edit needs from them reaches the transformer only as reference latents (the demo)."""
+    pictures: what an edit needs from them reaches the transformer only as reference latents (the demo).
+    `vision_patch` is the vision tower's patch side in pixels (14 in the real one, and the processor's too): the
+    demo's 28 gives a quarter of the picture tokens, most of a Plus prompt's length at 384² a picture."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import (
         Qwen2_5_VLConfig,
@@ -110,9 +113,9 @@ def build_components(
     # The real processor's pixel limits (min_pixels 3136, max_pixels 12845056).
     size = {"shortest_edge": 3136, "longest_edge": 12845056}
     processor = Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=size),
+        image_processor=Qwen2VLImageProcessor(size=size, patch_size=vision_patch),
         tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
+        video_processor=Qwen2VLVideoProcessor(patch_size=vision_patch),
     )
     torch.manual_seed(seed)
     text_config = Qwen2_5_VLConfig(
@@ -131,6 +134,7 @@ def build_components(
         },
         vision_config={
             "depth": 2,
+            "patch_size": vision_patch,
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_heads": 2,
