@@ -1,5 +1,6 @@
-"""Training on several processes (torchrun, gloo on CPU): the ranks end with one LoRA, a SIGTERM stops them at
-one step, and a checkpoint resumes on another process count at the same learning rate."""
+"""Training on several processes (torchrun, gloo on CPU): a SIGTERM stops them at one step, and a checkpoint resumes
+on another process count at the same learning rate. That the ranks end with one LoRA, with every memory lever on,
+is tests/train/test_multinode.py's first run."""
 
 from __future__ import annotations
 
@@ -9,38 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from shared.config import load_config
-from tests.train.conftest import LEVERS, QUICK
+from tests.train.conftest import QUICK
 from train.checkpoint import list_checkpoints
-from train.export import COMFYUI_FILE, LORA_FILE
 from train.loop import train
-
-
-def test_two_process_ddp_run_ends_with_identical_weights(project, tmp_path):
-    # with every memory lever on, so that DDP's gradient hooks meet checkpointed, offloaded, swapped blocks;
-    # QUICK: no previews or EMA (nothing here reads them), which were a third of each rank's work after start-up
-    config = project(tmp_path / "ddp", max_train_steps=2, checkpointing_steps=1, **LEVERS, **QUICK)
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
-    command += ["-m", "tests.train.ddp_rank_weights", str(tmp_path), "run", "--config", str(config)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    # Each rank's own LoRA tensors, compared here, bit for bit; and trained (LoRA's B starts at zero).
-    rank0, rank1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
-    assert rank0.keys() == rank1.keys() and len(rank0) > 0
-    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
-    assert any(name.endswith("lora_B.default.weight") and rank0[name].abs().sum() > 0 for name in rank0)
-    assert "LoRA weights identical on 2 processes" in result.stdout
-    assert (
-        "2/2 blocks checkpointed selectively (attention kept) (inputs offloaded to host), 1 swapped to host"
-        in result.stdout
-    )
-    final = list_checkpoints(tmp_path / "ddp")[-1]
-    assert {p.name for p in final.glob("rng-rank*")} == {"rng-rank00.safetensors", "rng-rank01.safetensors"}
-    assert (tmp_path / "ddp" / LORA_FILE).is_file() and (tmp_path / "ddp" / COMFYUI_FILE).is_file()
 
 
 def test_sigterm_to_a_two_process_run_stops_both_at_one_step_with_a_checkpoint(project, tmp_path):
