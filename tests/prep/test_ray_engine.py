@@ -181,24 +181,31 @@ def kill_once_sealed(driver: subprocess.Popen, cache: Path, at_least: int) -> No
         kill_with_its_ray(driver)
 
 
-def test_a_driver_killed_mid_build_is_resumed_by_the_same_command_from_its_sealed_shards(demo_project, tmp_path):
+def test_a_driver_killed_mid_build_is_resumed_by_the_same_command_from_its_sealed_shards(
+    local_ray, demo_project, tmp_path
+):
     # Three actor calls of 8 samples (on CPU), encoded one after another: the driver is killed once the first
     # call's records are sealed, while the others still encode. (Not two: the actor builds a call's records
     # while the next call encodes, and on a busy host the first call's records reached the driver together
     # with the second's, leaving no build to kill.)
+    import ray
+
     n = 24
     config_path = demo_project("edit-v1", n_samples=n)
     config = load_config(config_path)
     cache = Path(config.cache_location_for(config.main_datasets()[0]))
 
+    # The killed driver joins a running cluster (this session's Ray, by its address), as a job on a cluster's
+    # head node does; the rerun starts a Ray of its own, as on a workstation.
     command = ray_build_command(config_path)
+    joining = [*command, "--ray-address", ray.get_runtime_context().gcs_address]
     with open(tmp_path / "killed.log", "w") as log:
-        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(joining, stdout=log, stderr=subprocess.STDOUT)
         killer = threading.Thread(target=kill_once_sealed, args=(driver, cache, 2))
         killer.start()
         try:
-            # The local engine's uninterrupted cache, built meanwhile (the driver spends its first ~20-40 s starting
-            # Python, its Ray and its actor) into a folder of its own: where a cache sits is not in its rows.
+            # The local engine's uninterrupted cache, built meanwhile (the driver spends its first ~15-30 s starting
+            # Python and its actor) into a folder of its own: where a cache sits is not in its rows.
             for dataset in config.main_datasets():
                 dataset.cache_dir = str(tmp_path / "uninterrupted")
             (uninterrupted,) = build_cache(config, device="cpu")
