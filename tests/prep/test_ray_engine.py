@@ -1,5 +1,5 @@
-"""`prep build-cache --engine ray`: the local engine's cache, built on Ray Data (a local Ray of 2 CPUs); a killed
-driver resumed by the same command from its sealed shards."""
+"""`prep build-cache --engine ray`: the local engine's cache, built on Ray Data (a local Ray of 2 CPUs); a driver
+killed on a running cluster, resumed by a rerun from its sealed shards."""
 
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def kill_once_sealed(driver: subprocess.Popen, cache: Path, at_least: int) -> No
         kill_with_its_ray(driver)
 
 
-def test_a_driver_killed_mid_build_is_resumed_by_the_same_command_from_its_sealed_shards(
+def test_a_driver_killed_mid_build_on_a_cluster_is_resumed_by_a_rerun_from_its_sealed_shards(
     local_ray, demo_project, tmp_path
 ):
     # Three actor calls of 8 samples (on CPU), encoded one after another: the driver is killed once the first
@@ -196,7 +196,8 @@ def test_a_driver_killed_mid_build_is_resumed_by_the_same_command_from_its_seale
     cache = Path(config.cache_location_for(config.main_datasets()[0]))
 
     # The killed driver joins a running cluster (this session's Ray, by its address), as a job on a cluster's
-    # head node does; the rerun starts a Ray of its own, as on a workstation.
+    # head node does; the rerun, the same build command without --ray-address, starts a Ray of its own, as on a
+    # workstation: what a rerun resumes is in the cache, not in the cluster.
     command = ray_build_command(config_path)
     joining = [*command, "--ray-address", ray.get_runtime_context().gcs_address]
     with open(tmp_path / "killed.log", "w") as log:
