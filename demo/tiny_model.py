@@ -135,6 +135,7 @@ def build_components(
         vision_config={
             "depth": 2,
             "patch_size": vision_patch,
+            "window_size": 8 * vision_patch,  # windows of 8x8 patches, as the real tower's 112 pixels at 14
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_heads": 2,

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from prep.vae_single_frame import use_single_frame_convs
 from prep.vision_attention import use_grouped_window_attention
 from shared.flavours import Flavour
 from shared.models import load_processor, load_text_encoder, load_vae, vae_scale_factor
+from shared.vae_one_frame import use_one_frame_paths
 
 if TYPE_CHECKING:
     from prep.sample_records import Prepared
@@ -67,7 +67,7 @@ class Encoders:
         self.vae = vae.to(self.device).eval().requires_grad_(False)  # already in `dtype`
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
         use_grouped_window_attention(self.text_encoder)  # the vision tower's windows batched (same embeddings)
-        use_single_frame_convs(self.vae)  # images are one frame: 2D convolutions, not 3D over zero padding
+        use_one_frame_paths(self.vae.encoder)  # images are one frame: 2D convolutions, a CPU-fast norm
         self.scale = vae_scale_factor(self.vae)  # 8 for the real VAE
         z = self.vae.config.z_dim
         # On the device once: a copy per batch from pageable memory would stall the GPU each time.

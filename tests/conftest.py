@@ -42,8 +42,15 @@ def long_lived_objects_frozen():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """The tiny model of each flavour. Their vision towers read 28-pixel patches (the real one 14): edit-v1's
+    prompt holds its reference at ~1 MP whatever the training size, 1,332 picture tokens at 14, most of every
+    edit-v1 transformer step and encode in the tests; at 28, 333. Faithfulness tests compare with diffusers on
+    these same models, and the demo's edit-v1 model (tests/demo) keeps 14."""
     root = tmp_path_factory.mktemp("models")
-    return {flavour: write_tiny_model(root / flavour, flavour) for flavour in ("edit-v1", "edit-v2", "edit-v3")}
+    return {
+        flavour: write_tiny_model(root / flavour, flavour, vision_patch=28)
+        for flavour in ("edit-v1", "edit-v2", "edit-v3")
+    }
 
 
 def write_config(

@@ -15,6 +15,7 @@ import copy
 import numpy as np
 import torch
 
+from shared.vae_one_frame import use_one_frame_paths
 from train.evaluation.eval_set import EvalSample
 from train.packing import pack_latents, token_grid, unpack_latents
 
@@ -94,6 +95,7 @@ class Decoder:
         (`load_vae_decoder` leaves the rest, the encoder, without weights). `tiled` decodes in overlapping
         256-pixel tiles (diffusers' VAE tiling): a few GiB less at 1024², for the small-card memory modes."""
         self.vae = vae
+        use_one_frame_paths(vae.decoder)  # a preview is one frame: 2D convolutions, a CPU-fast norm
         if tiled:
             vae.enable_tiling()
         self.device, self.dtype = device, dtype
