@@ -159,8 +159,13 @@ def state_problem(state: Any) -> str | None:
     if state.get("format", 1) >= 2 and isinstance(scheduler, dict) and scheduler.get("last_epoch", step) != step:
         return f"its learning-rate schedule is at step {scheduler.get('last_epoch')!r}, its step is {step}"
     accumulation = (state.get("config") or {}).get("gradient_accumulation_steps")
-    if isinstance(loader, dict) and isinstance(accumulation, int) and loader.get("position") != step * accumulation:
-        return f"its data order is at batch {loader.get('position')!r}, step {step} needs {step * accumulation}"
+    if isinstance(loader, dict) and isinstance(accumulation, int):
+        shift = loader.get("shift", 0)  # moved by resumes onto a changed plan (train/loader.py)
+        if not isinstance(shift, int) or isinstance(shift, bool):
+            return f"its data order's shift {shift!r} is not a batch count"
+        if loader.get("position") != step * accumulation + shift:
+            needed = step * accumulation + shift
+            return f"its data order is at batch {loader.get('position')!r}, step {step} needs {needed}"
     files = state.get("files")
     if files is not None and not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
         return "its file checksums are not a table of names and sha256s"

@@ -333,6 +333,9 @@ class TrainLoader:
         self.caption_dropout = caption_dropout
         self.order = TrainOrder([r.source for r in readers], batch_size, world_size, seed)
         self.position = 0  # batches handed out so far (the same on every rank)
+        # How far resumes onto a changed plan moved `position` (the same epoch and fraction of it in the new plan):
+        # `position` is the batches the optimizer steps took plus this, which a checkpoint's check relies on.
+        self.shift = 0
         self.skipped = 0  # samples replaced because they could not be read
 
     @property
@@ -351,6 +354,7 @@ class TrainLoader:
     def state_dict(self) -> dict:
         return {
             "position": self.position,
+            "shift": self.shift,
             "epoch": self.epoch,
             "per_epoch": self.order.per_epoch,
             "skipped": self.skipped,
@@ -366,11 +370,13 @@ class TrainLoader:
         differs: continue at the same epoch and the same fraction of it, and say so.
         """
         self.skipped = state.get("skipped", 0)
+        self.shift = state.get("shift", 0)  # states written before it: never moved
         if state["signature"] == self.order.signature:
             self.position = state["position"]
             return
         fraction = (state["position"] % state["per_epoch"]) / state["per_epoch"]
         self.position = state["epoch"] * self.order.per_epoch + round(fraction * self.order.per_epoch)
+        self.shift += self.position - state["position"]
         log.warning(
             "note: the caches, dataset mixing, seed or global batch size changed since this state was saved; "
             f"continuing at epoch {state['epoch']}, batch {self.position % self.order.per_epoch} of the new plan"
