@@ -39,18 +39,32 @@ def shard_bytes(cache) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(cache.glob("shards/*.tar"))}
 
 
-@pytest.mark.parametrize("flavour", ["edit-v1", "edit-v2"])
-def test_ray_builds_the_local_engines_cache_and_a_rerun_changes_nothing(local_ray, demo_project, flavour, capsys):
+@pytest.mark.parametrize("flavour, where", [("edit-v1", "s3"), ("edit-v2", "local")])
+def test_ray_builds_the_local_engines_cache_on_disk_or_s3_and_a_rerun_changes_nothing(
+    local_ray, demo_project, flavour, where, tmp_path, request, capsys
+):
     # 3 samples: the demo's three image sizes, each a bucket of its own, in one actor call as 5 were
     config_path = demo_project(flavour, n_samples=3, train={"caption_dropout_probability": 0.2})
-    config = load_config(config_path)
-    (local,) = build_cache(config, device="cpu")
+    (local,) = build_cache(load_config(config_path), device="cpu")
     kept = local.with_name("local-engine")
     shutil.move(local, kept)
+    if where == "s3":  # the driver writes the shards: the actors need no access to the bucket
+        s3 = request.getfixturevalue("s3")
+        backend_path = tmp_path / "multidatabackend.json"
+        backend = json.loads(backend_path.read_text())
+        backend[0]["cache_dir"] = "s3://bucket/cache"
+        backend_path.write_text(json.dumps(backend))
+    config = load_config(config_path)
     capsys.readouterr()
     (built,) = build_cache(config, device="cpu", engine="ray")
     assert manifest_rows(built) == manifest_rows(kept)
-    assert shard_bytes(built) == shard_bytes(kept)  # every member, tensor and offset, bit for bit
+    if where == "s3":
+        assert built == "s3://bucket/cache"
+        in_bucket = {p.rsplit("/", 1)[-1]: s3.cat(p) for p in sorted(s3.ls("bucket/cache/shards", refresh=True))}
+        assert in_bucket == shard_bytes(kept)  # every member, tensor and offset, bit for bit
+        assert verify_cache(built).intact
+    else:
+        assert shard_bytes(built) == shard_bytes(kept)
     assert re.search(r"ray: 1 encoding actor\(s\) busy \d+% of the time", capsys.readouterr().out)
     build_cache(config, device="cpu", engine="ray")
     assert "up to date" in capsys.readouterr().out
@@ -65,22 +79,6 @@ def test_the_actors_report_says_how_long_they_waited_for_batches():
     # Two actors, each busy throughout its own span: no waiting.
     calls = {CallTimes("a", 0, 1), CallTimes("a", 1, 2), CallTimes("b", 5, 7)}
     assert "2 encoding actor(s) busy 100%" in encoder_report(calls)
-
-
-def test_ray_writes_the_same_cache_to_s3(local_ray, s3, demo_project, tmp_path):
-    """The driver writes the shards, so the actors need no access to the bucket (a fresh build)."""
-    config_path = demo_project("edit-v1", n_samples=4, train={"caption_dropout_probability": 0.2})
-    (local,) = build_cache(load_config(config_path), device="cpu")
-    backend_path = tmp_path / "multidatabackend.json"
-    backend = json.loads(backend_path.read_text())
-    backend[0]["cache_dir"] = "s3://bucket/cache"
-    backend_path.write_text(json.dumps(backend))
-    (built,) = build_cache(load_config(config_path), device="cpu", engine="ray")
-    assert built == "s3://bucket/cache"
-    assert manifest_rows(built) == manifest_rows(local)
-    in_bucket = {p.rsplit("/", 1)[-1]: s3.cat(p) for p in sorted(s3.ls("bucket/cache/shards", refresh=True))}
-    assert in_bucket == {p.name: p.read_bytes() for p in sorted(local.glob("shards/*.tar"))}
-    assert verify_cache(built).intact
 
 
 def kill_an_encoding_actor(killed: list, stop: threading.Event) -> None:

@@ -1,4 +1,5 @@
-"""What the training tests share: one built edit-v1 cache per test module and a factory of configs over it."""
+"""What the training tests share: one built edit-v1 cache per test run (per xdist worker), only read, and a factory
+of configs over it."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ BASE = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def project(tmp_path_factory, tiny_models):
     """A built edit-v1 cache of 12 samples (with caption-dropout embeddings) and a factory of configs over it."""
     root = tmp_path_factory.mktemp("training")
