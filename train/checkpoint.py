@@ -163,8 +163,8 @@ def state_problem(state: Any) -> str | None:
         shift = loader.get("shift", 0)  # moved by resumes onto a changed plan (train/loader.py)
         if not isinstance(shift, int) or isinstance(shift, bool):
             return f"its data order's shift {shift!r} is not a batch count"
-        if loader.get("position") != step * accumulation + shift:
-            needed = step * accumulation + shift
+        needed = step * accumulation + shift
+        if loader.get("position") != needed:
             return f"its data order is at batch {loader.get('position')!r}, step {step} needs {needed}"
     files = state.get("files")
     if files is not None and not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
