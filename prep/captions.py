@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath
 
-import pyarrow.parquet as pq
-
 from shared.config import DatasetConfig
+from shared.parquet import read_parquet
 
 
 class CaptionTable:
@@ -33,7 +32,7 @@ class CaptionTable:
                     raise ValueError(f"line {number} is a JSON {type(row).__name__}, not an object with named fields")
                 rows.append(row)
         else:
-            rows = pq.read_table(self.path).to_pylist()
+            rows = read_parquet(self.path).to_pylist()
         if rows and (filename_column not in rows[0] or caption_column not in rows[0]):
             raise ValueError(
                 f"needs columns '{filename_column}' and '{caption_column}', has {sorted(rows[0])}; "

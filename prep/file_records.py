@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shared.cache import VALIDATION, CacheFolder
+from shared.parquet import read_parquet
 
 SCHEMA = pa.schema(
     [
@@ -72,8 +73,8 @@ def load_records(folder: CacheFolder) -> dict[Path, FileRecord]:
     if data is None:
         return {}
     try:
-        table = pq.read_table(io.BytesIO(data), schema=SCHEMA)
-    except (OSError, pa.ArrowException):
+        table = read_parquet(io.BytesIO(data), SCHEMA.names).cast(SCHEMA)
+    except (OSError, ValueError, pa.ArrowException):  # ValueError: columns missing (cast)
         return {}
     columns = [table.column(name).to_pylist() for name in SCHEMA.names]
     return {Path(values[0]): FileRecord(*values[1:]) for values in zip(*columns, strict=True)}

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from shared.cache.format import CACHE_JSON, DROPOUT, DROPOUT_SHARD, FORMAT_VERSION, MANIFEST, SHARD_NAME, SHARDS_DIR
 from shared.errors import UserError
+from shared.parquet import iter_parquet, read_parquet
 
 REBUILD = "rebuild it with `prep build-cache --config ... --force`"
 
@@ -138,7 +139,7 @@ class CacheStore:
             raise UserError(f"{self.location}: no {MANIFEST}; build the cache first with `prep build-cache`")
         fs, _ = self.fs
         with self._readable_manifest(), fs.open(self._path(MANIFEST), "rb") as f:
-            table = pq.read_table(f, columns=columns)
+            table = read_parquet(f, columns)
         check_shard_paths(table, self.url(MANIFEST))
         return table
 
@@ -149,10 +150,9 @@ class CacheStore:
             raise UserError(f"{self.location}: no {MANIFEST}; build the cache first with `prep build-cache`")
         fs, _ = self.fs
         with self._readable_manifest(), fs.open(self._path(MANIFEST), "rb") as f:
-            parquet = pq.ParquetFile(f)
-            for batch in parquet.iter_batches(batch_size=rows_per_batch, columns=columns):
+            for total, batch in iter_parquet(f, columns, rows_per_batch):
                 check_shard_paths(batch, self.url(MANIFEST))
-                yield parquet.metadata.num_rows, batch
+                yield total, batch
 
     def read_range(self, shard: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of a shard named by the manifest (confined to the cache's shards)."""

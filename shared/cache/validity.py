@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from shared.cache.fingerprint import PER_SAMPLE, changed_settings, training_mismatches
 from shared.cache.folder import CacheFolder
@@ -19,6 +18,7 @@ from shared.cache.store import CacheStore, manifest_metadata
 from shared.cache.writer import ShardTable
 from shared.config import Config, DatasetConfig
 from shared.errors import UserError
+from shared.parquet import read_parquet
 
 
 @dataclass
@@ -52,7 +52,7 @@ def read_manifest_ids(folder: CacheFolder) -> tuple[str, set[str]] | None:
         return None
     try:
         with folder.open(MANIFEST) as f:  # the one column read, not the whole manifest
-            table = pq.read_table(f, columns=["sample_id"])
+            table = read_parquet(f, ["sample_id"])
     except (OSError, pa.ArrowException) as err:
         print(f"note: {folder.url(MANIFEST)} cannot be read ({err}); its samples are encoded again")
         return None

@@ -50,6 +50,7 @@ from shared.cache.format import (
 )
 from shared.cache.store import check_shard_paths, manifest_metadata
 from shared.errors import UserError
+from shared.parquet import read_parquet
 
 ShardTable = dict[str, dict[str, Any]]  # "shards/NAME.tar" -> {"bytes": n, "sha256": hex}
 
@@ -270,7 +271,7 @@ def _read_parquet(data: bytes | None) -> pa.Table | None:
     if data is None:
         return None
     try:
-        return pq.read_table(io.BytesIO(data))
+        return read_parquet(io.BytesIO(data))
     except (OSError, pa.ArrowException):
         return None
 
