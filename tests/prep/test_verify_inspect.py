@@ -215,7 +215,7 @@ def test_records_of_removed_samples_in_a_shard_still_used_are_a_note_not_damage(
     assert "records no sample uses any more" in result.output
 
 
-def test_verify_of_a_changed_or_truncated_manifest_exits_1_with_one_message_every_time(demo_project):
+def test_verify_of_a_changed_or_truncated_manifest_exits_1_with_one_message(demo_project):
     import subprocess
     import sys
 
@@ -229,11 +229,12 @@ def test_verify_of_a_changed_or_truncated_manifest_exits_1_with_one_message_ever
     table = table.set_column(table.schema.get_field_index("prompt_lens"), "prompt_lens", [lens])
     pq.write_table(table.replace_schema_metadata(table.schema.metadata), manifest)
     command = [sys.executable, "-m", "prep.cli", "verify", str(cache)]
-    for _ in range(3):  # it used to die at exit ("terminate called without an active exception") now and then
-        result = subprocess.run(command, capture_output=True, text=True)
-        assert result.returncode == 1, result.stderr[-2000:]
-        assert "differs from the manifest the build wrote" in result.stdout + result.stderr
-        assert "terminate called" not in result.stderr and "Traceback" not in result.stderr
+    # It used to die at exit now and then ("terminate called without an active exception"): Arrow's pools let go of
+    # the manifest's file as the interpreter exited. tests/shared/test_parquet.py checks that no read leaves them work.
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "differs from the manifest the build wrote" in result.stdout + result.stderr
+    assert "terminate called" not in result.stderr and "Traceback" not in result.stderr
 
     manifest.write_bytes(manifest.read_bytes()[:-200])  # cut short
     result = subprocess.run(command, capture_output=True, text=True)

@@ -22,7 +22,11 @@ from train.run import Run
 
 SETTINGS = {
     "compile_blocks": True,
-    "gradient_checkpointing": True,  # every block checkpointed
+    # the first block checkpointed whole (selective checkpointing is tests/train/test_memory.py's compiled case), the
+    # second plain: both training functions compiled in one run
+    "gradient_checkpointing": True,
+    "gradient_checkpointing_interval": 2,
+    "selective_checkpointing": False,
     "offload_activations": True,
     "blocks_to_swap": 2,
     "train_batch_size": 2,
@@ -85,8 +89,8 @@ def loss_and_gradients(run: Run, batch, seed: int = 3) -> tuple[torch.Tensor, di
 def test_compiled_run_with_every_lever_trains_through_previews_on_a_known_set_of_graphs(config_path, tmp_path):
     run = Run(with_settings(config_path, tmp_path / "compiled"))
     plan = run.plan
-    assert plan.compile_blocks and plan.offload_activations and len(plan.checkpointed) == plan.n_blocks
-    assert plan.selective  # checkpointed blocks keep their attention outputs (offloaded with the inputs)
+    assert plan.compile_blocks and plan.offload_activations and plan.checkpointed == {0} and plan.n_blocks == 2
+    assert not plan.selective
     assert len(plan.swapped) == 2
 
     # Previews (LoRA off, at another resolution) and the held-out loss first: they compile a graph of their own,
@@ -113,7 +117,7 @@ def test_compiled_run_with_every_lever_trains_through_previews_on_a_known_set_of
     torch.testing.assert_close(loss, want_loss, rtol=1e-2, atol=0)
     errors = sorted(((grads[n] - want[n]).norm() / want[n].norm().clamp_min(1e-12)).item() for n in want)
     assert errors[len(errors) // 2] < 0.02 and errors[-1] < 0.1, errors  # a wrong computation is off by ~100%
-    assert training_graphs() > 0
+    assert graphs(blocks._checkpointed_block) > 0 and graphs(blocks._plain_block) > 0  # both ran compiled
     with torch.no_grad():
         for name, p in run.params.items():
             if "lora_B" in name:
@@ -155,7 +159,9 @@ def test_compiled_run_with_every_lever_trains_through_previews_on_a_known_set_of
 def test_more_graphs_than_planned_is_a_clear_error_not_a_silent_fallback_to_eager_code(config_path, tmp_path):
     from shared.errors import InternalError
 
-    run = Run(with_settings(config_path, tmp_path / "run", blocks_to_swap=0, offload_activations=False))
+    # both blocks checkpointed: one function, a graph for the first block and one for the last
+    settings = dict(blocks_to_swap=0, offload_activations=False, gradient_checkpointing_interval=1)
+    run = Run(with_settings(config_path, tmp_path / "run", **settings))
     limit = torch._dynamo.config.recompile_limit
     torch._dynamo.config.recompile_limit = 1  # as if the blocks needed more graphs than planned
     try:
