@@ -209,11 +209,12 @@ def synthetic_manifest(workdir: Path, small_cache: Path, rows: int) -> Path:
     import pyarrow.parquet as pq
 
     from shared.cache import CACHE_JSON, MANIFEST, MANIFEST_SCHEMA, SHARDS_DIR
+    from shared.parquet import read_parquet
 
     target = workdir / f"manifest-{rows}"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(small_cache / SHARDS_DIR, target / SHARDS_DIR)
-    source = pq.read_table(small_cache / MANIFEST)
+    source = read_parquet(small_cache / MANIFEST)
     pick = np.arange(rows) % source.num_rows
     table = source.take(pa.array(pick))
     ids = [hashlib.sha1(str(i).encode()).hexdigest()[:20] for i in range(rows)]
