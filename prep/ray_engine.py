@@ -16,8 +16,8 @@ elsewhere.) Each actor call takes the local engine's pool of samples at once (`P
 which `encode_prepared` batches by shape; results stream back in the samples' order (`preserve_order`).
 Ray retries the work of an actor that dies (a lost node, a kill) on a new one; an interrupted build is
 resumed by the same command, from its sealed shards, like a local one. Ray is an optional extra:
-`pip install 'qwen-edit-trainer[ray]'`. `--ray-address` (or `RAY_ADDRESS`) joins a running cluster;
-without either a local Ray is started for the build.
+`pip install 'qwen-edit-trainer[ray]'`. `--ray-address` (or `RAY_ADDRESS`) joins a running cluster (one that
+cannot be reached is an error at once); without either a local Ray is started for the build.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import os
 import socket
 import threading
 import time
+import urllib.parse
 import warnings
 from dataclasses import dataclass, replace
 
@@ -57,6 +58,41 @@ def import_ray():
             "without it, leave --engine at local"
         ) from None
     return ray
+
+
+# How long a cluster's head may take to accept a connection. Ray itself retries an unreachable head for
+# minutes, printing only its own warnings.
+CONNECT_SECONDS = 10.0
+
+
+def join_or_start(ray, address: str) -> None:
+    """Join the Ray cluster at `address` (its head's `host:port`, `ray://host:port` through Ray Client, or
+    `auto`: the one running on this machine), or start a local Ray when `address` is empty. A head that cannot
+    be reached is a `UserError` within `CONNECT_SECONDS`."""
+    if address and address not in ("auto", "local"):
+        where = urllib.parse.urlsplit(address if "://" in address else f"//{address}")
+        default_port = 10001 if where.scheme == "ray" else 6379  # Ray Client's, the head's GCS
+        try:
+            host, port = where.hostname, where.port or default_port
+        except ValueError:  # a port that is not a number
+            host = None
+        if not host:
+            raise UserError(
+                f"the Ray address {address!r} is not host:port (or ray://host:port, or auto): check --ray-address, "
+                "ray_address in config.json or RAY_ADDRESS"
+            )
+        try:
+            socket.create_connection((host, port), timeout=CONNECT_SECONDS).close()
+        except OSError as err:
+            raise UserError(
+                f"cannot reach the Ray cluster at {address} ({host}:{port}: {err}): start its head there "
+                "(ray start --head), or fix --ray-address, ray_address in config.json or RAY_ADDRESS; leave them "
+                "empty to start a Ray on this machine"
+            ) from None
+    try:
+        ray.init(address=address or None, log_to_driver=False)
+    except ConnectionError as err:  # `auto` with no Ray running here
+        raise UserError(f"no Ray cluster to join at {address!r}: {err}") from None
 
 
 def prepare(row: dict, preparer: records.SamplePreparer, main: DatasetConfig, conds: list[DatasetConfig]) -> dict:
@@ -181,7 +217,7 @@ def encode_with_ray(
     ray = import_ray()
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+        join_or_start(ray, address or os.environ.get("RAY_ADDRESS", ""))
     on_gpu = device.startswith("cuda")
     if actors is None:
         actors = max(1, int(ray.cluster_resources().get("GPU", 0))) if on_gpu else 1

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from prep.build import build_cache
-from prep.ray_engine import CallTimes, encoder_report
+from prep.ray_engine import CallTimes, encoder_report, join_or_start
 from prep.verify import verify_cache
 from shared.cache import DROPOUT, DROPOUT_SHARD, MEMBERS, member_column
 from shared.config import load_config
@@ -128,6 +129,24 @@ def test_without_ray_the_engine_says_what_to_install(demo_project, monkeypatch):
     config = load_config(demo_project("edit-v1", n_samples=2))
     with pytest.raises(UserError, match=r"pip install 'qwen-edit-trainer\[ray\]'"):
         build_cache(config, device="cpu", engine="ray")
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:  # a port nothing listens on once this closes
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("form", ["host:port", "ray://host:port"])
+def test_a_ray_address_nothing_answers_at_is_one_message_not_minutes_of_rays_retries(form):
+    # Ray's own ray.init retries an unreachable head for minutes, printing only its warnings
+    ray = pytest.importorskip("ray")
+    port = closed_port()
+    address = f"127.0.0.1:{port}" if form == "host:port" else f"ray://127.0.0.1:{port}"
+    with pytest.raises(UserError, match=rf"cannot reach the Ray cluster at {re.escape(address)} .*--ray-address"):
+        join_or_start(ray, address)
+    with pytest.raises(UserError, match=r"'head:port' is not host:port"):
+        join_or_start(ray, "head:port")
 
 
 def content(rows: list[dict]) -> dict[str, dict]:
