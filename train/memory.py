@@ -191,6 +191,31 @@ def spread(count: int, n_blocks: int) -> list[int]:
     return sorted({round(i * n_blocks / count + (n_blocks / count - 1) / 2) for i in range(count)})
 
 
+# Base precisions whose frozen weights torch.compile cannot run, and why. int4-quanto: on a bf16 model
+# whose layers are multiples of 128 wide (every real one), optimum-quanto keeps the weights in tinygemm's
+# packed layout, and a compiled block fails in Dynamo's fake-tensor pass on the GPU ('TinyGemmWeightQBitsTensor'
+# object has no attribute '_scale', in quanto's own error message), or in inductor's int4 matmul for bf16 on
+# the CPU ("expected scalar type Float but found BFloat16"); measured with optimum-quanto 0.2.7, torch 2.11
+# (H200) and 2.14 (CPU). Those blocks run eagerly, on quanto's own 4-bit kernels.
+EAGER_ONLY = {
+    "int4-quanto": "optimum-quanto's 4-bit layout (tinygemm) cannot be compiled by torch.compile",
+}
+
+
+def compile_blocks(config: TrainConfig, explicit: set[str], gpu: bool) -> bool:
+    """Whether blocks are `torch.compile`d: as `compile_blocks` says when the user set it, else on a GPU, except
+    for a base precision in `EAGER_ONLY` (which refuses an explicit `compile_blocks: true`)."""
+    why = EAGER_ONLY.get(config.base_model_precision)
+    if "compile_blocks" in explicit:
+        if config.compile_blocks and why:
+            raise UserError(
+                f"compile_blocks: true cannot be used with base_model_precision {config.base_model_precision}: "
+                f"{why}. Remove compile_blocks (blocks then run without compiling)"
+            )
+        return config.compile_blocks
+    return gpu and not why
+
+
 def choose_plan(
     config: TrainConfig, costs: StepCosts, budget: float, explicit: set[str], host_budget: float = float("inf")
 ) -> MemoryPlan:
@@ -200,7 +225,7 @@ def choose_plan(
 
     `explicit` holds the config keys the user set; those win over what the mode would pick.
     """
-    compiled = config.compile_blocks if "compile_blocks" in explicit else torch.cuda.is_available()
+    compiled = compile_blocks(config, explicit, torch.cuda.is_available())
     named = _simpletuner_blocks(costs.n_blocks, config, explicit)
     modes = MEMORY_MODES if config.memory_mode == "auto" else (config.memory_mode,)
     max_swapped = costs.n_blocks

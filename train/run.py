@@ -39,7 +39,7 @@ from train.ema import LoraEMA
 from train.evaluation.eval_set import EvalSet
 from train.evaluation.validator import Validator, lora_disabled, weights_swapped
 from train.loader import TrainLoader
-from train.memory import MEMORY_KEYS, MemoryPlan
+from train.memory import EAGER_ONLY, MEMORY_KEYS, MemoryPlan
 from train.metrics import StepRecord, TrainMetrics
 from train.model import check_lora_targets, check_precision_available, load_lora_transformer
 from train.objective import SigmaSchedule
@@ -337,6 +337,8 @@ def claim_on_main(accelerator, output_dir: Path, cfg: TrainConfig) -> RunClaim:
 def report_memory_plan(plan: MemoryPlan, cfg: TrainConfig, explicit: set[str], tokens: int) -> None:
     """Say what the memory plan is, why, and which of the user's keys shaped it."""
     log.info("largest batch: %d tokens\n%s", tokens, plan.describe())
+    if not plan.compile_blocks and cfg.base_model_precision in EAGER_ONLY and torch.cuda.is_available():
+        log.info("  compile off: %s", EAGER_ONLY[cfg.base_model_precision])
     chosen = sorted(k for k in explicit if k in MEMORY_KEYS)
     if chosen:
         log.info("  set in your config (these win over memory_mode): %s", ", ".join(chosen))

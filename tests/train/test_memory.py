@@ -14,7 +14,7 @@ from shared.config import TrainConfig
 from shared.errors import UserError
 from train.batch import Batch
 from train.blocks import BlockForward, plain_tensors
-from train.memory import GIB, MemoryPlan, choose_plan, spread, step_costs
+from train.memory import GIB, MemoryPlan, choose_plan, compile_blocks, spread, step_costs
 from train.model import prepare_for_lora
 from train.objective import SigmaSchedule, flow_matching_loss
 
@@ -242,3 +242,28 @@ def test_the_plan_says_what_it_costs_and_warns_when_a_forced_mode_will_not_fit()
     assert f"{len(fits.swapped)} swapped to host ({len(fits.swapped) * costs.block_pinned / GIB:.1f} GiB pinned)" in (
         fits.describe()
     )
+
+
+def test_int4_quanto_blocks_run_uncompiled_and_an_explicit_compile_is_refused():
+    # A real model's int4 layers (bf16, multiples of 128 wide) take quanto's tinygemm layout: eager forward and
+    # backward work; compiled they fail (on the H200, `train run` stopped with an internal error at its first step).
+    from optimum.quanto import freeze, qint4, quantize
+
+    layer = torch.nn.Sequential(torch.nn.Linear(256, 128)).to(torch.bfloat16)
+    quantize(layer, weights=qint4)
+    freeze(layer)
+    assert type(layer[0].weight).__name__ == "TinyGemmWeightQBitsTensor"
+    x = torch.randn(3, 256, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    torch._dynamo.reset()
+    with pytest.raises(Exception):  # noqa: B017 - any failure: when this passes, int4 blocks may compile again
+        torch.compile(layer, fullgraph=True)(x.detach().requires_grad_())
+
+    gpu = True  # what a GPU run would choose
+    assert compile_blocks(TrainConfig(base_model_precision="int8-quanto"), set(), gpu)
+    assert not compile_blocks(TrainConfig(base_model_precision="int4-quanto"), set(), gpu)
+    explicit = TrainConfig(base_model_precision="int4-quanto", compile_blocks=True)
+    with pytest.raises(UserError, match="compile_blocks: true cannot be used with base_model_precision int4-quanto"):
+        compile_blocks(explicit, {"compile_blocks"}, gpu)
+    assert not compile_blocks(TrainConfig(base_model_precision="int4-quanto"), {"compile_blocks"}, gpu)
