@@ -148,7 +148,9 @@ class TrainConfig:
     offload_activations: bool = key(
         False, "checkpointed blocks keep their inputs in host memory; unset: the mode decides"
     )
-    compile_blocks: bool = key(False, "torch.compile each block; unset: on with a GPU (off for int4-quanto)")
+    compile_blocks: bool = key(
+        False, "torch.compile each block; unset: on with a GPU (off for int4-quanto and fp8uz-quanto)"
+    )
     prefer_cudnn_attention: bool = key(True, "attention through cuDNN first, then flash")
     base_model_precision: str = key(
         "no_change",

@@ -132,6 +132,7 @@ def place_blocks(
             quantize(block, weights=weights, exclude=["*norm*"])
             freeze(block)
             block.requires_grad_(False)  # freeze() makes new Parameters, which default to requires_grad
+            block.to(device)  # the weights' final layout: quanto repacks fp8 arriving on a GPU
             use_dequantising_linears(block)  # quanto's arithmetic, in ops torch.compile fuses
         if swap is not None and index in swap.slot_of:
             swap.adopt(index, block)

@@ -15,15 +15,16 @@ copy of it:
   autograd Function would work too, but AOTAutograd never caches graphs that hold one, so every run
   would trace them again: a slower start for a user's second run.)
 
-Outputs equal quanto's `qbytes_mm` bit for bit. Only plain `WeightQBytesTensor` weights (int8, and fp8
-where quanto keeps them unpacked) change; packed layouts (quanto's Marlin fp8, int4 / int2) and
-bitsandbytes keep their own kernels.
+Outputs equal quanto's `qbytes_mm` bit for bit. int8 and fp8 weights change (fp8 that quanto packed for its
+Marlin kernel on a GPU is unpacked back first); the 4- and 2-bit layouts and bitsandbytes keep their own
+kernels.
 """
 
 from __future__ import annotations
 
 import torch
 from optimum.quanto import QLinear
+from optimum.quanto.tensor.weights.marlin import MarlinF8QBytesTensor
 from optimum.quanto.tensor.weights.qbytes import WeightQBytesTensor
 from torch.utils.checkpoint import checkpoint
 
@@ -71,11 +72,23 @@ class DequantisingQLinear(QLinear):
         return output if self.bias is None else output + self.bias
 
 
+def plain_layout(weight: MarlinF8QBytesTensor) -> WeightQBytesTensor:
+    """The fp8 weight quanto repacked for its Marlin kernel (on a CUDA GPU of compute capability 8 or more),
+    back in the plain layout: the same fp8 values [out, in] and per-row scales [out, 1]."""
+    plain = weight.weight_qbytes_tensor()
+    plain.activation_qtype = None  # Marlin's own setting: its kernel's activations; ours stay bf16
+    return plain
+
+
 def use_dequantising_linears(module: torch.nn.Module) -> int:
-    """Switch every frozen quanto linear layer in `module` with a plain int8 / fp8 weight to
-    `DequantisingQLinear` (same parameters, names and state dict); returns how many changed."""
+    """Switch every frozen quanto linear layer in `module` with an int8 / fp8 weight to `DequantisingQLinear`
+    (same parameters, names and state dict); returns how many changed. Call it once the layers are on their
+    device: quanto repacks fp8 weights arriving on a GPU for its Marlin kernel, which torch.compile cannot run
+    (Dynamo's fake-tensor pass failed on the H200), and those are unpacked back (`plain_layout`)."""
     changed = 0
     for layer in module.modules():
+        if type(layer) is QLinear and type(layer.weight) is MarlinF8QBytesTensor:
+            layer.weight = torch.nn.Parameter(plain_layout(layer.weight), requires_grad=False)
         if type(layer) is QLinear and type(layer.weight) is WeightQBytesTensor:
             layer.__class__ = DequantisingQLinear
             changed += 1

@@ -244,7 +244,7 @@ def test_the_plan_says_what_it_costs_and_warns_when_a_forced_mode_will_not_fit()
     )
 
 
-def test_int4_quanto_blocks_run_uncompiled_and_an_explicit_compile_is_refused():
+def test_int4_and_fp8uz_quanto_blocks_run_uncompiled_and_an_explicit_compile_is_refused():
     # A real model's int4 layers (bf16, multiples of 128 wide) take quanto's tinygemm layout: eager forward and
     # backward work; compiled they fail (on the H200, `train run` stopped with an internal error at its first step).
     from optimum.quanto import freeze, qint4, quantize
@@ -263,6 +263,7 @@ def test_int4_quanto_blocks_run_uncompiled_and_an_explicit_compile_is_refused():
     gpu = True  # what a GPU run would choose
     assert compile_blocks(TrainConfig(base_model_precision="int8-quanto"), set(), gpu)
     assert not compile_blocks(TrainConfig(base_model_precision="int4-quanto"), set(), gpu)
+    assert not compile_blocks(TrainConfig(base_model_precision="fp8uz-quanto"), set(), gpu)  # Triton: no e4m3fnuz
     explicit = TrainConfig(base_model_precision="int4-quanto", compile_blocks=True)
     with pytest.raises(UserError, match="compile_blocks: true cannot be used with base_model_precision int4-quanto"):
         compile_blocks(explicit, {"compile_blocks"}, gpu)
