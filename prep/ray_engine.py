@@ -67,32 +67,49 @@ CONNECT_SECONDS = 10.0
 
 def join_or_start(ray, address: str) -> None:
     """Join the Ray cluster at `address` (its head's `host:port`, `ray://host:port` through Ray Client, or
-    `auto`: the one running on this machine), or start a local Ray when `address` is empty. A head that cannot
-    be reached is a `UserError` within `CONNECT_SECONDS`."""
-    if address and address not in ("auto", "local"):
-        where = urllib.parse.urlsplit(address if "://" in address else f"//{address}")
-        default_port = 10001 if where.scheme == "ray" else 6379  # Ray Client's, the head's GCS
-        try:
-            host, port = where.hostname, where.port or default_port
-        except ValueError:  # a port that is not a number
-            host = None
-        if not host:
-            raise UserError(
-                f"the Ray address {address!r} is not host:port (or ray://host:port, or auto): check --ray-address, "
-                "ray_address in config.json or RAY_ADDRESS"
-            )
-        try:
-            socket.create_connection((host, port), timeout=CONNECT_SECONDS).close()
-        except OSError as err:
-            raise UserError(
-                f"cannot reach the Ray cluster at {address} ({host}:{port}: {err}): start its head there "
-                "(ray start --head), or fix --ray-address, ray_address in config.json or RAY_ADDRESS; leave them "
-                "empty to start a Ray on this machine"
-            ) from None
+    `auto`: the one `RAY_ADDRESS` names, else the one running on this machine), or start a local Ray when
+    `address` is empty. A head that does not answer is a `UserError` within seconds; addresses of other
+    schemes (a Ray client plugin's) go to Ray as they are."""
+    probed = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address  # Ray reads it for auto too
+    if probed and probed not in ("auto", "local"):
+        _check_reachable(probed)
     try:
         ray.init(address=address or None, log_to_driver=False)
-    except ConnectionError as err:  # `auto` with no Ray running here
+    except ConnectionError as err:
+        if not address:  # starting a Ray on this machine failed
+            raise
         raise UserError(f"no Ray cluster to join at {address!r}: {err}") from None
+
+
+def _check_reachable(address: str) -> None:
+    """A `UserError` unless `address` (`host:port` or `ray://host:port`) accepts a TCP connection within
+    `CONNECT_SECONDS`; other schemes are not checked."""
+    where = urllib.parse.urlsplit(address if "://" in address else f"//{address}")
+    if where.scheme in ("http", "https"):  # the dashboard's address, as `ray job submit` takes it
+        raise UserError(
+            f"the Ray address {address} is a dashboard's: a build joins the cluster itself, at its head's "
+            "host:6379 (or ray://host:10001 through Ray Client); fix --ray-address, ray_address in config.json "
+            "or RAY_ADDRESS"
+        )
+    if where.scheme not in ("", "ray"):
+        return
+    try:
+        host, port = where.hostname, where.port
+    except ValueError:  # a port that is not a number
+        host, port = None, None
+    if not host or port is None:
+        raise UserError(
+            f"the Ray address {address!r} is not host:port (or ray://host:port, or auto): check --ray-address, "
+            "ray_address in config.json or RAY_ADDRESS"
+        )
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_SECONDS).close()
+    except OSError as err:
+        raise UserError(
+            f"cannot reach the Ray cluster at {address} ({host}:{port}: {err}): start its head there "
+            "(ray start --head), or fix --ray-address, ray_address in config.json or RAY_ADDRESS; leave them "
+            "empty to start a Ray on this machine"
+        ) from None
 
 
 def prepare(row: dict, preparer: records.SamplePreparer, main: DatasetConfig, conds: list[DatasetConfig]) -> dict:

@@ -193,12 +193,12 @@ def spread(count: int, n_blocks: int) -> list[int]:
 
 # Base precisions whose frozen weights torch.compile cannot run, and why. int4-quanto: on a bf16 model
 # whose layers are multiples of 128 wide (every real one), optimum-quanto keeps the weights in tinygemm's
-# packed layout, and a compiled block fails in Dynamo's fake-tensor pass on the GPU ('TinyGemmWeightQBitsTensor'
-# object has no attribute '_scale', in quanto's own error message), or in inductor's int4 matmul for bf16 on
-# the CPU ("expected scalar type Float but found BFloat16"); measured with optimum-quanto 0.2.7, torch 2.11
-# (H200) and 2.14 (CPU). Those blocks run eagerly, on quanto's own 4-bit kernels. fp8uz-quanto: float8_e4m3fnuz
-# (AMD's fp8) has no conversion Triton can compile on an NVIDIA GPU ("Triton compilation failed" at the first
-# step on the H200); eager, torch converts it.
+# packed layout, and a compiled block fails ('TinyGemmWeightQBitsTensor' object has no attribute '_scale', from
+# quanto's own error message, on the H200 and on the CPU; a no-grad call on the CPU fails in inductor's int4
+# matmul instead); measured with optimum-quanto 0.2.7, torch 2.11 (H200) and 2.14 (CPU). Those blocks run
+# eagerly, on quanto's own 4-bit kernels. fp8uz-quanto: float8_e4m3fnuz (AMD's fp8) has no conversion Triton
+# can compile on an NVIDIA GPU ("Triton compilation failed" at the first step on the H200); eager, torch
+# converts it.
 EAGER_ONLY = {
     "int4-quanto": "optimum-quanto's 4-bit layout (tinygemm) cannot be compiled by torch.compile",
     "fp8uz-quanto": "Triton cannot compile float8_e4m3fnuz (AMD's fp8) conversions on an NVIDIA GPU",

@@ -76,7 +76,7 @@ def plain_layout(weight: MarlinF8QBytesTensor) -> WeightQBytesTensor:
     """The fp8 weight quanto repacked for its Marlin kernel (on a CUDA GPU of compute capability 8 or more),
     back in the plain layout: the same fp8 values [out, in] and per-row scales [out, 1]."""
     plain = weight.weight_qbytes_tensor()
-    plain.activation_qtype = None  # Marlin's own setting: its kernel's activations; ours stay bf16
+    plain.activation_qtype = None  # Marlin's own setting, for its kernel's activations; ours stay bf16
     return plain
 
 

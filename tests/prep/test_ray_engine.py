@@ -145,8 +145,19 @@ def test_a_ray_address_nothing_answers_at_is_one_message_not_minutes_of_rays_ret
     address = f"127.0.0.1:{port}" if form == "host:port" else f"ray://127.0.0.1:{port}"
     with pytest.raises(UserError, match=rf"cannot reach the Ray cluster at {re.escape(address)} .*--ray-address"):
         join_or_start(ray, address)
-    with pytest.raises(UserError, match=r"'head:port' is not host:port"):
-        join_or_start(ray, "head:port")
+    for malformed in ("head:port", "head", "ray://head"):  # Ray itself refuses a missing port
+        with pytest.raises(UserError, match=rf"'{malformed}' is not host:port"):
+            join_or_start(ray, malformed)
+    with pytest.raises(UserError, match=r"is a dashboard's: .* host:6379"):
+        join_or_start(ray, f"http://127.0.0.1:{port}")
+
+
+def test_auto_checks_the_cluster_ray_address_names(monkeypatch):
+    ray = pytest.importorskip("ray")
+    address = f"127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)  # what Ray joins for auto
+    with pytest.raises(UserError, match=rf"cannot reach the Ray cluster at {re.escape(address)} "):
+        join_or_start(ray, "auto")
 
 
 def content(rows: list[dict]) -> dict[str, dict]:

@@ -257,7 +257,9 @@ def test_int4_and_fp8uz_quanto_blocks_run_uncompiled_and_an_explicit_compile_is_
     layer(x).float().square().sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     torch._dynamo.reset()
-    with pytest.raises(Exception):  # noqa: B017 - any failure: when this passes, int4 blocks may compile again
+    # as on the H200: compiling fails, and quanto's own error message then fails on the tinygemm layout;
+    # when this passes, int4 blocks may compile again
+    with pytest.raises(RuntimeError, match="'TinyGemmWeightQBitsTensor' object has no attribute '_scale'"):
         torch.compile(layer, fullgraph=True)(x.detach().requires_grad_())
 
     gpu = True  # what a GPU run would choose
